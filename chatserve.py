@@ -1,0 +1,2284 @@
+#!/usr/bin/env python3
+"""chatserve: one well-guarded door to the LLMs, in one file.
+
+chatserve is a single-file, standard-library-only Python server that an
+operator copies onto a host (air-gapped or not) to give every terminal,
+script and OpenAI client on the network one door to the LLMs:
+
+    python3 chatserve.py serve              # listen on 127.0.0.1:50051
+    python3 chatserve.py ctl status         # ask it over its Unix control socket
+    python3 chatserve.py ctl shutdown       # graceful stop
+
+Design.  Every surface turns its request into one `ChatRequest`; the `Engine`
+alone picks the provider and credentials and returns a stream of events
+(`TextDelta`, `ToolCallDelta`, `Usage`, `Finish`, `Error`); each provider class
+speaks one upstream wire protocol and yields those events; each surface only
+encodes events (OpenAI chunks today).  A non-streamed answer is the same
+stream, collected.  Closing the event stream closes the upstream connection.
+Errors form one hierarchy (`ChatServeError`) whose classes carry their HTTP
+status, OpenAI error type and JSON-RPC code, so one error renders right on
+every surface.
+
+Endpoints (main port, HTTP/1.1 keep-alive, optional TLS):
+
+    GET  /health                  liveness, never needs the token
+    GET  /status                  uptime, requests, in flight, provider, model
+    POST /v1/chat/completions     OpenAI chat completions, streamed or not
+    GET  /v1/models               models the server can answer for
+    GET  /v1/models/{id}          one of them
+
+Metrics port (`--metrics-port`, 9090, 0 disables): `GET /metrics` in the
+Prometheus text format and `GET /healthz`.  Control socket (`--socket`,
+default /var/tmp/chatserve-PORT.sock): `GET /status`, `POST /shutdown`.
+
+Security.  chatserve binds 127.0.0.1 unless told otherwise (0.0.0.0 when it
+runs inside Kubernetes).  With `--token` every route but `GET /health`
+needs `Authorization: Bearer TOKEN`, compared in constant time.  Use
+`--tls-cert/--tls-key` (TLS 1.2 minimum) on any network you do not trust:
+the bearer token travels in every request.  API keys come from the
+environment; they are never logged, never echoed by /status, never stored.
+The metrics port has no auth and shows no secrets; bind it where only your
+Prometheus can reach it.  The control socket is created mode 0600 and a
+socket that a live server answers on is never taken over.  Request bodies
+are capped, sockets have read timeouts and concurrency is bounded, so a slow
+or hostile client cannot pin the server.
+"""
+
+import argparse
+import collections
+import email.utils
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+
+try:
+    import ssl
+except ImportError:  # Python built without OpenSSL: TLS and https upstreams unavailable
+    ssl = None
+
+__version__ = "0.1.0"
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9090
+MAX_HEADER_LINE = 65536
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class ChatServeError(Exception):
+    """Base of every error chatserve reports; carries how each surface renders it."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    rpc_code = -32603
+    grpc_status = "INTERNAL"
+
+    def __init__(self, message, param=None, code=None, status=None, type=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = dict(headers or {})
+
+
+class ConfigError(ChatServeError):
+    """A bad setting at startup or on the command line: exit status 2."""
+    code = "bad_config"
+
+
+class BadRequest(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 400, "invalid_request_error", "invalid_request", -32602, "INVALID_ARGUMENT"
+
+
+class Unauthorized(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 401, "authentication_error", "invalid_token", -32001, "UNAUTHENTICATED"
+
+
+class PermissionDenied(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 403, "permission_error", "forbidden", -32002, "PERMISSION_DENIED"
+
+
+class NotFound(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 404, "not_found_error", "not_found", -32004, "NOT_FOUND"
+
+
+class MethodNotAllowed(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 405, "invalid_request_error", "method_not_allowed", -32601, "UNIMPLEMENTED"
+
+
+class PayloadTooLarge(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 413, "invalid_request_error", "body_too_large", -32600, "RESOURCE_EXHAUSTED"
+
+
+class RateLimited(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 429, "rate_limit_error", "rate_limited", -32029, "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 503, "service_unavailable", "unavailable", -32003, "UNAVAILABLE"
+
+
+class UpstreamError(ChatServeError):
+    """The upstream LLM refused, failed or could not be reached."""
+    status, type, code, rpc_code, grpc_status = 502, "upstream_error", "upstream_error", -32010, "UNAVAILABLE"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, type, code, rpc_code, grpc_status = 504, "timeout_error", "upstream_timeout", -32014, "DEADLINE_EXCEEDED"
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing is left to answer."""
+
+
+# What a dropped, reset or timed-out client connection raises.
+CONNECTION_ERRORS = (ConnectionError, socket.timeout) + ((ssl.SSLError,) if ssl is not None else ())
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: JSON, SSE framing, durations, ids
+# ---------------------------------------------------------------------------
+
+def json_dumps(obj):
+    """Compact JSON text, UTF-8 kept as is."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_bytes(obj):
+    return json_dumps(obj).encode("utf-8")
+
+
+def sse_frame(data, event=None):
+    """One Server-Sent Events frame; `data` is a str or a JSON-able object."""
+    if not isinstance(data, str):
+        data = json_dumps(data)
+    head = "event: %s\n" % event if event else ""
+    if "\n" in data or "\r" in data:
+        body = "".join("data: %s\n" % line for line in data.splitlines())
+    else:
+        body = "data: %s\n" % data
+    return (head + body + "\n").encode("utf-8")
+
+
+def sse_comment(text):
+    return (": %s\n\n" % text).encode("utf-8")
+
+
+def iter_sse(lines):
+    """Parse SSE from an iterator of byte lines; yield (event, data) per frame."""
+    event, data = None, []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event = value
+    if data:
+        yield event, "\n".join(data)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text):
+    """'30', '30s', '500ms', '2m', '1h30m' -> seconds (float); ValueError otherwise."""
+    text = str(text).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError("%r is not a duration (examples: 30, 30s, 500ms, 2m, 1h30m)" % text)
+    return total
+
+
+def new_id(prefix=""):
+    return prefix + uuid.uuid4().hex[:24]
+
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def clean_request_id(value):
+    """A client's X-Request-Id when it is safe to echo and log, else a new one."""
+    if value and _REQUEST_ID_RE.match(value):
+        return value
+    return new_id("req-")
+
+
+# ---------------------------------------------------------------------------
+# Config: flags > environment > defaults, in one object
+# ---------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+# (flag, environment variable, default, kind, help).  One table serves argparse,
+# the environment and validation, so a setting cannot drift between them.
+SERVE_OPTIONS = (
+    ("--host", "CHATCLI_BIND_ADDRESS", None, "host",
+     "address to bind (default 127.0.0.1; 0.0.0.0 when KUBERNETES_SERVICE_HOST is set)"),
+    ("--port", "CHATCLI_SERVER_PORT", DEFAULT_PORT, "port", "port of the API"),
+    ("--token", "CHATCLI_SERVER_TOKEN", "", "str", "bearer token clients must send (empty: no auth)"),
+    ("--tls-cert", "CHATCLI_SERVER_TLS_CERT", "", "file", "TLS certificate file (PEM)"),
+    ("--tls-key", "CHATCLI_SERVER_TLS_KEY", "", "file", "TLS private key file (PEM)"),
+    ("--provider", "LLM_PROVIDER", "", "provider", "default LLM provider (default: auto-detected)"),
+    ("--model", "CHATSERVE_MODEL", "", "str", "default model (default: the provider's *_MODEL)"),
+    ("--metrics-port", "CHATCLI_METRICS_PORT", DEFAULT_METRICS_PORT, "port0",
+     "port of the Prometheus /metrics endpoint (0 disables)"),
+    ("--socket", "CHATSERVE_SOCKET", "", "str",
+     "control socket path (default /var/tmp/chatserve-PORT.sock, else /tmp)"),
+    ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 256, "posint",
+     "client connections served at once; beyond it a fast 503"),
+    ("--max-body-bytes", "CHATSERVE_MAX_BODY_BYTES", 8 * 1024 * 1024, "posint",
+     "largest request body accepted (413 beyond)"),
+    ("--drain-timeout", "CHATSERVE_DRAIN_TIMEOUT", 30.0, "duration",
+     "on shutdown, how long in-flight requests may finish"),
+    ("--request-timeout", "CHATSERVE_REQUEST_TIMEOUT", 30.0, "duration",
+     "longest wait for a client's next bytes within a request"),
+    ("--keepalive-timeout", "CHATSERVE_KEEPALIVE_TIMEOUT", 15.0, "duration",
+     "how long an idle keep-alive connection is kept"),
+    ("--upstream-connect-timeout", "CHATSERVE_UPSTREAM_CONNECT_TIMEOUT", 10.0, "duration",
+     "timeout connecting to an upstream LLM"),
+    ("--upstream-timeout", "CHATSERVE_UPSTREAM_TIMEOUT", 120.0, "duration",
+     "timeout for an upstream's first byte and between streamed chunks"),
+    ("--log-level", "CHATSERVE_LOG_LEVEL", "info", "level", "debug, info, warning or error"),
+    ("--log-format", "CHATSERVE_LOG_FORMAT", "text", "logformat", "text or json"),
+)
+
+
+def _option_dest(flag):
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _check_port(value, allow_zero=False):
+    port = int(value)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError("%s is not a port number (%s-65535)" % (value, 0 if allow_zero else 1))
+    return port
+
+
+def _check_posint(value):
+    n = int(value)
+    if n < 1:
+        raise ValueError("%s must be 1 or more" % value)
+    return n
+
+
+def _check_file(value):
+    if value and not os.path.isfile(value):
+        raise ValueError("file %s does not exist" % value)
+    if value and not os.access(value, os.R_OK):
+        raise ValueError("file %s is not readable" % value)
+    return value
+
+
+def _check_choice(choices):
+    def check(value):
+        value = str(value).lower()
+        if value not in choices:
+            raise ValueError("%r is not one of %s" % (value, ", ".join(choices)))
+        return value
+    return check
+
+
+def _check_provider(value):
+    name = str(value).strip().upper()
+    if name and name not in PROVIDERS:
+        raise ValueError("unknown provider %r (known: %s)" % (value, ", ".join(sorted(PROVIDERS))))
+    return name
+
+
+def _check_duration(value):
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError("%s must not be negative" % value)
+    return seconds
+
+
+OPTION_KINDS = {
+    "str": str, "host": str, "port": _check_port, "port0": lambda v: _check_port(v, True),
+    "posint": _check_posint, "file": _check_file, "duration": _check_duration,
+    "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
+    "provider": lambda v: _check_provider(v),
+}
+
+
+class Config:
+    """Every serve setting, resolved once.  `env` is the environment the
+    providers read their keys from (os.environ unless a test passes one)."""
+
+    def __init__(self, env=None, **values):
+        self.env = dict(os.environ if env is None else env)
+        for flag, _var, default, _kind, _help in SERVE_OPTIONS:
+            setattr(self, _option_dest(flag), default)
+        self.__dict__.update(values)
+        if self.host is None:
+            self.host = "0.0.0.0" if self.env.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
+
+    @classmethod
+    def from_sources(cls, flags, env=None):
+        """Resolve every option: a flag given wins over the environment, which wins over the default."""
+        env = dict(os.environ if env is None else env)
+        values = {}
+        for flag, var, default, kind, _help in SERVE_OPTIONS:
+            dest = _option_dest(flag)
+            raw, source = flags.get(dest), flag
+            if raw is None and var and env.get(var, "") != "":
+                raw, source = env[var], var
+            if raw is None:
+                values[dest] = default
+                continue
+            try:
+                values[dest] = OPTION_KINDS[kind](raw)
+            except (ValueError, TypeError) as e:
+                detail = str(e) if not isinstance(e, TypeError) else "bad value %r" % raw
+                if "invalid literal" in detail:
+                    detail = "%r is not a whole number" % raw
+                raise ConfigError("%s: %s" % (source, detail))
+        config = cls(env=env, **values)
+        config.validate()
+        return config
+
+    def validate(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_cert and ssl is None:
+            raise ConfigError("TLS was asked for but this Python has no ssl module")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError("--metrics-port %d is the same as --port: choose another or 0 to disable"
+                              % self.port)
+
+    @property
+    def socket_path(self):
+        return self.socket or default_socket_path(self.port)
+
+
+def default_socket_path(port):
+    """/var/tmp/chatserve-PORT.sock, or /tmp/... where /var/tmp is not writable."""
+    for directory in ("/var/tmp", "/tmp"):
+        if os.path.isdir(directory) and os.access(directory, os.W_OK):
+            return os.path.join(directory, "chatserve-%d.sock" % port)
+    return os.path.join(tempfile.gettempdir(), "chatserve-%d.sock" % port)
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+log = logging.getLogger("chatserve")
+
+
+class JSONLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, msg and the record's `fields`."""
+
+    def format(self, record):
+        out = {"ts": "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                                   int(record.msecs)),
+               "level": record.levelname.lower(), "msg": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json_dumps(out)
+
+
+def setup_logging(level="info", fmt="text", stream=None):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------
+# Metrics: counters, gauges, histograms, Prometheus text exposition
+# ---------------------------------------------------------------------------
+
+MAX_SERIES = 500          # label sets per family; beyond, one "other" series
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_value(value):
+    if value == float("inf"):
+        return "+Inf"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class MetricFamily:
+    """A named metric with fixed label names; series keyed by label-value tuples."""
+
+    kind = "untyped"
+
+    def __init__(self, name, help_text, labels=()):
+        self.name, self.help, self.labels = name, help_text, tuple(labels)
+        self.series = {}
+        self.lock = threading.Lock()
+
+    def _key(self, values):
+        key = tuple(str(v) for v in values)
+        if key not in self.series and len(self.series) >= MAX_SERIES:
+            return ("other",) * len(self.labels)   # client-chosen label values cannot grow memory
+        return key
+
+    def _labels_text(self, key, extra=()):
+        pairs = list(zip(self.labels, key)) + list(extra)
+        if not pairs:
+            return ""
+        return "{%s}" % ",".join('%s="%s"' % (k, _escape_label(v)) for k, v in pairs)
+
+    def render(self):
+        lines = ["# HELP %s %s" % (self.name, self.help), "# TYPE %s %s" % (self.name, self.kind)]
+        with self.lock:
+            items = sorted(self.series.items())
+        for key, value in items:
+            lines.append("%s%s %s" % (self.name, self._labels_text(key), _format_value(value)))
+        return lines
+
+
+class Counter(MetricFamily):
+    kind = "counter"
+
+    def inc(self, labels=(), amount=1):
+        with self.lock:
+            key = self._key(labels)
+            self.series[key] = self.series.get(key, 0) + amount
+
+    def value(self, labels=()):
+        return self.series.get(tuple(str(v) for v in labels), 0)
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, labels=(), value=0):
+        with self.lock:
+            self.series[self._key(labels)] = value
+
+    def dec(self, labels=(), amount=1):
+        self.inc(labels, -amount)
+
+
+class Histogram(MetricFamily):
+    kind = "histogram"
+
+    def __init__(self, name, help_text, labels=(), buckets=DEFAULT_BUCKETS):
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(buckets)
+
+    def observe(self, labels, value):
+        with self.lock:
+            key = self._key(labels)
+            entry = self.series.get(key)
+            if entry is None:
+                entry = self.series[key] = [[0] * len(self.buckets), 0.0, 0]
+            counts = entry[0]
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    counts[i] += 1
+                    break
+            entry[1] += value
+            entry[2] += 1
+
+    def count(self, labels=()):
+        entry = self.series.get(tuple(str(v) for v in labels))
+        return entry[2] if entry else 0
+
+    def render(self):
+        lines = ["# HELP %s %s" % (self.name, self.help), "# TYPE %s histogram" % self.name]
+        with self.lock:
+            items = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self.series.items())
+        for key, (counts, total, count) in items:
+            running = 0
+            for bound, n in zip(self.buckets, counts):
+                running += n
+                lines.append("%s_bucket%s %d" % (self.name, self._labels_text(key, [("le", _format_value(float(bound)))]), running))
+            lines.append("%s_bucket%s %d" % (self.name, self._labels_text(key, [("le", "+Inf")]), count))
+            lines.append("%s_sum%s %s" % (self.name, self._labels_text(key), _format_value(total)))
+            lines.append("%s_count%s %d" % (self.name, self._labels_text(key), count))
+        return lines
+
+
+def process_metrics_lines(started_at):
+    """Process resident memory, CPU seconds, open fds, threads (Linux /proc, else best effort)."""
+    out = []
+
+    def add(name, kind, help_text, value):
+        out.extend(["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
+                    "%s %s" % (name, _format_value(value))])
+
+    times = os.times()
+    add("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.",
+        round(times.user + times.system, 3))
+    rss = _resident_memory_bytes()
+    if rss is not None:
+        add("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss)
+    try:
+        add("process_open_fds", "gauge", "Number of open file descriptors.", len(os.listdir("/proc/self/fd")))
+    except OSError:
+        pass
+    add("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+        round(started_at, 3))
+    add("process_threads", "gauge", "Number of Python threads.", threading.active_count())
+    out.extend(["# HELP python_info Python platform information.", "# TYPE python_info gauge",
+                'python_info{implementation="%s",version="%s"} 1'
+                % (sys.implementation.name, "%d.%d.%d" % sys.version_info[:3])])
+    return out
+
+
+def _resident_memory_bytes():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        except Exception:
+            return None
+
+
+class Metrics:
+    """Every metric chatserve exports, with the ChatCLI seed's names."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.families = []
+        f = self._add
+        self.requests = f(Counter("chatcli_grpc_requests_total", "Requests handled, by method (route or RPC) and code.", ("method", "code")))
+        self.request_seconds = f(Histogram("chatcli_grpc_request_duration_seconds", "Request duration in seconds, by method.", ("method",)))
+        self.in_flight = f(Gauge("chatcli_grpc_in_flight_requests", "Requests being handled now."))
+        self.llm_requests = f(Counter("chatcli_llm_requests_total", "LLM requests, by provider, model and status.", ("provider", "model", "status")))
+        self.llm_seconds = f(Histogram("chatcli_llm_request_duration_seconds", "LLM request duration in seconds.", ("provider", "model")))
+        self.llm_errors = f(Counter("chatcli_llm_errors_total", "LLM errors, by provider, model and error type.", ("provider", "model", "error_type")))
+        self.llm_tokens = f(Counter("chatcli_llm_tokens_used_total", "Tokens used, by provider, model and type (prompt, completion).", ("provider", "model", "type")))
+        self.in_flight.set((), 0)
+        self.info_labels = ("", "", "")
+
+    def _add(self, family):
+        self.families.append(family)
+        return family
+
+    def render(self):
+        lines = []
+        for family in self.families:
+            lines.extend(family.render())
+        lines.extend(["# HELP chatcli_server_uptime_seconds Seconds since the server started.",
+                      "# TYPE chatcli_server_uptime_seconds gauge",
+                      "chatcli_server_uptime_seconds %.3f" % (time.time() - self.started),
+                      "# HELP chatcli_server_info Server version, default provider and model.",
+                      "# TYPE chatcli_server_info gauge",
+                      'chatcli_server_info{version="%s",provider="%s",model="%s"} 1'
+                      % tuple(_escape_label(v) for v in self.info_labels)])
+        lines.extend(process_metrics_lines(self.started))
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Providers: requests and events, pooled upstream HTTP, one class per wire
+# protocol, a registry
+# ---------------------------------------------------------------------------
+
+TextDelta = collections.namedtuple("TextDelta", "text")
+ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
+Usage = collections.namedtuple("Usage", "prompt_tokens completion_tokens")
+Finish = collections.namedtuple("Finish", "reason")
+Error = collections.namedtuple("Error", "error")
+
+
+class ChatRequest:
+    """What every surface turns its request into: OpenAI-shaped messages,
+    the model, sampling parameters (incl. tools) and who is asking."""
+
+    __slots__ = ("messages", "model", "stream", "params", "provider", "request_id", "surface")
+
+    def __init__(self, messages, model=None, stream=False, params=None, provider=None,
+                 request_id="", surface="openai"):
+        self.messages = messages
+        self.model = model
+        self.stream = stream
+        self.params = params or {}
+        self.provider = provider
+        self.request_id = request_id
+        self.surface = surface
+
+
+class UpstreamResponse:
+    """A response from the pool; give it back with `release()` or drop it with `close()`."""
+
+    def __init__(self, pool, key, conn, resp):
+        self.pool, self.key, self.conn, self.resp = pool, key, conn, resp
+        self.status = resp.status
+
+    def header(self, name, default=None):
+        return self.resp.getheader(name, default)
+
+    def read(self, limit=16 * 1024 * 1024):
+        """The whole body (at most `limit` bytes); the connection goes back to the pool."""
+        try:
+            data = self.resp.read(limit + 1)
+        except socket.timeout:
+            self.close()
+            raise UpstreamTimeout("the upstream stopped sending its answer (timeout)")
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise UpstreamError("the upstream connection failed while reading: %s" % e)
+        if len(data) > limit:
+            self.close()
+            raise UpstreamError("the upstream answer is larger than %d bytes" % limit)
+        self.release()
+        return data
+
+    def lines(self):
+        """Body lines as they arrive; release the connection at the end."""
+        readline = self.resp.readline
+        while True:
+            line = readline(1024 * 1024)
+            if not line:
+                break
+            yield line
+        self.release()
+
+    def release(self):
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            if self.resp.isclosed() and not self.resp.will_close:
+                self.pool.put(self.key, conn)
+            else:
+                conn.close()
+
+    def close(self):
+        """Drop the connection: the upstream stops generating for nobody."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.close()
+
+
+class _PooledHTTPConnection(http.client.HTTPConnection):
+    """http.client connection that connects through the pool's DNS cache."""
+
+    resolver = None
+
+    def connect(self):
+        self.sock = self.resolver.connect(self.host, self.port, self.timeout)
+
+
+if ssl is not None:
+    class _PooledHTTPSConnection(http.client.HTTPSConnection):
+        resolver = None
+
+        def connect(self):
+            sock = self.resolver.connect(self.host, self.port, self.timeout)
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class UpstreamPool:
+    """Keep-alive connections to upstreams, per (scheme, host, port), with a
+    small DNS cache.  The one HTTP client every provider uses."""
+
+    max_idle = 32          # idle connections kept per upstream
+    idle_ttl = 30.0        # seconds an idle connection is trusted
+    dns_ttl = 60.0
+
+    def __init__(self):
+        self.idle = {}
+        self.dns = {}
+        self.lock = threading.Lock()
+
+    def resolve(self, host, port):
+        now = time.monotonic()
+        hit = self.dns.get((host, port))
+        if hit and hit[0] > now:
+            return hit[1]
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        addrs = [(info[0], info[4]) for info in infos]
+        self.dns[(host, port)] = (now + self.dns_ttl, addrs)
+        return addrs
+
+    def connect(self, host, port, timeout):
+        error = None
+        for family, addr in self.resolve(host, port):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError("no address for %s" % host)
+
+    def get(self, key):
+        """An idle connection that still looks alive, or None."""
+        now = time.monotonic()
+        with self.lock:
+            stack = self.idle.get(key)
+            while stack:
+                conn, since = stack.pop()
+                if now - since < self.idle_ttl and conn.sock is not None and not _readable(conn.sock):
+                    return conn
+                conn.close()
+        return None
+
+    def put(self, key, conn):
+        with self.lock:
+            stack = self.idle.setdefault(key, [])
+            if len(stack) < self.max_idle:
+                stack.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def new_connection(self, scheme, host, port, connect_timeout):
+        if scheme == "https":
+            if ssl is None:
+                raise UpstreamError("https upstreams need Python's ssl module, which this Python lacks")
+            conn = _PooledHTTPSConnection(host, port, timeout=connect_timeout,
+                                          context=ssl.create_default_context())
+        else:
+            conn = _PooledHTTPConnection(host, port, timeout=connect_timeout)
+        conn.resolver = self
+        return conn
+
+    def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0):
+        """Send a request and wait for the status line (the first byte).  A pooled
+        connection the server has closed meanwhile is retried once on a new one."""
+        parts = urllib.parse.urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        key = (scheme, host, port)
+        for attempt in (0, 1):
+            conn = self.get(key) if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                conn = self.new_connection(scheme, host, port, connect_timeout)
+                try:
+                    conn.connect()
+                except socket.timeout:
+                    conn.close()
+                    raise UpstreamTimeout("connecting to %s:%d timed out after %gs" % (host, port, connect_timeout))
+                except OSError as e:
+                    conn.close()
+                    raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
+            try:
+                conn.sock.settimeout(read_timeout)
+                conn.request(method, target, body=body, headers=headers or {})
+                return UpstreamResponse(self, key, conn, conn.getresponse())
+            except socket.timeout:
+                conn.close()
+                raise UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                if reused:
+                    continue
+                raise UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise UpstreamError("upstream %s:%d failed: %s" % (host, port, _os_reason(e)))
+        raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
+
+    def close(self):
+        with self.lock:
+            stacks, self.idle = list(self.idle.values()), {}
+        for stack in stacks:
+            for conn, _ in stack:
+                conn.close()
+
+
+def _readable(sock):
+    """True when an idle socket has data or EOF waiting: the peer closed it."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _os_reason(e):
+    return getattr(e, "strerror", None) or str(e) or e.__class__.__name__
+
+
+def upstream_error_message(data):
+    """The human message in an upstream error body, whatever its dialect."""
+    try:
+        body = json.loads(data.decode("utf-8", "replace"))
+    except ValueError:
+        text = data.decode("utf-8", "replace").strip()
+        return text[:500] or "no details"
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        body = body[0]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            for field in ("message", "detail", "msg"):
+                if isinstance(err.get(field), str):
+                    return err[field]
+        if isinstance(err, str):
+            return err
+        if isinstance(body.get("detail"), str):
+            return body["detail"]
+    return json_dumps(body)[:500]
+
+
+def upstream_failure(provider, status, data, retry_after=None):
+    """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become 502."""
+    message = upstream_error_message(data)
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    if 400 <= status < 500:
+        kind = RateLimited if status == 429 else UpstreamError
+        return kind("%s: %s" % (provider, message), status=status, code="upstream_%d" % status,
+                    type="invalid_request_error" if status != 429 else None, headers=headers)
+    return UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status)
+
+
+class Provider:
+    """One upstream wire protocol.  `open()` sends the request and returns an
+    iterator of events; it raises `ChatServeError` for anything that goes wrong
+    before the first byte.  Closing the iterator closes the upstream connection."""
+
+    name = ""
+    owned_by = ""
+    default_model = ""
+    model_env = ""
+
+    def __init__(self, config, pool):
+        self.config, self.pool, self.env = config, pool, config.env
+        self.model = config.model if config.provider == self.name and config.model else \
+            self.env.get(self.model_env) or self.default_model
+
+    @classmethod
+    def configured(cls, env):
+        return False
+
+    def models(self):
+        return [{"id": self.model, "owned_by": self.owned_by}]
+
+    def post(self, url, body, headers, stream):
+        headers = dict(headers, **{"Content-Type": "application/json",
+                                   "Accept": "text/event-stream" if stream else "application/json",
+                                   "User-Agent": "chatserve/" + __version__})
+        return self.pool.request("POST", url, json_bytes(body), headers,
+                                 self.config.upstream_connect_timeout, self.config.upstream_timeout)
+
+    def check(self, resp):
+        """Raise the right error for a non-2xx response (reading its body)."""
+        if resp.status < 300:
+            return
+        try:
+            data = resp.read(64 * 1024)
+        except ChatServeError:
+            data = b""
+        raise upstream_failure(self.name, resp.status, data, resp.header("Retry-After"))
+
+
+def stream_lines_guarded(resp, provider):
+    """Upstream body lines; a timeout or a cut connection becomes an Error event."""
+    try:
+        for line in resp.lines():
+            yield line
+    except socket.timeout:
+        yield Error(UpstreamTimeout("%s stopped sending mid-answer (no data for %gs)"
+                                    % (provider.name, provider.config.upstream_timeout)))
+    except (OSError, http.client.HTTPException) as e:
+        yield Error(UpstreamError("%s connection broke mid-answer: %s" % (provider.name, _os_reason(e))))
+    finally:
+        resp.close()
+
+
+class OpenAIProvider(Provider):
+    """OpenAI chat completions; also any OpenAI-compatible server (vLLM,
+    llama.cpp, LM Studio, ...) through OPENAI_BASE_URL."""
+
+    name = "OPENAI"
+    owned_by = "openai"
+    key_env, base_env, model_env = "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"
+    default_base = "https://api.openai.com/v1"
+    default_model = "gpt-4o-mini"
+
+    def __init__(self, config, pool):
+        super().__init__(config, pool)
+        self.base_url = (self.env.get(self.base_env) or self.default_base).rstrip("/")
+        self.api_key = self.env.get(self.key_env, "")
+        self._models_cache = (0.0, None)
+
+    @classmethod
+    def configured(cls, env):
+        return bool(env.get(cls.key_env) or env.get(cls.base_env))
+
+    def headers(self):
+        return {"Authorization": "Bearer " + self.api_key} if self.api_key else {}
+
+    def body(self, req, model):
+        body = dict(req.params)
+        body.update(model=model, messages=req.messages, stream=bool(req.stream))
+        if req.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def open(self, req, model):
+        headers = self.headers()
+        if req.request_id:
+            headers["X-Request-Id"] = req.request_id
+        resp = self.post(self.base_url + "/chat/completions", self.body(req, model), headers, req.stream)
+        self.check(resp)
+        if req.stream:
+            return self._stream_events(resp)
+        return self._completion_events(resp)
+
+    def _completion_events(self, resp):
+        try:
+            body = json.loads(resp.read().decode("utf-8"))
+            choice = body["choices"][0]
+            message = choice.get("message") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise UpstreamError("%s sent an answer that is not a chat completion" % self.name)
+        return iter(openai_message_events(message, choice.get("finish_reason"), body.get("usage")))
+
+    def _stream_events(self, resp):
+        finished = False
+        for event, data in iter_sse(stream_lines_guarded(resp, self)):
+            if isinstance(event, Error):      # not reached: guarded errors come as items
+                yield event
+                return
+            if data.strip() == "[DONE]":
+                finished = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                yield Error(UpstreamError("%s sent a stream chunk that is not JSON: %.100s" % (self.name, data)))
+                return
+            if isinstance(chunk, dict) and chunk.get("error"):
+                yield Error(UpstreamError("%s: %s" % (self.name, upstream_error_message(data.encode()))))
+                return
+            for ev in openai_chunk_events(chunk):
+                if type(ev) is Finish:
+                    finished = True
+                yield ev
+        if not finished:
+            yield Error(UpstreamError("%s stream ended before the answer was complete" % self.name))
+
+    def models(self):
+        """The configured model first, then what the upstream lists (cached a minute)."""
+        listed = [{"id": self.model, "owned_by": self.owned_by}]
+        stamp, cached = self._models_cache
+        if cached is None or time.monotonic() - stamp > 60:
+            cached = []
+            try:
+                resp = self.pool.request("GET", self.base_url + "/models", None, self.headers(),
+                                         min(self.config.upstream_connect_timeout, 5.0), 5.0)
+                data = resp.read(4 * 1024 * 1024)
+                if resp.status == 200:
+                    cached = [{"id": m["id"], "owned_by": m.get("owned_by") or self.owned_by}
+                              for m in json.loads(data.decode("utf-8")).get("data", [])
+                              if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            except (ChatServeError, ValueError, AttributeError, TypeError) as e:
+                log.debug("listing models of %s failed: %s", self.name, e)
+            self._models_cache = (time.monotonic(), cached)
+        return listed + [m for m in cached if m["id"] != self.model]
+
+
+def openai_message_events(message, finish_reason, usage):
+    """Events for one whole OpenAI assistant message."""
+    events = []
+    if message.get("content"):
+        events.append(TextDelta(message["content"]))
+    for i, call in enumerate(message.get("tool_calls") or []):
+        fn = call.get("function") or {}
+        events.append(ToolCallDelta(i, call.get("id"), fn.get("name"), fn.get("arguments") or ""))
+    if usage:
+        events.append(Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
+    events.append(Finish(finish_reason or "stop"))
+    return events
+
+
+def openai_chunk_events(chunk):
+    """Events for one OpenAI stream chunk."""
+    if not isinstance(chunk, dict):
+        return
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content"):
+            yield TextDelta(delta["content"])
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            yield ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments"))
+        if choice.get("finish_reason"):
+            yield Finish(choice["finish_reason"])
+    usage = chunk.get("usage")
+    if usage:
+        yield Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+
+
+PROVIDERS = collections.OrderedDict()   # name -> class, in auto-detection order
+
+
+def register_provider(cls):
+    PROVIDERS[cls.name] = cls
+    return cls
+
+
+register_provider(OpenAIProvider)
+
+
+# ---------------------------------------------------------------------------
+# Engine: the one place a prompt is answered
+# ---------------------------------------------------------------------------
+
+class Answer:
+    """An open answer: which provider and model, and its events.  Iterate it;
+    `close()` (or leaving the iteration early) closes the upstream."""
+
+    def __init__(self, provider, model, events):
+        self.provider, self.model, self.events = provider, model, events
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def close(self):
+        self.events.close()
+
+
+class Completion:
+    """A whole answer, collected from the events."""
+
+    def __init__(self):
+        self.text_parts, self.tool_calls = [], []
+        self.finish_reason, self.usage = None, None
+
+    @property
+    def text(self):
+        return "".join(self.text_parts)
+
+    def add(self, ev):
+        kind = type(ev)
+        if kind is TextDelta:
+            self.text_parts.append(ev.text)
+        elif kind is ToolCallDelta:
+            while len(self.tool_calls) <= ev.index:
+                self.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            call = self.tool_calls[ev.index]
+            if ev.id:
+                call["id"] = ev.id
+            if ev.name:
+                call["function"]["name"] += ev.name
+            if ev.arguments:
+                call["function"]["arguments"] += ev.arguments
+        elif kind is Usage:
+            self.usage = ev
+        elif kind is Finish:
+            self.finish_reason = ev.reason
+        elif kind is Error:
+            raise ev.error
+
+
+def collect(answer):
+    """Read an answer to its end; the stream's Error is raised."""
+    completion = Completion()
+    try:
+        for ev in answer:
+            completion.add(ev)
+    finally:
+        answer.close()
+    return completion
+
+
+class Engine:
+    """Chooses the provider, opens the upstream, records LLM metrics."""
+
+    def __init__(self, config, metrics, pool=None):
+        self.config, self.metrics = config, metrics
+        self.pool = pool or UpstreamPool()
+        self.providers = collections.OrderedDict()
+        for name, cls in PROVIDERS.items():
+            if name == config.provider or cls.configured(config.env):
+                self.providers[name] = cls(config, self.pool)
+        self.default = config.provider or next(iter(self.providers), "")
+
+    @property
+    def default_provider(self):
+        return self.providers.get(self.default)
+
+    def resolve(self, req):
+        """The provider and model for a request: the one place that decides."""
+        name = (req.provider or self.default or "").upper()
+        provider = self.providers.get(name)
+        if provider is None:
+            if not self.providers:
+                raise Unavailable("no LLM provider is configured: set LLM_PROVIDER=OPENAI and OPENAI_API_KEY "
+                                  "(or OPENAI_BASE_URL for a local OpenAI-compatible server) and restart chatserve",
+                                  code="no_provider")
+            raise BadRequest("provider %r is not configured on this server (configured: %s)"
+                             % (name, ", ".join(self.providers)), param="provider")
+        return provider, req.model or provider.model
+
+    def open(self, req):
+        """An Answer whose upstream has answered; errors before the first byte raise."""
+        provider, model = self.resolve(req)
+        started = time.monotonic()
+        try:
+            events = provider.open(req, model)
+        except ChatServeError as e:
+            self._record(provider.name, model, started, e)
+            raise
+        return Answer(provider.name, model, self._instrument(provider.name, model, started, events))
+
+    def _instrument(self, provider, model, started, events):
+        error, done = None, False
+        try:
+            for ev in events:
+                kind = type(ev)
+                if kind is Usage:
+                    self.metrics.llm_tokens.inc((provider, model, "prompt"), ev.prompt_tokens)
+                    self.metrics.llm_tokens.inc((provider, model, "completion"), ev.completion_tokens)
+                elif kind is Error:
+                    error = ev.error
+                yield ev
+            done = True
+        finally:
+            close = getattr(events, "close", None)
+            if close:
+                close()
+            self._record(provider, model, started, error, cancelled=not done and error is None)
+
+    def _record(self, provider, model, started, error, cancelled=False):
+        m = self.metrics
+        status = "error" if error else ("cancelled" if cancelled else "success")
+        m.llm_requests.inc((provider, model, status))
+        m.llm_seconds.observe((provider, model), time.monotonic() - started)
+        if error is not None:
+            m.llm_errors.inc((provider, model, error.type))
+
+    def models(self):
+        seen, out = set(), []
+        for provider in self.providers.values():
+            for entry in provider.models():
+                if entry["id"] not in seen:
+                    seen.add(entry["id"])
+                    out.append(entry)
+        return out
+
+    def close(self):
+        self.pool.close()
+
+
+# ---------------------------------------------------------------------------
+# Surfaces: OpenAI
+# ---------------------------------------------------------------------------
+
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_NUMBER_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
+                  "frequency_penalty": (-2, 2)}
+_POSITIVE_INTS = ("max_tokens", "max_completion_tokens")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: must be a non-empty array of messages", param="messages")
+    for i, msg in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(msg, dict):
+            raise BadRequest("%s: must be an object with role and content" % where, param=where)
+        role = msg.get("role")
+        if role not in OPENAI_ROLES:
+            raise BadRequest("%s.role: must be one of %s" % (where, ", ".join(OPENAI_ROLES)), param=where + ".role")
+        content = msg.get("content")
+        if content is None:
+            if role != "assistant" or not (msg.get("tool_calls") or msg.get("function_call")):
+                raise BadRequest("%s.content: required (a string or an array of content parts)" % where,
+                                 param=where + ".content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise BadRequest("%s.content[%d]: must be an object with a type" % (where, j),
+                                     param="%s.content[%d]" % (where, j))
+        elif not isinstance(content, str):
+            raise BadRequest("%s.content: must be a string or an array of content parts" % where,
+                             param=where + ".content")
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            raise BadRequest("%s.tool_call_id: required for role tool" % where, param=where + ".tool_call_id")
+        calls = msg.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
+            raise BadRequest("%s.tool_calls: must be an array of {id, type, function}" % where,
+                             param=where + ".tool_calls")
+
+
+def validate_sampling(body):
+    for field, (low, high) in _NUMBER_RANGES.items():
+        value = body.get(field)
+        if value is not None and (not _is_number(value) or not low <= value <= high):
+            raise BadRequest("%s: must be a number from %s to %s" % (field, low, high), param=field)
+    for field in _POSITIVE_INTS:
+        value = body.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BadRequest("%s: must be a whole number of at least 1" % field, param=field)
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise BadRequest("n: only 1 choice per request is supported", param="n")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise BadRequest("stop: must be a string or an array of at most 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest("seed: must be a whole number", param="seed")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise BadRequest("tools: must be an array of {type: function, function: {name, parameters}}", param="tools")
+    choice = body.get("tool_choice")
+    if choice is not None and not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
+        raise BadRequest("tool_choice: must be none, auto, required or {type: function, function: {name}}",
+                         param="tool_choice")
+    for field in ("parallel_tool_calls", "logprobs"):
+        if body.get(field) is not None and not isinstance(body[field], bool):
+            raise BadRequest("%s: must be true or false" % field, param=field)
+
+
+def parse_openai_chat(body, request_id=""):
+    """Validate an OpenAI chat completion request and make a ChatRequest of it."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    validate_messages(body.get("messages"))
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise BadRequest("model: must be a non-empty string", param="model")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream: must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("stream_options: must be an object", param="stream_options")
+    validate_sampling(body)
+    params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream", "stream_options")}
+    req = ChatRequest(body["messages"], model=model, stream=bool(stream), params=params,
+                      request_id=request_id, surface="openai")
+    return req, bool(stream and options and options.get("include_usage"))
+
+
+def openai_usage(usage):
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def openai_completion_body(completion, model, completion_id, created):
+    message = {"role": "assistant", "content": completion.text or (None if completion.tool_calls else "")}
+    if completion.tool_calls:
+        message["tool_calls"] = completion.tool_calls
+    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": completion.finish_reason or "stop"}]}
+    body["usage"] = openai_usage(completion.usage) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return body
+
+
+def openai_error_body(err):
+    """The one OpenAI-shaped error renderer."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def openai_stream_chunks(answer, completion_id, created, include_usage):
+    """OpenAI chat.completion.chunk objects for an answer's events."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": answer.model}
+
+    def chunk(delta, finish=None):
+        out = dict(base)
+        out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return out
+
+    yield chunk({"role": "assistant", "content": ""})
+    usage = None
+    for ev in answer:
+        kind = type(ev)
+        if kind is TextDelta:
+            yield chunk({"content": ev.text})
+        elif kind is ToolCallDelta:
+            call = {"index": ev.index}
+            if ev.id:
+                call.update(id=ev.id, type="function")
+            fn = {}
+            if ev.name:
+                fn["name"] = ev.name
+            if ev.arguments is not None:
+                fn["arguments"] = ev.arguments
+            call["function"] = fn
+            yield chunk({"tool_calls": [call]})
+        elif kind is Usage:
+            usage = ev
+        elif kind is Finish:
+            yield chunk({}, ev.reason)
+        elif kind is Error:
+            yield openai_error_body(ev.error)
+            return
+    if include_usage:
+        out = dict(base)
+        out["choices"] = []
+        out["usage"] = openai_usage(usage) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        yield out
+
+
+def route_chat_completions(h):
+    req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
+    answer = h.app.engine.open(req)
+    completion_id, created = new_id("chatcmpl-"), int(time.time())
+    if not req.stream:
+        completion = collect(answer)
+        h.send_json(200, openai_completion_body(completion, answer.model, completion_id, created))
+        return
+    with h.open_sse() as sse:
+        try:
+            for chunk in openai_stream_chunks(answer, completion_id, created, include_usage):
+                sse.send(chunk)
+            sse.send("[DONE]")
+        finally:
+            answer.close()
+
+
+def _model_object(entry, created):
+    return {"id": entry["id"], "object": "model", "created": entry.get("created", created),
+            "owned_by": entry.get("owned_by") or "chatserve"}
+
+
+def route_models(h):
+    created = int(h.app.started_wall)
+    h.send_json(200, {"object": "list", "data": [_model_object(m, created) for m in h.app.engine.models()]})
+
+
+def route_model(h):
+    model_id = urllib.parse.unquote(h.route_rest)
+    for entry in h.app.engine.models():
+        if entry["id"] == model_id:
+            h.send_json(200, _model_object(entry, int(h.app.started_wall)))
+            return
+    raise NotFound("model %r is not served here; GET /v1/models lists the models" % model_id,
+                   param="model", code="model_not_found")
+
+
+# ---------------------------------------------------------------------------
+# Surfaces: shared routes (health, status) and control
+# ---------------------------------------------------------------------------
+
+def route_health(h):
+    h.send_json(200, {"status": "ok", "version": __version__})
+
+
+def route_status(h):
+    h.send_json(200, h.app.status())
+
+
+def route_control_shutdown(h):
+    h.send_json(200, {"status": "shutting_down", "pid": os.getpid()})
+    h.app.request_shutdown("control socket")
+
+
+def route_metrics(h):
+    h.send_bytes(200, h.app.metrics.render().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def route_healthz(h):
+    h.send_bytes(200, b"ok\n", "text/plain; charset=utf-8")
+
+
+# ---------------------------------------------------------------------------
+# HTTP server, TLS, control socket
+# ---------------------------------------------------------------------------
+
+Route = collections.namedtuple("Route", "name fn auth")
+
+
+class Router:
+    """Exact paths, plus prefixes whose remainder the route reads (`route_rest`)."""
+
+    def __init__(self):
+        self.exact, self.prefixes = {}, []
+
+    def add(self, method, path, fn, auth=True, name=None):
+        route = Route(name or path, fn, auth)
+        if path.endswith("/*"):
+            prefix = path[:-1]
+            for p, methods in self.prefixes:
+                if p == prefix:
+                    methods[method] = route
+                    return
+            self.prefixes.append((prefix, {method: route}))
+        else:
+            self.exact.setdefault(path, {})[method] = route
+
+    def match(self, method, path):
+        """(route, rest) or raise NotFound / MethodNotAllowed."""
+        methods, rest = self.exact.get(path), ""
+        if methods is None:
+            for prefix, candidate in self.prefixes:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    methods, rest = candidate, path[len(prefix):]
+                    break
+        if methods is None:
+            raise NotFound("no route %s %s" % (method, path), code="unknown_route")
+        route = methods.get(method)
+        if route is None:
+            allowed = ", ".join(sorted(methods))
+            raise MethodNotAllowed("%s is not allowed on %s (allowed: %s)" % (method, path, allowed),
+                                   headers={"Allow": allowed})
+        return route, rest
+
+
+def api_router():
+    r = Router()
+    r.add("GET", "/health", route_health, auth=False)
+    r.add("GET", "/status", route_status)
+    r.add("POST", "/v1/chat/completions", route_chat_completions)
+    r.add("GET", "/v1/models", route_models)
+    r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
+    return r
+
+
+def control_router():
+    r = Router()
+    r.add("GET", "/status", route_status, auth=False)
+    r.add("POST", "/shutdown", route_control_shutdown, auth=False)
+    return r
+
+
+def metrics_router():
+    r = Router()
+    r.add("GET", "/metrics", route_metrics, auth=False)
+    r.add("GET", "/healthz", route_healthz, auth=False)
+    return r
+
+
+_HTTP_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+
+class _DateCache:
+    """The Date header changes once a second; format it once a second."""
+    second, value = 0, ""
+
+    @classmethod
+    def get(cls):
+        now = int(time.time())
+        if now != cls.second:
+            cls.second, cls.value = now, email.utils.formatdate(now, usegmt=True)
+        return cls.value
+
+
+class SSEWriter:
+    """The one SSE writer: headers once, then a frame per `send()`, each sent
+    (and so flushed) at once; chunked on HTTP/1.1 so the connection survives."""
+
+    def __init__(self, handler, extra_headers=None):
+        self.h = handler
+        self.chunked = handler.request_version == "HTTP/1.1"
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   "X-Accel-Buffering": "no"}
+        headers.update(extra_headers or {})
+        if self.chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            handler.close_connection = True
+        handler.write_head(200, headers)
+        self.closed = False
+
+    def write(self, payload):
+        if self.chunked:
+            payload = b"%x\r\n%s\r\n" % (len(payload), payload)
+        self.h.write_raw(payload)
+
+    def send(self, data, event=None):
+        self.write(sse_frame(data, event))
+
+    def comment(self, text):
+        self.write(sse_comment(text))
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            if self.chunked:
+                self.h.write_raw(b"0\r\n\r\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.h.close_connection = True   # the stream broke off: the framing is gone
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One client connection: parse, authenticate, route, answer, log."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "chatserve/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True      # each write goes out now: no 40 ms Nagle/delayed-ACK stall
+
+    def setup(self):
+        self.disable_nagle_algorithm = self.server.address_family != socket.AF_UNIX
+        super().setup()
+        self.app = self.server.app
+        self.router = self.server.router
+        self.request_id = ""
+
+    def address_string(self):
+        return self.client_address[0] if isinstance(self.client_address, tuple) else "local"
+
+    def handle_one_request(self):
+        config = self.app.config
+        tracker = self.server.tracker
+        try:
+            self.connection.settimeout(config.keepalive_timeout)
+            tracker.set_idle(self, True)
+            self.raw_requestline = self.rfile.readline(MAX_HEADER_LINE + 1)
+            tracker.set_idle(self, False)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self.connection.settimeout(config.request_timeout)
+            self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
+            if len(self.raw_requestline) > MAX_HEADER_LINE:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return
+            if tracker.draining:
+                self.close_connection = True
+            self.dispatch()
+        except CONNECTION_ERRORS:
+            self.close_connection = True
+
+    def dispatch(self):
+        app, started = self.app, time.monotonic()
+        self.request_id = clean_request_id(self.headers.get("X-Request-Id"))
+        path = self.path.split("?", 1)[0]
+        route_name = "unknown"
+        record = self.server.record_metrics
+        if record:
+            app.request_started()
+        try:
+            route, self.route_rest = self.router.match(self.command, path)
+            route_name = route.name
+            if route.auth:
+                app.authorize(self)
+            route.fn(self)
+        except ChatServeError as e:
+            self.send_error_obj(e)
+        except (ClientGone,) + CONNECTION_ERRORS:
+            self.close_connection = True
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
+            self.send_error_obj(ChatServeError("internal error; see the server log for request %s" % self.request_id))
+        finally:
+            duration = time.monotonic() - started
+            if record:
+                app.request_finished(route_name, self.status_sent, duration)
+            self.log_access(path, duration)
+
+    # -- reading ----------------------------------------------------------
+
+    def read_body(self):
+        cap = self.app.config.max_body_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked(cap)
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest("Content-Length %r is not a size" % length)
+        if n > cap:
+            self.close_connection = True
+            raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (--max-body-bytes)" % (n, cap))
+        data = self.rfile.read(n)
+        if len(data) < n:
+            self.close_connection = True
+            raise BadRequest("request body ended after %d of %d bytes" % (len(data), n))
+        return data
+
+    def _read_chunked(self, cap):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise BadRequest("malformed chunked request body")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > cap:
+                self.close_connection = True
+                raise PayloadTooLarge("request body is over the limit of %d bytes (--max-body-bytes)" % cap)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
+    def read_json(self):
+        data = self.read_body()
+        if not data.strip():
+            raise BadRequest("the request body is empty; send a JSON object")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest("the request body is not valid JSON: %s" % e, code="invalid_json")
+
+    def handle_expect_100(self):
+        length = self.headers.get("Content-Length") or "0"
+        if length.isdigit() and int(length) > self.app.config.max_body_bytes:
+            self.close_connection = True
+            self.send_error_obj(PayloadTooLarge("request body of %s bytes is over the limit of %d bytes (--max-body-bytes)"
+                                                % (length, self.app.config.max_body_bytes)))
+            return False
+        return super().handle_expect_100()
+
+    # -- writing ----------------------------------------------------------
+
+    def write_raw(self, data):
+        try:
+            self.wfile.write(data)
+        except CONNECTION_ERRORS as e:
+            raise ClientGone(str(e))
+        self.bytes_sent += len(data)
+
+    def write_head(self, status, headers, body=b""):
+        """Status line, headers and (optionally) the body in one write."""
+        lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "")),
+                 "Server: " + self.server_version, "Date: " + _DateCache.get()]
+        if self.request_id:
+            lines.append("X-Request-Id: " + self.request_id)
+        for name, value in headers.items():
+            lines.append("%s: %s" % (name, value))
+        if self.close_connection or self.server.tracker.draining:
+            self.close_connection = True
+            lines.append("Connection: close")
+        self.status_sent, self.head_sent = status, True
+        self.write_raw(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def send_bytes(self, status, body, content_type, headers=None):
+        all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        all_headers.update(headers or {})
+        self.write_head(status, all_headers, body)
+
+    def send_json(self, status, obj, headers=None):
+        self.send_bytes(status, json_bytes(obj) + b"\n", "application/json", headers)
+
+    def send_error_obj(self, err):
+        if self.head_sent:
+            self.close_connection = True   # mid-response: the surface already reported it in-band
+            return
+        if err.status >= 500 or err.status == 413:
+            log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
+        try:
+            self.send_json(err.status, openai_error_body(err), err.headers)
+        except ClientGone:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by http.server itself (bad request line, 414, ...)."""
+        self.close_connection = True
+        self.request_id = getattr(self, "request_id", "") or new_id("req-")
+        self.head_sent = False
+        self.status_sent, self.bytes_sent = 0, 0
+        err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,
+                             type="invalid_request_error" if code < 500 else "server_error",
+                             code="http_%d" % code)
+        self.send_error_obj(err)
+
+    def open_sse(self, headers=None):
+        return SSEWriter(self, headers)
+
+    # -- logging ----------------------------------------------------------
+
+    def log_access(self, path, duration):
+        if not log.isEnabledFor(logging.INFO) or not self.server.access_log:
+            return
+        fields = {"event": "access", "client": self.address_string(), "method": self.command, "path": path,
+                  "status": self.status_sent, "bytes": self.bytes_sent,
+                  "duration_ms": round(duration * 1000, 2), "request_id": self.request_id}
+        log.info('%s "%s %s" %s %dB %.1fms rid=%s', fields["client"], self.command, path, self.status_sent,
+                 self.bytes_sent, fields["duration_ms"], self.request_id, extra={"fields": fields})
+
+    def log_message(self, format, *args):
+        log.debug("http: " + format, *args)
+
+
+class ConnectionTracker:
+    """Live connections, and which are idle between requests, for the drain."""
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.conns = {}
+        self.draining = False
+
+    def add(self, handler_sock):
+        with self.lock:
+            self.conns[handler_sock] = False
+
+    def remove(self, handler_sock):
+        with self.lock:
+            self.conns.pop(handler_sock, None)
+            self.lock.notify_all()
+
+    def set_idle(self, handler, idle):
+        with self.lock:
+            if handler.connection in self.conns:
+                self.conns[handler.connection] = idle
+            if idle and self.draining:
+                raise ConnectionAbortedError("draining")
+
+    def count(self):
+        with self.lock:
+            return len(self.conns)
+
+    def drain(self, timeout):
+        """Close idle connections now, wait for busy ones up to `timeout`, then cut them."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.draining = True
+            for sock, idle in list(self.conns.items()):
+                if idle:
+                    _shutdown_socket(sock, socket.SHUT_RD)
+            while self.conns and time.monotonic() < deadline:
+                self.lock.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            left = list(self.conns)
+        for sock in left:
+            _shutdown_socket(sock, socket.SHUT_RDWR)
+        return len(left)
+
+
+def _shutdown_socket(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """Threaded HTTP server with a connection cap (fast 503 beyond it),
+    per-connection TLS handshakes off the accept loop, and drain support."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+    access_log = True
+    record_metrics = True
+
+    def __init__(self, app, address, router, max_connections, ssl_context=None, family=socket.AF_INET):
+        self.address_family = family
+        self.app, self.router, self.ssl_context = app, router, ssl_context
+        self.tracker = ConnectionTracker()
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.reject_slots = threading.BoundedSemaphore(32)
+        super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            if self.reject_slots.acquire(blocking=False):
+                threading.Thread(target=self._reject, args=(request,), daemon=True).start()
+            else:
+                self.shutdown_request(request)
+            return
+        self.tracker.add(request)
+        threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True).start()
+
+    def _serve_connection(self, request, client_address):
+        sock = request
+        try:
+            if self.ssl_context is not None:
+                request = self._tls_handshake(request)
+            self.finish_request(request, client_address)
+        except Exception as e:
+            if not isinstance(e, (OSError, ClientGone)):
+                log.exception("connection from %s failed", client_address)
+        finally:
+            self.tracker.remove(sock)
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def _tls_handshake(self, sock):
+        sock.settimeout(self.app.config.request_timeout)
+        tls = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _reject(self, sock):
+        """Over --max-connections: a quick 503 and close, without reading the request."""
+        body = json_bytes(openai_error_body(Unavailable(
+            "server busy: all %d connections in use (--max-connections); retry shortly"
+            % self.app.config.max_connections, code="overloaded"))) + b"\n"
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body)).encode()
+        try:
+            sock.settimeout(2.0)
+            if self.ssl_context is not None:
+                sock = self._tls_handshake(sock)
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(0.2)
+            while sock.recv(65536):   # drain what the client sent so close() does not reset
+                pass
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+            self.reject_slots.release()
+        if self.record_metrics:
+            self.app.metrics.requests.inc(("overloaded", "503"))
+
+    def handle_error(self, request, client_address):
+        log.debug("connection error from %s", client_address, exc_info=True)
+
+
+class ControlServer(ChatHTTPServer):
+    """The Unix control socket: created 0600 from the start, never stolen from a live server."""
+
+    access_log = False
+    record_metrics = False
+
+    def __init__(self, app, path):
+        self.socket_path = path
+        self.inode = None
+        super().__init__(app, path, control_router(), 8, family=socket.AF_UNIX)
+
+    def server_bind(self):
+        path = self.socket_path
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ConfigError("%s exists and is not a socket; remove it or choose --socket" % path)
+            if control_socket_alive(path):
+                raise ConfigError("another chatserve is answering on %s; stop it (ctl shutdown --socket %s) "
+                                  "or choose another --socket/--port" % (path, path))
+        # Bind inside a private 0700 directory, tighten, then rename into place:
+        # the socket is never reachable with wider permissions.
+        private = tempfile.mkdtemp(prefix=".chatserve-", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            temp_path = os.path.join(private, "s")
+            self.socket.bind(temp_path)
+            os.chmod(temp_path, 0o600)
+            os.rename(temp_path, path)
+        finally:
+            os.rmdir(private)
+        self.inode = os.stat(path).st_ino
+        self.server_address = path
+
+    def remove_socket(self):
+        try:
+            if self.inode is not None and os.stat(self.socket_path).st_ino == self.inode:
+                os.unlink(self.socket_path)
+        except OSError:
+            pass
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (ctl, tests)."""
+
+    def __init__(self, path, timeout=5.0):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def control_request(path, method, target, timeout=5.0):
+    """(status, JSON body) from the control socket at `path`; OSError when nobody answers."""
+    conn = UnixHTTPConnection(path, timeout)
+    try:
+        conn.request(method, target, headers={"Content-Length": "0"} if method == "POST" else {})
+        resp = conn.getresponse()
+        data = resp.read()
+        try:
+            return resp.status, json.loads(data.decode("utf-8"))
+        except ValueError:
+            return resp.status, {"raw": data.decode("utf-8", "replace")}
+    finally:
+        conn.close()
+
+
+def control_socket_alive(path):
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+            return True
+        finally:
+            sock.close()
+    except OSError:
+        return False
+
+
+def make_ssl_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError("cannot load TLS certificate %s with key %s: %s" % (cert, key, e))
+    return context
+
+
+class App:
+    """The running server: config, engine, metrics, the three listeners."""
+
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = Engine(config, self.metrics)
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.requests_processed = 0
+        self.in_flight = 0
+        self.stats_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.shutdown_reason = ""
+        self.http = self.metrics_http = self.control = None
+        self.threads = []
+        provider = self.engine.default_provider
+        self.metrics.info_labels = (__version__, provider.name if provider else "", provider.model if provider else "")
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self):
+        """Bind every listener and serve in background threads; ConfigError when one cannot."""
+        c = self.config
+        context = make_ssl_context(c.tls_cert, c.tls_key) if c.tls_cert else None
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        where = "%s:%d" % (c.host, c.port)
+        try:
+            self.http = ChatHTTPServer(self, (c.host, c.port), api_router(), c.max_connections, context, family)
+            if c.metrics_port:
+                where = "%s:%d (--metrics-port)" % (c.host, c.metrics_port)
+                self.metrics_http = ChatHTTPServer(self, (c.host, c.metrics_port), metrics_router(), 16,
+                                                   family=family)
+                self.metrics_http.access_log = self.metrics_http.record_metrics = False
+            where = c.socket_path
+            self.control = ControlServer(self, c.socket_path)
+        except (OSError, ConfigError) as e:
+            self._close_listeners()
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError("cannot listen on %s: %s" % (where, _os_reason(e)))
+        for server in (self.http, self.metrics_http, self.control):
+            if server is not None:
+                t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+                t.start()
+                self.threads.append(t)
+        self._log_startup(context is not None)
+        return self
+
+    @property
+    def port(self):
+        return self.http.server_address[1]
+
+    @property
+    def metrics_port(self):
+        return self.metrics_http.server_address[1] if self.metrics_http else 0
+
+    def _log_startup(self, tls):
+        c, provider = self.config, self.engine.default_provider
+        scheme = "https" if tls else "http"
+        log.info("chatserve %s listening on %s://%s:%d (provider %s, model %s)", __version__, scheme,
+                 c.host, self.port, provider.name if provider else "none", provider.model if provider else "-")
+        if self.metrics_http:
+            log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
+        log.info("control socket %s", c.socket_path)
+        if not provider:
+            log.warning("no LLM provider configured: chat requests will get 503 until LLM_PROVIDER "
+                        "and its key (e.g. OPENAI_API_KEY) are set")
+        if not c.token and c.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s without --token: anyone who can reach this port can use "
+                        "the configured LLM credentials", c.host)
+
+    def request_shutdown(self, reason):
+        """Ask for a graceful shutdown; safe from any thread or a signal handler."""
+        if not self.stopping.is_set():
+            self.shutdown_reason = reason
+            self.stopping.set()
+
+    def run(self):
+        """serve: start, wait for ctl shutdown or SIGTERM/SIGINT, drain, return 0."""
+        handler = lambda signum, frame: self.request_shutdown(signal.Signals(signum).name)
+        signal.signal(signal.SIGTERM, handler)   # before start(): a signal right after bind is graceful too
+        signal.signal(signal.SIGINT, handler)
+        self.start()
+        while not self.stopping.wait(3600):
+            pass
+        self.stop()
+        return 0
+
+    def stop(self):
+        """Graceful: stop accepting, let in-flight requests finish up to
+        --drain-timeout, remove the control socket."""
+        if self.stopped.is_set():
+            return
+        self.stopping.set()
+        log.info("shutting down (%s): draining for up to %gs", self.shutdown_reason or "stop",
+                 self.config.drain_timeout)
+        for server in (self.http, self.metrics_http):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        cut = self.http.tracker.drain(self.config.drain_timeout) if self.http else 0
+        if cut:
+            log.warning("drain timeout: closed %d connection(s) still busy", cut)
+        if self.control is not None:
+            self.control.shutdown()
+            self.control.server_close()
+            self.control.remove_socket()
+        self.engine.close()
+        self.stopped.set()
+        log.info("stopped")
+
+    def _close_listeners(self):
+        for server in (self.http, self.metrics_http, self.control):
+            if server is not None:
+                server.server_close()
+
+    # -- requests -----------------------------------------------------------
+
+    def authorize(self, h):
+        token = self.config.token
+        if not token:
+            return
+        scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"),
+                                                                 token.encode("utf-8")):
+            raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                               headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
+
+    def request_started(self):
+        with self.stats_lock:
+            self.in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def request_finished(self, route, status, duration):
+        with self.stats_lock:
+            self.in_flight -= 1
+            self.requests_processed += 1
+        m = self.metrics
+        m.in_flight.dec()
+        m.requests.inc((route, str(status)))
+        m.request_seconds.observe((route,), duration)
+
+    def status(self):
+        provider = self.engine.default_provider
+        c = self.config
+        return {"status": "shutting_down" if self.stopping.is_set() else "running",
+                "server_type": "chatserve", "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "requests_processed": self.requests_processed, "in_flight": self.in_flight,
+                "pid": os.getpid(), "host": c.host, "port": self.port if self.http else c.port,
+                "control_socket": c.socket_path,
+                "provider": provider.name if provider else None,
+                "model": provider.model if provider else None,
+                "available_providers": list(self.engine.providers)}
+
+
+# ---------------------------------------------------------------------------
+# Clients: ctl
+# ---------------------------------------------------------------------------
+
+def find_control_sockets(port=None):
+    """Control sockets that answer: for `port`, or every one in the default places."""
+    if port:
+        candidates = ["/var/tmp/chatserve-%d.sock" % port, "/tmp/chatserve-%d.sock" % port]
+    else:
+        candidates = sorted(set(glob_sockets("/var/tmp") + glob_sockets("/tmp")))
+    return [p for p in candidates if os.path.exists(p) and control_socket_alive(p)], candidates
+
+
+def glob_sockets(directory):
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names if re.match(r"^chatserve-\d+\.sock$", n)]
+
+
+STATUS_FIELDS = ("status", "server_type", "version", "pid", "host", "port", "control_socket", "provider",
+                 "model", "uptime_seconds", "requests_processed", "in_flight")
+
+
+def format_status(status):
+    keys = [k for k in STATUS_FIELDS if k in status] + sorted(k for k in status if k not in STATUS_FIELDS)
+    width = max(len(k) for k in keys) if keys else 0
+    lines = []
+    for key in keys:
+        value = status[key]
+        if isinstance(value, (list, dict)):
+            value = ", ".join(map(str, value)) if isinstance(value, list) else json_dumps(value)
+        lines.append("%-*s  %s" % (width, key, "-" if value is None else value))
+    return "\n".join(lines)
+
+
+def cmd_ctl(args):
+    if args.socket:
+        path = args.socket
+    else:
+        alive, looked = find_control_sockets(args.port)
+        if len(alive) > 1:
+            print("several chatserve servers are running (%s): pass --port or --socket" % ", ".join(alive),
+                  file=sys.stderr)
+            return 1
+        if not alive:
+            where = looked[0] if args.port else "/var/tmp/chatserve-*.sock or /tmp/chatserve-*.sock"
+            print("no running chatserve found at %s" % where, file=sys.stderr)
+            return 1
+        path = alive[0]
+    method, target = ("GET", "/status") if args.action == "status" else ("POST", "/shutdown")
+    try:
+        status, body = control_request(path, method, target, timeout=args.timeout)
+    except (OSError, http.client.HTTPException) as e:
+        print("no running chatserve found at %s (%s)" % (path, _os_reason(e)), file=sys.stderr)
+        return 1
+    if status != 200:
+        print("chatserve at %s answered %d: %s" % (path, status, json_dumps(body)), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    elif args.action == "status":
+        print(format_status(body))
+    else:
+        print("chatserve (pid %s) is shutting down" % body.get("pid", "?"))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def build_parser():
+    parser = ArgumentParser(prog="chatserve.py", description="One well-guarded door to the LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the server",
+                           description="Run the server. Every flag has an environment variable; "
+                                       "a flag wins over the environment, which wins over the default.")
+    for flag, var, default, _kind, help_text in SERVE_OPTIONS:
+        shown = "" if default in (None, "") else " (default %s)" % default
+        env = " [env %s]" % var if var else ""
+        serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
+                           help=help_text + shown + env)
+    serve.set_defaults(func=cmd_serve)
+
+    ctl = sub.add_parser("ctl", help="talk to a running server over its control socket",
+                         description="Query or stop a running chatserve through its Unix control socket.")
+    ctl.add_argument("action", choices=("status", "shutdown"), help="status or shutdown")
+    ctl.add_argument("--socket", help="control socket path (default: found from --port, or the only one running)")
+    ctl.add_argument("--port", type=int, help="port of the server whose socket to use")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    ctl.set_defaults(func=cmd_ctl)
+
+    version = sub.add_parser("version", help="print the version", description="Print the version.")
+    version.set_defaults(func=lambda args: print("chatserve %s (Python %s)" % (
+        __version__, ".".join(map(str, sys.version_info[:3])))) or 0)
+    return parser
+
+
+def cmd_serve(args):
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    config = Config.from_sources(flags)
+    setup_logging(config.log_level, config.log_format)
+    return App(config).run()
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print("chatserve: %s" % e.message, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
