@@ -678,14 +678,22 @@ class UpstreamResponse:
         return data
 
     def lines(self):
-        """Body lines as they arrive; release the connection at the end."""
+        """Body lines as they arrive; release the connection at the end.  A
+        silent or broken upstream raises UpstreamTimeout / UpstreamError."""
         readline = self.resp.readline
-        while True:
-            line = readline(1024 * 1024)
-            if not line:
-                break
-            yield line
-        self.release()
+        try:
+            while True:
+                line = readline(1024 * 1024)
+                if not line:
+                    break
+                yield line
+            self.release()
+        except socket.timeout:
+            raise UpstreamTimeout("sent nothing mid-answer for longer than the upstream timeout")
+        except (OSError, http.client.HTTPException) as e:
+            raise UpstreamError("connection broke mid-answer: %s" % _os_reason(e))
+        finally:
+            self.close()      # no-op after release(); drops the connection when left early
 
     def release(self):
         if self.conn is not None:
@@ -879,59 +887,191 @@ def upstream_failure(provider, status, data, retry_after=None):
     return UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status)
 
 
+class Credentials:
+    """A client's own credentials for one request: never logged, never stored."""
+
+    __slots__ = ("api_key", "scheme", "settings")
+
+    def __init__(self, api_key="", scheme="apikey", settings=None):
+        self.api_key, self.scheme, self.settings = api_key, scheme, dict(settings or {})
+
+    @classmethod
+    def parse(cls, key, settings=None):
+        """`oauth:`/`token:` select an OAuth bearer, `apikey:` (or nothing) a plain key."""
+        key = (key or "").strip()
+        scheme = "apikey"
+        for prefix, kind in (("oauth:", "oauth"), ("token:", "oauth"), ("apikey:", "apikey")):
+            if key.startswith(prefix):
+                key, scheme = key[len(prefix):], kind
+                break
+        return cls(key, scheme, settings)
+
+    def __repr__(self):
+        return "Credentials(scheme=%r, key=<redacted>, settings=%r)" % (
+            self.scheme, sorted(self.settings))
+
+
 class Provider:
     """One upstream wire protocol.  `open()` sends the request and returns an
     iterator of events; it raises `ChatServeError` for anything that goes wrong
-    before the first byte.  Closing the iterator closes the upstream connection."""
+    before the first byte.  Closing the iterator closes the upstream connection.
+    Class attributes name the environment it is configured from."""
 
     name = ""
     owned_by = ""
     default_model = ""
-    model_env = ""
+    default_base = ""
+    key_env = base_env = model_env = ""
+    supports_tools = True
 
-    def __init__(self, config, pool):
+    def __init__(self, config, pool, credentials=None, base_url=None):
         self.config, self.pool, self.env = config, pool, config.env
+        creds = credentials or Credentials()
+        self.client_credentials = credentials is not None
+        self.base_url = (base_url or creds.settings.get("base_url") or self.env.get(self.base_env)
+                         or self.default_base).rstrip("/")
+        self.api_key = creds.api_key if credentials is not None else self.env.get(self.key_env, "")
+        self.scheme = creds.scheme
+        self.settings = creds.settings
         self.model = config.model if config.provider == self.name and config.model else \
             self.env.get(self.model_env) or self.default_model
 
     @classmethod
     def configured(cls, env):
-        return False
+        """Whether the environment holds this provider's credentials."""
+        return bool(cls.key_env and env.get(cls.key_env))
 
     def models(self):
         return [{"id": self.model, "owned_by": self.owned_by}]
 
-    def post(self, url, body, headers, stream):
-        headers = dict(headers, **{"Content-Type": "application/json",
+    def open(self, req, model):
+        if req.params.get("tools") and not self.supports_tools:
+            raise BadRequest("provider %s cannot call tools; remove tools or choose another provider" % self.name,
+                             param="tools")
+        resp = self.send(req, model)
+        if resp.status >= 300:
+            raise self.failure(resp)
+        if req.stream:
+            return self.guard(self.stream_events(resp, req))
+        try:
+            data = json.loads(resp.read().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UpstreamError("%s sent an answer that is not JSON" % self.name)
+        try:
+            return iter(self.completion_events(data, req))
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise UpstreamError("%s sent an answer this server cannot read" % self.name)
+
+    def send(self, req, model):
+        """POST the translated request; returns the UpstreamResponse."""
+        raise NotImplementedError
+
+    def stream_events(self, resp, req):
+        raise NotImplementedError
+
+    def completion_events(self, data, req):
+        raise NotImplementedError
+
+    def guard(self, events):
+        """A ChatServeError raised while streaming becomes the stream's Error event."""
+        try:
+            for ev in events:
+                yield ev
+        except ChatServeError as e:
+            e.message = "%s: %s" % (self.name, e.message)
+            yield Error(e)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            yield Error(UpstreamError("%s sent a stream this server cannot read (%s)" % (self.name, e)))
+
+    def post(self, url, body, headers, stream, form=False):
+        headers = dict(headers, **{"Content-Type": "application/x-www-form-urlencoded" if form else "application/json",
                                    "Accept": "text/event-stream" if stream else "application/json",
                                    "User-Agent": "chatserve/" + __version__})
-        return self.pool.request("POST", url, json_bytes(body), headers,
+        data = urllib.parse.urlencode(body).encode() if form else json_bytes(body)
+        return self.pool.request("POST", url, data, headers,
                                  self.config.upstream_connect_timeout, self.config.upstream_timeout)
 
-    def check(self, resp):
-        """Raise the right error for a non-2xx response (reading its body)."""
-        if resp.status < 300:
-            return
+    def get_json(self, url, headers=None, timeout=5.0):
+        resp = self.pool.request("GET", url, None, headers or {}, min(self.config.upstream_connect_timeout, timeout),
+                                 timeout)
+        data = resp.read(4 * 1024 * 1024)
+        if resp.status != 200:
+            raise upstream_failure(self.name, resp.status, data)
+        return json.loads(data.decode("utf-8"))
+
+    def failure(self, resp):
+        """The error for a non-2xx response (its body read)."""
         try:
             data = resp.read(64 * 1024)
         except ChatServeError:
             data = b""
-        raise upstream_failure(self.name, resp.status, data, resp.header("Retry-After"))
+        return upstream_failure(self.name, resp.status, data, resp.header("Retry-After"))
+
+    def describe(self):
+        return {"base_url": self.base_url, "model": self.model}
 
 
-def stream_lines_guarded(resp, provider):
-    """Upstream body lines; a timeout or a cut connection becomes an Error event."""
+# -- translation helpers shared by the providers -----------------------------
+
+def message_text(content):
+    """The text of an OpenAI message content (a string or a list of parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def content_parts(content):
+    """OpenAI content as a list of parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return [p for p in content if isinstance(p, dict)]
+
+
+def parse_data_url(url):
+    """(media_type, base64 data) of a data: URL, else None."""
+    m = re.match(r"^data:([\w.+/-]+)?(;base64)?,(.*)$", url or "", re.S)
+    if not m or not m.group(2):
+        return None
+    return m.group(1) or "application/octet-stream", m.group(3)
+
+
+def tool_arguments(arguments, where="tool_calls"):
+    """OpenAI's JSON-string arguments as an object (what other wire formats want)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments:
+        return {}
     try:
-        for line in resp.lines():
-            yield line
-    except socket.timeout:
-        yield Error(UpstreamTimeout("%s stopped sending mid-answer (no data for %gs)"
-                                    % (provider.name, provider.config.upstream_timeout)))
-    except (OSError, http.client.HTTPException) as e:
-        yield Error(UpstreamError("%s connection broke mid-answer: %s" % (provider.name, _os_reason(e))))
-    finally:
-        resp.close()
+        value = json.loads(arguments)
+    except ValueError:
+        raise BadRequest("%s: function.arguments is not valid JSON" % where, param=where)
+    return value if isinstance(value, dict) else {"value": value}
 
+
+def tool_names_by_id(messages):
+    """tool_call_id -> function name, from the assistant messages' tool_calls."""
+    names = {}
+    for msg in messages:
+        for call in msg.get("tool_calls") or ():
+            names[call.get("id")] = (call.get("function") or {}).get("name", "")
+    return names
+
+
+def stop_list(stop):
+    if stop is None:
+        return None
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def new_call_id():
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+# -- OpenAI and OpenAI-compatible --------------------------------------------
 
 class OpenAIProvider(Provider):
     """OpenAI chat completions; also any OpenAI-compatible server (vLLM,
@@ -943,10 +1083,8 @@ class OpenAIProvider(Provider):
     default_base = "https://api.openai.com/v1"
     default_model = "gpt-4o-mini"
 
-    def __init__(self, config, pool):
-        super().__init__(config, pool)
-        self.base_url = (self.env.get(self.base_env) or self.default_base).rstrip("/")
-        self.api_key = self.env.get(self.key_env, "")
+    def __init__(self, config, pool, credentials=None, base_url=None):
+        super().__init__(config, pool, credentials, base_url)
         self._models_cache = (0.0, None)
 
     @classmethod
@@ -956,55 +1094,38 @@ class OpenAIProvider(Provider):
     def headers(self):
         return {"Authorization": "Bearer " + self.api_key} if self.api_key else {}
 
-    def body(self, req, model):
+    def send(self, req, model):
         body = dict(req.params)
         body.update(model=model, messages=req.messages, stream=bool(req.stream))
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-        return body
-
-    def open(self, req, model):
         headers = self.headers()
         if req.request_id:
             headers["X-Request-Id"] = req.request_id
-        resp = self.post(self.base_url + "/chat/completions", self.body(req, model), headers, req.stream)
-        self.check(resp)
-        if req.stream:
-            return self._stream_events(resp)
-        return self._completion_events(resp)
+        return self.post(self.base_url + "/chat/completions", body, headers, req.stream)
 
-    def _completion_events(self, resp):
-        try:
-            body = json.loads(resp.read().decode("utf-8"))
-            choice = body["choices"][0]
-            message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise UpstreamError("%s sent an answer that is not a chat completion" % self.name)
-        return iter(openai_message_events(message, choice.get("finish_reason"), body.get("usage")))
+    def completion_events(self, data, req):
+        choice = data["choices"][0]
+        return openai_message_events(choice.get("message") or {}, choice.get("finish_reason"), data.get("usage"))
 
-    def _stream_events(self, resp):
+    def stream_events(self, resp, req):
         finished = False
-        for event, data in iter_sse(stream_lines_guarded(resp, self)):
-            if isinstance(event, Error):      # not reached: guarded errors come as items
-                yield event
-                return
+        for _event, data in iter_sse(resp.lines()):
             if data.strip() == "[DONE]":
                 finished = True
                 break
             try:
                 chunk = json.loads(data)
             except ValueError:
-                yield Error(UpstreamError("%s sent a stream chunk that is not JSON: %.100s" % (self.name, data)))
-                return
+                raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
             if isinstance(chunk, dict) and chunk.get("error"):
-                yield Error(UpstreamError("%s: %s" % (self.name, upstream_error_message(data.encode()))))
-                return
+                raise UpstreamError(upstream_error_message(data.encode()))
             for ev in openai_chunk_events(chunk):
                 if type(ev) is Finish:
                     finished = True
                 yield ev
         if not finished:
-            yield Error(UpstreamError("%s stream ended before the answer was complete" % self.name))
+            raise UpstreamError("stream ended before the answer was complete")
 
     def models(self):
         """The configured model first, then what the upstream lists (cached a minute)."""
@@ -1013,13 +1134,9 @@ class OpenAIProvider(Provider):
         if cached is None or time.monotonic() - stamp > 60:
             cached = []
             try:
-                resp = self.pool.request("GET", self.base_url + "/models", None, self.headers(),
-                                         min(self.config.upstream_connect_timeout, 5.0), 5.0)
-                data = resp.read(4 * 1024 * 1024)
-                if resp.status == 200:
-                    cached = [{"id": m["id"], "owned_by": m.get("owned_by") or self.owned_by}
-                              for m in json.loads(data.decode("utf-8")).get("data", [])
-                              if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                cached = [{"id": m["id"], "owned_by": m.get("owned_by") or self.owned_by}
+                          for m in self.get_json(self.base_url + "/models", self.headers()).get("data", [])
+                          if isinstance(m, dict) and isinstance(m.get("id"), str)]
             except (ChatServeError, ValueError, AttributeError, TypeError) as e:
                 log.debug("listing models of %s failed: %s", self.name, e)
             self._models_cache = (time.monotonic(), cached)
@@ -1058,6 +1175,586 @@ def openai_chunk_events(chunk):
         yield Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
 
+def openai_compatible(name, base, model, key_env=None, owned_by=None):
+    """An OpenAI-compatible vendor: the OpenAI wire protocol with its own env names."""
+    attrs = {"name": name, "owned_by": owned_by or name.lower(), "default_base": base, "default_model": model,
+             "key_env": key_env or name + "_API_KEY", "base_env": name + "_BASE_URL", "model_env": name + "_MODEL",
+             "__doc__": "%s through its OpenAI-compatible API (%s)." % (name, base)}
+    cls = type(name.title().replace("_", "") + "Provider", (OpenAIProvider,), attrs)
+    cls.configured = classmethod(lambda c, env: bool(env.get(c.key_env)))
+    return cls
+
+
+# -- Anthropic Messages ------------------------------------------------------
+
+ANTHROPIC_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                    "refusal": "content_filter", "model_context_window_exceeded": "length", "pause_turn": "stop"}
+ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
+
+
+def anthropic_image(part):
+    url = (part.get("image_url") or {}).get("url", "")
+    data = parse_data_url(url)
+    if data:
+        return {"type": "image", "source": {"type": "base64", "media_type": data[0], "data": data[1]}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def anthropic_blocks(msg, index):
+    """Content blocks of one OpenAI message (not system, not tool)."""
+    blocks = []
+    for part in content_parts(msg.get("content")):
+        if part.get("type") == "text":
+            blocks.append({"type": "text", "text": part.get("text") or ""})
+        elif part.get("type") == "image_url":
+            blocks.append(anthropic_image(part))
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        blocks.append({"type": "tool_use", "id": call.get("id") or new_call_id(), "name": fn.get("name", ""),
+                       "input": tool_arguments(fn.get("arguments"), "messages[%d].tool_calls" % index)})
+    return blocks
+
+
+def anthropic_messages(messages):
+    """(system text, messages) in Anthropic's shape: system lifted out, tool
+    results as tool_result blocks, consecutive same-role turns merged."""
+    system, out = [], []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append(message_text(msg.get("content")))
+            continue
+        if role in ("tool", "function"):
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": msg.get("tool_call_id") or "",
+                                     "content": message_text(msg.get("content"))}]
+        else:
+            role, blocks = ("assistant" if role == "assistant" else "user"), anthropic_blocks(msg, i)
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    for turn in out:   # tool results must lead their user turn
+        turn["content"].sort(key=lambda b: b.get("type") != "tool_result")
+    return "\n\n".join(t for t in system if t), out
+
+
+def anthropic_tool_choice(choice, parallel):
+    mapped = None
+    if choice == "auto":
+        mapped = {"type": "auto"}
+    elif choice == "required":
+        mapped = {"type": "any"}
+    elif choice == "none":
+        mapped = {"type": "none"}
+    elif isinstance(choice, dict):
+        mapped = {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
+    if parallel is False:
+        mapped = dict(mapped or {"type": "auto"}, disable_parallel_tool_use=True)
+    return mapped
+
+
+def anthropic_request(req, model):
+    """An OpenAI-shaped ChatRequest as an Anthropic Messages body."""
+    p = req.params
+    system, messages = anthropic_messages(req.messages)
+    body = {"model": model, "messages": messages,
+            "max_tokens": p.get("max_tokens") or p.get("max_completion_tokens") or ANTHROPIC_DEFAULT_MAX_TOKENS}
+    if system:
+        body["system"] = system
+    for field in ("temperature", "top_p", "top_k"):
+        if p.get(field) is not None:
+            body[field] = p[field]
+    if p.get("stop") is not None:
+        body["stop_sequences"] = stop_list(p["stop"])
+    if p.get("tools"):
+        body["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                          "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                         for t in p["tools"]]
+    choice = anthropic_tool_choice(p.get("tool_choice"), p.get("parallel_tool_calls"))
+    if choice and p.get("tools"):
+        body["tool_choice"] = choice
+    if p.get("user"):
+        body["metadata"] = {"user_id": str(p["user"])}
+    if req.stream:
+        body["stream"] = True
+    return body
+
+
+class AnthropicProvider(Provider):
+    """Anthropic Messages API (x-api-key, anthropic-version 2023-06-01)."""
+
+    name = "CLAUDEAI"
+    owned_by = "anthropic"
+    key_env, base_env, model_env = "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL"
+    default_base = "https://api.anthropic.com"
+    default_model = "claude-sonnet-4-5"
+
+    def headers(self):
+        headers = {"anthropic-version": "2023-06-01"}
+        if self.scheme == "oauth":
+            headers.update({"Authorization": "Bearer " + self.api_key, "anthropic-beta": "oauth-2025-04-20"})
+        elif self.api_key:
+            headers["x-api-key"] = self.api_key
+        return headers
+
+    def send(self, req, model):
+        return self.post(self.base_url + "/v1/messages", anthropic_request(req, model), self.headers(), req.stream)
+
+    def completion_events(self, data, req):
+        events, calls = [], 0
+        for block in data.get("content") or ():
+            if block.get("type") == "text" and block.get("text"):
+                events.append(TextDelta(block["text"]))
+            elif block.get("type") == "tool_use":
+                events.append(ToolCallDelta(calls, block.get("id"), block.get("name"), json_dumps(block.get("input") or {})))
+                calls += 1
+        usage = data.get("usage") or {}
+        events.append(Usage(anthropic_input_tokens(usage), usage.get("output_tokens") or 0))
+        events.append(Finish(ANTHROPIC_FINISH.get(data.get("stop_reason"), "stop")))
+        return events
+
+    def stream_events(self, resp, req):
+        calls = {}              # content block index -> OpenAI tool call index
+        prompt_tokens = completion_tokens = 0
+        reason = None
+        for event, data in iter_sse(resp.lines()):
+            msg = json.loads(data)
+            kind = msg.get("type") or event
+            if kind == "message_start":
+                usage = (msg.get("message") or {}).get("usage") or {}
+                prompt_tokens = anthropic_input_tokens(usage)
+                completion_tokens = usage.get("output_tokens") or 0
+            elif kind == "content_block_start":
+                block = msg.get("content_block") or {}
+                if block.get("type") == "tool_use":
+                    calls[msg.get("index")] = len(calls)
+                    yield ToolCallDelta(calls[msg.get("index")], block.get("id"), block.get("name"), "")
+                elif block.get("type") == "text" and block.get("text"):
+                    yield TextDelta(block["text"])
+            elif kind == "content_block_delta":
+                delta = msg.get("delta") or {}
+                if delta.get("type") == "text_delta" and delta.get("text"):
+                    yield TextDelta(delta["text"])
+                elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                    yield ToolCallDelta(calls.get(msg.get("index"), 0), None, None, delta["partial_json"])
+            elif kind == "message_delta":
+                reason = (msg.get("delta") or {}).get("stop_reason") or reason
+                usage = msg.get("usage") or {}
+                completion_tokens = usage.get("output_tokens", completion_tokens)   # cumulative
+                if usage.get("input_tokens"):
+                    prompt_tokens = anthropic_input_tokens(usage)
+            elif kind == "message_stop":
+                yield Usage(prompt_tokens, completion_tokens)
+                yield Finish(ANTHROPIC_FINISH.get(reason, "stop"))
+                return
+            elif kind == "error":
+                err = msg.get("error") or {}
+                raise UpstreamError("%s: %s" % (err.get("type", "error"), err.get("message", "stream error")),
+                                    code=err.get("type"))
+        raise UpstreamError("stream ended before message_stop")
+
+    def models(self):
+        return [{"id": self.model, "owned_by": self.owned_by}]
+
+
+def anthropic_input_tokens(usage):
+    return ((usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+            + (usage.get("cache_read_input_tokens") or 0))
+
+
+# -- Google Gemini -----------------------------------------------------------
+
+GEMINI_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
+                 "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
+                 "IMAGE_SAFETY": "content_filter"}
+
+
+def gemini_parts(msg, index):
+    parts = []
+    for part in content_parts(msg.get("content")):
+        if part.get("type") == "text" and part.get("text"):
+            parts.append({"text": part["text"]})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            data = parse_data_url(url)
+            parts.append({"inlineData": {"mimeType": data[0], "data": data[1]}} if data
+                         else {"fileData": {"fileUri": url}})
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        parts.append({"functionCall": {"name": fn.get("name", ""),
+                                       "args": tool_arguments(fn.get("arguments"), "messages[%d].tool_calls" % index)}})
+    return parts
+
+
+def gemini_function_response(msg, names):
+    text = message_text(msg.get("content"))
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    if not isinstance(value, dict):
+        value = {"result": value}       # Gemini wants an object
+    return {"functionResponse": {"name": names.get(msg.get("tool_call_id"), msg.get("name") or ""), "response": value}}
+
+
+def gemini_contents(messages):
+    """(systemInstruction, contents): roles user/model, tool results as
+    functionResponse parts in a user turn, same-role turns merged."""
+    names = tool_names_by_id(messages)
+    system, contents = [], []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append({"text": message_text(msg.get("content"))})
+            continue
+        if role in ("tool", "function"):
+            role, parts = "user", [gemini_function_response(msg, names)]
+        else:
+            role, parts = ("model" if role == "assistant" else "user"), gemini_parts(msg, i)
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return ({"parts": system} if system else None), contents
+
+
+def gemini_request(req):
+    p = req.params
+    system, contents = gemini_contents(req.messages)
+    body = {"contents": contents}
+    if system:
+        body["systemInstruction"] = system
+    config = {}
+    for src, dst in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"), ("seed", "seed"),
+                     ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty")):
+        if p.get(src) is not None:
+            config[dst] = p[src]
+    max_tokens = p.get("max_tokens") or p.get("max_completion_tokens")
+    if max_tokens:
+        config["maxOutputTokens"] = max_tokens
+    if p.get("stop") is not None:
+        config["stopSequences"] = stop_list(p["stop"])
+    if (p.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+        config["responseMimeType"] = "application/json"
+    if config:
+        body["generationConfig"] = config
+    if p.get("tools"):
+        body["tools"] = [{"functionDeclarations": [
+            dict({"name": t["function"]["name"], "description": t["function"].get("description", "")},
+                 **({"parameters": t["function"]["parameters"]} if t["function"].get("parameters") else {}))
+            for t in p["tools"]]}]
+        choice = p.get("tool_choice")
+        mode = {"auto": "AUTO", "required": "ANY", "none": "NONE"}.get(choice) if isinstance(choice, str) else None
+        if isinstance(choice, dict):
+            body["toolConfig"] = {"functionCallingConfig": {
+                "mode": "ANY", "allowedFunctionNames": [(choice.get("function") or {}).get("name", "")]}}
+        elif mode:
+            body["toolConfig"] = {"functionCallingConfig": {"mode": mode}}
+    return body
+
+
+def gemini_response_events(data, state):
+    """Events of one GenerateContentResponse; `state` carries call count,
+    finish reason and the (cumulative) usage across a stream."""
+    feedback = data.get("promptFeedback") or {}
+    if feedback.get("blockReason") and not data.get("candidates"):
+        raise BadRequest("Gemini blocked the prompt (%s); rephrase it or check the safety settings"
+                         % feedback["blockReason"], code="content_filter")
+    for candidate in (data.get("candidates") or ())[:1]:
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            if part.get("text") and not part.get("thought"):
+                yield TextDelta(part["text"])
+            elif part.get("functionCall"):
+                call = part["functionCall"]
+                yield ToolCallDelta(state["calls"], call.get("id") or new_call_id(), call.get("name"),
+                                    json_dumps(call.get("args") or {}))
+                state["calls"] += 1
+        if candidate.get("finishReason"):
+            state["finish"] = candidate["finishReason"]
+    usage = data.get("usageMetadata")
+    if usage:
+        state["usage"] = Usage(usage.get("promptTokenCount") or 0,
+                               (usage.get("candidatesTokenCount") or 0) + (usage.get("thoughtsTokenCount") or 0))
+
+
+def gemini_finish(state):
+    reason = state.get("finish")
+    if reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY") and not state["calls"]:
+        mapped = "content_filter"
+    else:
+        mapped = "tool_calls" if state["calls"] else GEMINI_FINISH.get(reason, "stop")
+    return ([state["usage"]] if state.get("usage") else []) + [Finish(mapped)]
+
+
+class GeminiProvider(Provider):
+    """Google Gemini generateContent / streamGenerateContent?alt=sse."""
+
+    name = "GOOGLEAI"
+    owned_by = "google"
+    key_env, base_env, model_env = "GOOGLEAI_API_KEY", "GOOGLEAI_BASE_URL", "GOOGLEAI_MODEL"
+    default_base = "https://generativelanguage.googleapis.com"
+    default_model = "gemini-2.5-flash"
+
+    def headers(self):
+        if self.scheme == "oauth":
+            return {"Authorization": "Bearer " + self.api_key}
+        return {"x-goog-api-key": self.api_key} if self.api_key else {}
+
+    def send(self, req, model):
+        model = model[len("models/"):] if model.startswith("models/") else model
+        action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
+        url = "%s/v1beta/models/%s%s" % (self.base_url, urllib.parse.quote(model, safe=""), action)
+        return self.post(url, gemini_request(req), self.headers(), req.stream)
+
+    def completion_events(self, data, req):
+        state = {"calls": 0, "finish": None, "usage": None}
+        events = list(gemini_response_events(data, state))
+        if state["finish"] in GEMINI_FINISH and GEMINI_FINISH[state["finish"]] == "content_filter" and not events:
+            raise BadRequest("Gemini stopped the answer for %s; rephrase the prompt" % state["finish"],
+                             code="content_filter")
+        return events + gemini_finish(state)
+
+    def stream_events(self, resp, req):
+        state = {"calls": 0, "finish": None, "usage": None}
+        for _event, data in iter_sse(resp.lines()):
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                raise UpstreamError(upstream_error_message(data.encode()))
+            for ev in gemini_response_events(chunk, state):
+                yield ev
+        if state["finish"] is None:          # Gemini has no [DONE]: the finishReason is the end
+            raise UpstreamError("stream ended without a finishReason")
+        for ev in gemini_finish(state):
+            yield ev
+
+
+# -- Ollama ------------------------------------------------------------------
+
+def ollama_messages(messages):
+    names = tool_names_by_id(messages)
+    out = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        entry = {"role": {"developer": "system", "function": "tool"}.get(role, role),
+                 "content": message_text(msg.get("content"))}
+        images = [parse_data_url((p.get("image_url") or {}).get("url", ""))
+                  for p in content_parts(msg.get("content")) if p.get("type") == "image_url"]
+        if any(images):
+            entry["images"] = [img[1] for img in images if img]
+        if msg.get("tool_calls"):
+            entry["tool_calls"] = [{"function": {"name": (c.get("function") or {}).get("name", ""),
+                                                 "arguments": tool_arguments((c.get("function") or {}).get("arguments"),
+                                                                             "messages[%d].tool_calls" % i)}}
+                                   for c in msg["tool_calls"]]
+        if entry["role"] == "tool":
+            entry["tool_name"] = names.get(msg.get("tool_call_id"), msg.get("name") or "")
+        out.append(entry)
+    return out
+
+
+def ollama_request(req, model):
+    p = req.params
+    options = {}
+    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                     ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                     ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty"), ("num_ctx", "num_ctx")):
+        if p.get(src) is not None:
+            options[dst] = p[src]
+    max_tokens = p.get("max_tokens") or p.get("max_completion_tokens")
+    if max_tokens:
+        options["num_predict"] = max_tokens
+    if p.get("stop") is not None:
+        options["stop"] = stop_list(p["stop"])
+    body = {"model": model, "messages": ollama_messages(req.messages), "stream": bool(req.stream)}
+    if options:
+        body["options"] = options
+    if p.get("tools") and p.get("tool_choice") != "none":
+        body["tools"] = p["tools"]
+    fmt = p.get("response_format") or {}
+    if fmt.get("type") == "json_object":
+        body["format"] = "json"
+    elif fmt.get("type") == "json_schema":
+        body["format"] = (fmt.get("json_schema") or {}).get("schema") or "json"
+    return body
+
+
+def ollama_line_events(line, state):
+    if line.get("error"):
+        raise UpstreamError(str(line["error"]))
+    message = line.get("message") or {}
+    if message.get("content"):
+        yield TextDelta(message["content"])
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        args = fn.get("arguments")
+        yield ToolCallDelta(state["calls"], call.get("id") or new_call_id(), fn.get("name"),
+                            args if isinstance(args, str) else json_dumps(args or {}))
+        state["calls"] += 1
+    if line.get("done"):
+        state["done"] = True
+        yield Usage(line.get("prompt_eval_count") or 0, line.get("eval_count") or 0)
+        reason = "tool_calls" if state["calls"] else {"length": "length"}.get(line.get("done_reason"), "stop")
+        yield Finish(reason)
+
+
+class OllamaProvider(Provider):
+    """Ollama's native /api/chat (NDJSON streaming, no key)."""
+
+    name = "OLLAMA"
+    owned_by = "ollama"
+    key_env, base_env, model_env = "", "OLLAMA_BASE_URL", "OLLAMA_MODEL"
+    default_base = "http://localhost:11434"
+    default_model = "llama3.2"
+
+    @classmethod
+    def configured(cls, env):
+        return bool(env.get("OLLAMA_BASE_URL") or env.get("OLLAMA_MODEL")
+                    or env.get("OLLAMA_ENABLED", "").lower() in ("1", "true", "yes"))
+
+    def send(self, req, model):
+        return self.post(self.base_url + "/api/chat", ollama_request(req, model), {}, req.stream)
+
+    def completion_events(self, data, req):
+        state = {"calls": 0, "done": False}
+        events = list(ollama_line_events(data, state))
+        if not state["done"]:
+            events += [Finish("tool_calls" if state["calls"] else "stop")]
+        return events
+
+    def stream_events(self, resp, req):
+        state = {"calls": 0, "done": False}
+        for raw in resp.lines():
+            if not raw.strip():
+                continue
+            for ev in ollama_line_events(json.loads(raw.decode("utf-8")), state):
+                yield ev
+            if state["done"]:
+                return
+        raise UpstreamError("stream ended before done:true")
+
+    def models(self):
+        listed = [{"id": self.model, "owned_by": self.owned_by}]
+        try:
+            tags = self.get_json(self.base_url + "/api/tags", timeout=3.0).get("models") or []
+            listed += [{"id": m["name"], "owned_by": self.owned_by} for m in tags
+                       if isinstance(m, dict) and m.get("name") and m["name"] != self.model]
+        except (ChatServeError, ValueError, AttributeError, TypeError) as e:
+            log.debug("listing Ollama models failed: %s", e)
+        return listed
+
+
+# -- StackSpot AI --------------------------------------------------------------
+
+class StackSpotProvider(Provider):
+    """StackSpot AI agents: an OAuth client-credentials token, then the agent
+    chat API.  Agents take one prompt, so the conversation is flattened."""
+
+    name = "STACKSPOT"
+    owned_by = "stackspot"
+    base_env, model_env = "STACKSPOT_BASE_URL", "STACKSPOT_MODEL"
+    default_base = "https://genai-inference-app.stackspot.com/v1"
+    default_auth = "https://idm.stackspot.com"
+    default_model = "StackSpotAI"
+    supports_tools = False
+    tokens = {}                       # (auth url, realm, client id) -> (token, expires at); shared
+    tokens_lock = threading.Lock()
+
+    @classmethod
+    def configured(cls, env):
+        return bool(env.get("CLIENT_ID") and env.get("CLIENT_KEY"))
+
+    def setting(self, name, env_name, default=""):
+        if self.client_credentials:
+            return self.settings.get(name) or default
+        return self.env.get(env_name) or default
+
+    def token(self, refresh=False):
+        client_id, client_key = self.setting("client_id", "CLIENT_ID"), self.setting("client_key", "CLIENT_KEY")
+        realm = self.setting("realm", "STACKSPOT_REALM", "zup")
+        if not client_id or not client_key:
+            raise BadRequest("STACKSPOT needs client_id and client_key (CLIENT_ID, CLIENT_KEY on the server, "
+                             "or provider_config from the client)", param="provider_config")
+        auth = (self.env.get("STACKSPOT_AUTH_URL") or self.default_auth).rstrip("/")
+        key = (auth, realm, client_id)
+        with self.tokens_lock:
+            cached = self.tokens.get(key)
+        if cached and not refresh and cached[1] > time.time():
+            return cached[0]
+        resp = self.post("%s/%s/oidc/oauth/token" % (auth, urllib.parse.quote(realm, safe="")),
+                         {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_key},
+                         {}, False, form=True)
+        if resp.status >= 300:
+            err = self.failure(resp)
+            raise Unauthorized("StackSpot refused the client credentials: %s" % err.message, status=502
+                               if err.status >= 500 else 401, code="upstream_auth")
+        try:
+            data = json.loads(resp.read().decode("utf-8"))
+            token, ttl = data["access_token"], float(data.get("expires_in") or 1199)
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError("StackSpot token endpoint answered without an access_token")
+        with self.tokens_lock:
+            self.tokens[key] = (token, time.time() + max(ttl - 60, 30))
+        return token
+
+    def send(self, req, model):
+        agent = self.setting("agent_id", "STACKSPOT_AGENT_ID", "default")
+        body = {"streaming": bool(req.stream), "user_prompt": flatten_conversation(req.messages),
+                "stackspot_knowledge": False, "return_ks_in_response": False}
+        url = "%s/agent/%s/chat" % (self.base_url, urllib.parse.quote(agent, safe=""))
+        resp = self.post(url, body, {"Authorization": "Bearer " + self.token()}, req.stream)
+        if resp.status in (401, 403):          # expired token: refresh once
+            resp.read(64 * 1024)
+            resp = self.post(url, body, {"Authorization": "Bearer " + self.token(refresh=True)}, req.stream)
+        return resp
+
+    def completion_events(self, data, req):
+        text = data.get("message") or ""
+        if not text:
+            raise UpstreamError("StackSpot answered with an empty message")
+        return [TextDelta(text), stackspot_usage(data.get("tokens")), Finish("stop")]
+
+    def stream_events(self, resp, req):
+        usage = None
+        for event, data in iter_sse(resp.lines()):
+            if data.strip() == "[DONE]" or event == "done":
+                break
+            chunk = json.loads(data)
+            if event == "error" or chunk.get("type") == "error" or chunk.get("error"):
+                raise UpstreamError(upstream_error_message(data.encode()))
+            if chunk.get("choices"):               # OpenAI-style chunks, as some StackSpot gateways send
+                for ev in openai_chunk_events(chunk):
+                    if type(ev) is not Finish:
+                        yield ev
+            elif chunk.get("message"):
+                yield TextDelta(chunk["message"])
+            if chunk.get("tokens"):
+                usage = stackspot_usage(chunk["tokens"])
+            if chunk.get("type") == "done":
+                break
+        yield usage or Usage(0, 0)
+        yield Finish("stop")
+
+
+def stackspot_usage(tokens):
+    tokens = tokens or {}
+    prompt = tokens.get("input", (tokens.get("user") or 0) + (tokens.get("enrichment") or 0))
+    return Usage(prompt or 0, tokens.get("output") or 0)
+
+
+def flatten_conversation(messages):
+    """One prompt for agents that take no history: labelled turns, last the question."""
+    lines = []
+    for msg in messages:
+        label = {"system": "System", "developer": "System", "assistant": "Assistant", "tool": "Tool result"}.get(
+            msg.get("role"), "User")
+        lines.append("%s: %s" % (label, message_text(msg.get("content"))))
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return message_text(messages[0].get("content"))
+    return "\n".join(lines)
+
+
 PROVIDERS = collections.OrderedDict()   # name -> class, in auto-detection order
 
 
@@ -1066,7 +1763,15 @@ def register_provider(cls):
     return cls
 
 
-register_provider(OpenAIProvider)
+for _cls in (OpenAIProvider, AnthropicProvider, GeminiProvider, OllamaProvider, StackSpotProvider,
+             openai_compatible("XAI", "https://api.x.ai/v1", "grok-4"),
+             openai_compatible("OPENROUTER", "https://openrouter.ai/api/v1", "openai/gpt-4o-mini"),
+             openai_compatible("ZAI", "https://api.z.ai/api/paas/v4", "glm-4.6"),
+             openai_compatible("MOONSHOT", "https://api.moonshot.ai/v1", "kimi-k2-0905-preview"),
+             openai_compatible("MINIMAX", "https://api.minimax.io/v1", "MiniMax-M2"),
+             openai_compatible("GITHUB_MODELS", "https://models.github.ai/inference", "openai/gpt-4.1-mini",
+                               key_env="GITHUB_TOKEN", owned_by="github")):
+    register_provider(_cls)
 
 
 # ---------------------------------------------------------------------------

@@ -445,6 +445,7 @@ class OpenAIProviderTest(ServerTestCase):
             status, _, body = self.request("POST", "/v1/chat/completions", self.chat())
             self.assertEqual(status, 200)
         self.request("POST", "/v1/chat/completions", self.chat(stream=True))
+        self.request("POST", "/v1/chat/completions", self.chat(stream=True))
         self.assertEqual(self.upstream.server.connections, 1)
 
     def test_key_and_request_id_sent_upstream(self):
@@ -484,7 +485,7 @@ class OpenAIProviderTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("server-error"))
         self.assert_openai_error(status, body, 502, ["500", "The server had an error"])
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("garbage"))
-        self.assert_openai_error(status, body, 502, ["not a chat completion"])
+        self.assert_openai_error(status, body, 502, ["cannot read"])
 
     def test_event_translation_of_whole_messages_and_chunks(self):
         events = cs.openai_message_events(
