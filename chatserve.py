@@ -50,9 +50,11 @@ import email.utils
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import select
 import signal
@@ -86,6 +88,7 @@ class ChatServeError(Exception):
     """Base of every error chatserve reports; carries how each surface renders it."""
 
     status = 500
+    retryable = False       # whether the Engine may retry it before the first byte
     type = "server_error"
     code = "internal_error"
     rpc_code = -32603
@@ -144,6 +147,7 @@ class Unavailable(ChatServeError):
 class UpstreamError(ChatServeError):
     """The upstream LLM refused, failed or could not be reached."""
     status, type, code, rpc_code, grpc_status = 502, "upstream_error", "upstream_error", -32010, "UNAVAILABLE"
+    retryable = True
 
 
 class UpstreamTimeout(UpstreamError):
@@ -282,6 +286,19 @@ SERVE_OPTIONS = (
      "timeout connecting to an upstream LLM"),
     ("--upstream-timeout", "CHATSERVE_UPSTREAM_TIMEOUT", 120.0, "duration",
      "timeout for an upstream's first byte and between streamed chunks"),
+    ("--fallback-providers", "CHATCLI_FALLBACK_PROVIDERS", (), "providers",
+     "providers to try, in order, when the default fails before answering (e.g. CLAUDEAI,OLLAMA)"),
+    ("--fallback-max-retries", "CHATCLI_FALLBACK_MAX_RETRIES", 2, "count",
+     "retries per provider before the first byte (connection errors, 429, 5xx)"),
+    ("--fallback-cooldown-base", "CHATCLI_FALLBACK_COOLDOWN_BASE", 30.0, "duration",
+     "first cooldown of a failing provider; doubles per failure"),
+    ("--fallback-cooldown-max", "CHATCLI_FALLBACK_COOLDOWN_MAX", 300.0, "duration", "longest cooldown"),
+    ("--retry-backoff", "CHATSERVE_RETRY_BACKOFF", 0.5, "duration",
+     "base of the exponential backoff between retries (with jitter)"),
+    ("--allow-upstream", "CHATCLI_ALLOWED_UPSTREAMS", (), "list",
+     "host or CIDR a client-supplied upstream URL may point to even if private (repeatable)"),
+    ("--probe-local", "CHATSERVE_PROBE_LOCAL", True, "bool",
+     "with no provider configured, look for a local Ollama or OpenAI-compatible server"),
     ("--log-level", "CHATSERVE_LOG_LEVEL", "info", "level", "debug, info, warning or error"),
     ("--log-format", "CHATSERVE_LOG_FORMAT", "text", "logformat", "text or json"),
 )
@@ -329,6 +346,31 @@ def _check_provider(value):
     return name
 
 
+def _check_count(value):
+    n = int(value)
+    if n < 0:
+        raise ValueError("%s must be 0 or more" % value)
+    return n
+
+
+def _check_list(value):
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
+
+
+def _check_providers(value):
+    return tuple(_check_provider(name) for name in _check_list(value))
+
+
+def _check_bool(value):
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("%r is not true or false" % value)
+
+
 def _check_duration(value):
     seconds = parse_duration(value)
     if seconds < 0:
@@ -340,7 +382,8 @@ OPTION_KINDS = {
     "str": str, "host": str, "port": _check_port, "port0": lambda v: _check_port(v, True),
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
-    "provider": lambda v: _check_provider(v),
+    "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
+    "list": _check_list, "bool": _check_bool,
 }
 
 
@@ -600,6 +643,8 @@ class Metrics:
         self.llm_seconds = f(Histogram("chatcli_llm_request_duration_seconds", "LLM request duration in seconds.", ("provider", "model")))
         self.llm_errors = f(Counter("chatcli_llm_errors_total", "LLM errors, by provider, model and error type.", ("provider", "model", "error_type")))
         self.llm_tokens = f(Counter("chatcli_llm_tokens_used_total", "Tokens used, by provider, model and type (prompt, completion).", ("provider", "model", "type")))
+        self.llm_retries = f(Counter("chatcli_llm_retries_total", "Upstream retries before the first byte, by provider.", ("provider",)))
+        self.llm_fallbacks = f(Counter("chatcli_llm_fallbacks_total", "Fallbacks from one provider to the next.", ("from_provider", "to_provider")))
         self.in_flight.set((), 0)
         self.info_labels = ("", "", "")
 
@@ -638,15 +683,16 @@ class ChatRequest:
     """What every surface turns its request into: OpenAI-shaped messages,
     the model, sampling parameters (incl. tools) and who is asking."""
 
-    __slots__ = ("messages", "model", "stream", "params", "provider", "request_id", "surface")
+    __slots__ = ("messages", "model", "stream", "params", "provider", "credentials", "request_id", "surface")
 
-    def __init__(self, messages, model=None, stream=False, params=None, provider=None,
+    def __init__(self, messages, model=None, stream=False, params=None, provider=None, credentials=None,
                  request_id="", surface="openai"):
         self.messages = messages
         self.model = model
         self.stream = stream
         self.params = params or {}
         self.provider = provider
+        self.credentials = credentials      # a client's own Credentials, or None for the server's
         self.request_id = request_id
         self.surface = surface
 
@@ -694,6 +740,18 @@ class UpstreamResponse:
             raise UpstreamError("connection broke mid-answer: %s" % _os_reason(e))
         finally:
             self.close()      # no-op after release(); drops the connection when left early
+
+    def finish(self):
+        """After the protocol's own end marker: read the little that is left
+        (the chunked terminator) so the connection can be reused."""
+        if self.conn is None:
+            return
+        try:
+            self.resp.read(65536)
+        except (OSError, http.client.HTTPException):
+            self.close()
+            return
+        self.release()
 
     def release(self):
         if self.conn is not None:
@@ -876,15 +934,23 @@ def upstream_error_message(data):
     return json_dumps(body)[:500]
 
 
+RETRYABLE_STATUSES = (429, 500, 502, 503, 504, 529)
+
+
 def upstream_failure(provider, status, data, retry_after=None):
     """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become 502."""
     message = upstream_error_message(data)
     headers = {"Retry-After": retry_after} if retry_after else {}
     if 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
-        return kind("%s: %s" % (provider, message), status=status, code="upstream_%d" % status,
-                    type="invalid_request_error" if status != 429 else None, headers=headers)
-    return UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status)
+        err = kind("%s: %s" % (provider, message), status=status, code="upstream_%d" % status,
+                   type="invalid_request_error" if status != 429 else None, headers=headers)
+    else:
+        err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,
+                            headers=headers)
+    err.retryable = status in RETRYABLE_STATUSES
+    err.upstream_status = status
+    return err
 
 
 class Credentials:
@@ -895,9 +961,20 @@ class Credentials:
     def __init__(self, api_key="", scheme="apikey", settings=None):
         self.api_key, self.scheme, self.settings = api_key, scheme, dict(settings or {})
 
+    SETTINGS = ("base_url", "ollama_url", "client_id", "client_key", "realm", "agent_id")
+
     @classmethod
-    def parse(cls, key, settings=None):
+    def parse(cls, key, settings=None, where="provider_config"):
         """`oauth:`/`token:` select an OAuth bearer, `apikey:` (or nothing) a plain key."""
+        settings = dict(settings or {})
+        for name, value in settings.items():
+            if name not in cls.SETTINGS:
+                raise BadRequest("%s: unknown setting %r (known: %s)" % (where, name, ", ".join(cls.SETTINGS)),
+                                 param=where)
+            if not isinstance(value, str):
+                raise BadRequest("%s.%s: must be a string" % (where, name), param=where)
+        if settings.get("ollama_url"):
+            settings["base_url"] = settings.pop("ollama_url")
         key = (key or "").strip()
         scheme = "apikey"
         for prefix, kind in (("oauth:", "oauth"), ("token:", "oauth"), ("apikey:", "apikey")):
@@ -1113,6 +1190,7 @@ class OpenAIProvider(Provider):
         for _event, data in iter_sse(resp.lines()):
             if data.strip() == "[DONE]":
                 finished = True
+                resp.finish()
                 break
             try:
                 chunk = json.loads(data)
@@ -1344,6 +1422,7 @@ class AnthropicProvider(Provider):
                 if usage.get("input_tokens"):
                     prompt_tokens = anthropic_input_tokens(usage)
             elif kind == "message_stop":
+                resp.finish()
                 yield Usage(prompt_tokens, completion_tokens)
                 yield Finish(ANTHROPIC_FINISH.get(reason, "stop"))
                 return
@@ -1628,7 +1707,10 @@ class OllamaProvider(Provider):
         for raw in resp.lines():
             if not raw.strip():
                 continue
-            for ev in ollama_line_events(json.loads(raw.decode("utf-8")), state):
+            events = list(ollama_line_events(json.loads(raw.decode("utf-8")), state))
+            if state["done"]:
+                resp.finish()
+            for ev in events:
                 yield ev
             if state["done"]:
                 return
@@ -1836,17 +1918,140 @@ def collect(answer):
     return completion
 
 
+# -- client-supplied upstream URLs: the SSRF guard ----------------------------
+
+ALWAYS_REFUSED = [ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32", "0.0.0.0/8", "::/128",
+    "224.0.0.0/4", "ff00::/8", "255.255.255.255/32")]
+
+
+def parse_allowed_upstreams(values):
+    """--allow-upstream entries: host names (lower-cased) and networks."""
+    hosts, networks = set(), []
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.add(item.lower())
+    return hosts, networks
+
+
+def check_client_url(url, allowed, resolve):
+    """Refuse a client-supplied upstream URL that points at link-local or
+    metadata addresses (always) or at loopback/private ones (unless allowed)."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("upstream URL %r must be http(s)://host[:port]/..." % url, param="provider_config.base_url")
+    host = parts.hostname.lower()
+    hosts, networks = allowed
+    try:
+        addrs = resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+    except (OSError, UnicodeError) as e:
+        raise BadRequest("cannot resolve upstream host %s: %s" % (host, _os_reason(e)), param="provider_config.base_url")
+    for _family, sockaddr in addrs:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        if getattr(ip, "ipv4_mapped", None):
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in ALWAYS_REFUSED):
+            raise PermissionDenied("upstream URL %s resolves to %s, a link-local or cloud metadata address; "
+                                   "such addresses are always refused" % (url, ip), param="provider_config.base_url")
+        private = ip.is_loopback or ip.is_private or ip in ipaddress.ip_network("100.64.0.0/10")
+        if private and host not in hosts and not any(ip in net for net in networks):
+            raise PermissionDenied("upstream URL %s resolves to %s, a private or loopback address; the server "
+                                   "operator can allow it with --allow-upstream %s (or CHATCLI_ALLOWED_UPSTREAMS)"
+                                   % (url, ip, host), param="provider_config.base_url")
+
+
+# -- retries, cooldown ------------------------------------------------------------
+
+MAX_RETRY_AFTER = 30.0
+
+
+def retry_delay(err, attempt, base):
+    """Seconds to wait before retry `attempt` (0-based): exponential backoff
+    with full jitter, at least the upstream's Retry-After; None when the
+    upstream asks for longer than MAX_RETRY_AFTER."""
+    delay = random.uniform(0, base * (2 ** attempt))
+    after = err.headers.get("Retry-After")
+    if after:
+        try:
+            wait = float(after)
+        except ValueError:
+            parsed = email.utils.parsedate_tz(after)
+            wait = email.utils.mktime_tz(parsed) - time.time() if parsed else 0.0
+        if wait > MAX_RETRY_AFTER:
+            return None
+        delay = max(delay, wait)
+    return delay
+
+
+class ProviderHealth:
+    """Consecutive failures of a provider and its cooldown."""
+
+    def __init__(self, base, ceiling):
+        self.base, self.ceiling = base, ceiling
+        self.failures, self.until, self.last_error = 0, 0.0, ""
+        self.lock = threading.Lock()
+
+    def cooling(self):
+        return time.monotonic() < self.until
+
+    def failed(self, err):
+        with self.lock:
+            self.failures += 1
+            self.until = time.monotonic() + min(self.base * 2 ** (self.failures - 1), self.ceiling)
+            self.last_error = err.message
+
+    def succeeded(self):
+        with self.lock:
+            self.failures, self.until = 0, 0.0
+
+    def status(self):
+        left = max(0.0, self.until - time.monotonic())
+        return {"state": "cooling_down" if left else "ok", "consecutive_failures": self.failures,
+                "cooldown_remaining_seconds": round(left, 1), "last_error": self.last_error or None}
+
+
 class Engine:
-    """Chooses the provider, opens the upstream, records LLM metrics."""
+    """Chooses the provider and credentials, retries and fails over before
+    the first byte, records LLM metrics."""
 
     def __init__(self, config, metrics, pool=None):
         self.config, self.metrics = config, metrics
         self.pool = pool or UpstreamPool()
+        self.allowed = parse_allowed_upstreams(config.allow_upstream)
         self.providers = collections.OrderedDict()
         for name, cls in PROVIDERS.items():
             if name == config.provider or cls.configured(config.env):
                 self.providers[name] = cls(config, self.pool)
+        if not self.providers and config.probe_local:
+            self.probe_local()
         self.default = config.provider or next(iter(self.providers), "")
+        self.fallbacks = [n for n in config.fallback_providers if n in self.providers and n != self.default]
+        for name in config.fallback_providers:
+            if name not in self.providers:
+                log.warning("fallback provider %s has no credentials configured; it is skipped", name)
+        self.health = {name: ProviderHealth(config.fallback_cooldown_base, config.fallback_cooldown_max)
+                       for name in self.providers}
+
+    def probe_local(self):
+        """No provider configured: look for a local Ollama or OpenAI-compatible server."""
+        for cls, base, path in ((OllamaProvider, "http://localhost:11434", "/api/tags"),
+                                (OpenAIProvider, "http://localhost:8080/v1", "/models"),
+                                (OpenAIProvider, "http://localhost:8000/v1", "/models")):
+            try:
+                resp = self.pool.request("GET", base + path, None, {}, 0.3, 0.5)
+                resp.read(1024 * 1024)
+            except ChatServeError:
+                continue
+            if resp.status == 200:
+                self.providers[cls.name] = cls(self.config, self.pool, base_url=base)
+                log.info("no provider configured: found %s at %s and will use it", cls.name, base)
+                return
 
     @property
     def default_provider(self):
@@ -1855,26 +2060,71 @@ class Engine:
     def resolve(self, req):
         """The provider and model for a request: the one place that decides."""
         name = (req.provider or self.default or "").upper()
+        credentials = req.credentials
+        if credentials is not None:
+            cls = PROVIDERS.get(name)
+            if cls is None:
+                raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
+            if credentials.settings.get("base_url"):
+                check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
+            provider = cls(self.config, self.pool, credentials=credentials)
+            return provider, req.model or provider.model
         provider = self.providers.get(name)
         if provider is None:
             if not self.providers:
-                raise Unavailable("no LLM provider is configured: set LLM_PROVIDER=OPENAI and OPENAI_API_KEY "
-                                  "(or OPENAI_BASE_URL for a local OpenAI-compatible server) and restart chatserve",
-                                  code="no_provider")
-            raise BadRequest("provider %r is not configured on this server (configured: %s)"
-                             % (name, ", ".join(self.providers)), param="provider")
+                raise Unavailable("no LLM provider is configured: set LLM_PROVIDER and its key (e.g. "
+                                  "LLM_PROVIDER=OPENAI and OPENAI_API_KEY, or OPENAI_BASE_URL for a local "
+                                  "OpenAI-compatible server) and restart chatserve", code="no_provider")
+            if name not in PROVIDERS:
+                raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
+            raise BadRequest("provider %s is not configured on this server (configured: %s); send your own "
+                             "key to use it" % (name, ", ".join(self.providers)), param="provider")
         return provider, req.model or provider.model
+
+    def candidates(self, req):
+        """(provider, model) to try in order: the chosen one, then the fallbacks."""
+        provider, model = self.resolve(req)
+        if req.credentials is not None or req.provider:
+            return [(provider, model)]
+        chain = [(provider, model)] + [(self.providers[n], self.providers[n].model) for n in self.fallbacks]
+        ready = [c for c in chain if not self.health[c[0].name].cooling()]
+        return ready or chain
 
     def open(self, req):
         """An Answer whose upstream has answered; errors before the first byte raise."""
-        provider, model = self.resolve(req)
-        started = time.monotonic()
-        try:
-            events = provider.open(req, model)
-        except ChatServeError as e:
-            self._record(provider.name, model, started, e)
-            raise
-        return Answer(provider.name, model, self._instrument(provider.name, model, started, events))
+        credentials = req.credentials
+        chain = self.candidates(req)
+        for i, (provider, model) in enumerate(chain):
+            try:
+                answer = self._open_with_retries(provider, model, req)
+            except ChatServeError as e:
+                if credentials is None and getattr(e, "retryable", False):
+                    self.health[provider.name].failed(e)
+                if not getattr(e, "retryable", False) or i + 1 == len(chain):
+                    raise
+                following = chain[i + 1][0].name
+                self.metrics.llm_fallbacks.inc((provider.name, following))
+                log.warning("%s failed (%s); falling back to %s", provider.name, e.message, following)
+                continue
+            if credentials is None:
+                self.health[provider.name].succeeded()
+            return answer
+
+    def _open_with_retries(self, provider, model, req):
+        retries = self.config.fallback_max_retries
+        for attempt in range(retries + 1):
+            started = time.monotonic()
+            try:
+                events = provider.open(req, model)
+                return Answer(provider.name, model, self._instrument(provider.name, model, started, events))
+            except ChatServeError as e:
+                self._record(provider.name, model, started, e)
+                delay = retry_delay(e, attempt, self.config.retry_backoff) if getattr(e, "retryable", False) else None
+                if delay is None or attempt == retries:
+                    raise
+                self.metrics.llm_retries.inc((provider.name,))
+                log.info("%s: %s; retry %d of %d in %.2fs", provider.name, e.message, attempt + 1, retries, delay)
+                time.sleep(delay)
 
     def _instrument(self, provider, model, started, events):
         error, done = None, False
@@ -1909,6 +2159,14 @@ class Engine:
                 if entry["id"] not in seen:
                     seen.add(entry["id"])
                     out.append(entry)
+        return out
+
+    def provider_status(self):
+        out = {}
+        for name, provider in self.providers.items():
+            entry = self.health[name].status()
+            entry.update(provider.describe(), default=name == self.default, fallback=name in self.fallbacks)
+            out[name] = entry
         return out
 
     def close(self):
@@ -2078,8 +2336,27 @@ def openai_stream_chunks(answer, completion_id, created, include_usage):
         yield out
 
 
+def header_credentials(h):
+    """The client's own credentials from X-LLM-API-Key / X-LLM-Provider-Config, or None."""
+    key, raw = h.headers.get("X-LLM-API-Key"), h.headers.get("X-LLM-Provider-Config")
+    settings = {}
+    if raw:
+        try:
+            settings = json.loads(raw)
+        except ValueError:
+            settings = None
+        if not isinstance(settings, dict):
+            raise BadRequest("X-LLM-Provider-Config must be a JSON object, e.g. "
+                             '{"base_url": "http://gpu:11434"}', param="X-LLM-Provider-Config")
+    if not key and not settings:
+        return None
+    return Credentials.parse(key, settings, "X-LLM-Provider-Config")
+
+
 def route_chat_completions(h):
     req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
+    req.provider = h.headers.get("X-LLM-Provider") or None
+    req.credentials = header_credentials(h)
     answer = h.app.engine.open(req)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     if not req.stream:
@@ -2116,6 +2393,199 @@ def route_model(h):
 
 
 # ---------------------------------------------------------------------------
+# Surfaces: Anthropic Messages (inbound), for Anthropic SDK clients
+# ---------------------------------------------------------------------------
+
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                          "content_filter": "refusal"}
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                         429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(err):
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(err.status, "api_error"),
+                                       "message": err.message}}
+
+
+def _anthropic_part(block, where):
+    kind = block.get("type")
+    if kind == "text":
+        return {"type": "text", "text": block.get("text") or ""}
+    if kind == "image":
+        source = block.get("source") or {}
+        url = source.get("url") if source.get("type") == "url" else \
+            "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise BadRequest("%s: unsupported content block type %r" % (where, kind), param=where)
+
+
+def anthropic_to_openai_messages(body):
+    """Anthropic system + messages as OpenAI-shaped messages."""
+    out = []
+    system = body.get("system")
+    if system:
+        text = system if isinstance(system, str) else "".join(
+            b.get("text", "") for b in system if isinstance(b, dict))
+        out.append({"role": "system", "content": text})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: must be a non-empty array", param="messages")
+    for i, msg in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
+            raise BadRequest("%s.role: must be user or assistant" % where, param=where + ".role")
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": msg["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise BadRequest("%s.content: must be a string or an array of blocks" % where, param=where + ".content")
+        parts, calls = [], []
+        for j, block in enumerate(content):
+            at = "%s.content[%d]" % (where, j)
+            if not isinstance(block, dict):
+                raise BadRequest("%s: must be an object" % at, param=at)
+            if block.get("type") == "tool_result":
+                result = block.get("content")
+                text = result if isinstance(result, str) else "".join(
+                    b.get("text", "") for b in result or () if isinstance(b, dict))
+                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "", "content": text})
+            elif block.get("type") == "tool_use":
+                calls.append({"id": block.get("id") or new_call_id(), "type": "function",
+                              "function": {"name": block.get("name", ""), "arguments": json_dumps(block.get("input") or {})}})
+            elif block.get("type") in ("thinking", "redacted_thinking"):
+                continue
+            else:
+                parts.append(_anthropic_part(block, at))
+        if msg["role"] == "assistant":
+            entry = {"role": "assistant", "content": "".join(p.get("text", "") for p in parts) or None}
+            if calls:
+                entry["tool_calls"] = calls
+            if entry["content"] is not None or calls:
+                out.append(entry)
+        elif parts:
+            out.append({"role": "user", "content": parts})
+    return out
+
+
+def parse_anthropic_request(body, request_id=""):
+    """Validate an Anthropic Messages request and make a ChatRequest of it."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model: required string", param="model")
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise BadRequest("max_tokens: required whole number of at least 1", param="max_tokens")
+    params = {"max_tokens": max_tokens}
+    for field in ("temperature", "top_p", "top_k"):
+        if body.get(field) is not None:
+            if not _is_number(body[field]):
+                raise BadRequest("%s: must be a number" % field, param=field)
+            params[field] = body[field]
+    if body.get("stop_sequences"):
+        params["stop"] = list(body["stop_sequences"])
+    if body.get("tools"):
+        params["tools"] = [{"type": "function", "function": {
+            "name": t.get("name", ""), "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
+            for t in body["tools"] if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        mapped = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type"))
+        params["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name", "")}}
+        if choice.get("disable_parallel_tool_use"):
+            params["parallel_tool_calls"] = False
+    user = (body.get("metadata") or {}).get("user_id")
+    if user:
+        params["user"] = str(user)
+    return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=bool(body.get("stream")),
+                       params=params, request_id=request_id, surface="anthropic")
+
+
+def _anthropic_usage(usage):
+    return {"input_tokens": usage.prompt_tokens if usage else 0,
+            "output_tokens": usage.completion_tokens if usage else 0}
+
+
+def anthropic_message_body(completion, model, message_id):
+    content = [{"type": "text", "text": completion.text}] if completion.text else []
+    for call in completion.tool_calls:
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {"arguments": call["function"]["arguments"]}
+        content.append({"type": "tool_use", "id": call["id"] or new_call_id(), "name": call["function"]["name"],
+                        "input": args})
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": ANTHROPIC_STOP_REASONS.get(completion.finish_reason or "stop", "end_turn"),
+            "stop_sequence": None, "usage": _anthropic_usage(completion.usage)}
+
+
+def anthropic_stream_events(answer, message_id):
+    """(event name, data) pairs of an Anthropic Messages stream for an answer."""
+    yield "message_start", {"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": answer.model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}}
+    block, open_kind, blocks_of_calls = -1, None, {}
+    usage, reason = None, "stop"
+    for ev in answer:
+        kind = type(ev)
+        if kind is TextDelta:
+            if open_kind != "text":
+                if open_kind:
+                    yield "content_block_stop", {"type": "content_block_stop", "index": block}
+                block, open_kind = block + 1, "text"
+                yield "content_block_start", {"type": "content_block_start", "index": block,
+                                              "content_block": {"type": "text", "text": ""}}
+            yield "content_block_delta", {"type": "content_block_delta", "index": block,
+                                          "delta": {"type": "text_delta", "text": ev.text}}
+        elif kind is ToolCallDelta:
+            if ev.index not in blocks_of_calls:
+                if open_kind:
+                    yield "content_block_stop", {"type": "content_block_stop", "index": block}
+                block, open_kind = block + 1, "tool_use"
+                blocks_of_calls[ev.index] = block
+                yield "content_block_start", {"type": "content_block_start", "index": block, "content_block": {
+                    "type": "tool_use", "id": ev.id or new_call_id(), "name": ev.name or "", "input": {}}}
+            if ev.arguments:
+                yield "content_block_delta", {"type": "content_block_delta", "index": blocks_of_calls[ev.index],
+                                              "delta": {"type": "input_json_delta", "partial_json": ev.arguments}}
+        elif kind is Usage:
+            usage = ev
+        elif kind is Finish:
+            reason = ev.reason
+        elif kind is Error:
+            yield "error", anthropic_error_body(ev.error)
+            return
+    if open_kind:
+        yield "content_block_stop", {"type": "content_block_stop", "index": block}
+    yield "message_delta", {"type": "message_delta", "usage": _anthropic_usage(usage),
+                            "delta": {"stop_reason": ANTHROPIC_STOP_REASONS.get(reason, "end_turn"),
+                                      "stop_sequence": None}}
+    yield "message_stop", {"type": "message_stop"}
+
+
+def route_anthropic_messages(h):
+    req = parse_anthropic_request(h.read_json(), h.request_id)
+    req.provider = h.headers.get("X-LLM-Provider") or None
+    req.credentials = header_credentials(h)
+    answer = h.app.engine.open(req)
+    message_id = new_id("msg_")
+    if not req.stream:
+        h.send_json(200, anthropic_message_body(collect(answer), answer.model, message_id))
+        return
+    with h.open_sse() as sse:
+        try:
+            for event, data in anthropic_stream_events(answer, message_id):
+                sse.send(data, event)
+        finally:
+            answer.close()
+
+
+# ---------------------------------------------------------------------------
 # Surfaces: shared routes (health, status) and control
 # ---------------------------------------------------------------------------
 
@@ -2144,7 +2614,7 @@ def route_healthz(h):
 # HTTP server, TLS, control socket
 # ---------------------------------------------------------------------------
 
-Route = collections.namedtuple("Route", "name fn auth")
+Route = collections.namedtuple("Route", "name fn auth errors")
 
 
 class Router:
@@ -2153,8 +2623,8 @@ class Router:
     def __init__(self):
         self.exact, self.prefixes = {}, []
 
-    def add(self, method, path, fn, auth=True, name=None):
-        route = Route(name or path, fn, auth)
+    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body):
+        route = Route(name or path, fn, auth, errors)
         if path.endswith("/*"):
             prefix = path[:-1]
             for p, methods in self.prefixes:
@@ -2190,6 +2660,7 @@ def api_router():
     r.add("POST", "/v1/chat/completions", route_chat_completions)
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
+    r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body)
     return r
 
 
@@ -2297,6 +2768,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             self.connection.settimeout(config.request_timeout)
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
+            self.render_error = openai_error_body
             if len(self.raw_requestline) > MAX_HEADER_LINE:
                 self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
                 self.send_error(414)
@@ -2319,7 +2791,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.request_started()
         try:
             route, self.route_rest = self.router.match(self.command, path)
-            route_name = route.name
+            route_name, self.render_error = route.name, route.errors
             if route.auth:
                 app.authorize(self)
             route.fn(self)
@@ -2437,7 +2909,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if err.status >= 500 or err.status == 413:
             log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
         try:
-            self.send_json(err.status, openai_error_body(err), err.headers)
+            self.send_json(err.status, self.render_error(err), err.headers)
         except ClientGone:
             self.close_connection = True
 
@@ -2445,6 +2917,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Errors found by http.server itself (bad request line, 414, ...)."""
         self.close_connection = True
         self.request_id = getattr(self, "request_id", "") or new_id("req-")
+        self.render_error = getattr(self, "render_error", openai_error_body)
         self.head_sent = False
         self.status_sent, self.bytes_sent = 0, 0
         err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,
@@ -2823,8 +3296,9 @@ class App:
         if not token:
             return
         scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"),
-                                                                 token.encode("utf-8")):
+        if scheme.lower() != "bearer":
+            given = h.headers.get("x-api-key") or ""     # how Anthropic SDK clients send the token
+        if not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
             raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
                                headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
 
@@ -2853,7 +3327,8 @@ class App:
                 "control_socket": c.socket_path,
                 "provider": provider.name if provider else None,
                 "model": provider.model if provider else None,
-                "available_providers": list(self.engine.providers)}
+                "available_providers": list(self.engine.providers),
+                "providers": self.engine.provider_status()}
 
 
 # ---------------------------------------------------------------------------
@@ -2944,11 +3419,12 @@ def build_parser():
     serve = sub.add_parser("serve", help="run the server",
                            description="Run the server. Every flag has an environment variable; "
                                        "a flag wins over the environment, which wins over the default.")
-    for flag, var, default, _kind, help_text in SERVE_OPTIONS:
-        shown = "" if default in (None, "") else " (default %s)" % default
+    for flag, var, default, kind, help_text in SERVE_OPTIONS:
+        shown = " (default %s)" % (default,)
         env = " [env %s]" % var if var else ""
+        shown = "" if default in (None, "", ()) else shown.replace("%", "%%")
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
-                           help=help_text + shown + env)
+                           action="append" if kind == "list" else "store", help=help_text + shown + env)
     serve.set_defaults(func=cmd_serve)
 
     ctl = sub.add_parser("ctl", help="talk to a running server over its control socket",

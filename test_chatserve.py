@@ -141,7 +141,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(500, {"error": {"message": "The server had an error", "type": "server_error"}})
 
     def scenario_rate_limited(self, body):
-        self.send_body(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, [("Retry-After", "7")])
+        self.send_body(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, [("Retry-After", "60")])
 
     def scenario_cut(self, body):
         self.stream([openai_chunk({"content": "partial"})], cut=True)
@@ -230,7 +230,7 @@ class ServerTestCase(unittest.TestCase):
             base_env = env
         self.started_apps = getattr(self, "started_apps", 0) + 1
         values = dict(port=0, metrics_port=0, socket=os.path.join(self.tmp, "ctl%d.sock" % self.started_apps),
-                      drain_timeout=2.0)
+                      drain_timeout=2.0, retry_backoff=0.001, probe_local=False)
         values.update(options)
         config = cs.Config(env=base_env, **values)
         config.validate()
@@ -481,7 +481,7 @@ class OpenAIProviderTest(ServerTestCase):
         self.assert_openai_error(status, body, 400, ["Invalid value for 'temperature'"])
         status, resp, body = self.request("POST", "/v1/chat/completions", self.chat("rate-limited"))
         self.assert_openai_error(status, body, 429, ["Rate limit reached"])
-        self.assertEqual(resp.getheader("Retry-After"), "7")
+        self.assertEqual(resp.getheader("Retry-After"), "60")   # longer than chatserve waits: passed on
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("server-error"))
         self.assert_openai_error(status, body, 502, ["500", "The server had an error"])
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("garbage"))
