@@ -2038,11 +2038,14 @@ class Engine:
         self.health = {name: ProviderHealth(config.fallback_cooldown_base, config.fallback_cooldown_max)
                        for name in self.providers}
 
+    LOCAL_PROBES = (("OLLAMA", "http://localhost:11434", "/api/tags"),
+                    ("OPENAI", "http://localhost:8080/v1", "/models"),
+                    ("OPENAI", "http://localhost:8000/v1", "/models"))
+
     def probe_local(self):
         """No provider configured: look for a local Ollama or OpenAI-compatible server."""
-        for cls, base, path in ((OllamaProvider, "http://localhost:11434", "/api/tags"),
-                                (OpenAIProvider, "http://localhost:8080/v1", "/models"),
-                                (OpenAIProvider, "http://localhost:8000/v1", "/models")):
+        for name, base, path in self.LOCAL_PROBES:
+            cls = PROVIDERS[name]
             try:
                 resp = self.pool.request("GET", base + path, None, {}, 0.3, 0.5)
                 resp.read(1024 * 1024)

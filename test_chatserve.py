@@ -77,6 +77,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/api/tags":
+            return self.send_body(200, {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"},
+                                                   {"name": "qwen3:8b", "model": "qwen3:8b"}]})
         if self.path.endswith("/models"):
             self.send_body(200, {"object": "list", "data": [{"id": "up-model", "object": "model", "owned_by": "fake"},
                                                             {"id": "org/other-model", "object": "model"}]})
@@ -84,9 +87,20 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.send_body(404, {"error": {"message": "no such path", "type": "invalid_request_error"}})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {"form": raw.decode()}
         with self.server.lock:
             self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+        for prefix, handler in (("/v1/messages", AnthropicFake), ("/v1beta/models/", GeminiFake),
+                                ("/api/chat", OllamaFake), ("/zup/oidc", StackSpotFake), ("/v1/agent/", StackSpotFake)):
+            if self.path.startswith(prefix):
+                return handler.handle(self, body)
+        if self.server.fail_next:
+            self.server.fail_next -= 1
+            return self.send_body(503, {"error": {"message": "busy, try again"}}, [("Retry-After", "0")])
         model = body.get("model", "")
         scenario = getattr(self, "scenario_" + model.replace("-", "_"), None)
         if scenario:
@@ -98,6 +112,21 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(200, {"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
                                           "finish_reason": "stop"}], "usage": USAGE})
+
+    def send_raw_stream(self, payloads, content_type="text/event-stream", cut=False):
+        """Each payload (bytes) as one HTTP chunk, flushed."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for data in payloads:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        if cut:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(b"0\r\n\r\n")
 
     def stream(self, chunks, done=True, delay=0.0, cut=False):
         self.send_response(200)
@@ -164,6 +193,138 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(200, {"unexpected": True})
 
 
+
+
+def sse_bytes(obj, event=None):
+    return (("event: %s\n" % event) if event else "").encode() + b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+class AnthropicFake:
+    """Anthropic Messages, from the documented stream events."""
+
+    @staticmethod
+    def handle(h, body):
+        if h.headers.get("x-api-key") == "bad" :
+            return h.send_body(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+        model = body["model"]
+        if model == "overloaded":
+            return h.send_body(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        tool = model == "tools"
+        if not body.get("stream"):
+            content = [{"type": "text", "text": "Let me check."}]
+            if tool:
+                content.append({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}})
+            return h.send_body(200, {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                                     "content": content, "stop_reason": "tool_use" if tool else "end_turn",
+                                     "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 4}})
+        events = [("message_start", {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                   "model": model, "content": [], "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                  ("ping", {"type": "ping"}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me"}}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " check."}}),
+                  ("content_block_stop", {"type": "content_block_stop", "index": 0})]
+        if tool:
+            events += [("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                           "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}}),
+                       ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}})]
+            events += [("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}})
+                       for piece in ("{\"ci", "ty\": \"Pa", "ris\"}")]
+            events += [("content_block_stop", {"type": "content_block_stop", "index": 1}),
+                       ("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
+                           "type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}}),
+                       ("content_block_stop", {"type": "content_block_stop", "index": 2})]
+        if model == "stream-error":
+            events.append(("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+        elif model != "cut":
+            events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn",
+                        "stop_sequence": None}, "usage": {"output_tokens": 9}}),
+                       ("message_stop", {"type": "message_stop"})]
+        h.send_raw_stream([sse_bytes(data, name) for name, data in events], cut=model == "cut")
+
+
+class GeminiFake:
+    """Gemini generateContent / streamGenerateContent?alt=sse (no [DONE], cumulative usage)."""
+
+    @staticmethod
+    def handle(h, body):
+        model = h.path.split("/models/", 1)[1].split(":", 1)[0]
+        stream = "streamGenerateContent" in h.path
+        if model == "blocked":
+            return h.send_body(200, {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}})
+        if model == "bad-key":
+            return h.send_body(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                               "status": "INVALID_ARGUMENT"}})
+        if model == "tools":
+            parts = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                     {"functionCall": {"name": "get_time", "args": {}}}]
+            response = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 5, "totalTokenCount": 13}}
+            return h.send_raw_stream([sse_bytes(response)]) if stream else h.send_body(200, response)
+        if not stream:
+            return h.send_body(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "Once upon a time"}]},
+                                                     "finishReason": "STOP"}],
+                                     "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 4, "totalTokenCount": 12}})
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": "Once upon"}]}, "index": 0}],
+                   "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 2, "totalTokenCount": 10}},
+                  {"candidates": [{"content": {"role": "model", "parts": [{"text": " a time"}]}, "index": 0,
+                                   "finishReason": "MAX_TOKENS" if model == "long" else "STOP"}],
+                   "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 4, "totalTokenCount": 12}}]
+        if model == "cut":
+            chunks = chunks[:1]
+        h.send_raw_stream([sse_bytes(c) for c in chunks])
+
+
+class OllamaFake:
+    """Ollama /api/chat: NDJSON, whole tool calls with object arguments, nanosecond durations."""
+
+    @staticmethod
+    def handle(h, body):
+        model = body["model"]
+        if model == "missing":
+            return h.send_body(404, {"error": "model \"missing\" not found, try pulling it first"})
+        final = {"model": model, "created_at": "2024-01-01T00:00:00Z", "message": {"role": "assistant", "content": ""},
+                 "done": True, "done_reason": "stop", "total_duration": 4883583458, "prompt_eval_count": 26,
+                 "eval_count": 282, "eval_duration": 4535599000}
+        if model == "tools":
+            lines = [{"model": model, "message": {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                {"function": {"name": "get_time", "arguments": {}}}]}, "done": False}, final]
+        else:
+            lines = [{"model": model, "message": {"role": "assistant", "content": w}, "done": False} for w in ("The", " sky")]
+            lines.append(final)
+        if model == "stream-error":
+            lines = lines[:1] + [{"error": "an error was encountered while running the model"}]
+        if not body.get("stream", True):
+            whole = dict(final, message={"role": "assistant", "content": "The sky",
+                                         "tool_calls": lines[0]["message"].get("tool_calls")})
+            if model != "tools":
+                del whole["message"]["tool_calls"]
+            return h.send_body(200, whole)
+        h.send_raw_stream([json.dumps(l).encode() + b"\n" for l in lines], content_type="application/x-ndjson")
+
+
+class StackSpotFake:
+    """StackSpot: client-credentials token, then the agent chat (message deltas, tokens at the end)."""
+
+    @staticmethod
+    def handle(h, body):
+        if "/oidc/oauth/token" in h.path:
+            form = dict(p.split("=", 1) for p in body["form"].split("&"))
+            if form.get("client_secret") != "ck":
+                return h.send_body(401, {"error": "invalid_client", "error_description": "bad client secret"})
+            with h.server.lock:
+                h.server.tokens_issued += 1
+            return h.send_body(200, {"access_token": "tok-%d" % h.server.tokens_issued, "expires_in": 1199})
+        if h.headers.get("Authorization") != "Bearer tok-%d" % h.server.tokens_issued:
+            return h.send_body(401, {"message": "token expired"})
+        if not body.get("streaming"):
+            return h.send_body(200, {"message": "StackSpot says hi", "stop_reason": "stop",
+                                     "tokens": {"user": 10, "enrichment": 2, "output": 4}})
+        h.send_raw_stream([sse_bytes({"message": "Stack"}), sse_bytes({"message": "Spot"}),
+                           sse_bytes({"message": "", "stop_reason": "stop", "tokens": {"input": 12, "output": 2}})])
+
+
 class FakeUpstream:
     """An OpenAI-compatible server on loopback; records what it was sent."""
 
@@ -177,6 +338,8 @@ class FakeUpstream:
         self.server.disconnects = 0
         self.server.slow_seconds = 1.0
         self.server.endless_chunks = 400
+        self.server.fail_next = 0
+        self.server.tokens_issued = 0
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -495,6 +658,446 @@ class OpenAIProviderTest(ServerTestCase):
                                   cs.Finish("tool_calls")])
         chunk = openai_chunk({"tool_calls": [{"index": 3, "function": {"arguments": "{\"a"}}]}, finish=None)
         self.assertEqual(list(cs.openai_chunk_events(chunk)), [cs.ToolCallDelta(3, None, None, "{\"a")])
+
+
+# ---------------------------------------------------------------------------
+# Providers: translations both ways (table-driven), then each wire protocol
+# against its fake upstream
+# ---------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather and time?"},
+                                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 14}"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "user", "content": "Thanks"},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class TranslationTest(unittest.TestCase):
+    def req(self, **params):
+        return cs.ChatRequest(CONVERSATION, params=params)
+
+    def test_anthropic_request(self):
+        body = cs.anthropic_request(self.req(stop="END", temperature=0.5, tools=TOOLS, tool_choice="required",
+                                             parallel_tool_calls=False, user="u"), "claude-x")
+        self.assertEqual(body["system"], "Be brief.")
+        self.assertEqual(body["max_tokens"], cs.ANTHROPIC_DEFAULT_MAX_TOKENS)
+        self.assertEqual(body["stop_sequences"], ["END"])
+        self.assertEqual(body["tool_choice"], {"type": "any", "disable_parallel_tool_use": True})
+        self.assertEqual(body["tools"][0]["input_schema"], TOOLS[0]["function"]["parameters"])
+        self.assertEqual(body["metadata"], {"user_id": "u"})
+        roles = [m["role"] for m in body["messages"]]
+        self.assertEqual(roles, ["user", "assistant", "user"])
+        user, assistant, results = body["messages"]
+        self.assertEqual(user["content"][1], {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                          "data": "iVBOR"}})
+        self.assertEqual(assistant["content"], [
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}])
+        # both tool results merged into one user turn, before the user's text
+        self.assertEqual([b["type"] for b in results["content"]], ["tool_result", "tool_result", "text"])
+        self.assertEqual(results["content"][0], {"type": "tool_result", "tool_use_id": "call_1", "content": "{\"temp\": 14}"})
+
+    def test_anthropic_tool_choice(self):
+        for choice, expected in (("auto", {"type": "auto"}), ("none", {"type": "none"}),
+                                 ({"type": "function", "function": {"name": "f"}}, {"type": "tool", "name": "f"})):
+            self.assertEqual(cs.anthropic_tool_choice(choice, None), expected)
+        self.assertEqual(cs.anthropic_tool_choice(None, False), {"type": "auto", "disable_parallel_tool_use": True})
+
+    def test_gemini_request(self):
+        body = cs.gemini_request(self.req(max_tokens=20, top_p=0.5, stop=["x"], seed=3, tools=TOOLS,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                          response_format={"type": "json_object"}))
+        self.assertEqual(body["systemInstruction"], {"parts": [{"text": "Be brief."}]})
+        self.assertEqual([c["role"] for c in body["contents"]], ["user", "model", "user"])
+        self.assertEqual(body["contents"][0]["parts"][1], {"inlineData": {"mimeType": "image/png", "data": "iVBOR"}})
+        self.assertEqual(body["contents"][1]["parts"][0], {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}})
+        responses = body["contents"][2]["parts"]
+        self.assertEqual(responses[0], {"functionResponse": {"name": "get_weather", "response": {"temp": 14}}})
+        self.assertEqual(responses[1], {"functionResponse": {"name": "get_time", "response": {"result": "12:00"}}})
+        self.assertEqual(responses[2], {"text": "Thanks"})
+        self.assertEqual(body["generationConfig"], {"maxOutputTokens": 20, "topP": 0.5, "stopSequences": ["x"],
+                                                    "seed": 3, "responseMimeType": "application/json"})
+        self.assertEqual(body["toolConfig"], {"functionCallingConfig": {"mode": "ANY",
+                                                                        "allowedFunctionNames": ["get_weather"]}})
+        self.assertEqual(body["tools"][0]["functionDeclarations"][0]["name"], "get_weather")
+
+    def test_ollama_request(self):
+        body = cs.ollama_request(self.req(max_tokens=9, temperature=0.1, stop="z", tools=TOOLS,
+                                          response_format={"type": "json_object"}), "llama3")
+        self.assertEqual(body["options"], {"num_predict": 9, "temperature": 0.1, "stop": ["z"]})
+        self.assertEqual(body["format"], "json")
+        msgs = body["messages"]
+        self.assertEqual(msgs[1]["images"], ["iVBOR"])
+        self.assertEqual(msgs[2]["tool_calls"][0], {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}})
+        self.assertEqual(msgs[3], {"role": "tool", "content": "{\"temp\": 14}", "tool_name": "get_weather"})
+
+    def test_bad_tool_arguments_are_a_400(self):
+        req = cs.ChatRequest([{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "function": {"name": "f", "arguments": "{broken"}}]}])
+        with self.assertRaises(cs.BadRequest):
+            cs.anthropic_request(req, "m")
+
+    def test_stop_reason_tables(self):
+        self.assertEqual([cs.ANTHROPIC_FINISH[k] for k in ("end_turn", "stop_sequence", "max_tokens", "tool_use")],
+                         ["stop", "stop", "length", "tool_calls"])
+        self.assertEqual([cs.GEMINI_FINISH[k] for k in ("STOP", "MAX_TOKENS", "SAFETY")], ["stop", "length", "content_filter"])
+
+    def test_credentials_prefixes(self):
+        for key, scheme, bare in (("oauth:abc", "oauth", "abc"), ("token:abc", "oauth", "abc"),
+                                  ("apikey:abc", "apikey", "abc"), ("sk-abc", "apikey", "sk-abc")):
+            creds = cs.Credentials.parse(key)
+            self.assertEqual((creds.scheme, creds.api_key), (scheme, bare))
+        self.assertNotIn("abc", repr(cs.Credentials.parse("sk-abc")))
+        with self.assertRaises(cs.BadRequest):
+            cs.Credentials.parse("k", {"password": "x"})
+
+    def test_ssrf_guard(self):
+        def resolver(ip):
+            return lambda host, port: [(socket.AF_INET6 if ":" in ip else socket.AF_INET, (ip, port))]
+        none = cs.parse_allowed_upstreams([])
+        for ip in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254"):
+            with self.assertRaises(cs.PermissionDenied) as ctx:
+                cs.check_client_url("http://x:1/", cs.parse_allowed_upstreams(["0.0.0.0/0", "x"]), resolver(ip))
+            self.assertIn("always refused", ctx.exception.message)
+        for ip in ("127.0.0.1", "10.1.2.3", "192.168.1.5", "::1"):
+            with self.assertRaises(cs.PermissionDenied) as ctx:
+                cs.check_client_url("http://gpu:11434", none, resolver(ip))
+            self.assertIn("--allow-upstream", ctx.exception.message)
+        cs.check_client_url("http://gpu:11434", cs.parse_allowed_upstreams(["gpu"]), resolver("10.1.2.3"))
+        cs.check_client_url("http://gpu:11434", cs.parse_allowed_upstreams(["10.0.0.0/8"]), resolver("10.1.2.3"))
+        cs.check_client_url("https://api.example.com", none, resolver("93.184.216.34"))
+        with self.assertRaises(cs.BadRequest):
+            cs.check_client_url("file:///etc/passwd", none, resolver("1.1.1.1"))
+
+    def test_retry_delay_honours_retry_after(self):
+        err = cs.UpstreamError("busy", headers={"Retry-After": "2"})
+        self.assertGreaterEqual(cs.retry_delay(err, 0, 0.001), 2.0)
+        self.assertIsNone(cs.retry_delay(cs.UpstreamError("x", headers={"Retry-After": "120"}), 0, 0.1))
+        self.assertLessEqual(cs.retry_delay(cs.UpstreamError("x"), 3, 0.1), 0.8)
+
+
+class ProviderCase(ServerTestCase):
+    provider = ""
+    env = {}
+
+    def start_provider(self, **options):
+        env = {k: v.replace("URL", self.upstream.url.rsplit("/v1", 1)[0]) for k, v in self.env.items()}
+        return self.start(env=env, provider=self.provider, **options)
+
+    def text_of(self, text):
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_data(text)[:-1] if c.get("choices"))
+
+    def tool_calls_of(self, text):
+        calls = {}
+        for chunk in sse_data(text)[:-1]:
+            for call in (chunk.get("choices") or [{}])[0].get("delta", {}).get("tool_calls") or ():
+                entry = calls.setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
+                entry["id"] = call.get("id") or entry["id"]
+                entry["name"] += call["function"].get("name", "")
+                entry["arguments"] += call["function"].get("arguments", "")
+        return calls
+
+
+class AnthropicProviderTest(ProviderCase):
+    provider, env = "CLAUDEAI", {"ANTHROPIC_API_KEY": "sk-ant", "ANTHROPIC_BASE_URL": "URL"}
+
+    def test_non_streamed_text_and_tools(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("claude-x"))
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Let me check."))
+        self.assertEqual(body["usage"], {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15})
+        sent = self.upstream.requests[-1]
+        self.assertEqual((sent["path"], sent["headers"]["x-api-key"], sent["headers"]["anthropic-version"]),
+                         ("/v1/messages", "sk-ant", "2023-06-01"))
+        _, _, body = self.request("POST", "/v1/chat/completions", self.chat("tools"))
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(json.loads(body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]), {"city": "Paris"})
+
+    def test_streamed_tool_calls_get_per_call_indexes(self):
+        self.start_provider()
+        _, _, text = self.request("POST", "/v1/chat/completions",
+                                  self.chat("tools", stream=True, stream_options={"include_usage": True}))
+        self.assertEqual(self.text_of(text), "Let me check.")
+        self.assertEqual(self.tool_calls_of(text), {0: {"id": "toolu_1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+                                                    1: {"id": "toolu_2", "name": "get_time", "arguments": ""}})
+        chunks = sse_data(text)
+        self.assertEqual(chunks[-3]["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(chunks[-2]["usage"], {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20})
+
+    def test_error_event_and_cut_stream(self):
+        self.start_provider()
+        for model, words in (("stream-error", "Overloaded"), ("cut", "message_stop")):
+            _, _, text = self.request("POST", "/v1/chat/completions", self.chat(model, stream=True))
+            chunks = sse_data(text)
+            self.assertIn(words, chunks[-2]["error"]["message"])
+            self.assertEqual(chunks[-1], "[DONE]")
+
+    def test_overloaded_is_retried_then_502(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("overloaded"))
+        self.assert_openai_error(status, body, 502, ["Overloaded", "529"])
+        self.assertEqual(len(self.upstream.requests), 3)     # 1 + --fallback-max-retries 2
+
+    def test_oauth_client_key_uses_bearer_and_beta_header(self):
+        self.start(env={"OPENAI_BASE_URL": self.upstream.url}, allow_upstream=("127.0.0.1",))
+        headers = {"X-LLM-Provider": "CLAUDEAI", "X-LLM-API-Key": "oauth:sk-ant-oat01",
+                   "X-LLM-Provider-Config": json.dumps({"base_url": self.upstream.url.rsplit("/v1", 1)[0]})}
+        status, _, _ = self.request("POST", "/v1/chat/completions", self.chat("claude-x"), headers)
+        self.assertEqual(status, 200)
+        sent = self.upstream.requests[-1]["headers"]
+        self.assertEqual(sent["Authorization"], "Bearer sk-ant-oat01")
+        self.assertEqual(sent["anthropic-beta"], "oauth-2025-04-20")
+        self.assertNotIn("x-api-key", sent)
+
+
+class GeminiProviderTest(ProviderCase):
+    provider, env = "GOOGLEAI", {"GOOGLEAI_API_KEY": "g-key", "GOOGLEAI_BASE_URL": "URL"}
+
+    def test_stream_without_done_and_cumulative_usage(self):
+        self.start_provider()
+        _, _, text = self.request("POST", "/v1/chat/completions",
+                                  self.chat("gemini-x", stream=True, stream_options={"include_usage": True}))
+        self.assertEqual(self.text_of(text), "Once upon a time")
+        self.assertEqual(sse_data(text)[-2]["usage"], {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12})
+        sent = self.upstream.requests[-1]
+        self.assertEqual(sent["path"], "/v1beta/models/gemini-x:streamGenerateContent?alt=sse")
+        self.assertEqual(sent["headers"]["x-goog-api-key"], "g-key")
+        _, _, body = self.request("POST", "/v1/chat/completions", self.chat("long", stream=True))
+        self.assertEqual(sse_data(body)[-2]["choices"][0]["finish_reason"], "length")
+
+    def test_function_calls_safety_block_and_errors(self):
+        self.start_provider()
+        _, _, body = self.request("POST", "/v1/chat/completions", self.chat("tools"))
+        calls = body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([c["function"]["name"] for c in calls], ["get_weather", "get_time"])
+        self.assertTrue(all(c["id"].startswith("call_") for c in calls))
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("blocked"))
+        self.assert_openai_error(status, body, 400, ["blocked", "SAFETY"])
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("bad-key"))
+        self.assert_openai_error(status, body, 400, ["API key not valid"])
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("cut", stream=True))
+        self.assertIn("finishReason", sse_data(text)[-2]["error"]["message"])
+
+
+class OllamaProviderTest(ProviderCase):
+    provider, env = "OLLAMA", {"OLLAMA_BASE_URL": "URL", "OLLAMA_MODEL": "llama3.2:latest"}
+
+    def test_ndjson_stream_usage_and_whole_tool_calls(self):
+        self.start_provider()
+        _, _, text = self.request("POST", "/v1/chat/completions",
+                                  self.chat("llama3.2", stream=True, stream_options={"include_usage": True}))
+        self.assertEqual(self.text_of(text), "The sky")
+        self.assertEqual(sse_data(text)[-2]["usage"]["completion_tokens"], 282)
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("tools", stream=True))
+        calls = self.tool_calls_of(text)
+        self.assertEqual((calls[0]["name"], json.loads(calls[0]["arguments"])), ("get_weather", {"city": "Paris"}))
+        self.assertEqual(calls[1]["arguments"], "{}")
+        self.assertEqual(sse_data(text)[-2]["choices"][0]["finish_reason"], "tool_calls")
+        _, _, body = self.request("POST", "/v1/chat/completions", self.chat("llama3.2"))
+        self.assertEqual(body["choices"][0]["message"]["content"], "The sky")
+        self.assertIs(self.upstream.requests[-1]["body"]["stream"], False)
+
+    def test_errors_and_model_list(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("missing"))
+        self.assert_openai_error(status, body, 404, ["not found, try pulling it"])
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("stream-error", stream=True))
+        self.assertIn("error was encountered", sse_data(text)[-2]["error"]["message"])
+        _, _, body = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in body["data"]], ["llama3.2:latest", "qwen3:8b"])
+
+
+class StackSpotProviderTest(ProviderCase):
+    provider = "STACKSPOT"
+    env = {"CLIENT_ID": "cid", "CLIENT_KEY": "ck", "STACKSPOT_REALM": "zup", "STACKSPOT_AGENT_ID": "agent-1",
+           "STACKSPOT_BASE_URL": "URL/v1", "STACKSPOT_AUTH_URL": "URL"}
+
+    def setUp(self):
+        super().setUp()
+        cs.StackSpotProvider.tokens.clear()
+
+    def test_token_then_chat_streamed_and_not(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("x"))
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "StackSpot says hi"))
+        self.assertEqual(body["usage"]["prompt_tokens"], 12)
+        token_req, chat_req = self.upstream.requests[-2:]
+        self.assertEqual(token_req["path"], "/zup/oidc/oauth/token")
+        self.assertIn("grant_type=client_credentials", token_req["body"]["form"])
+        self.assertEqual(chat_req["path"], "/v1/agent/agent-1/chat")
+        self.assertEqual(chat_req["body"]["user_prompt"], "hi")
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("x", stream=True))
+        self.assertEqual(self.text_of(text), "StackSpot")
+        self.assertEqual(self.upstream.server.tokens_issued, 1)        # the token is cached
+
+    def test_expired_token_is_refreshed_and_tools_refused(self):
+        self.start_provider()
+        self.request("POST", "/v1/chat/completions", self.chat("x"))
+        self.upstream.server.tokens_issued += 1                     # the server forgets our token
+        status, _, _ = self.request("POST", "/v1/chat/completions", self.chat("x"))
+        self.assertEqual(status, 200)
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("x", tools=TOOLS))
+        self.assert_openai_error(status, body, 400, ["cannot call tools"])
+
+
+class OpenAICompatibleVendorTest(ProviderCase):
+    provider, env = "XAI", {"XAI_API_KEY": "xai-key", "XAI_BASE_URL": "URL/v1"}
+
+    def test_vendor_speaks_openai_with_its_own_key(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("grok"))
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Hello world"))
+        self.assertEqual(self.upstream.requests[-1]["headers"]["Authorization"], "Bearer xai-key")
+        for name in ("XAI", "OPENROUTER", "ZAI", "MOONSHOT", "MINIMAX", "GITHUB_MODELS"):
+            self.assertTrue(cs.PROVIDERS[name].default_base.startswith("https://"), name)
+        self.assertEqual(cs.PROVIDERS["GITHUB_MODELS"].key_env, "GITHUB_TOKEN")
+
+
+# ---------------------------------------------------------------------------
+# Engine: provider choice, client credentials, retries, failover
+# ---------------------------------------------------------------------------
+
+class EngineChoiceTest(ServerTestCase):
+    def engine(self, env, **options):
+        options.setdefault("probe_local", False)
+        config = cs.Config(env=env, **options)
+        engine = cs.Engine(config, cs.Metrics())
+        self.addCleanup(engine.close)
+        return engine
+
+    def test_default_is_first_with_credentials_unless_told(self):
+        env = {"GOOGLEAI_API_KEY": "g", "ANTHROPIC_API_KEY": "a", "OLLAMA_MODEL": "m"}
+        self.assertEqual(self.engine(env).default, "CLAUDEAI")
+        self.assertEqual(self.engine(env, provider="OLLAMA").default, "OLLAMA")
+        self.assertEqual(list(self.engine(env).providers), ["CLAUDEAI", "GOOGLEAI", "OLLAMA"])
+        self.assertEqual(self.engine({}).providers, {})
+
+    def test_probe_finds_a_local_server(self):
+        base = self.upstream.url.rsplit("/v1", 1)[0]
+        original = cs.Engine.LOCAL_PROBES
+        cs.Engine.LOCAL_PROBES = (("OLLAMA", "http://127.0.0.1:%d" % free_port(), "/api/tags"),
+                                  ("OLLAMA", base, "/api/tags"))
+        self.addCleanup(setattr, cs.Engine, "LOCAL_PROBES", original)
+        engine = self.engine({}, probe_local=True)
+        self.assertEqual((engine.default, engine.default_provider.base_url), ("OLLAMA", base))
+
+    def test_client_key_is_used_for_that_request_only(self):
+        self.start(token="t")
+        headers = {"Authorization": "Bearer t", "X-LLM-API-Key": "sk-client-own", "X-LLM-Provider": "OPENAI"}
+        status, _, _ = self.request("POST", "/v1/chat/completions", self.chat(), headers)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[-1]["headers"]["Authorization"], "Bearer sk-client-own")
+        self.request("POST", "/v1/chat/completions", self.chat(), {"Authorization": "Bearer t"})
+        self.assertEqual(self.upstream.requests[-1]["headers"]["Authorization"], "Bearer sk-upstream-secret")
+        _, _, status_body = self.request("GET", "/status", headers={"Authorization": "Bearer t"})
+        self.assertNotIn("sk-client-own", json.dumps(status_body))
+
+    def test_client_urls_pass_the_ssrf_guard(self):
+        self.start()
+        config = json.dumps({"ollama_url": self.upstream.url.rsplit("/v1", 1)[0]})
+        headers = {"X-LLM-Provider": "OLLAMA", "X-LLM-Provider-Config": config}
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("llama3"), headers)
+        self.assert_openai_error(status, body, 403, ["--allow-upstream"])
+        self.assertEqual(self.upstream.requests, [])
+        self.start(allow_upstream=("127.0.0.0/8",))
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("llama3"), headers)
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "The sky"))
+        for bad, param in (("{not json", "X-LLM-Provider-Config"), ('{"colour": "red"}', "X-LLM-Provider-Config")):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), {"X-LLM-Provider-Config": bad})
+            self.assert_openai_error(status, body, 400)
+            self.assertEqual(body["error"]["param"], param)
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), {"X-LLM-Provider": "NOPE"})
+        self.assert_openai_error(status, body, 400, ["unknown provider"])
+
+
+class RetryFailoverTest(ServerTestCase):
+    def test_retry_before_first_byte_then_success(self):
+        app = self.start()
+        self.upstream.server.fail_next = 1
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat())
+        self.assertEqual(status, 200)
+        self.assertEqual(app.metrics.llm_retries.value(("OPENAI",)), 1)
+        status, _, _ = self.request("POST", "/v1/chat/completions", self.chat("bad-request"))
+        self.assertEqual(status, 400)
+        self.assertEqual(len(self.upstream.requests), 3)       # a 400 is never retried
+
+    def test_failover_to_the_next_provider_and_cooldown(self):
+        dead = "http://127.0.0.1:%d/v1" % free_port()
+        app = self.start(env={"OPENAI_BASE_URL": dead, "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                         provider="OPENAI", fallback_providers=("OLLAMA",))
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("any"))
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "The sky"))
+        self.assertEqual(app.metrics.llm_fallbacks.value(("OPENAI", "OLLAMA")), 1)
+        providers = self.request("GET", "/status")[2]["providers"]
+        self.assertEqual(providers["OPENAI"]["state"], "cooling_down")
+        self.assertEqual(providers["OLLAMA"]["state"], "ok")
+        attempts = app.metrics.llm_requests.value(("OPENAI", "any", "error"))
+        self.request("POST", "/v1/chat/completions", self.chat("any"))
+        self.assertEqual(app.metrics.llm_requests.value(("OPENAI", "any", "error")), attempts)   # skipped meanwhile
+
+    def test_no_fallback_after_the_first_byte(self):
+        self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                   provider="OPENAI", fallback_providers=("OLLAMA",))
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("cut", stream=True))
+        self.assertIn("error", sse_data(text)[-2])
+        self.assertEqual([r["path"] for r in self.upstream.requests], ["/v1/chat/completions"])
+
+
+class AnthropicSurfaceTest(ServerTestCase):
+    def message(self, model="up-model", stream=False, **extra):
+        body = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        body.update(extra)
+        return body
+
+    def test_non_streamed_and_translation_upstream(self):
+        self.start(token="t")
+        tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+        body = self.message(system="Be brief.", tools=tools, tool_choice={"type": "any"}, stop_sequences=["END"])
+        body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
+                                                                "input": {"city": "Paris"}}]},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "14C"},
+                                                          {"type": "text", "text": "and?"}]}]
+        status, _, answer = self.request("POST", "/v1/messages", body, {"x-api-key": "t"})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["type"], "message")
+        self.assertEqual(answer["content"], [{"type": "text", "text": "Hello world"}])
+        self.assertEqual((answer["stop_reason"], answer["usage"]), ("end_turn", {"input_tokens": 7, "output_tokens": 5}))
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["messages"][0], {"role": "system", "content": "Be brief."})
+        self.assertEqual(sent["messages"][2]["tool_calls"][0]["function"], {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"})
+        self.assertEqual(sent["messages"][3], {"role": "tool", "tool_call_id": "t1", "content": "14C"})
+        self.assertEqual((sent["tool_choice"], sent["stop"], sent["max_tokens"]), ("required", ["END"], 100))
+
+    def test_streamed_events_with_tool_use(self):
+        self.start()
+        _, resp, text = self.request("POST", "/v1/messages", self.message("tools", stream=True))
+        events = [e for e, _ in cs.iter_sse(l + b"\n" for l in text.encode().split(b"\n"))]
+        self.assertEqual(events[0], "message_start")
+        self.assertEqual(events[-2:], ["message_delta", "message_stop"])
+        datas = sse_data(text)
+        starts = [d["content_block"] for d in datas if d["type"] == "content_block_start"]
+        self.assertEqual([(b["type"], b["name"]) for b in starts], [("tool_use", "get_weather"), ("tool_use", "get_time")])
+        args = "".join(d["delta"]["partial_json"] for d in datas
+                       if d["type"] == "content_block_delta" and d["index"] == 0)
+        self.assertEqual(json.loads(args), {"city": "Paris"})
+        self.assertEqual(datas[-2]["delta"]["stop_reason"], "tool_use")
+
+    def test_errors_in_anthropic_shape(self):
+        self.start(token="t")
+        status, _, body = self.request("POST", "/v1/messages", self.message(), {"x-api-key": "wrong"})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (401, "error", "authentication_error"))
+        status, _, body = self.request("POST", "/v1/messages", {"model": "m", "messages": []}, {"x-api-key": "t"})
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+        self.assertIn("max_tokens", body["error"]["message"])
 
 
 # ---------------------------------------------------------------------------
