@@ -30,11 +30,11 @@ run:
 
 # The official SDKs against chatserve; a missing SDK is a failure here, never a skip.
 interop: $(VENV)/.installed
-	CHATSERVE_INTEROP=1 $(VENV)/bin/python -m unittest -v test_chatserve.InteropTest
+	CHATSERVE_INTEROP=1 $(VENV)/bin/python -m unittest -v test_chatserve.InteropTest test_chatserve.AnthropicInteropTest
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check openai
+	$(VENV)/bin/pip install -q --disable-pip-version-check openai anthropic
 	touch $@
 
 clean:

@@ -710,7 +710,7 @@ class UpstreamResponse:
     def read(self, limit=16 * 1024 * 1024):
         """The whole body (at most `limit` bytes); the connection goes back to the pool."""
         try:
-            data = self.resp.read(limit + 1)
+            data = self._read_upto(limit + 1)
         except socket.timeout:
             self.close()
             raise UpstreamTimeout("the upstream stopped sending its answer (timeout)")
@@ -722,6 +722,21 @@ class UpstreamResponse:
             raise UpstreamError("the upstream answer is larger than %d bytes" % limit)
         self.release()
         return data
+
+    def _read_upto(self, limit):
+        # Never resp.read(huge): before Python 3.10 it allocates and zero-fills
+        # a buffer of that size on every call.
+        known = self.resp.length
+        if known is not None and known < limit:
+            return self.resp.read(known) if known else b""
+        parts, total = [], 0
+        while total < limit:
+            piece = self.resp.read(min(65536, limit - total))
+            if not piece:
+                break
+            parts.append(piece)
+            total += len(piece)
+        return b"".join(parts)
 
     def lines(self):
         """Body lines as they arrive; release the connection at the end.  A
@@ -2830,6 +2845,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if n > cap:
             self.close_connection = True
             raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (--max-body-bytes)" % (n, cap))
+        quick_ack(self.connection)
         data = self.rfile.read(n)
         if len(data) < n:
             self.close_connection = True
@@ -2988,6 +3004,19 @@ class ConnectionTracker:
         for sock in left:
             _shutdown_socket(sock, socket.SHUT_RDWR)
         return len(left)
+
+
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)     # Linux only
+
+
+def quick_ack(sock):
+    """ACK the headers at once: a client that sends headers and body in two
+    writes with Nagle on would otherwise wait ~40 ms for our delayed ACK."""
+    if TCP_QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        except (OSError, AttributeError):
+            pass
 
 
 def _shutdown_socket(sock, how):

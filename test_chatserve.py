@@ -14,6 +14,7 @@ import http.client
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -1574,6 +1575,10 @@ try:
     import openai
 except ImportError:
     openai = None
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
 
 INTEROP_REQUIRED = os.environ.get("CHATSERVE_INTEROP") == "1"
 
@@ -1644,5 +1649,814 @@ class InteropTest(ServerTestCase):
         self.assertEqual(self.client.models.retrieve("org/other-model").id, "org/other-model")
 
 
+class AnthropicInteropTest(ServerTestCase):
+    """The official anthropic SDK against /v1/messages (any configured provider behind it)."""
+
+    def setUp(self):
+        if anthropic is None:
+            if INTEROP_REQUIRED:
+                self.fail("the anthropic package is not importable; make interop installs it in .venv-interop")
+            self.skipTest("anthropic SDK not installed (make interop runs these)")
+        super().setUp()
+        self.start(token="tok")
+        self.client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.app.port, api_key="tok",
+                                          max_retries=0, timeout=WAIT)
+
+    def test_non_streamed_message(self):
+        message = self.client.messages.create(model="up-model", max_tokens=50,
+                                              messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(message.content[0].text, "Hello world")
+        self.assertEqual(message.stop_reason, "end_turn")
+        self.assertEqual(message.usage.output_tokens, 5)
+
+    def test_streamed_text_and_tools(self):
+        with self.client.messages.stream(model="up-model", max_tokens=50,
+                                         messages=[{"role": "user", "content": "hi"}]) as stream:
+            self.assertEqual("".join(stream.text_stream), "Hello world")
+        tools = [{"name": "get_weather", "description": "w", "input_schema": {"type": "object"}}]
+        with self.client.messages.stream(model="tools", max_tokens=50, tools=tools,
+                                         messages=[{"role": "user", "content": "hi"}]) as stream:
+            final = stream.get_final_message()
+        self.assertEqual(final.stop_reason, "tool_use")
+        self.assertEqual(final.content[0].input, {"city": "Paris"})
+        self.assertEqual(final.content[1].name, "get_time")
+
+    def test_wrong_token_is_authentication_error(self):
+        bad = anthropic.Anthropic(base_url=str(self.client.base_url), api_key="wrong", max_retries=0)
+        with self.assertRaises(anthropic.AuthenticationError):
+            bad.messages.create(model="up-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------------------
+# Benchmark (make bench): not part of the suite; every process it starts is a
+# separate python3 so the generator, the upstream and chatserve use both cores
+# ---------------------------------------------------------------------------
+
+BENCH_HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH_MEASURE_SECONDS = 3.0      # per throughput measurement
+BENCH_WARMUP_SECONDS = 0.5
+BENCH_TTFB_REQUESTS = 200
+BENCH_STARTUP_RUNS = 5
+BENCH_MEMORY_REQUESTS = 10000
+BENCH_HELPER_LIFETIME = 300      # seconds: helper servers exit by themselves after this
+
+# ---------------------------------------------------------------------------
+# Helper processes, run as `python3 -c CODE`.  Each prints its port on stdout
+# and exits when its stdin closes (the bench closes it, or dies), or after
+# BENCH_HELPER_LIFETIME seconds.
+# ---------------------------------------------------------------------------
+
+# A fast fake OpenAI upstream: one selectors loop, raw sockets, precomputed
+# answers; keep-alive; pipelined requests are answered in order.
+BENCH_UPSTREAM_CODE = r'''
+import json, os, selectors, socket, sys, threading, time
+LIFETIME = float(sys.argv[1])
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+
+def response(body, content_type, chunked=False):
+    if chunked:
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        length = "Transfer-Encoding: chunked"
+    else:
+        length = "Content-Length: %d" % len(body)
+    head = "HTTP/1.1 200 OK\r\nContent-Type: %s\r\n%s\r\n\r\n" % (content_type, length)
+    return head.encode() + body
+
+usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+plain = {"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "m",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
+                      "finish_reason": "stop"}], "usage": usage}
+def chunk(delta, finish=None, choices=True):
+    c = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []
+    if not choices:
+        c["usage"] = usage
+    return c
+events = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello"}),
+          chunk({"content": " world"}), chunk({}, "stop"), chunk({}, choices=False)]
+sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+PLAIN = response(json.dumps(plain).encode(), "application/json")
+STREAM = response(sse, "text/event-stream", chunked=True)
+HEALTH = response(b'{"status":"ok"}', "application/json")
+
+lsock = socket.socket()
+lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(512)
+lsock.setblocking(False)
+print(lsock.getsockname()[1], flush=True)
+sel = selectors.DefaultSelector()
+sel.register(lsock, selectors.EVENT_READ, None)
+
+def answer(buf):
+    """Answers for the complete requests at the start of buf (which it consumes)."""
+    out = []
+    for _ in range(1000):
+        i = buf.find(b"\r\n\r\n")
+        if i < 0:
+            break
+        head = bytes(buf[:i]).lower()
+        j = head.find(b"\r\ncontent-length:")
+        n = 0
+        if j >= 0:
+            k = head.find(b"\r\n", j + 2)
+            n = int(head[j + 17:k if k > 0 else len(head)])
+        if len(buf) < i + 4 + n:
+            break
+        body = bytes(buf[i + 4:i + 4 + n])
+        del buf[:i + 4 + n]
+        if head.startswith(b"get"):
+            out.append(HEALTH)
+        elif b'"stream":true' in body or b'"stream": true' in body:
+            out.append(STREAM)
+        else:
+            out.append(PLAIN)
+    return b"".join(out)
+
+deadline = time.monotonic() + LIFETIME
+while time.monotonic() < deadline:
+    for key, _ in sel.select(1.0):
+        if key.data is None:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ, bytearray())
+            continue
+        conn, buf = key.fileobj, key.data
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(conn)
+            conn.close()
+            continue
+        buf += data
+        out = answer(buf)
+        if out:
+            try:
+                sent = conn.send(out)
+                if sent < len(out):          # rare: finish it blocking, bounded by a timeout
+                    conn.settimeout(5.0)
+                    conn.sendall(out[sent:])
+                    conn.setblocking(False)
+            except OSError:
+                sel.unregister(conn)
+                conn.close()
+'''
+
+# The naive server of the Nagle demonstration: stdlib http.server with Nagle
+# left on, headers and body in two separate writes (wbufsize 0).
+BENCH_NAIVE_SERVER_CODE = r'''
+import http.server, os, sys, threading, time
+LIFETIME = float(sys.argv[1])
+BODY = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello world"},"finish_reason":"stop"}]}'
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = False
+    wbufsize = 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()              # write 1: status line and headers
+        self.wfile.write(BODY)          # write 2: the body
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+time.sleep(LIFETIME)
+os._exit(0)
+'''
+
+# The load generator.  argv[1] is a JSON spec; prints one JSON result.
+#   mode "load": `conns` keep-alive connections each sending `request` again as
+#     soon as its answer is complete, for warmup + duration seconds or until
+#     `max_requests` were sent.  One connection: a plain blocking loop; more:
+#     one selectors loop.  Latencies of requests sent and answered within the
+#     measurement window; requests/s counts answers within the window.
+#   mode "seq": `count` sequential requests on one keep-alive connection (after
+#     `warm` unrecorded ones), each timed to its first response byte, its first
+#     SSE `data:` byte and its end; `split` sends the headers and the body in
+#     two send() calls; `nodelay` sets TCP_NODELAY on the client.
+BENCH_GEN_CODE = r'''
+import json, selectors, socket, sys, time
+perf = time.perf_counter
+
+def frame_end(buf):
+    """Length of the complete HTTP response at the start of buf; None: not yet; -1: unframed."""
+    i = buf.find(b"\r\n\r\n")
+    if i < 0:
+        return None
+    head = bytes(buf[:i]).lower()
+    j = head.find(b"\r\ncontent-length:")
+    if j >= 0:
+        k = head.find(b"\r\n", j + 2)
+        end = i + 4 + int(head[j + 17:k if k > 0 else len(head)])
+        return end if len(buf) >= end else None
+    if b"chunked" not in head:
+        return -1
+    pos = i + 4
+    for _ in range(100000):
+        k = buf.find(b"\r\n", pos)
+        if k < 0:
+            return None
+        size = int(bytes(buf[pos:k]).split(b";")[0], 16)
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", k)
+            return end + 4 if end >= 0 else None
+        pos = k + 2 + size + 2
+        if pos > len(buf):
+            return None
+    return -1
+
+def connect(addr, nodelay=True, timeout=10.0):
+    sock = socket.create_connection(addr, timeout=timeout)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+def load(s):
+    addr, req = (s["host"], s["port"]), s["request"].encode("latin-1")
+    t_start = perf()
+    t_meas = t_start + s["warmup"]
+    t_end = t_meas + s["duration"]
+    hard = t_end + 15.0
+    max_requests = s.get("max_requests", 10 ** 9)
+    lat, state = [], {"sent": 0, "done": 0, "window": 0, "errors": 0, "statuses": {}}
+
+    def finished(buf, n, t_sent, t):
+        status = bytes(buf[9:12]).decode("latin-1", "replace")
+        if status != "200":
+            state["statuses"][status] = state["statuses"].get(status, 0) + 1
+            state["errors"] += 1
+        state["done"] += 1
+        if t_meas <= t < t_end:
+            state["window"] += 1
+            if t_sent >= t_meas:
+                lat.append(t - t_sent)
+        del buf[:n]
+
+    socks = []
+    try:
+        if s["conns"] == 1:
+            sock = connect(addr)
+            socks.append(sock)
+            buf = bytearray()
+            while state["sent"] < max_requests and perf() < t_end:
+                t_sent = perf()
+                sock.sendall(req)
+                state["sent"] += 1
+                n = None
+                for _ in range(100000):
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("the server closed the connection")
+                    buf += data
+                    n = frame_end(buf)
+                    if n is not None:
+                        break
+                if n is None or n < 0:
+                    raise ValueError("response without framing")
+                finished(buf, n, t_sent, perf())
+        else:
+            sel = selectors.DefaultSelector()
+            for _ in range(s["conns"]):
+                sock = connect(addr)
+                socks.append(sock)
+                conn = [sock, bytearray(), perf()]
+                sel.register(sock, selectors.EVENT_READ, conn)
+            for key in list(sel.get_map().values()):
+                if state["sent"] < max_requests:
+                    key.data[2] = perf()
+                    key.fileobj.sendall(req)
+                    state["sent"] += 1
+            active = state["sent"]
+            while active and perf() < hard:
+                for key, _ in sel.select(1.0):
+                    conn = key.data
+                    data = conn[0].recv(65536)
+                    if not data:
+                        raise ConnectionError("the server closed the connection")
+                    conn[1] += data
+                    n = frame_end(conn[1])
+                    if n is None:
+                        continue
+                    if n < 0:
+                        raise ValueError("response without framing")
+                    t = perf()
+                    finished(conn[1], n, conn[2], t)
+                    if t < t_end and state["sent"] < max_requests:
+                        conn[2] = perf()
+                        conn[0].sendall(req)
+                        state["sent"] += 1
+                    else:
+                        active -= 1
+                        sel.unregister(conn[0])
+    except (OSError, ValueError) as e:
+        state["failure"] = "%s: %s" % (e.__class__.__name__, e)
+    finally:
+        for sock in socks:
+            sock.close()
+    elapsed = perf() - t_start
+    window = s["duration"] if s["warmup"] or s["duration"] < elapsed else elapsed
+    state.update(latencies=[round(x, 7) for x in lat], elapsed=elapsed,
+                 rps=state["window"] / window if window > 0 else 0.0)
+    return state
+
+def seq(s):
+    addr, req = (s["host"], s["port"]), s["request"].encode("latin-1")
+    head, _, body = req.partition(b"\r\n\r\n")
+    head += b"\r\n\r\n"
+    deadline = perf() + s["max_seconds"]
+    out = {"total": [], "first_byte": [], "first_event": [], "errors": 0}
+    sock = None
+    try:
+        for i in range(s["warm"] + s["count"]):
+            if perf() > deadline:
+                break
+            if sock is None:
+                sock = connect(addr, s["nodelay"], timeout=2.0)
+            try:
+                t0 = perf()
+                if s["split"] and body:
+                    sock.sendall(head)
+                    sock.sendall(body)
+                else:
+                    sock.sendall(req)
+                buf, first, event, n = bytearray(), None, None, None
+                for _ in range(100000):
+                    if n is not None:
+                        break
+                    data = sock.recv(65536)
+                    t = perf()
+                    if not data:
+                        raise ConnectionError("the server closed the connection")
+                    if first is None:
+                        first = t
+                    buf += data
+                    if event is None:
+                        h = buf.find(b"\r\n\r\n")
+                        if h >= 0 and buf.find(b"data:", h) >= 0:
+                            event = t
+                    n = frame_end(buf)
+                t1 = perf()
+                if n is None or n < 0 or bytes(buf[9:12]) != b"200":
+                    raise ValueError("bad response: %r" % bytes(buf[:200]))
+            except (OSError, ValueError) as e:
+                out["errors"] += 1
+                out["failure"] = "%s: %s" % (e.__class__.__name__, e)
+                sock.close()
+                sock = None
+                continue
+            if i >= s["warm"]:
+                out["total"].append(t1 - t0)
+                out["first_byte"].append(first - t0)
+                if event is not None:
+                    out["first_event"].append(event - t0)
+    finally:
+        if sock is not None:
+            sock.close()
+    return out
+
+spec = json.loads(sys.argv[1])
+cpu0 = time.process_time()
+result = load(spec) if spec["mode"] == "load" else seq(spec)
+result["cpu_seconds"] = time.process_time() - cpu0
+print(json.dumps(result))
+'''
+
+
+# ---------------------------------------------------------------------------
+# Process plumbing
+# ---------------------------------------------------------------------------
+
+def _bench_die_with_parent():
+    """preexec_fn: the child gets SIGTERM if the bench dies (Linux; else a no-op)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _bench_popen(args, **kwargs):
+    kwargs.setdefault("preexec_fn", _bench_die_with_parent if sys.platform.startswith("linux") else None)
+    return subprocess.Popen(args, **kwargs)
+
+
+def _bench_stop(proc, timeout=5.0):
+    """Stop a child we started: close its stdin, SIGTERM, then SIGKILL; always reaped."""
+    if proc is None:
+        return
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+    except OSError:
+        pass
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+        except OSError:
+            pass
+    for stream in (proc.stdout, proc.stderr):
+        try:
+            if stream:
+                stream.close()
+        except OSError:
+            pass
+
+
+def _bench_read_port(proc, timeout=10.0):
+    """The port a helper prints as its first line."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        raise RuntimeError("helper process did not report a port (exit code %s)" % proc.poll())
+    return int(line)
+
+
+def _bench_start_helper(code, procs):
+    proc = _bench_popen([sys.executable, "-c", code, str(BENCH_HELPER_LIFETIME)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs.append(proc)
+    return proc, _bench_read_port(proc)
+
+
+def _bench_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bench_health(port, connect_timeout=0.05):
+    """True when GET /health answers 200 with status ok."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=connect_timeout) as s:
+            s.settimeout(1.0)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            for _ in range(100):
+                part = s.recv(65536)
+                if not part:
+                    break
+                data += part
+        return data.startswith(b"HTTP/1.1 200") and b'"ok"' in data
+    except OSError:
+        return False
+
+
+def _bench_env(upstream_port):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHATSERVE_", "CHATCLI_", "OPENAI_", "LLM_"))}
+    env.update(OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % upstream_port, OPENAI_API_KEY="k",
+               LLM_PROVIDER="OPENAI")
+    return env
+
+
+def _bench_start_chatserve(script, upstream_port, tmpdir, procs, name="cs", max_wait=15.0):
+    """Start `chatserve.py serve`; (proc, port, seconds until /health answered)."""
+    for attempt in range(3):         # the free port may be taken meanwhile: retry on another
+        port = _bench_free_port()
+        log_path = os.path.join(tmpdir, "%s-%d.log" % (name, attempt))
+        with open(log_path, "wb") as log_file:
+            started = time.perf_counter()
+            proc = _bench_popen([sys.executable, script, "serve", "--port", str(port), "--metrics-port", "0",
+                                 "--socket", os.path.join(tmpdir, "%s.sock" % name), "--log-level", "warning",
+                                 "--drain-timeout", "2"],
+                                env=_bench_env(upstream_port), stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        deadline = started + max_wait
+        while time.perf_counter() < deadline and proc.poll() is None:
+            if _bench_health(port):
+                return proc, port, time.perf_counter() - started
+            time.sleep(0.002)
+        _bench_stop(proc)
+        with open(log_path, "rb") as f:
+            log_text = f.read().decode("utf-8", "replace")
+        if "cannot listen" not in log_text:
+            why = "did not answer /health within %gs" % max_wait if proc.returncode in (None, -15) \
+                else "exited with code %s before answering /health" % proc.returncode
+            raise RuntimeError("chatserve %s:\n%s" % (why, log_text[-2000:]))
+    raise RuntimeError("chatserve could not bind a port")
+
+
+def _bench_proc_status(pid, field):
+    """A /proc/PID/status field in kB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _bench_cpu_seconds(pid):
+    """User + system CPU seconds of a process, or None off Linux."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bench_gen(spec, timeout=60.0):
+    """Run the load generator in its own process; its JSON result."""
+    proc = subprocess.run([sys.executable, "-c", BENCH_GEN_CODE, json.dumps(spec)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout, preexec_fn=_bench_die_with_parent
+                          if sys.platform.startswith("linux") else None)
+    if proc.returncode != 0:
+        raise RuntimeError("load generator failed: %s" % proc.stderr.decode("utf-8", "replace")[-2000:])
+    return json.loads(proc.stdout)
+
+
+def _bench_pct(values, q):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _bench_chat_request(port, stream=False):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+                      separators=(",", ":"))
+    return ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer k\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body))
+
+
+def _bench_load(port, conns, pids, duration=BENCH_MEASURE_SECONDS, warmup=BENCH_WARMUP_SECONDS,
+                max_requests=10 ** 9):
+    """One throughput run; also the CPU each process in `pids` spent per request."""
+    spec = {"mode": "load", "host": "127.0.0.1", "port": port, "conns": conns, "warmup": warmup,
+            "duration": duration, "max_requests": max_requests, "request": _bench_chat_request(port)}
+    cpu0 = {name: _bench_cpu_seconds(pid) for name, pid in pids.items()}
+    res = _bench_gen(spec, timeout=warmup + duration + 60)
+    done = max(res["done"], 1)
+    res["cpu_us_per_request"] = {"generator": res["cpu_seconds"] / done * 1e6}
+    for name, pid in pids.items():
+        cpu1 = _bench_cpu_seconds(pid)
+        if cpu0[name] is not None and cpu1 is not None:
+            res["cpu_us_per_request"][name] = (cpu1 - cpu0[name]) / done * 1e6
+    if res.get("failure") or res["errors"]:
+        raise RuntimeError("load run on port %d failed: %s, %d error(s) %s"
+                           % (port, res.get("failure"), res["errors"], res["statuses"]))
+    return res
+
+
+def _bench_seq(port, count, stream=False, split=False, nodelay=True, warm=10, max_seconds=10.0):
+    spec = {"mode": "seq", "host": "127.0.0.1", "port": port, "count": count, "warm": warm, "split": split,
+            "nodelay": nodelay, "max_seconds": max_seconds, "request": _bench_chat_request(port, stream)}
+    res = _bench_gen(spec, timeout=max_seconds + 30)
+    if not res["total"]:
+        raise RuntimeError("sequential run on port %d got no answer: %s" % (port, res.get("failure")))
+    return res
+
+
+def _bench_sanity(port):
+    """Check that chatserve really answers through the fake upstream (not with errors)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for stream in (False, True):
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read().decode("utf-8", "replace")
+            if stream:
+                ok = resp.status == 200 and '"Hello"' in data and data.rstrip().endswith("data: [DONE]")
+            else:
+                try:
+                    ok = resp.status == 200 and \
+                        json.loads(data)["choices"][0]["message"]["content"] == "Hello world"
+                except (ValueError, KeyError, IndexError, TypeError):
+                    ok = False
+            if not ok:
+                raise RuntimeError("chatserve answered %s (stream=%s): %.500s" % (resp.status, stream, data))
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------
+
+def _bench_script(script):
+    for candidate in (script, os.environ.get("CHATSERVE_SCRIPT"), os.path.join(BENCH_HERE, "chatserve.py"),
+                      os.path.join(os.getcwd(), "chatserve.py")):
+        if candidate and os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise RuntimeError("chatserve.py not found: put it next to this file or set CHATSERVE_SCRIPT")
+
+
+def _bench_median_startup(cmd, runs):
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=30)
+        times.append(time.perf_counter() - t0)
+    return _bench_pct(times, 0.5)
+
+
+def run_bench(out=sys.stdout, script=None, duration=BENCH_MEASURE_SECONDS) -> dict:
+    """Run the whole benchmark, print the table to `out`, return the numbers (times in ms)."""
+    script = _bench_script(script)
+    ms = 1000.0
+    r = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    procs = []
+    tmpdir = tempfile.mkdtemp(prefix="chatserve-bench-")
+    t_begin = time.perf_counter()
+
+    def say(text):
+        out.write(text + "\n")
+        out.flush()
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)       # run the cleanup below, then exit
+
+    old_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        say("chatserve benchmark: %s (Python %s, %s CPU(s); the load generator, the fake upstream and"
+            % (script, r["python"], r["cpus"]))
+        say("chatserve all share these CPUs, so absolute numbers are lower bounds)")
+        up_proc, up_port = _bench_start_helper(BENCH_UPSTREAM_CODE, procs)
+
+        # 4. startup: fresh `serve` processes until /health answers; the interpreter alone for scale
+        say("... startup (%d runs)" % BENCH_STARTUP_RUNS)
+        startups = []
+        for i in range(BENCH_STARTUP_RUNS):
+            proc, _port, seconds = _bench_start_chatserve(script, up_port, tmpdir, procs, name="start%d" % i)
+            startups.append(seconds)
+            _bench_stop(proc)
+        r["startup_ms"] = _bench_pct(startups, 0.5) * ms
+        r["startup_all_ms"] = [round(s * ms, 1) for s in startups]
+        r["python_startup_ms"] = _bench_median_startup([sys.executable, "-c", "pass"], BENCH_STARTUP_RUNS) * ms
+
+        # 5. memory: idle after startup, then after 10,000 requests
+        cs_proc, cs_port, _ = _bench_start_chatserve(script, up_port, tmpdir, procs)
+        time.sleep(0.3)
+        r["rss_idle_kb"] = _bench_proc_status(cs_proc.pid, "VmRSS")
+        _bench_sanity(cs_port)
+        say("... %d requests for the memory check" % BENCH_MEMORY_REQUESTS)
+        mem = _bench_load(cs_port, 8, {}, duration=60.0, warmup=0.0, max_requests=BENCH_MEMORY_REQUESTS)
+        served = mem["done"]
+        time.sleep(0.3)
+        r["memory_requests"] = mem["done"]
+        r["rss_after_kb"] = _bench_proc_status(cs_proc.pid, "VmRSS")
+        r["rss_peak_kb"] = _bench_proc_status(cs_proc.pid, "VmHWM")
+        if r["rss_idle_kb"] is not None and r["rss_after_kb"] is not None:
+            r["rss_growth_kb"] = r["rss_after_kb"] - r["rss_idle_kb"]
+
+        # 1, 2. throughput at concurrency 1 and 32, latency at concurrency 1
+        targets = (("upstream", up_port, {"upstream": up_proc.pid}),
+                   ("chatserve", cs_port, {"upstream": up_proc.pid, "chatserve": cs_proc.pid}))
+        for conns in (1, 32):
+            for name, port, pids in targets:
+                say("... %s, concurrency %d, %gs" % (name, conns, duration))
+                res = _bench_load(port, conns, pids, duration=duration)
+                key = "%s_c%d" % (name, conns)
+                r["rps_" + key] = res["rps"]
+                r["p50_ms_" + key] = _bench_pct(res["latencies"], 0.50) * ms
+                r["p99_ms_" + key] = _bench_pct(res["latencies"], 0.99) * ms
+                r["cpu_us_per_request_" + key] = res["cpu_us_per_request"]
+                if name == "chatserve":
+                    served += res["done"]
+        for q in ("p50", "p99"):
+            r["%s_ms_added_c1" % q] = r["%s_ms_chatserve_c1" % q] - r["%s_ms_upstream_c1" % q]
+
+        # 3. time to first streamed byte, sequential
+        say("... time to first streamed byte (%d sequential streams each)" % BENCH_TTFB_REQUESTS)
+        for name, port, _pids in targets:
+            res = _bench_seq(port, BENCH_TTFB_REQUESTS, stream=True)
+            r["ttfb_ms_" + name] = _bench_pct(res["first_event"], 0.5) * ms
+            r["ttfb_head_ms_" + name] = _bench_pct(res["first_byte"], 0.5) * ms
+            r["stream_total_ms_" + name] = _bench_pct(res["total"], 0.5) * ms
+        r["ttfb_ms_added"] = r["ttfb_ms_chatserve"] - r["ttfb_ms_upstream"]
+        r["stream_total_ms_added"] = r["stream_total_ms_chatserve"] - r["stream_total_ms_upstream"]
+
+        # 6. Nagle / delayed ACK: chatserve vs a naive server, sequential keep-alive requests
+        say("... Nagle/delayed-ACK check")
+        naive_proc, naive_port = _bench_start_helper(BENCH_NAIVE_SERVER_CODE, procs)
+        nagle = (("chatserve", cs_port, False, True), ("chatserve_split", cs_port, True, False),
+                 ("naive_split", naive_port, True, False), ("naive", naive_port, False, True))
+        for name, port, split, nodelay in nagle:
+            res = _bench_seq(port, 200, split=split, nodelay=nodelay, warm=5, max_seconds=3.0)
+            r["nagle_p50_ms_" + name] = _bench_pct(res["total"], 0.5) * ms
+            r["nagle_n_" + name] = len(res["total"])
+        _bench_stop(naive_proc)
+        time.sleep(0.3)
+        r["rss_end_kb"] = _bench_proc_status(cs_proc.pid, "VmRSS")
+        r["requests_served"] = served + 2 + 2 * (BENCH_TTFB_REQUESTS + 10) + 2 * 205
+        r["nagle_ok"] = r["nagle_p50_ms_chatserve"] < 1.0
+        r["nagle_ok_split_client"] = r["nagle_p50_ms_chatserve_split"] < 1.0
+        r["nagle_stall_reproduced"] = max(r["nagle_p50_ms_naive_split"], r["nagle_p50_ms_naive"]) > 20.0
+        r["bench_seconds"] = time.perf_counter() - t_begin
+        _bench_report(r, say)
+        return r
+    finally:
+        for proc in reversed(procs):
+            _bench_stop(proc)
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
+        for name in os.listdir(tmpdir):
+            try:
+                os.unlink(os.path.join(tmpdir, name))
+            except OSError:
+                pass
+        try:
+            os.rmdir(tmpdir)
+        except OSError:
+            pass
+
+
+def _bench_report(r, say):
+    def kb(value):
+        return "-" if value is None else "%.1f MB" % (value / 1024.0)
+
+    def cpu(key, who):
+        value = r[key].get(who)
+        return "-" if value is None else "%.0f" % value
+
+    rule = "-" * 78
+    row = "%-38s %12s %14s %10s"
+    say("")
+    say(rule)
+    say(row % ("", "upstream alone", "via chatserve", "added"))
+    say(rule)
+    say(row % ("requests/s, concurrency 1", "%.0f" % r["rps_upstream_c1"], "%.0f" % r["rps_chatserve_c1"], ""))
+    say(row % ("requests/s, concurrency 32", "%.0f" % r["rps_upstream_c32"], "%.0f" % r["rps_chatserve_c32"], ""))
+    for q in ("p50", "p99"):
+        say(row % ("latency %s ms, concurrency 1" % q, "%.3f" % r["%s_ms_upstream_c1" % q],
+                   "%.3f" % r["%s_ms_chatserve_c1" % q], "%+.3f" % r["%s_ms_added_c1" % q]))
+    for q in ("p50", "p99"):
+        say(row % ("latency %s ms, concurrency 32" % q, "%.3f" % r["%s_ms_upstream_c32" % q],
+                   "%.3f" % r["%s_ms_chatserve_c32" % q], ""))
+    say(row % ("stream: response head ms (p50)", "%.3f" % r["ttfb_head_ms_upstream"],
+               "%.3f" % r["ttfb_head_ms_chatserve"],
+               "%+.3f" % (r["ttfb_head_ms_chatserve"] - r["ttfb_head_ms_upstream"])))
+    say(row % ("stream: first data: byte ms (p50)", "%.3f" % r["ttfb_ms_upstream"],
+               "%.3f" % r["ttfb_ms_chatserve"], "%+.3f" % r["ttfb_ms_added"]))
+    say(row % ("stream: complete ms (p50)", "%.3f" % r["stream_total_ms_upstream"],
+               "%.3f" % r["stream_total_ms_chatserve"], "%+.3f" % r["stream_total_ms_added"]))
+    say(rule)
+    say("CPU us per request (load generator / fake upstream / chatserve), user+system from /proc:")
+    for conns in (1, 32):
+        say("  concurrency %-2d  upstream alone %s / %s / -,  via chatserve %s / %s / %s" % (
+            conns, cpu("cpu_us_per_request_upstream_c%d" % conns, "generator"),
+            cpu("cpu_us_per_request_upstream_c%d" % conns, "upstream"),
+            cpu("cpu_us_per_request_chatserve_c%d" % conns, "generator"),
+            cpu("cpu_us_per_request_chatserve_c%d" % conns, "upstream"),
+            cpu("cpu_us_per_request_chatserve_c%d" % conns, "chatserve")))
+    say("startup to /health: %.0f ms median of %d (runs %s ms; `python3 -c pass` alone %.0f ms)"
+        % (r["startup_ms"], len(r["startup_all_ms"]), r["startup_all_ms"], r["python_startup_ms"]))
+    say("chatserve RSS: idle %s, after %d requests %s (%s), peak %s"
+        % (kb(r["rss_idle_kb"]), r["memory_requests"], kb(r["rss_after_kb"]),
+           "-" if r.get("rss_growth_kb") is None else "%+.1f MB" % (r["rss_growth_kb"] / 1024.0),
+           kb(r["rss_peak_kb"])))
+    say("chatserve RSS at the end (about %d requests, up to 32 connections at once): %s"
+        % (r["requests_served"], kb(r["rss_end_kb"])))
+    say("Nagle/delayed-ACK, p50 of sequential keep-alive POSTs:")
+    say("  chatserve, one send() per request, client TCP_NODELAY   %8.3f ms" % r["nagle_p50_ms_chatserve"])
+    say("  chatserve, headers and body in two send()s, Nagle on    %8.3f ms" % r["nagle_p50_ms_chatserve_split"])
+    say("  naive http.server (Nagle on, 2 writes), 2 send()s       %8.3f ms  (%d requests in 3 s max)"
+        % (r["nagle_p50_ms_naive_split"], r["nagle_n_naive_split"]))
+    say("  naive http.server (Nagle on, 2 writes), 1 send()        %8.3f ms  (%d requests in 3 s max)"
+        % (r["nagle_p50_ms_naive"], r["nagle_n_naive"]))
+    say("  -> chatserve %s; the 40 ms stall %s" % (
+        "shows no stall (p50 < 1 ms)" if r["nagle_ok"] else "is SLOWER than 1 ms: look for a Nagle stall",
+        "reproduces here with the naive server" if r["nagle_stall_reproduced"]
+        else "did NOT reproduce with the naive server on this loopback"))
+    if not r["nagle_ok_split_client"]:
+        say("  -> a client that sends headers and body in two send()s with Nagle on waits for chatserve's")
+        say("     delayed ACK of the headers (http.client and curl set TCP_NODELAY and do not)")
+    say("(bench took %.0f s)" % r["bench_seconds"])
+    say(rule)
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:2] == ["bench"]:
+        run_bench()
+    else:
+        unittest.main()
