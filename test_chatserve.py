@@ -1458,6 +1458,8 @@ class ControlSocketTest(ServerTestCase):
         stopper.join(WAIT)
         self.assertFalse(stopper.is_alive())
         self.assertFalse(os.path.exists(path))
+        resp.close()
+        conn.close()
 
     def test_drain_timeout_cuts_streams_that_run_too_long(self):
         app = self.start(drain_timeout=0.2)
@@ -1469,6 +1471,8 @@ class ControlSocketTest(ServerTestCase):
         app.stop()
         self.assertLess(time.monotonic() - started, WAIT)
         self.assertTrue(wait_until(lambda: self.upstream.server.disconnects == 1))
+        resp.close()
+        conn.close()
 
 
 def serve_process(test, *args, env=None):
