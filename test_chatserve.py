@@ -1587,16 +1587,25 @@ except ImportError:
 INTEROP_REQUIRED = os.environ.get("CHATSERVE_INTEROP") == "1"
 
 
-class InteropTest(ServerTestCase):
+class SDKTestCase(ServerTestCase):
     """Under `make interop` a missing SDK fails; elsewhere it skips."""
 
+    sdk_name = ""
+
     def setUp(self):
-        if openai is None:
+        if globals()[self.sdk_name] is None:
             if INTEROP_REQUIRED:
-                self.fail("the openai package is not importable; make interop installs it in .venv-interop")
-            self.skipTest("openai SDK not installed (make interop runs these)")
+                self.fail("the %s package is not importable; make interop installs it in .venv-interop" % self.sdk_name)
+            self.skipTest("%s SDK not installed (make interop runs these)" % self.sdk_name)
         super().setUp()
         self.start(token="tok")
+
+
+class InteropTest(SDKTestCase):
+    sdk_name = "openai"
+
+    def setUp(self):
+        super().setUp()
         self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.app.port, api_key="tok",
                                     max_retries=0, timeout=WAIT)
 
@@ -1653,16 +1662,13 @@ class InteropTest(ServerTestCase):
         self.assertEqual(self.client.models.retrieve("org/other-model").id, "org/other-model")
 
 
-class AnthropicInteropTest(ServerTestCase):
+class AnthropicInteropTest(SDKTestCase):
     """The official anthropic SDK against /v1/messages (any configured provider behind it)."""
 
+    sdk_name = "anthropic"
+
     def setUp(self):
-        if anthropic is None:
-            if INTEROP_REQUIRED:
-                self.fail("the anthropic package is not importable; make interop installs it in .venv-interop")
-            self.skipTest("anthropic SDK not installed (make interop runs these)")
         super().setUp()
-        self.start(token="tok")
         self.client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.app.port, api_key="tok",
                                           max_retries=0, timeout=WAIT)
 
