@@ -394,7 +394,8 @@ class ServerTestCase(unittest.TestCase):
             base_env = env
         self.started_apps = getattr(self, "started_apps", 0) + 1
         values = dict(port=0, metrics_port=0, socket=os.path.join(self.tmp, "ctl%d.sock" % self.started_apps),
-                      drain_timeout=2.0, retry_backoff=0.001, probe_local=False)
+                      drain_timeout=2.0, retry_backoff=0.001, probe_local=False, rate_limit_rps=0,
+                      data_dir=os.path.join(self.tmp, "data"))
         values.update(options)
         config = cs.Config(env=base_env, **values)
         config.validate()
@@ -1264,6 +1265,7 @@ class AuthTest(ServerTestCase):
         for method, path, body in (("GET", "/status", None), ("GET", "/v1/models", None),
                                    ("POST", "/v1/chat/completions", self.chat())):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                self.app.auth_failures.buckets.clear()      # this test is about 401s, not the failure limit
                 status, resp, answer = self.request(method, path, body, headers)
                 self.assert_openai_error(status, answer, 401, ["Bearer"])
                 self.assertEqual(resp.getheader("WWW-Authenticate"), 'Bearer realm="chatserve"')
@@ -1479,7 +1481,8 @@ def serve_process(test, *args, env=None):
     """Start `chatserve.py serve` as a subprocess; returns (proc, port, socket path)."""
     port = free_port()
     sock = os.path.join(test.tmp, "p%d.sock" % port)
-    full_env = dict(os.environ, OPENAI_BASE_URL=test.upstream.url, OPENAI_API_KEY="sk-x", **(env or {}))
+    full_env = dict(os.environ, OPENAI_BASE_URL=test.upstream.url, OPENAI_API_KEY="sk-x",
+                    CHATSERVE_DATA_DIR=os.path.join(test.tmp, "data"), **(env or {}))
     proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", str(port), "--metrics-port", "0",
                              "--socket", sock] + list(args), env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -1542,7 +1545,7 @@ class CommandLineTest(unittest.TestCase):
         for args in (["serve", "--port", "99999"], ["serve", "--provider", "NOPE"],
                      ["serve", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"],
                      ["serve", "--log-level", "loud"], ["frobnicate"], ["serve", "--no-such-flag"]):
-            out = run_cli(*args, env={"CHATCLI_METRICS_PORT": "0"})
+            out = run_cli(*args, env={"CHATCLI_METRICS_PORT": "0", "CHATSERVE_DATA_DIR": tempfile.gettempdir()})
             self.assertEqual(out.returncode, 2, args)
             self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
             self.assertNotIn("Traceback", out.stderr)
@@ -2137,7 +2140,8 @@ def _bench_env(upstream_port):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CHATSERVE_", "CHATCLI_", "OPENAI_", "LLM_"))}
     env.update(OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % upstream_port, OPENAI_API_KEY="k",
-               LLM_PROVIDER="OPENAI")
+               LLM_PROVIDER="OPENAI", CHATCLI_RATE_LIMIT_RPS="0",        # one client, thousands of requests/s
+               CHATSERVE_DATA_DIR=os.path.join(tempfile.gettempdir(), "chatserve-bench"))
     return env
 
 
