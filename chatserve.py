@@ -4301,6 +4301,370 @@ def cmd_ctl(args):
 
 
 # ---------------------------------------------------------------------------
+# Clients: connect (the remote terminal client)
+# ---------------------------------------------------------------------------
+
+class RemoteError(Exception):
+    """An error the server answered (JSON-RPC error) or a failed connection."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+class _AddressedConnection(http.client.HTTPConnection):
+    """HTTP(S) to one resolved address, keeping the host name for Host and TLS."""
+
+    def __init__(self, host, sockaddr, family, timeout, context=None):
+        super().__init__(host, sockaddr[1], timeout=timeout)
+        self.sockaddr, self.family, self.context = sockaddr, family, context
+
+    def connect(self):
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = self.context.wrap_socket(sock, server_hostname=self.host) if self.context else sock
+        except BaseException:
+            sock.close()
+            raise
+
+
+class RpcClient:
+    """JSON-RPC to chatserve.  A name that resolves to several addresses (a
+    headless Kubernetes Service) is spread round-robin per request; a dead
+    address is skipped for 30 s."""
+
+    dead_for = 30.0
+
+    def __init__(self, addr, token="", tls=False, ca_cert="", timeout=300.0):
+        host, _, port = addr.rpartition(":") if ":" in addr and not addr.endswith("]") else (addr, "", "")
+        host = host.strip("[]") or addr
+        try:
+            self.port = int(port) if port else DEFAULT_PORT
+        except ValueError:
+            raise ConfigError("address %r: the port must be a number (HOST:PORT)" % addr)
+        self.host, self.token, self.timeout = host, token, timeout
+        self.context = None
+        if tls or ca_cert:
+            if ssl is None:
+                raise ConfigError("--tls needs Python's ssl module")
+            self.context = ssl.create_default_context(cafile=ca_cert or None)
+        try:
+            infos = socket.getaddrinfo(host, self.port, 0, socket.SOCK_STREAM)
+        except OSError as e:
+            raise RemoteError("cannot resolve %s: %s" % (host, _os_reason(e)))
+        self.addresses = list(collections.OrderedDict((info[4], info[0]) for info in infos).items())
+        self.next, self.dead, self.lock = 0, {}, threading.Lock()
+        self.ids = iter(range(1, 1 << 62))
+
+    def _order(self):
+        """Addresses to try for one request: round-robin, live ones first."""
+        with self.lock:
+            start, self.next = self.next, self.next + 1
+        ring = self.addresses[start % len(self.addresses):] + self.addresses[:start % len(self.addresses)]
+        now = time.monotonic()
+        return [a for a in ring if self.dead.get(a[0], 0) <= now] + [a for a in ring if self.dead.get(a[0], 0) > now]
+
+    def _post(self, body, accept):
+        headers = {"Content-Type": "application/json", "Accept": accept}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        error = None
+        for sockaddr, family in self._order():
+            conn = _AddressedConnection(self.host, sockaddr, family, self.timeout, self.context)
+            try:
+                conn.request("POST", "/rpc", json_bytes(body), headers)
+                return conn, conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self.dead[sockaddr] = time.monotonic() + self.dead_for
+                error = e
+        raise RemoteError("cannot reach chatserve at %s:%d: %s" % (self.host, self.port, _os_reason(error)))
+
+    @staticmethod
+    def _result(reply):
+        if not isinstance(reply, dict):
+            raise RemoteError("the server sent an answer that is not JSON-RPC")
+        if "error" in reply:
+            err = reply["error"] or {}
+            raise RemoteError(err.get("message", "error"), err.get("code"))
+        return reply.get("result")
+
+    def call(self, method, params=None):
+        conn, resp = self._post({"jsonrpc": "2.0", "id": next(self.ids), "method": method, "params": params or {}},
+                                "application/json")
+        try:
+            data = resp.read()
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise RemoteError("the server answered %d with something that is not JSON" % resp.status)
+        return self._result(reply)
+
+    def stream(self, method, params=None):
+        """Results of a streaming RPC as they arrive; closing it closes the connection."""
+        conn, resp = self._post({"jsonrpc": "2.0", "id": next(self.ids), "method": method, "params": params or {}},
+                                "text/event-stream")
+        try:
+            if "text/event-stream" not in (resp.getheader("Content-Type") or ""):
+                reply = json.loads(resp.read().decode("utf-8") or "null")
+                for result in (self._result(reply) or []):
+                    yield result
+                return
+            for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
+                yield self._result(json.loads(data))
+        finally:
+            conn.close()
+
+
+def local_auth_key(provider=""):
+    """(provider, key) from ChatCLI's ~/.chatcli/auth-profiles.json (plain JSON)."""
+    path = os.path.join(os.environ.get("CHATCLI_AUTH_DIR") or os.path.expanduser("~/.chatcli"), "auth-profiles.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            store = json.load(f)
+    except OSError as e:
+        raise ConfigError("--use-local-auth: cannot read %s: %s" % (path, _os_reason(e)))
+    except ValueError:
+        raise ConfigError("--use-local-auth: %s is not plain JSON (newer ChatCLI versions encrypt it); "
+                          "pass your key with --llm-key instead" % path)
+    wanted = {"CLAUDEAI": ("anthropic",), "OPENAI": ("openai", "openai-codex")}
+    if provider and provider.upper() not in wanted:
+        raise ConfigError("--use-local-auth supports CLAUDEAI and OPENAI; %s needs --llm-key" % provider)
+    for name in ([provider.upper()] if provider else ["CLAUDEAI", "OPENAI"]):
+        for profile in (store.get("profiles") or {}).values():
+            if not isinstance(profile, dict) or profile.get("provider") not in wanted[name]:
+                continue
+            kind = profile.get("type")
+            if kind == "oauth" and profile.get("access"):
+                if profile.get("expires") and profile["expires"] <= time.time() * 1000:
+                    continue
+                return name, "oauth:" + profile["access"]
+            if kind == "token" and profile.get("token"):
+                return name, "token:" + profile["token"]
+            if kind == "api_key" and profile.get("key"):
+                return name, "apikey:" + profile["key"]
+    raise ConfigError("--use-local-auth: no usable credentials in %s (log in with ChatCLI's /auth login first)" % path)
+
+
+class RemoteSession:
+    """The state of one `connect`: the client, overrides and the history."""
+
+    def __init__(self, client, args, out=None):
+        self.client, self.args, self.out = client, args, out or sys.stdout
+        self.provider, self.model = args.provider or "", args.model or ""
+        self.history = []
+        self.api_key = args.llm_key or ""
+        self.config = {k: v for k, v in (("client_id", args.client_id), ("client_key", args.client_key),
+                                         ("realm", args.realm), ("agent_id", args.agent_id),
+                                         ("base_url", args.ollama_url)) if v}
+
+    def say(self, text="", end="\n"):
+        self.out.write(text + end)
+        self.out.flush()
+
+    def prompt_params(self, prompt):
+        params = {"prompt": prompt, "history": self.history, "provider": self.provider, "model": self.model,
+                  "client_api_key": self.api_key, "provider_config": self.config}
+        if self.args.max_tokens:
+            params["max_tokens"] = self.args.max_tokens
+        return {k: v for k, v in params.items() if v not in ("", None, {})}
+
+    def ask(self, prompt):
+        """Stream one answer; Ctrl-C stops it.  Returns the text (None if stopped)."""
+        parts = []
+        stream = self.client.stream("StreamPrompt", self.prompt_params(prompt))
+        try:
+            for result in stream:
+                if self.args.raw:
+                    self.say(json_dumps(result))
+                else:
+                    self.say(result.get("chunk", ""), end="")
+                parts.append(result.get("chunk", ""))
+        except KeyboardInterrupt:
+            stream.close()
+            self.say("\n[answer stopped]")
+            return None
+        if not self.args.raw:
+            self.say()
+        text = "".join(parts)
+        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+        return text
+
+    def banner(self):
+        health = self.client.call("Health")
+        if health.get("status") != "SERVING":
+            raise RemoteError("the server is not serving (%s)" % health.get("status"))
+        info = self.client.call("GetServerInfo")
+        extra = ", using your own API key" if self.api_key else ""
+        self.say("Connected to chatserve (version: %s, provider: %s, model: %s%s)" % (
+            health.get("version"), self.provider or info.get("provider") or "-", self.model or info.get("model") or "-",
+            extra))
+        if info.get("watcher_active"):
+            self.say("K8s watcher active: %s (context injected into all prompts)" % info.get("watcher_target"))
+        self.say("Type /help for commands, Ctrl-D or /quit to leave.")
+
+    def command(self, line):
+        """Run a /command; False when the session should end."""
+        words = line.split()
+        name, rest = words[0].lower(), words[1:]
+        handler = CONNECT_COMMANDS.get(name)
+        if handler is None:
+            self.say("unknown command %s; /help lists them" % name)
+            return True
+        return handler(self, rest) is not False
+
+
+def _cmd_help(session, rest):
+    session.say("\n".join("  %-34s %s" % (usage, text) for usage, text in CONNECT_HELP))
+
+
+def _cmd_status(session, rest):
+    info = session.client.call("GetServerInfo")
+    session.say(format_status(dict(info, provider_override=session.provider or None,
+                                   model_override=session.model or None, history_messages=len(session.history))))
+
+
+def _cmd_watch(session, rest):
+    status = session.client.call("GetWatcherStatus")
+    session.say(format_status(status))
+    for alert in session.client.call("GetAlerts").get("alerts", []):
+        session.say("  [%s] %s: %s (%s)" % (alert.get("severity"), alert.get("type"), alert.get("message"),
+                                            alert.get("object")))
+
+
+def _cmd_session(session, rest):
+    if not rest or rest[0] not in ("save", "load", "list", "delete") or (rest[0] != "list" and len(rest) != 2):
+        session.say("usage: /session save|load|delete NAME, /session list")
+        return
+    action, name = rest[0], rest[1] if len(rest) > 1 else ""
+    if action == "list":
+        names = session.client.call("ListSessions").get("sessions", [])
+        session.say("\n".join(names) if names else "(no sessions)")
+    elif action == "save":
+        session.client.call("SaveSession", {"name": name, "session_data": {"version": 2, "chat_history": session.history}})
+        session.say("saved %s (%d messages)" % (name, len(session.history)))
+    elif action == "load":
+        data = session.client.call("LoadSession", {"name": name})
+        session.history = [{"role": m["role"], "content": m["content"]} for m in data.get("messages", [])]
+        session.say("loaded %s (%d messages)" % (name, len(session.history)))
+    else:
+        session.client.call("DeleteSession", {"name": name})
+        session.say("deleted %s" % name)
+
+
+def _cmd_provider(session, rest):
+    if rest:
+        session.provider = rest[0].upper()
+    session.say("provider: %s" % (session.provider or "(server default)"))
+
+
+def _cmd_model(session, rest):
+    if rest:
+        session.model = rest[0]
+    session.say("model: %s" % (session.model or "(server default)"))
+
+
+def _cmd_clear(session, rest):
+    session.history = []
+    session.say("history cleared")
+
+
+CONNECT_COMMANDS = {"/help": _cmd_help, "/status": _cmd_status, "/watch": _cmd_watch, "/session": _cmd_session,
+                    "/provider": _cmd_provider, "/model": _cmd_model, "/clear": _cmd_clear,
+                    "/quit": lambda s, r: False, "/exit": lambda s, r: False}
+CONNECT_HELP = (("/status", "server info and this session's overrides"),
+                ("/watch", "Kubernetes watcher status and active alerts"),
+                ("/session save|load|delete NAME", "sessions stored on the server"), ("/session list", ""),
+                ("/provider [NAME]", "show or set the provider for the next prompts"),
+                ("/model [NAME]", "show or set the model"), ("/clear", "forget the conversation"),
+                ("/quit", "leave (Ctrl-D too); Ctrl-C stops an answer"))
+
+
+def interactive(session):
+    try:
+        import readline  # noqa: F401  (line editing and history where available)
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            session.say()
+            return 0
+        except KeyboardInterrupt:
+            session.say()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not session.command(line):
+                    return 0
+            else:
+                session.ask(line)
+        except RemoteError as e:
+            session.say("error: %s" % e.message)
+
+
+def cmd_connect(args):
+    addr = args.address or args.addr or os.environ.get("CHATCLI_REMOTE_ADDR", "")
+    if not addr:
+        raise ConfigError("connect needs a server address: connect HOST:PORT (or --addr, CHATCLI_REMOTE_ADDR)")
+    args.token = args.token if args.token is not None else os.environ.get("CHATCLI_REMOTE_TOKEN", "")
+    args.llm_key = args.llm_key or os.environ.get("CHATCLI_CLIENT_API_KEY", "")
+    if args.use_local_auth and not args.llm_key:
+        args.provider, args.llm_key = local_auth_key(args.provider or "")
+    try:
+        session = RemoteSession(RpcClient(addr, args.token, args.tls, args.ca_cert), args)
+        if args.prompt is not None:
+            session.client.call("Health")
+            return 0 if session.ask(args.prompt) is not None else 130
+        session.banner()
+        return interactive(session)
+    except RemoteError as e:
+        print("chatserve connect: %s" % e.message, file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------
+# Clients: sessions (the local store, ChatCLI import)
+# ---------------------------------------------------------------------------
+
+def cmd_sessions(args):
+    if args.action != "list" and not args.target:
+        raise ConfigError("sessions %s needs a %s" % (args.action, "NAME" if args.action == "export" else "DIRECTORY"))
+    store = SessionStore(os.path.join(os.path.expanduser(args.data_dir or os.environ.get(
+        "CHATSERVE_DATA_DIR") or "~/.chatserve"), "sessions.db"))
+    try:
+        if args.action == "list":
+            for name in store.list():
+                print(name)
+        elif args.action == "export":
+            try:
+                print(json.dumps(store.load(check_session_name(args.target)), indent=2, ensure_ascii=False))
+            except ChatServeError as e:
+                print("chatserve sessions: %s" % e.message, file=sys.stderr)
+                return 1
+        else:
+            if not os.path.isdir(args.target):
+                raise ConfigError("sessions import: %s is not a directory" % args.target)
+            imported, skipped = import_chatcli_sessions(store, args.target)
+            for entry, reason in skipped:
+                print("skipped %s: %s" % (entry, reason), file=sys.stderr)
+            print("imported %d session(s)%s" % (len(imported), ": " + ", ".join(imported) if imported else ""))
+            return 1 if skipped and not imported else 0
+    finally:
+        store.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -4336,6 +4700,35 @@ def build_parser():
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     ctl.set_defaults(func=cmd_ctl)
 
+    connect = sub.add_parser("connect", help="interactive client for a remote chatserve",
+                             description="Talk to a chatserve over its RPC service. Ctrl-C stops an answer, "
+                                         "Ctrl-D or /quit leaves.")
+    connect.add_argument("address", nargs="?", help="HOST:PORT (or --addr, CHATCLI_REMOTE_ADDR)")
+    connect.add_argument("--addr", help="server address HOST:PORT")
+    connect.add_argument("--token", help="server bearer token [env CHATCLI_REMOTE_TOKEN]")
+    connect.add_argument("--tls", action="store_true", help="use TLS")
+    connect.add_argument("--ca-cert", default="", help="CA certificate to verify the server (implies --tls)")
+    connect.add_argument("--llm-key", help="your own LLM API key [env CHATCLI_CLIENT_API_KEY]")
+    connect.add_argument("--use-local-auth", action="store_true",
+                         help="send the OAuth token from ~/.chatcli/auth-profiles.json")
+    connect.add_argument("--provider", help="provider for your prompts")
+    connect.add_argument("--model", help="model for your prompts")
+    for flag in ("--client-id", "--client-key", "--realm", "--agent-id"):
+        connect.add_argument(flag, help="StackSpot %s" % flag[2:].replace("-", " "))
+    connect.add_argument("--ollama-url", help="Ollama URL the server should use for you")
+    connect.add_argument("-p", "--prompt", help="one prompt: print the streamed answer and exit")
+    connect.add_argument("--raw", action="store_true", help="print each streamed result as a JSON line")
+    connect.add_argument("--max-tokens", type=int, default=0, help="max tokens per answer")
+    connect.set_defaults(func=cmd_connect)
+
+    sessions = sub.add_parser("sessions", help="list, export or import stored sessions",
+                              description="The local session store (--data-dir). import DIR reads ChatCLI's "
+                                          "~/.chatcli/sessions/*.json.")
+    sessions.add_argument("action", choices=("list", "export", "import"))
+    sessions.add_argument("target", nargs="?", default="", help="session name (export) or directory (import)")
+    sessions.add_argument("--data-dir", help="data directory (default ~/.chatserve) [env CHATSERVE_DATA_DIR]")
+    sessions.set_defaults(func=cmd_sessions)
+
     version = sub.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=lambda args: print("chatserve %s (Python %s)" % (
         __version__, ".".join(map(str, sys.version_info[:3])))) or 0)
@@ -4343,6 +4736,7 @@ def build_parser():
 
 
 def cmd_serve(args):
+    """serve: resolve the config, run until shut down."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     config = Config.from_sources(flags)
     setup_logging(config.log_level, config.log_format)
