@@ -3298,6 +3298,8 @@ def route_rpc(h):
         else:
             h.send_bytes(204, b"", "application/json")
         return
+    if isinstance(body, dict) and body.get("method") in RPC_METHODS:
+        h.route_label = body["method"]          # metrics count RPCs by name, as gRPC would
     if "text/event-stream" in (h.headers.get("Accept") or "") and isinstance(body, dict) \
             and RPC_METHODS.get(body.get("method"), RPC_METHODS["Health"]).streaming and "id" in body:
         return rpc_stream_sse(app, h, body)

@@ -188,7 +188,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                           "finish_reason": "stop"}]})
 
     def scenario_endless(self, body):
-        self.stream([openai_chunk({"content": "tick "})] * self.server.endless_chunks, delay=0.02)
+        self.stream([openai_chunk({"content": "tick "})] * self.server.endless_chunks, delay=self.server.endless_delay)
 
     def scenario_garbage(self, body):
         self.send_body(200, {"unexpected": True})
@@ -339,6 +339,7 @@ class FakeUpstream:
         self.server.disconnects = 0
         self.server.slow_seconds = 1.0
         self.server.endless_chunks = 400
+        self.server.endless_delay = 0.02
         self.server.fail_next = 0
         self.server.tokens_issued = 0
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -1252,6 +1253,508 @@ class OpenAISurfaceTest(ServerTestCase):
         status, _, body = self.request("GET", "/v1/models/nope")
         self.assert_openai_error(status, body, 404, ["nope"])
         self.assertEqual(body["error"]["code"], "model_not_found")
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+# ---------------------------------------------------------------------------
+
+class SessionStoreTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-sessions-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.store = cs.SessionStore(os.path.join(self.tmp, "d", "sessions.db"))
+        self.addCleanup(self.store.close)
+
+    def test_save_load_list_delete_and_legacy_lists(self):
+        self.assertEqual(os.stat(os.path.join(self.tmp, "d")).st_mode & 0o777, 0o700)
+        self.store.save("b", {"version": 2, "chat_history": [{"role": "user", "content": "hi", "meta": {"mode": "chat"}}],
+                              "agent_history": [{"role": "assistant", "content": "ok"}]})
+        self.store.save("a", [{"role": "user", "content": "legacy"}])
+        self.assertEqual(self.store.list(), ["a", "b"])
+        self.assertEqual(self.store.load("a"), {"version": 2, "chat_history": [{"role": "user", "content": "legacy"}]})
+        self.assertEqual(self.store.load("b")["agent_history"], [{"role": "assistant", "content": "ok"}])
+        self.assertTrue(self.store.delete("a"))
+        self.assertFalse(self.store.delete("a"))
+        with self.assertRaises(cs.NotFound):
+            self.store.load("a")
+
+    def test_names_are_checked(self):
+        for bad in ("", "../x", ".hidden", "a b", "x" * 256, "a/b"):
+            with self.assertRaises(cs.BadRequest):
+                cs.check_session_name(bad)
+        cs.check_session_name("prod-incident_2.v1")
+
+    def test_concurrent_saves_leave_whole_sessions(self):
+        def writer(n):
+            for i in range(30):
+                self.store.save("shared", {"version": 2, "chat_history": [{"role": "user", "content": "%d-%d" % (n, i)}] * 20})
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        history = self.store.load("shared")["chat_history"]
+        self.assertEqual(len(history), 20)
+        self.assertEqual(len({m["content"] for m in history}), 1)
+
+    def test_kill_during_save_leaves_each_session_before_or_after(self):
+        path = os.path.join(self.tmp, "kill", "sessions.db")
+        code = ("import sys; sys.path.insert(0, %r); import chatserve as cs\n"
+                "store = cs.SessionStore(%r)\n"
+                "i = 0\n"
+                "while True:\n"
+                "    i += 1\n"
+                "    store.save('s%%d' %% (i %% 5), {'version': 2, 'chat_history': [{'role': 'user', 'content': str(i)}] * 200})\n"
+                "    if i == 50: print('ready', flush=True)\n") % (HERE, path)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline().strip(), b"ready")
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        proc.stdout.close()
+        store = cs.SessionStore(path)
+        try:
+            for name in store.list():
+                history = store.load(name)["chat_history"]
+                self.assertEqual(len(history), 200)
+                self.assertEqual(len({m["content"] for m in history}), 1)
+            self.assertEqual(store.db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        finally:
+            store.close()
+
+    def test_import_chatcli_session_files(self):
+        src = os.path.join(self.tmp, "chatcli")
+        os.makedirs(src)
+        files = {"v2.json": {"version": 2, "chat_history": [{"role": "user", "content": "hi"}], "coder_history": []},
+                 "legacy.json": [{"role": "user", "content": "old"}, {"role": "assistant", "content": "reply"}],
+                 "bad name.json": [], "broken.json": None}
+        for name, data in files.items():
+            with open(os.path.join(src, name), "w") as f:
+                f.write("{broken" if data is None else json.dumps(data))
+        imported, skipped = cs.import_chatcli_sessions(self.store, src)
+        self.assertEqual(sorted(imported), ["legacy", "v2"])
+        self.assertEqual(sorted(s[0] for s in skipped), ["bad name.json", "broken.json"])
+        self.assertEqual(self.store.load("legacy")["chat_history"][1], {"role": "assistant", "content": "reply"})
+
+    def test_sessions_command_line(self):
+        src = os.path.join(self.tmp, "chatcli")
+        os.makedirs(src)
+        with open(os.path.join(src, "one.json"), "w") as f:
+            json.dump({"version": 2, "chat_history": [{"role": "user", "content": "hi"}]}, f)
+        data = os.path.join(self.tmp, "cli")
+        out = run_cli("sessions", "import", src, "--data-dir", data)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("imported 1 session(s): one", out.stdout)
+        self.assertEqual(run_cli("sessions", "list", "--data-dir", data).stdout, "one\n")
+        self.assertEqual(json.loads(run_cli("sessions", "export", "one", "--data-dir", data).stdout)["chat_history"][0]["content"], "hi")
+        self.assertEqual(run_cli("sessions", "export", "--data-dir", data).returncode, 2)
+        self.assertEqual(run_cli("sessions", "export", "nope", "--data-dir", data).returncode, 1)
+
+
+# ---------------------------------------------------------------------------
+# RPC surface: JSON-RPC 2.0, StreamPrompt, sessions, validation, rate limits
+# ---------------------------------------------------------------------------
+
+class ChunkerTest(unittest.TestCase):
+    def test_boundaries_in_chatcli_order(self):
+        cases = [("para one.\n\n" + "x" * 250, "para one.\n\n"), ("line one\n" + "y" * 250, "line one\n"),
+                 ("First. Second! " + "z" * 250, "First. Second! "), ("word " * 60, ("word " * 40)),
+                 ("a" * 450, "a" * 200)]
+        for text, first in cases:
+            pieces = cs.Chunker(200).feed(text)
+            self.assertEqual(pieces[0], first, text[:30])
+
+    def test_exact_reassembly_any_deltas_and_unicode(self):
+        import random as rnd
+        gen = rnd.Random(7)
+        alphabet = "ab .!?\n\u00e9\u4e2d\U0001F600"
+        for _ in range(50):
+            text = "".join(gen.choice(alphabet) for _ in range(gen.randint(0, 1500)))
+            chunker, pieces, pos = cs.Chunker(200), [], 0
+            while pos < len(text):
+                step = gen.randint(1, 90)
+                pieces += chunker.feed(text[pos:pos + step])
+                pos += step
+            pieces += chunker.flush()
+            self.assertEqual("".join(pieces), text)
+            self.assertTrue(all(0 < len(p) <= 200 for p in pieces))
+
+    def test_pieces_leave_as_soon_as_complete(self):
+        chunker = cs.Chunker(200)
+        self.assertEqual(chunker.feed("short. "), [])
+        self.assertEqual(chunker.feed("x" * 200), ["short. "])
+
+
+def rpc(test, method, params=None, rpc_id=1, headers=None, app=None):
+    body = {"jsonrpc": "2.0", "method": method, "id": rpc_id}
+    if params is not None:
+        body["params"] = params
+    return test.request("POST", "/rpc", body, headers, app=app)
+
+
+class RpcServiceTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.start(token="t")
+        self.auth = {"Authorization": "Bearer t"}
+
+    def call(self, method, params=None, **kw):
+        status, resp, body = rpc(self, method, params, headers=kw.pop("headers", self.auth), **kw)
+        return body
+
+    def test_health_is_open_everything_else_needs_the_token(self):
+        status, _, body = rpc(self, "Health")
+        self.assertEqual((status, body["result"]), (200, {"status": "SERVING", "version": cs.__version__}))
+        status, resp, body = rpc(self, "ListSessions")
+        self.assertEqual((status, body["error"]["code"], body["error"]["data"]["grpc_status"]),
+                         (401, -32001, "UNAUTHENTICATED"))
+        self.assertEqual(resp.getheader("WWW-Authenticate"), 'Bearer realm="chatserve"')
+
+    def test_send_prompt_with_history_and_overrides(self):
+        result = self.call("SendPrompt", {"prompt": "hi", "history": [{"role": "user", "content": "before"},
+                                                                      {"role": "assistant", "content": "ok"}],
+                                          "model": "up-model", "max_tokens": 20})["result"]
+        self.assertEqual((result["response"], result["model"], result["provider"]), ("Hello world", "up-model", "OPENAI"))
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual([m["content"] for m in sent["messages"]], ["before", "ok", "hi"])
+        self.assertEqual(sent["max_tokens"], 20)
+        self.call("SendPrompt", {"prompt": "hi", "client_api_key": "sk-mine", "provider": "OPENAI"})
+        self.assertEqual(self.upstream.requests[-1]["headers"]["Authorization"], "Bearer sk-mine")
+
+    def test_stream_prompt_collected_and_as_sse(self):
+        result = self.call("StreamPrompt", {"prompt": "hi"})["result"]
+        self.assertEqual(result[-1]["done"], True)
+        self.assertEqual("".join(r["chunk"] for r in result), "Hello world")
+        headers = dict(self.auth, Accept="text/event-stream")
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 100, 0.0
+        status, resp, text = rpc(self, "StreamPrompt", {"prompt": "hi", "model": "endless"}, rpc_id="s1", headers=headers)
+        events = sse_data(text)
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/event-stream"))
+        self.assertTrue(all(e["id"] == "s1" and e["jsonrpc"] == "2.0" for e in events))
+        chunks = [e["result"]["chunk"] for e in events]
+        self.assertEqual("".join(chunks), "tick " * 100)
+        self.assertTrue(all(len(c) <= 200 for c in chunks))
+        self.assertEqual([e["result"]["done"] for e in events][-2:], [False, True])
+
+    def test_stream_error_in_sse_is_an_error_object(self):
+        headers = dict(self.auth, Accept="text/event-stream")
+        _, _, text = rpc(self, "StreamPrompt", {"prompt": "hi", "model": "stream-error"}, headers=headers)
+        last = sse_data(text)[-1]
+        self.assertEqual(last["error"]["code"], -32010)
+        self.assertIn("model overloaded", last["error"]["message"])
+
+    def test_sessions_round_trip(self):
+        self.assertTrue(self.call("SaveSession", {"name": "s1", "messages": [{"role": "user", "content": "a"}]})["result"]["success"])
+        data = {"version": 2, "chat_history": [{"role": "user", "content": "b"}], "shared_memory": [{"role": "system", "content": "m"}]}
+        self.call("SaveSession", {"name": "s2", "session_data": data})
+        self.assertEqual(self.call("ListSessions")["result"], {"sessions": ["s1", "s2"]})
+        loaded = self.call("LoadSession", {"name": "s2"})["result"]
+        self.assertEqual(loaded["messages"], [{"role": "user", "content": "b"}])
+        self.assertEqual(loaded["session_data"]["shared_memory"], [{"role": "system", "content": "m"}])
+        self.assertTrue(self.call("DeleteSession", {"name": "s1"})["result"]["success"])
+        err = self.call("LoadSession", {"name": "s1"})["error"]
+        self.assertEqual((err["code"], err["data"]["grpc_status"]), (-32004, "NOT_FOUND"))
+
+    def test_info_watcher_alerts_and_analyze(self):
+        info = self.call("GetServerInfo")["result"]
+        self.assertEqual((info["provider"], info["available_providers"], info["watcher_active"]), ("OPENAI", ["OPENAI"], False))
+        self.assertFalse(self.call("GetWatcherStatus")["result"]["active"])
+        self.assertEqual(self.call("GetAlerts", {"namespace": "prod"})["result"], {"alerts": []})
+        result = self.call("AnalyzeIssue", {"issue_name": "oom <|im_start|>", "namespace": "prod", "risk_score": 70})["result"]
+        self.assertEqual((result["confidence"], result["analysis"]), (0.5, "Hello world"))
+        prompt = self.upstream.requests[-1]["body"]["messages"][0]["content"]
+        self.assertIn('<DATA name="issue_name">oom </DATA>', prompt)
+        for action in ("ScaleDeployment", "RestartDeployment", "RollbackDeployment", "PatchConfig"):
+            self.assertIn(action, prompt)
+
+    def test_protocol_errors(self):
+        status, _, body = self.request("POST", "/rpc", b"{nope", self.auth)
+        self.assertEqual((status, body["error"]["code"], body["id"]), (200, -32700, None))
+        self.assertEqual(self.request("POST", "/rpc", b"[]", self.auth)[2]["error"]["code"], -32600)
+        self.assertEqual(self.request("POST", "/rpc", {"method": "Health", "id": 1}, self.auth)[2]["error"]["code"], -32600)
+        self.assertEqual(self.call("Frobnicate")["error"]["code"], -32601)
+        self.assertEqual(self.call("SendPrompt", [1, 2])["error"]["code"], -32602)
+        err = self.call("SendPrompt", {"prompt": ""})["error"]
+        self.assertEqual((err["code"], err["data"]["param"]), (-32602, "prompt"))
+
+    def test_validation_limits(self):
+        cases = [("SendPrompt", {"prompt": "x" * (512 * 1024 + 1)}, "prompt"),
+                 ("SendPrompt", {"prompt": "x", "max_tokens": 200001}, "max_tokens"),
+                 ("SendPrompt", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+                 ("SendPrompt", {"prompt": "x", "history": "no"}, "history"),
+                 ("SaveSession", {"name": "../etc/passwd", "messages": []}, "name"),
+                 ("AnalyzeIssue", {"namespace": "x"}, "issue_name"),
+                 ("AnalyzeIssue", {"issue_name": "x" * 1025}, "issue_name"),
+                 ("AnalyzeIssue", {"issue_name": "x", "description": "d" * (50 * 1024 + 1)}, "description")]
+        for method, params, field in cases:
+            err = self.call(method, params)["error"]
+            self.assertEqual((err["code"], err["data"].get("param")), (-32602, field), (method, field))
+            self.assertIn(field, err["message"])
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_batches_and_notifications(self):
+        batch = [{"jsonrpc": "2.0", "id": 1, "method": "Health"}, {"jsonrpc": "2.0", "method": "Health"},
+                 {"jsonrpc": "2.0", "id": 2, "method": "Nope"}, 5,
+                 {"jsonrpc": "2.0", "id": 3, "method": "StreamPrompt", "params": {"prompt": "hi"}}]
+        status, _, body = self.request("POST", "/rpc", batch, self.auth)
+        self.assertEqual(status, 200)
+        self.assertEqual([r.get("id") for r in body], [1, 2, None, 3])
+        self.assertEqual(body[1]["error"]["code"], -32601)
+        self.assertEqual(body[2]["error"]["code"], -32600)
+        self.assertEqual(body[3]["result"][-1]["done"], True)
+        status, _, body = self.request("POST", "/rpc", [{"jsonrpc": "2.0", "method": "Health"}], self.auth)
+        self.assertEqual((status, body), (204, ""))
+        status, _, body = self.request("POST", "/rpc", {"jsonrpc": "2.0", "method": "Health"}, self.auth)
+        self.assertEqual(status, 204)
+
+    def test_discover_only_with_reflection(self):
+        self.assertEqual(self.call("rpc.discover")["error"]["code"], -32601)
+        app = self.start(grpc_reflection=True)
+        doc = rpc(self, "rpc.discover", app=app)[2]["result"]
+        self.assertEqual(doc["openrpc"], "1.2.6")
+        self.assertIn("AnalyzeIssue", [m["name"] for m in doc["methods"]])
+
+    def test_rpc_metrics_use_the_method_name(self):
+        self.call("ListSessions")
+        self.assertTrue(wait_until(lambda: self.app.metrics.requests.value(("ListSessions", "200")) == 1))
+
+
+class RateLimitTest(ServerTestCase):
+    def test_per_client_bucket_on_every_surface(self):
+        self.start(rate_limit_rps=0.5, rate_limit_burst=2)
+        self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+        self.assertEqual(rpc(self, "Health")[0], 200)
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat())
+        self.assert_openai_error(status, body, 429, ["rate limit"])
+        self.assertEqual(resp.getheader("Retry-After"), "2")
+        status, _, body = rpc(self, "Health")
+        self.assertEqual((status, body["error"]["code"], body["error"]["data"]["grpc_status"]),
+                         (429, -32029, "RESOURCE_EXHAUSTED"))
+        self.assertEqual(self.request("GET", "/health")[0], 200)      # liveness is never limited
+
+    def test_failed_authentications_are_limited_per_address(self):
+        self.start(token="t")
+        for _ in range(5):
+            self.assertEqual(self.request("GET", "/status", headers={"Authorization": "Bearer guess"})[0], 401)
+        status, resp, body = self.request("GET", "/status", headers={"Authorization": "Bearer t"})
+        self.assert_openai_error(status, body, 429, ["failed authentications"])
+        self.assertGreaterEqual(int(resp.getheader("Retry-After")), 1)
+
+
+# ---------------------------------------------------------------------------
+# RPC surface: InteractiveSession over WebSocket (RFC 6455)
+# ---------------------------------------------------------------------------
+
+def ws_open(port, token=None, key="dGhlIHNhbXBsZSBub25jZQ=="):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    auth = "Authorization: Bearer %s\r\n" % token if token else ""
+    sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (key, auth)).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(1)
+        if not data:
+            break
+        head += data
+    return sock, head.decode()
+
+
+def ws_send(sock, opcode, payload, fin=True, mask=b"\x01\x02\x03\x04"):
+    sock.sendall(cs.ws_frame(opcode, payload, fin=fin, mask=mask))
+
+
+def ws_recv(sock):
+    def exact(n):
+        data = b""
+        while len(data) < n:
+            more = sock.recv(n - len(data))
+            if not more:
+                raise EOFError
+            data += more
+        return data
+    b0, b1 = exact(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(exact(2), "big")
+    elif n == 127:
+        n = int.from_bytes(exact(8), "big")
+    return b0 & 0x0F, exact(n)
+
+
+def ws_json(sock):
+    opcode, payload = ws_recv(sock)
+    return json.loads(payload) if opcode == cs.WS_TEXT else (opcode, payload)
+
+
+class WebSocketSessionTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.start(token="t")
+
+    def test_handshake_accept_key_and_auth(self):
+        self.assertEqual(cs.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        sock, head = ws_open(self.app.port, "t")
+        self.assertTrue(head.startswith("HTTP/1.1 101"), head)
+        self.assertIn("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", head)
+        sock.close()
+        sock, head = ws_open(self.app.port)
+        self.assertTrue(head.startswith("HTTP/1.1 401"), head)
+        sock.close()
+
+    def test_user_input_streams_partial_answers_and_keeps_history(self):
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 100, 0.0
+        sock, _ = ws_open(self.app.port, "t")
+        with sock:
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "hi", "metadata": {"model": "endless"}}).encode())
+            parts = []
+            while True:
+                msg = ws_json(sock)
+                self.assertEqual(msg["type"], "ASSISTANT_RESPONSE")
+                parts.append(msg)
+                if msg["metadata"]["partial"] == "false":
+                    break
+            self.assertEqual("".join(m["content"] for m in parts), "tick " * 100)
+            self.assertTrue(all(m["metadata"]["partial"] == "true" for m in parts[:-1]))
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "again", "metadata": {}}).encode())
+            while ws_json(sock)["metadata"]["partial"] == "true":
+                pass
+            sent = self.upstream.requests[-1]["body"]["messages"]
+            self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])
+
+    def test_fragmented_message_ping_and_commands(self):
+        sock, _ = ws_open(self.app.port, "t")
+        with sock:
+            text = json.dumps({"type": "COMMAND", "content": "status"}).encode()
+            ws_send(sock, cs.WS_TEXT, text[:10], fin=False)
+            ws_send(sock, cs.WS_PING, b"hello")                 # control frames may interleave
+            ws_send(sock, cs.WS_CONT, text[10:], fin=True)
+            self.assertEqual(ws_recv(sock), (cs.WS_PONG, b"hello"))
+            result = ws_json(sock)
+            self.assertEqual(result["type"], "COMMAND_RESULT")
+            self.assertEqual(json.loads(result["content"])["server_type"], "chatserve")
+            ws_send(sock, cs.WS_TEXT, b"{not json")
+            self.assertEqual(ws_json(sock)["type"], "ERROR")
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "launch"}).encode())
+            self.assertIn("unknown command", ws_json(sock)["content"])
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "watcher status"}).encode())
+            self.assertEqual(ws_json(sock)["type"], "COMMAND_RESULT")
+            ws_send(sock, cs.WS_CLOSE, b"\x03\xe8bye")
+            opcode, payload = ws_recv(sock)
+            self.assertEqual((opcode, payload[:2]), (cs.WS_CLOSE, b"\x03\xe8"))
+
+    def test_protocol_violations_close_with_the_right_code(self):
+        cases = [(lambda s: ws_send(s, cs.WS_TEXT, b"{}", mask=None), 1002),               # unmasked
+                 (lambda s: ws_send(s, 0x3, b"x"), 1002),                                  # unknown opcode
+                 (lambda s: ws_send(s, cs.WS_CONT, b"x"), 1002),                           # nothing to continue
+                 (lambda s: ws_send(s, cs.WS_TEXT, b"\xff\xfe"), 1007),                    # not UTF-8
+                 (lambda s: ws_send(s, cs.WS_BINARY, b"x"), 1003),
+                 (lambda s: s.sendall(b"\x81\xff" + (10 ** 9).to_bytes(8, "big")), 1009)]  # oversize
+        for send, code in cases:
+            sock, _ = ws_open(self.app.port, "t")
+            with sock:
+                send(sock)
+                opcode, payload = ws_recv(sock)
+                self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (cs.WS_CLOSE, code))
+
+    def test_abrupt_close_frees_the_connection(self):
+        sock, _ = ws_open(self.app.port, "t")
+        ws_send(sock, cs.WS_TEXT, b'{"type": "COMMAND", "content": "sta', fin=False)   # half a message
+        sock.close()
+        self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 0))
+
+
+# ---------------------------------------------------------------------------
+# connect
+# ---------------------------------------------------------------------------
+
+class ConnectTest(ServerTestCase):
+    def test_one_shot_prompt_and_failures(self):
+        app = self.start(token="t")
+        addr = "127.0.0.1:%d" % app.port
+        out = run_cli("connect", addr, "--token", "t", "-p", "hi")
+        self.assertEqual((out.returncode, out.stdout), (0, "Hello world\n"), out.stderr)
+        out = run_cli("connect", "--addr", addr, "-p", "hi", env={"CHATCLI_REMOTE_TOKEN": "wrong"})
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("bearer token", out.stderr)
+        out = run_cli("connect", "127.0.0.1:%d" % free_port(), "-p", "hi")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("cannot reach", out.stderr)
+        self.assertEqual(run_cli("connect", "-p", "hi", env={"CHATCLI_REMOTE_ADDR": ""}).returncode, 2)
+        out = run_cli("connect", addr, "--token", "t", "--raw", "-p", "hi")
+        self.assertEqual(json.loads(out.stdout.splitlines()[-1])["done"], True)
+
+    def test_interactive_session_through_a_pty(self):
+        import pty
+        app = self.start(token="t")
+        pid, fd = pty.fork()
+        if pid == 0:      # the child: the client, as a person would run it
+            os.execv(sys.executable, [sys.executable, SCRIPT, "connect", "127.0.0.1:%d" % app.port, "--token", "t"])
+        reaped = []
+
+        def cleanup():
+            if not reaped:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(fd)
+        self.addCleanup(cleanup)
+        screen = b""
+
+        def read_until(text):
+            nonlocal screen
+            deadline = time.monotonic() + WAIT
+            while text.encode() not in screen and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.2)[0]:
+                    try:
+                        screen += os.read(fd, 4096)
+                    except OSError:
+                        break
+            return text.encode() in screen
+
+        self.assertTrue(read_until("Connected to chatserve (version: %s, provider: OPENAI" % cs.__version__), screen)
+        os.write(fd, b"hello\r")
+        self.assertTrue(read_until("Hello world"), screen)
+        os.write(fd, b"/session save pty1\r")
+        self.assertTrue(read_until("saved pty1 (2 messages)"), screen)
+        self.assertEqual(app.sessions.load("pty1")["chat_history"][1]["content"], "Hello world")
+        os.write(fd, b"/quit\r")
+
+        def exited():
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped.append(status)
+            return bool(done)
+        self.assertTrue(wait_until(exited))
+        self.assertEqual(os.WEXITSTATUS(reaped[0]), 0)
+
+    def test_round_robin_and_dead_addresses(self):
+        app = self.start()
+        client = cs.RpcClient("127.0.0.1:%d" % app.port)
+        dead = (("127.0.0.1", free_port()), socket.AF_INET)
+        client.addresses = [dead] + client.addresses
+        self.assertEqual(client.call("Health")["status"], "SERVING")       # the dead one is skipped
+        self.assertIn(dead[0], client.dead)
+        self.assertEqual(client.call("Health")["status"], "SERVING")
+
+    def test_local_auth_profiles(self):
+        auth_dir = os.path.join(self.tmp, "auth")
+        os.makedirs(auth_dir)
+        path = os.path.join(auth_dir, "auth-profiles.json")
+        with open(path, "w") as f:
+            json.dump({"version": 1, "profiles": {
+                "anthropic:default": {"type": "oauth", "provider": "anthropic", "access": "sk-ant-oat", "expires": 0},
+                "openai:default": {"type": "api_key", "provider": "openai", "key": "sk-open"}}}, f)
+        os.environ["CHATCLI_AUTH_DIR"] = auth_dir
+        self.addCleanup(os.environ.pop, "CHATCLI_AUTH_DIR", None)
+        self.assertEqual(cs.local_auth_key(), ("CLAUDEAI", "oauth:sk-ant-oat"))
+        self.assertEqual(cs.local_auth_key("OPENAI"), ("OPENAI", "apikey:sk-open"))
+        with self.assertRaises(cs.ConfigError):
+            cs.local_auth_key("GOOGLEAI")
+        with open(path, "w") as f:
+            f.write("ENCRYPTED:abcdef")
+        with self.assertRaises(cs.ConfigError) as ctx:
+            cs.local_auth_key()
+        self.assertIn("not plain JSON", ctx.exception.message)
 
 
 # ---------------------------------------------------------------------------
