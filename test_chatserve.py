@@ -1727,6 +1727,18 @@ class ConnectTest(ServerTestCase):
         self.assertTrue(wait_until(exited))
         self.assertEqual(os.WEXITSTATUS(reaped[0]), 0)
 
+    def test_tls_with_a_ca_certificate(self):
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for path, text in ((cert, TEST_CERT), (key, TEST_KEY)):
+            with open(path, "w") as f:
+                f.write(text)
+        app = self.start(tls_cert=cert, tls_key=key)
+        out = run_cli("connect", "localhost:%d" % app.port, "--tls", "--ca-cert", cert, "-p", "hi")
+        self.assertEqual((out.returncode, out.stdout), (0, "Hello world\n"), out.stderr)
+        out = run_cli("connect", "localhost:%d" % app.port, "--tls", "-p", "hi")     # not trusted without the CA
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", out.stderr)
+
     def test_round_robin_and_dead_addresses(self):
         app = self.start()
         client = cs.RpcClient("127.0.0.1:%d" % app.port)
