@@ -55,7 +55,9 @@ import http.server
 import ipaddress
 import json
 import logging
+import glob
 import os
+import queue
 import random
 import re
 import select
@@ -65,6 +67,7 @@ import socketserver
 import sqlite3
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -351,6 +354,13 @@ SERVE_OPTIONS = (
     ("--rate-limit-burst", "CHATCLI_RATE_LIMIT_BURST", 30, "posint", "burst allowed above the rate"),
     ("--grpc-reflection", "CHATCLI_GRPC_REFLECTION", False, "bool",
      "answer rpc.discover with an OpenRPC document (like gRPC reflection; keep off in production)"),
+    ("--workspace", "CHATSERVE_WORKSPACE", ".", "dir", "the directory agent tools are confined to"),
+    ("--allow-write", "CHATSERVE_ALLOW_WRITE", False, "bool", "offer the agent write_file and edit_file"),
+    ("--allow-commands", "CHATSERVE_ALLOW_COMMANDS", False, "bool", "offer the agent run_command (shell, in the workspace)"),
+    ("--tool-output-bytes", "CHATSERVE_TOOL_OUTPUT_BYTES", 64 * 1024, "posint", "cap on one tool's output"),
+    ("--agent-max-steps", "CHATSERVE_AGENT_MAX_STEPS", 50, "posint", "model turns per agent request"),
+    ("--agent-queue", "CHATSERVE_AGENT_QUEUE", 8, "posint", "agent prompts waiting at most (429 beyond)"),
+    ("--agent-session", "CHATSERVE_AGENT_SESSION", "agent", "session", "the stored session the agent conversation lives in"),
     ("--log-level", "CHATSERVE_LOG_LEVEL", "info", "level", "debug, info, warning or error"),
     ("--log-format", "CHATSERVE_LOG_FORMAT", "text", "logformat", "text or json"),
 )
@@ -430,6 +440,18 @@ def _check_rate(value):
     return rate
 
 
+def _check_dir(value):
+    if not os.path.isdir(os.path.expanduser(value)):
+        raise ValueError("directory %s does not exist" % value)
+    return os.path.expanduser(value)
+
+
+def _check_session(value):
+    if not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,254}$", value):
+        raise ValueError("%r is not a valid session name" % value)
+    return value
+
+
 def _check_duration(value):
     seconds = parse_duration(value)
     if seconds < 0:
@@ -442,7 +464,7 @@ OPTION_KINDS = {
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
-    "list": _check_list, "bool": _check_bool, "rate": _check_rate,
+    "list": _check_list, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -2369,6 +2391,541 @@ def import_chatcli_sessions(store, directory):
 
 
 # ---------------------------------------------------------------------------
+# Agent: tools, sandbox, tool-call parsing, the tool loop
+# ---------------------------------------------------------------------------
+
+class ToolError(Exception):
+    """A tool refused or failed; its message goes back to the model as "Error: ..."."""
+
+
+class Sandbox:
+    """The workspace tools are confined to: every path is resolved, symlinks
+    included, and must stay inside."""
+
+    def __init__(self, root, output_bytes=64 * 1024):
+        self.root = os.path.realpath(root)
+        self.output_bytes = output_bytes
+
+    def resolve(self, path, must_exist=True):
+        if not isinstance(path, str) or not path:
+            raise ToolError("a path is required")
+        full = os.path.realpath(os.path.join(self.root, os.path.expanduser(path)))
+        if full != self.root and not full.startswith(self.root + os.sep):
+            raise ToolError("%s is outside the workspace %s; only paths inside it are allowed" % (path, self.root))
+        if must_exist and not os.path.exists(full):
+            raise ToolError("%s does not exist" % path)
+        return full
+
+    def relative(self, full):
+        return os.path.relpath(full, self.root)
+
+    def cap(self, text):
+        data = text.encode("utf-8", "replace")
+        if len(data) <= self.output_bytes:
+            return text
+        return data[:self.output_bytes].decode("utf-8", "ignore") + \
+            "\n[output truncated: %d of %d bytes shown (--tool-output-bytes)]" % (self.output_bytes, len(data))
+
+
+def _is_binary(path):
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def tool_read_file(sb, args):
+    path = sb.resolve(args.get("path"))
+    if os.path.isdir(path):
+        raise ToolError("%s is a directory; use list_directory" % args.get("path"))
+    if _is_binary(path):
+        return "%s is a binary file (%d bytes); not shown" % (args.get("path"), os.path.getsize(path))
+    offset, limit = int(args.get("offset") or 1), int(args.get("limit") or 2000)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    chosen = lines[max(0, offset - 1):max(0, offset - 1) + limit]
+    text = "".join(chosen)
+    if len(chosen) != len(lines):
+        text += ("" if text.endswith("\n") or not text else "\n") + \
+            "[lines %d-%d of %d]" % (offset, offset + len(chosen) - 1, len(lines))
+    return text
+
+
+def tool_list_directory(sb, args):
+    path = sb.resolve(args.get("path") or ".")
+    if not os.path.isdir(path):
+        raise ToolError("%s is not a directory" % args.get("path"))
+    entries = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full):
+            entries.append(name + "/")
+        else:
+            entries.append("%s (%d bytes)" % (name, os.path.getsize(full)) if os.path.exists(full) else name)
+    return "\n".join(entries) or "(empty directory)"
+
+
+def tool_glob(sb, args):
+    pattern = args.get("pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise ToolError("a pattern is required")
+    if os.path.isabs(pattern) or ".." in pattern.replace("\\", "/").split("/"):
+        raise ToolError("glob patterns are relative to the workspace and may not contain '..'")
+    matches = []
+    for path in sorted(glob.glob(os.path.join(sb.root, pattern), recursive=True)):
+        try:
+            matches.append(sb.relative(sb.resolve(path)))
+        except ToolError:
+            continue          # a symlink pointing out of the workspace
+    return "\n".join(matches) or "(no matches)"
+
+
+def tool_grep(sb, args):
+    try:
+        regex = re.compile(args.get("pattern") or "", re.I if args.get("case_insensitive") else 0)
+    except re.error as e:
+        raise ToolError("bad regular expression: %s" % e)
+    if not args.get("pattern"):
+        raise ToolError("a pattern is required")
+    start, limit = sb.resolve(args.get("path") or "."), int(args.get("max_results") or 100)
+    files = [start] if os.path.isfile(start) else (
+        os.path.join(d, f) for d, _dirs, names in os.walk(start) for f in sorted(names))
+    results = []
+    for path in files:
+        try:
+            path = sb.resolve(path)
+            if os.path.getsize(path) > 10 * 1024 * 1024 or _is_binary(path):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if regex.search(line):
+                        results.append("%s:%d: %s" % (sb.relative(path), number, line.rstrip("\n")))
+                        if len(results) >= limit:
+                            return "\n".join(results) + "\n[stopped at max_results=%d]" % limit
+        except (ToolError, OSError):
+            continue
+    return "\n".join(results) or "(no matches)"
+
+
+def tool_write_file(sb, args):
+    path = sb.resolve(args.get("path"), must_exist=False)
+    content = args.get("content")
+    if not isinstance(content, str):
+        raise ToolError("content must be a string")
+    if os.path.isdir(path):
+        raise ToolError("%s is a directory" % args.get("path"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = "%s.chatserve-%d.tmp" % (path, os.getpid())
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(content)
+    os.replace(temp, path)
+    return "wrote %d bytes to %s" % (len(content.encode("utf-8")), sb.relative(path))
+
+
+def tool_edit_file(sb, args):
+    path = sb.resolve(args.get("path"))
+    old, new = args.get("old_string"), args.get("new_string")
+    if not isinstance(old, str) or not old or not isinstance(new, str):
+        raise ToolError("old_string (non-empty) and new_string are required")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    count = text.count(old)
+    if count == 0:
+        raise ToolError("old_string was not found in %s" % args.get("path"))
+    if count > 1 and not args.get("replace_all"):
+        raise ToolError("old_string appears %d times in %s; give more context or set replace_all" % (count, args.get("path")))
+    tool_write_file(sb, {"path": path, "content": text.replace(old, new) if args.get("replace_all") else text.replace(old, new, 1)})
+    return "replaced %d occurrence(s) in %s" % (count if args.get("replace_all") else 1, sb.relative(path))
+
+
+def tool_run_command(sb, args):
+    command = args.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise ToolError("a command is required")
+    timeout = min(float(args.get("timeout") or 30), 600.0)
+    proc = subprocess.Popen(command, shell=True, cwd=sb.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise ToolError("timed out after %gs; the command and its children were killed. Output so far:\n%s"
+                        % (timeout, sb.cap(out.decode("utf-8", "replace"))))
+    return "exit code %d\n%s" % (proc.returncode, out.decode("utf-8", "replace"))
+
+
+def tool_get_time(sb, args):
+    now = time.time()
+    return "%s (UTC %s)" % (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+
+
+def _schema(properties, required=()):
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+S, I, B = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+# name -> (function, description, parameters, what enables it)
+AGENT_TOOLS = collections.OrderedDict([
+    ("read_file", (tool_read_file, "Read a text file of the workspace (lines offset.., at most limit).",
+                   _schema({"path": S, "offset": I, "limit": I}, ["path"]), None)),
+    ("list_directory", (tool_list_directory, "List a directory of the workspace.", _schema({"path": S}), None)),
+    ("glob", (tool_glob, "Find workspace files matching a glob pattern (** recurses).", _schema({"pattern": S}, ["pattern"]), None)),
+    ("grep", (tool_grep, "Search workspace files for a regular expression.",
+              _schema({"pattern": S, "path": S, "case_insensitive": B, "max_results": I}, ["pattern"]), None)),
+    ("write_file", (tool_write_file, "Create or overwrite a workspace file.",
+                    _schema({"path": S, "content": S}, ["path", "content"]), "allow_write")),
+    ("edit_file", (tool_edit_file, "Replace old_string by new_string in a workspace file.",
+                   _schema({"path": S, "old_string": S, "new_string": S, "replace_all": B},
+                           ["path", "old_string", "new_string"]), "allow_write")),
+    ("run_command", (tool_run_command, "Run a shell command in the workspace (timeout in seconds).",
+                     _schema({"command": S, "timeout": I}, ["command"]), "allow_commands")),
+    ("get_time", (tool_get_time, "The current date and time.", _schema({}), None)),
+])
+
+
+def enabled_tools(config):
+    return [name for name, (_fn, _d, _p, flag) in AGENT_TOOLS.items() if flag is None or getattr(config, flag)]
+
+
+def tool_schemas(names):
+    return [{"type": "function", "function": {"name": n, "description": AGENT_TOOLS[n][1], "parameters": AGENT_TOOLS[n][2]}}
+            for n in names]
+
+
+def run_tool(sandbox, enabled, name, arguments):
+    """(success, content): the tool's output, capped, or the reason it failed."""
+    if name not in enabled:
+        return False, "Error: tool %r is not available (available: %s)" % (name, ", ".join(enabled))
+    try:
+        args = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else (arguments or {})
+        if not isinstance(args, dict):
+            raise ValueError("arguments must be a JSON object")
+    except ValueError as e:
+        return False, "Error: the arguments are not a JSON object: %s" % e
+    try:
+        return True, sandbox.cap(AGENT_TOOLS[name][0](sandbox, args))
+    except ToolError as e:
+        return False, "Error: %s" % e
+    except (OSError, ValueError, TypeError, UnicodeError) as e:
+        return False, "Error: %s failed: %s" % (name, e)
+
+
+TOOL_TAG_OPEN, TOOL_TAG_CLOSE = "<tool_call>", "</tool_call>"
+_BARE_CALL_RE = re.compile(r'\{\s*"name"\s*:')
+
+
+def json_object_end(text):
+    """Index just past the JSON object that starts text[0] == '{', or None if incomplete."""
+    depth, in_string, escape = 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def text_tool_call(text):
+    """A {name, arguments|parameters} object as (name, arguments JSON), else None."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return obj["name"], json_dumps(args)
+
+
+class ToolCallFilter:
+    """For models that write tool calls as text: finds `<tool_call>{json}</tool_call>`
+    and bare `{"name": ..., "arguments": {...}}` objects in streamed text, holding
+    back anything that may be the start of one so it is never shown as a delta."""
+
+    def __init__(self):
+        self.pending, self.calls = "", []
+
+    def feed(self, text):
+        self.pending += text
+        return self._drain(final=False)
+
+    def finish(self):
+        return self._drain(final=True)
+
+    def _marker(self):
+        tag = self.pending.find(TOOL_TAG_OPEN)
+        bare = _BARE_CALL_RE.search(self.pending)
+        starts = [(tag, "tag")] if tag >= 0 else []
+        if bare:
+            starts.append((bare.start(), "bare"))
+        return min(starts) if starts else (None, None)
+
+    def _held_suffix(self):
+        """Length of a tail that could still become a marker."""
+        for n in range(min(len(TOOL_TAG_OPEN) - 1, len(self.pending)), 0, -1):
+            if TOOL_TAG_OPEN.startswith(self.pending[-n:]):
+                return n
+        brace = self.pending.rfind("{")
+        if brace >= 0 and '{"name":'.startswith(re.sub(r"\s", "", self.pending[brace:])):
+            return len(self.pending) - brace
+        return 0
+
+    def _drain(self, final):
+        out = []
+        while self.pending:
+            start, kind = self._marker()
+            if start is None:
+                keep = 0 if final else self._held_suffix()
+                out.append(self.pending[:len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep:]
+                break
+            out.append(self.pending[:start])
+            self.pending = self.pending[start:]
+            if kind == "tag":
+                close = self.pending.find(TOOL_TAG_CLOSE)
+                end = close + len(TOOL_TAG_CLOSE) if close >= 0 else None
+                body = self.pending[len(TOOL_TAG_OPEN):close] if close >= 0 else ""
+            else:
+                end = json_object_end(self.pending)
+                body = self.pending[:end] if end else ""
+            if end is None:
+                if not final:
+                    break
+                out.append(self.pending)
+                self.pending = ""
+                break
+            call = text_tool_call(body.strip())
+            if call:
+                self.calls.append(call)
+            else:
+                out.append(self.pending[:end])
+            self.pending = self.pending[end:]
+        return "".join(out)
+
+
+class Broadcaster:
+    """Agent events to every /updates listener; each has a bounded queue and a
+    listener that stops reading is dropped, never stalling the others."""
+
+    def __init__(self, per_client=1000):
+        self.per_client = per_client
+        self.clients = {}
+        self.lock = threading.Lock()
+
+    def subscribe(self, client_id):
+        q = queue.Queue(self.per_client)
+        with self.lock:
+            self.clients[client_id] = q
+        return q
+
+    def unsubscribe(self, client_id):
+        with self.lock:
+            self.clients.pop(client_id, None)
+
+    def close_all(self):
+        """Shutdown: every listener's stream ends."""
+        with self.lock:
+            clients, self.clients = list(self.clients.values()), {}
+        for q in clients:
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                try:
+                    q.get_nowait()
+                    q.put_nowait(None)
+                except (queue.Empty, queue.Full):
+                    pass
+
+    def publish(self, event):
+        with self.lock:
+            clients = list(self.clients.items())
+        for client_id, q in clients:
+            try:
+                q.put_nowait(event)
+            except queue.Full:
+                log.warning("agent: /updates listener %s stopped reading; dropped", client_id)
+                self.unsubscribe(client_id)
+                try:
+                    q.get_nowait()
+                    q.put_nowait(None)        # tells its writer to stop
+                except (queue.Empty, queue.Full):
+                    pass
+
+
+AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener")
+AGENT_SYSTEM_PROMPT = ("You are an agent working in the workspace %s on the server. Use the tools to look at and "
+                       "change files%s; paths are relative to the workspace. When you are done, answer plainly. "
+                       "If you cannot call tools natively, write one call as <tool_call>{\"name\": \"TOOL\", "
+                       "\"arguments\": {...}}</tool_call>.")
+
+
+class Agent:
+    """Shepherd's CLI server: one conversation, one request at a time, tools
+    run here, every event broadcast to /updates."""
+
+    def __init__(self, app):
+        c = app.config
+        self.app, self.config = app, c
+        self.sandbox = Sandbox(c.workspace, c.tool_output_bytes)
+        self.tools = enabled_tools(c)
+        self.updates = Broadcaster()
+        self.jobs = queue.Queue(c.agent_queue)
+        self.lock = threading.Lock()
+        self.processing, self.current = False, ""
+        try:
+            self.messages = list(app.sessions.load(c.agent_session)["chat_history"])
+        except NotFound:
+            self.messages = []
+        self.worker = threading.Thread(target=self._work, name="agent", daemon=True)
+        self.worker.start()
+
+    # -- requests ------------------------------------------------------------
+
+    def submit(self, prompt, max_tokens=0, listener=None):
+        """Queue a prompt; its position (1 = next), or RateLimited when the queue is full."""
+        try:
+            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener))
+        except queue.Full:
+            raise RateLimited("the agent queue is full (%d waiting, --agent-queue); retry later"
+                              % self.config.agent_queue, headers={"Retry-After": "5"})
+        return self.jobs.qsize() + (1 if self.processing else 0)
+
+    def stop(self):
+        self.updates.close_all()
+        try:
+            self.jobs.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            with self.lock:
+                self.processing, self.current = True, job.prompt
+            try:
+                self.run(job)
+            except Exception:
+                log.exception("agent: request failed")
+            finally:
+                with self.lock:
+                    self.processing, self.current = False, ""
+                if job.listener is not None:
+                    job.listener.put(None)
+
+    def emit(self, job, kind, **data):
+        event = {"type": kind, "data": data}
+        self.updates.publish(event)
+        if job.listener is not None:
+            job.listener.put(event)
+
+    # -- the tool loop ---------------------------------------------------------
+
+    def run(self, job):
+        self.emit(job, "user_echo", prompt=job.prompt)
+        self.messages.append({"role": "user", "content": job.prompt})
+        try:
+            for _step in range(self.config.agent_max_steps):
+                text, calls, finish = self.step(job)
+                self.messages.append(dict({"role": "assistant", "content": text},
+                                          **({"tool_calls": calls} if calls else {})))
+                if not calls:
+                    self.emit(job, "response_complete", response=text, finish_reason=finish)
+                    return
+                for call in calls:
+                    self.call_tool(job, call)
+            self.emit(job, "error", message="stopped after %d steps (--agent-max-steps)" % self.config.agent_max_steps)
+            self.emit(job, "response_complete", response="", finish_reason="max_steps")
+        except ChatServeError as e:
+            self.emit(job, "error", message=e.message)
+        finally:
+            self.save()
+
+    def step(self, job):
+        """One model turn, streamed: (visible text, tool calls, finish reason)."""
+        workspace_note = "" if not self.tools else " (tools: %s)" % ", ".join(self.tools)
+        system = {"role": "system", "content": AGENT_SYSTEM_PROMPT % (self.sandbox.root, workspace_note)}
+        params = {"tools": tool_schemas(self.tools)} if self.tools else {}
+        if job.max_tokens:
+            params["max_tokens"] = job.max_tokens
+        answer = self.app.engine.open(ChatRequest([system] + self.messages, stream=True,
+                                                  params=params, surface="agent"))
+        completion, marker, shown = Completion(), ToolCallFilter(), []
+        try:
+            for ev in answer:
+                if type(ev) is TextDelta:
+                    visible = marker.feed(ev.text)
+                else:
+                    completion.add(ev)
+                    continue
+                if visible:
+                    shown.append(visible)
+                    self.emit(job, "delta", text=visible)
+        finally:
+            answer.close()
+        rest = marker.finish()
+        if rest:
+            shown.append(rest)
+            self.emit(job, "delta", text=rest)
+        calls = [c for c in completion.tool_calls if c["function"]["name"]]
+        for c in calls:
+            c["id"] = c["id"] or new_call_id()
+        calls += [{"id": new_call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                  for n, a in marker.calls]
+        return "".join(shown), calls, completion.finish_reason or "stop"
+
+    def call_tool(self, job, call):
+        name, arguments = call["function"]["name"], call["function"].get("arguments") or "{}"
+        self.emit(job, "tool_call", id=call["id"], name=name, arguments=arguments)
+        success, content = run_tool(self.sandbox, self.tools, name, arguments)
+        self.emit(job, "tool_result", id=call["id"], name=name, success=success,
+                  content=content[:2000], error=None if success else content)
+        self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+
+    # -- the conversation --------------------------------------------------------
+
+    def save(self):
+        try:
+            self.app.sessions.save(self.config.agent_session, {"version": 2, "chat_history": self.messages})
+        except (ChatServeError, sqlite3.Error) as e:
+            log.error("agent: cannot save the conversation: %s", e)
+
+    def clear(self):
+        with self.lock:
+            self.messages = []
+        self.save()
+
+    def status(self):
+        return {"processing": self.processing, "queue_depth": self.jobs.qsize(), "messages": len(self.messages),
+                "current_request": self.current[:100]}
+
+    def session(self):
+        provider = self.app.engine.default_provider
+        chars = sum(len(m.get("content") or "") + len(json_dumps(m.get("tool_calls") or "")) for m in self.messages)
+        return {"model": provider.model if provider else None, "context_estimate_tokens": chars // 4,
+                "messages": self.messages, "workspace": self.sandbox.root, "tools": self.tools}
+
+
+# ---------------------------------------------------------------------------
 # Surfaces: OpenAI
 # ---------------------------------------------------------------------------
 
@@ -3395,6 +3952,104 @@ def session_answer(h, ws, history, content, metadata):
 
 
 # ---------------------------------------------------------------------------
+# Surfaces: agent (Shepherd's CLI server)
+# ---------------------------------------------------------------------------
+
+AGENT_KEEPALIVE = 15.0
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+
+
+def agent_error_body(err):
+    return {"success": False, "error": err.message}
+
+
+def parse_agent_request(data):
+    """(prompt, stream, async, max_tokens) from a /request body (JSON, or the bare prompt)."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        body = {"prompt": data.decode("utf-8", "replace")}
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt: required, a non-empty string", param="prompt")
+    max_tokens = body.get("max_tokens") or 0
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 <= max_tokens <= 200000:
+        raise BadRequest("max_tokens: must be a whole number from 0 to 200000", param="max_tokens")
+    return prompt, bool(body.get("stream")), bool(body.get("async")), max_tokens
+
+
+def route_agent_request(h):
+    app = h.app
+    if app.stopping.is_set():
+        raise Unavailable("the server is shutting down and takes no new prompts")
+    prompt, stream, is_async, max_tokens = parse_agent_request(h.read_body())
+    if is_async:
+        position = app.agent.submit(prompt, max_tokens)
+        h.send_json(200, {"success": True, "queued": True, "queue_position": position})
+        return
+    listener = queue.Queue()
+    app.agent.submit(prompt, max_tokens, listener)
+    if stream:
+        with h.open_sse() as sse:
+            for event in agent_events(listener):
+                sse.send(event) if event else sse.comment("keepalive")
+        return
+    response, error = "", None
+    for event in agent_events(listener):
+        if event and event["type"] == "response_complete":
+            response = event["data"]["response"]
+        elif event and event["type"] == "error":
+            error = event["data"]["message"]
+    h.send_json(200, {"success": False, "error": error} if error else {"success": True, "response": response})
+
+
+def agent_events(listener):
+    """A job's events until it ends; None every AGENT_KEEPALIVE seconds of silence."""
+    while True:
+        try:
+            event = listener.get(timeout=AGENT_KEEPALIVE)
+        except queue.Empty:
+            yield None
+            continue
+        if event is None:
+            return
+        yield event
+
+
+def route_agent_updates(h):
+    agent = h.app.agent
+    client_id = h.headers.get("X-Client-ID") or ""
+    if not _CLIENT_ID_RE.match(client_id):
+        client_id = new_id("client-")
+    events = agent.updates.subscribe(client_id)
+    try:
+        with h.open_sse() as sse:
+            sse.send({"type": "connected", "data": {"client_id": client_id}})
+            while True:
+                try:
+                    event = events.get(timeout=AGENT_KEEPALIVE)
+                except queue.Empty:
+                    sse.comment("keepalive")
+                    continue
+                if event is None:
+                    return
+                sse.send(event)
+    finally:
+        agent.updates.unsubscribe(client_id)
+
+
+def route_agent_session(h):
+    h.send_json(200, h.app.agent.session())
+
+
+def route_agent_clear(h):
+    h.app.agent.clear()
+    h.send_json(200, {"success": True})
+
+
+# ---------------------------------------------------------------------------
 # Surfaces: shared routes (health, status) and control
 # ---------------------------------------------------------------------------
 
@@ -3472,6 +4127,10 @@ def api_router():
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body)
     r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body)
     r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body)
+    r.add("POST", "/request", route_agent_request, errors=agent_error_body)
+    r.add("GET", "/updates", route_agent_updates, errors=agent_error_body)
+    r.add("GET", "/session", route_agent_session, errors=agent_error_body)
+    r.add("POST", "/clear", route_agent_clear, errors=agent_error_body)
     return r
 
 
@@ -4062,6 +4721,7 @@ class App:
         self.rate_limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) \
             if config.rate_limit_rps > 0 else None
         self.auth_failures = RateLimiter(1 / 12.0, 5)     # per address: 5 wrong tokens, then one per 12 s
+        self.agent = Agent(self)
         provider = self.engine.default_provider
         self.metrics.info_labels = (__version__, provider.name if provider else "", provider.model if provider else "")
 
@@ -4147,6 +4807,7 @@ class App:
             if server is not None:
                 server.shutdown()
                 server.server_close()
+        self.agent.stop()
         cut = self.http.tracker.drain(self.config.drain_timeout) if self.http else 0
         if cut:
             log.warning("drain timeout: closed %d connection(s) still busy", cut)
@@ -4230,7 +4891,7 @@ class App:
                 "provider": provider.name if provider else None,
                 "model": provider.model if provider else None,
                 "available_providers": list(self.engine.providers),
-                "providers": self.engine.provider_status()}
+                "providers": self.engine.provider_status(), **self.agent.status()}
 
 
 # ---------------------------------------------------------------------------
@@ -4370,6 +5031,10 @@ class RpcClient:
         return [a for a in ring if self.dead.get(a[0], 0) <= now] + [a for a in ring if self.dead.get(a[0], 0) > now]
 
     def _post(self, body, accept):
+        return self.http("POST", "/rpc", json_bytes(body), accept)
+
+    def http(self, method, path, data, accept):
+        """(connection, response) of one request, trying the addresses in turn."""
         headers = {"Content-Type": "application/json", "Accept": accept}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
@@ -4377,7 +5042,7 @@ class RpcClient:
         for sockaddr, family in self._order():
             conn = _AddressedConnection(self.host, sockaddr, family, self.timeout, self.context)
             try:
-                conn.request("POST", "/rpc", json_bytes(body), headers)
+                conn.request(method, path, data, headers)
                 return conn, conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
@@ -4623,7 +5288,10 @@ def cmd_connect(args):
     if args.use_local_auth and not args.llm_key:
         args.provider, args.llm_key = local_auth_key(args.provider or "")
     try:
-        session = RemoteSession(RpcClient(addr, args.token, args.tls, args.ca_cert), args)
+        client = RpcClient(addr, args.token, args.tls, args.ca_cert)
+        if args.agent:
+            return AgentClient(client).run()
+        session = RemoteSession(client, args)
         if args.prompt is not None:
             session.client.call("Health")
             return 0 if session.ask(args.prompt) is not None else 130
@@ -4632,6 +5300,114 @@ def cmd_connect(args):
     except RemoteError as e:
         print("chatserve connect: %s" % e.message, file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------
+# Clients: connect --agent (follows /updates, sends prompts to /request)
+# ---------------------------------------------------------------------------
+
+class AgentClient:
+    """A thin client of the agent surface: shows what happens as it happens."""
+
+    def __init__(self, client, out=None):
+        self.client, self.out = client, out or sys.stdout
+        self.connected = threading.Event()
+        self.pending = 0
+        self.done = threading.Condition()
+        self.stopping = False
+
+    def say(self, text, end="\n"):
+        self.out.write(text + end)
+        self.out.flush()
+
+    def show(self, event):
+        kind, data = event.get("type"), event.get("data") or {}
+        if kind == "connected":
+            self.connected.set()
+        elif kind == "delta":
+            self.say(data.get("text", ""), end="")
+        elif kind == "user_echo":
+            self.say("\n>> %s" % data.get("prompt", ""))
+        elif kind == "tool_call":
+            self.say("\n* %s(%s)" % (data.get("name"), data.get("arguments", "")[:200]))
+        elif kind == "tool_result":
+            self.say("  %s %s" % ("ok" if data.get("success") else "failed:", "" if data.get("success")
+                                  else (data.get("error") or "")[:300]))
+        elif kind == "error":
+            self.say("\nerror: %s" % data.get("message"))
+        if kind in ("response_complete", "error"):
+            if kind == "response_complete":
+                self.say("")
+            with self.done:
+                self.pending = max(0, self.pending - (1 if kind == "response_complete" else 0))
+                self.done.notify_all()
+
+    def follow(self):
+        """Read /updates until told to stop, reconnecting when the stream drops."""
+        while not self.stopping:
+            try:
+                conn, resp = self.client.http("GET", "/updates", None, "text/event-stream")
+                try:
+                    for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
+                        self.show(json.loads(data))
+                finally:
+                    conn.close()
+            except (RemoteError, OSError, ValueError, http.client.HTTPException):
+                pass
+            if not self.stopping:
+                time.sleep(1.0)
+
+    def history(self):
+        conn, resp = self.client.http("GET", "/session", None, "application/json")
+        try:
+            session = json.loads(resp.read().decode("utf-8"))
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise RemoteError(session.get("error", {}).get("message") if isinstance(session.get("error"), dict)
+                              else str(session.get("error")))
+        self.say("Connected to the chatserve agent (model: %s, workspace: %s, tools: %s)" % (
+            session.get("model"), session.get("workspace"), ", ".join(session.get("tools") or [])))
+        for msg in session.get("messages", [])[-20:]:
+            if msg.get("role") in ("user", "assistant") and msg.get("content"):
+                self.say("[%s] %s" % (msg["role"], msg["content"][:300]))
+
+    def send(self, prompt):
+        conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
+                                      "application/json")
+        try:
+            answer = json.loads(resp.read().decode("utf-8"))
+        finally:
+            conn.close()
+        if not answer.get("success"):
+            raise RemoteError(answer.get("error") or "the agent refused the prompt")
+        with self.done:
+            self.pending += 1
+        if answer.get("queue_position", 1) > 1:
+            self.say("(queued at position %d)" % answer["queue_position"])
+
+    def run(self):
+        self.history()
+        threading.Thread(target=self.follow, daemon=True).start()
+        self.connected.wait(10)
+        while True:
+            try:
+                line = input()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                continue
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip():
+                try:
+                    self.send(line.strip())
+                except RemoteError as e:
+                    self.say("error: %s" % e.message)
+        with self.done:                       # piped input: let the last answers arrive
+            self.done.wait_for(lambda: self.pending == 0, timeout=120)
+        self.stopping = True
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -4721,6 +5497,8 @@ def build_parser():
     connect.add_argument("-p", "--prompt", help="one prompt: print the streamed answer and exit")
     connect.add_argument("--raw", action="store_true", help="print each streamed result as a JSON line")
     connect.add_argument("--max-tokens", type=int, default=0, help="max tokens per answer")
+    connect.add_argument("--agent", action="store_true",
+                         help="use the agent surface: follow /updates, send prompts to /request")
     connect.set_defaults(func=cmd_connect)
 
     sessions = sub.add_parser("sessions", help="list, export or import stored sessions",

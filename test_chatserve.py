@@ -155,6 +155,31 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # scenarios, chosen by the model name
+    def scenario_agent(self, body):
+        """Asks for read_file(hello.txt), then answers with what the tool returned."""
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            return self.stream([openai_chunk({"content": "The file says: " + last["content"]}), openai_chunk(finish="stop")])
+        call = {"index": 0, "id": "call_r", "type": "function", "function": {"name": "read_file", "arguments": ""}}
+        self.stream([openai_chunk({"content": "Let me look."}), openai_chunk({"tool_calls": [call]}),
+                     openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"path\": \"hello.txt\"}"}}]}),
+                     openai_chunk(finish="tool_calls")])
+
+    def scenario_agent_text(self, body):
+        """A model without native tools: the call is written as text, split across deltas."""
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            return self.stream([openai_chunk({"content": "Done: " + last["content"]}), openai_chunk(finish="stop")])
+        pieces = ["Checking. <tool", "_call>{\"name\": \"read_", "file\", \"arguments\": {\"path\": \"hello.txt\"}}</tool_",
+                  "call> then {\"na", "me\": \"get_time\", \"parameters\": {}} ok"]
+        self.stream([openai_chunk({"content": p}) for p in pieces] + [openai_chunk(finish="stop")])
+
+    def scenario_agent_loop(self, body):
+        """Never stops asking for tools."""
+        call = {"index": 0, "id": "c%d" % len(body["messages"]), "type": "function",
+                "function": {"name": "get_time", "arguments": "{}"}}
+        self.stream([openai_chunk({"tool_calls": [call]}), openai_chunk(finish="tool_calls")])
+
     def scenario_tools(self, body):
         if body.get("stream"):
             return self.stream([openai_chunk(d) for d in TOOL_CALL_CHUNKS] + [openai_chunk(finish="tool_calls")])
@@ -1767,6 +1792,284 @@ class ConnectTest(ServerTestCase):
         with self.assertRaises(cs.ConfigError) as ctx:
             cs.local_auth_key()
         self.assertIn("not plain JSON", ctx.exception.message)
+
+
+# ---------------------------------------------------------------------------
+# Agent: sandbox and tools, text tool calls, the loop, the agent surface
+# ---------------------------------------------------------------------------
+
+class SandboxToolsTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-ws-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.root = os.path.join(self.tmp, "ws")
+        self.outside = os.path.join(self.tmp, "outside")
+        os.makedirs(os.path.join(self.root, "src"))
+        os.makedirs(self.outside)
+        with open(os.path.join(self.outside, "secret.txt"), "w") as f:
+            f.write("TOP SECRET\n")
+        with open(os.path.join(self.root, "src", "app.py"), "w") as f:
+            f.write("import os\nprint('Hello')\n# TODO: fix\n")
+        with open(os.path.join(self.root, "blob.bin"), "wb") as f:
+            f.write(b"\x00\x01\x02" * 100)
+        os.symlink(os.path.join(self.outside, "secret.txt"), os.path.join(self.root, "link.txt"))
+        os.symlink(self.outside, os.path.join(self.root, "linkdir"))
+        self.sb = cs.Sandbox(self.root, output_bytes=200)
+        self.all = list(cs.AGENT_TOOLS)
+
+    def run_tool(self, name, **args):
+        return cs.run_tool(self.sb, self.all, name, json.dumps(args))
+
+    def test_read_list_glob_grep_time(self):
+        self.assertEqual(self.run_tool("read_file", path="src/app.py"), (True, "import os\nprint('Hello')\n# TODO: fix\n"))
+        ok, text = self.run_tool("read_file", path="src/app.py", offset=2, limit=1)
+        self.assertTrue(text.startswith("print('Hello')\n[lines 2-2 of 3]"))
+        self.assertIn("binary file (300 bytes)", self.run_tool("read_file", path="blob.bin")[1])
+        self.assertIn("src/", self.run_tool("list_directory", path=".")[1])
+        self.assertEqual(self.run_tool("glob", pattern="**/*.py"), (True, "src/app.py"))
+        self.assertEqual(self.run_tool("grep", pattern="todo", case_insensitive=True), (True, "src/app.py:3: # TODO: fix"))
+        self.assertTrue(self.run_tool("get_time")[0])
+
+    def test_every_escape_is_refused(self):
+        attempts = [("read_file", {"path": "../outside/secret.txt"}), ("read_file", {"path": os.path.join(self.outside, "secret.txt")}),
+                    ("read_file", {"path": "/etc/passwd"}), ("read_file", {"path": "link.txt"}),
+                    ("read_file", {"path": "linkdir/secret.txt"}), ("list_directory", {"path": "linkdir"}),
+                    ("list_directory", {"path": ".."}), ("glob", {"pattern": "../outside/*"}),
+                    ("glob", {"pattern": "src/../../outside/*"}), ("glob", {"pattern": os.path.join(self.outside, "*")}),
+                    ("write_file", {"path": "../evil.txt", "content": "x"}), ("write_file", {"path": "linkdir/evil.txt", "content": "x"}),
+                    ("edit_file", {"path": "link.txt", "old_string": "TOP", "new_string": "x"}),
+                    ("grep", {"pattern": "SECRET", "path": "linkdir"})]
+        for name, args in attempts:
+            ok, text = self.run_tool(name, **args)
+            self.assertFalse(ok, (name, args, text))
+            self.assertTrue(text.startswith("Error: "), text)
+            self.assertNotIn("TOP SECRET", text)
+        self.assertEqual(self.run_tool("glob", pattern="**/*.txt"), (True, "(no matches)"))     # link.txt points out
+        self.assertEqual(self.run_tool("grep", pattern="SECRET"), (True, "(no matches)"))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "evil.txt")))
+        self.assertFalse(os.path.exists(os.path.join(self.outside, "evil.txt")))
+
+    def test_write_and_edit(self):
+        self.assertTrue(self.run_tool("write_file", path="new/dir/f.txt", content="a b a")[0])
+        self.assertFalse(self.run_tool("edit_file", path="new/dir/f.txt", old_string="a", new_string="c")[0])
+        self.assertIn("appears 2 times", self.run_tool("edit_file", path="new/dir/f.txt", old_string="a", new_string="c")[1])
+        self.assertTrue(self.run_tool("edit_file", path="new/dir/f.txt", old_string="a", new_string="c", replace_all=True)[0])
+        with open(os.path.join(self.root, "new", "dir", "f.txt")) as f:
+            self.assertEqual(f.read(), "c b c")
+        self.assertIn("not found", self.run_tool("edit_file", path="new/dir/f.txt", old_string="zzz", new_string="c")[1])
+
+    def test_output_is_capped_with_a_note(self):
+        with open(os.path.join(self.root, "big.txt"), "w") as f:
+            f.write("x" * 5000)
+        ok, text = self.run_tool("read_file", path="big.txt")
+        self.assertTrue(ok)
+        self.assertIn("[output truncated: 200 of 5000 bytes shown (--tool-output-bytes)]", text)
+
+    def test_run_command_in_workspace_with_timeout_killing_the_group(self):
+        ok, text = self.run_tool("run_command", command="pwd; echo out; exit 3")
+        self.assertEqual((ok, text.splitlines()), (True, ["exit code 3", self.sb.root, "out"]))
+        marker = os.path.join(self.tmp, "child.pid")
+        started = time.monotonic()
+        ok, text = self.run_tool("run_command", command="sleep 30 & echo $! > %s; wait" % marker, timeout=0.3)
+        self.assertFalse(ok)
+        self.assertIn("timed out after 0.3s", text)
+        self.assertLess(time.monotonic() - started, WAIT)
+        with open(marker) as f:
+            child = int(f.read())
+        self.assertTrue(wait_until(lambda: not os.path.exists("/proc/%d" % child)
+                                   or open("/proc/%d/stat" % child).read().split()[2] == "Z"))
+
+    def test_only_enabled_tools_are_offered_and_run(self):
+        config = cs.Config(env={})
+        self.assertEqual(cs.enabled_tools(config), ["read_file", "list_directory", "glob", "grep", "get_time"])
+        config.allow_write = config.allow_commands = True
+        self.assertEqual(len(cs.enabled_tools(config)), 8)
+        ok, text = cs.run_tool(self.sb, ["read_file"], "run_command", '{"command": "id"}')
+        self.assertFalse(ok)
+        self.assertIn("not available", text)
+        self.assertIn("not a JSON object", cs.run_tool(self.sb, self.all, "read_file", "{oops")[1])
+
+
+class ToolCallFilterTest(unittest.TestCase):
+    TEXT = ('Let me check. <tool_call>{"name": "read_file", "arguments": {"path": "a.txt"}}</tool_call> and '
+            '{"name": "get_time", "parameters": {}} done {"not": "a call"} <b>bold</b>')
+
+    def run_filter(self, pieces):
+        f = cs.ToolCallFilter()
+        shown = [f.feed(p) for p in pieces] + [f.finish()]
+        return shown, f.calls
+
+    def test_markers_split_at_every_position_are_never_shown(self):
+        for cut in range(1, len(self.TEXT)):
+            shown, calls = self.run_filter([self.TEXT[:cut], self.TEXT[cut:]])
+            text = "".join(shown)
+            self.assertEqual(text, 'Let me check.  and  done {"not": "a call"} <b>bold</b>', cut)
+            self.assertEqual(calls, [("read_file", '{"path":"a.txt"}'), ("get_time", "{}")], cut)
+            self.assertFalse(any("tool_call" in s or '"name"' in s for s in shown), cut)
+
+    def test_character_by_character_and_unfinished_markers(self):
+        shown, calls = self.run_filter(list(self.TEXT))
+        self.assertEqual(len(calls), 2)
+        shown, calls = self.run_filter(["a <tool_call>{\"name\": \"x\""])
+        self.assertEqual(("".join(shown), calls), ('a <tool_call>{"name": "x"', []))
+        shown, calls = self.run_filter(["1 < 2 and {x}"])
+        self.assertEqual("".join(shown), "1 < 2 and {x}")
+
+
+class AgentSurfaceTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.ws = os.path.join(self.tmp, "ws")
+        os.makedirs(self.ws)
+        with open(os.path.join(self.ws, "hello.txt"), "w") as f:
+            f.write("hi from the workspace\n")
+
+    def start_agent(self, model="agent", **options):
+        options.setdefault("workspace", self.ws)
+        return self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": model}, **options)
+
+    def listen(self, client_id="l1"):
+        conn = self.conn()
+        conn.request("GET", "/updates", headers={"X-Client-ID": client_id})
+        resp = conn.getresponse()
+        events = []
+
+        def read():
+            try:
+                for _event, data in cs.iter_sse(iter(lambda: resp.readline(), b"")):
+                    events.append(json.loads(data))
+            except (OSError, ValueError, http.client.HTTPException):
+                pass
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def stop_reading():
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            reader.join(WAIT)
+            resp.close()
+            conn.close()
+        self.addCleanup(stop_reading)
+        self.assertTrue(wait_until(lambda: events and events[0]["type"] == "connected"))
+        return events
+
+    def test_tool_loop_native_calls(self):
+        self.start_agent()
+        events = self.listen()
+        status, _, body = self.request("POST", "/request", {"prompt": "read hello"})
+        self.assertEqual((status, body), (200, {"success": True, "response": "The file says: hi from the workspace\n"}))
+        self.assertTrue(wait_until(lambda: events[-1]["type"] == "response_complete"))
+        self.assertEqual([e["type"] for e in events], ["connected", "user_echo", "delta", "tool_call", "tool_result",
+                                                       "delta", "response_complete"])
+        self.assertEqual(events[3]["data"], {"id": "call_r", "name": "read_file", "arguments": "{\"path\": \"hello.txt\"}"})
+        self.assertEqual((events[4]["data"]["success"], events[4]["data"]["content"]), (True, "hi from the workspace\n"))
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["read_file", "list_directory", "glob", "grep", "get_time"])
+        self.assertEqual([m["role"] for m in sent["messages"]], ["system", "user", "assistant", "tool"])
+
+    def test_streamed_request_and_text_tool_calls(self):
+        self.start_agent("agent-text")
+        _, resp, text = self.request("POST", "/request", {"prompt": "go", "stream": True})
+        events = sse_data(text)
+        deltas = "".join(e["data"]["text"] for e in events if e["type"] == "delta")
+        self.assertTrue(deltas.startswith("Checking.  then  okDone: 20"), deltas)    # Done: <get_time's answer>
+        self.assertEqual([e["data"]["name"] for e in events if e["type"] == "tool_call"], ["read_file", "get_time"])
+        self.assertEqual(events[-1]["type"], "response_complete")
+
+    def test_max_steps_and_errors(self):
+        self.start_agent("agent-loop", agent_max_steps=3)
+        status, _, body = self.request("POST", "/request", {"prompt": "loop"})
+        self.assertEqual((status, body["success"]), (200, False))
+        self.assertIn("stopped after 3 steps", body["error"])
+        self.assertEqual(len(self.upstream.requests), 3)
+        for bad in ({"prompt": ""}, {"prompt": "x", "max_tokens": -1}, b""):
+            status, _, body = self.request("POST", "/request", bad)
+            self.assertEqual((status, body["success"]), (400, False))
+        status, _, body = self.request("POST", "/request", b"what is in hello.txt")     # not JSON: the prompt
+        self.assertEqual(status, 200)
+        self.assertIn({"role": "user", "content": "what is in hello.txt"}, self.upstream.requests[-1]["body"]["messages"])
+
+    def test_two_listeners_and_one_that_never_reads(self):
+        self.start_agent()
+        stuck = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
+        self.addCleanup(stuck.close)
+        stuck.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\nX-Client-ID: stuck\r\n\r\n")   # and never reads
+        self.assertTrue(wait_until(lambda: "stuck" in self.app.agent.updates.clients))
+        a, b = self.listen("a"), self.listen("b")
+        for i in range(4):
+            self.assertEqual(self.request("POST", "/request", {"prompt": "p%d" % i})[0], 200)
+        self.assertTrue(wait_until(lambda: sum(e["type"] == "response_complete" for e in a) == 4))
+        self.assertTrue(wait_until(lambda: sum(e["type"] == "response_complete" for e in b) == 4))
+        self.assertEqual([e["type"] for e in a], [e["type"] for e in b])
+
+    def test_keepalive_comments_on_a_quiet_stream(self):
+        self.start_agent()
+        original = cs.AGENT_KEEPALIVE
+        cs.AGENT_KEEPALIVE = 0.05
+        self.addCleanup(setattr, cs, "AGENT_KEEPALIVE", original)
+        with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
+            sock.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen = b""
+            deadline = time.monotonic() + WAIT
+            while b": keepalive" not in seen and time.monotonic() < deadline:
+                seen += sock.recv(4096)
+        self.assertIn(b'"type":"connected"', seen)
+        self.assertIn(b": keepalive", seen)
+
+    def test_a_listener_whose_buffer_fills_is_dropped(self):
+        updates = cs.Broadcaster(per_client=3)
+        stuck, live = updates.subscribe("stuck"), updates.subscribe("live")
+        got = []
+        for i in range(10):
+            updates.publish({"type": "delta", "data": {"text": str(i)}})
+            got.append(live.get_nowait())
+        self.assertEqual(len(got), 10)
+        self.assertEqual(list(updates.clients), ["live"])
+        drained = [stuck.get_nowait() for _ in range(stuck.qsize())]
+        self.assertIsNone(drained[-1])           # its writer is told to stop
+
+    def test_async_queue_and_429_when_full(self):
+        self.start_agent("slow", agent_queue=1)
+        self.upstream.server.slow_seconds = 0.5
+        status, _, body = self.request("POST", "/request", {"prompt": "first", "async": True})
+        self.assertEqual((status, body["queued"]), (200, True))
+        self.assertTrue(wait_until(lambda: self.app.agent.processing))
+        status, _, body = self.request("POST", "/request", {"prompt": "second", "async": True})
+        self.assertEqual((status, body["queue_position"]), (200, 2))
+        status, resp, body = self.request("POST", "/request", {"prompt": "third", "async": True})
+        self.assertEqual((status, body["success"]), (429, False))
+        self.assertIn("--agent-queue", body["error"])
+        status_body = self.request("GET", "/status")[2]
+        self.assertEqual((status_body["processing"], status_body["queue_depth"], status_body["current_request"]),
+                         (True, 1, "first"))
+        self.assertTrue(wait_until(lambda: not self.app.agent.processing and self.app.agent.jobs.qsize() == 0))
+
+    def test_session_clear_restart_continuity_and_shutdown(self):
+        data_dir = os.path.join(self.tmp, "shared-data")
+        app = self.start_agent(data_dir=data_dir)
+        self.request("POST", "/request", {"prompt": "remember me"})
+        session = self.request("GET", "/session")[2]
+        self.assertEqual(session["messages"][0], {"role": "user", "content": "remember me"})
+        self.assertEqual(session["model"], "agent")
+        self.assertGreater(session["context_estimate_tokens"], 0)
+        app.stop()
+        app2 = self.start_agent(data_dir=data_dir)
+        self.assertEqual(self.request("GET", "/session", app=app2)[2]["messages"][0]["content"], "remember me")
+        self.request("POST", "/request", {"prompt": "and now?"}, app=app2)
+        self.assertEqual(self.upstream.requests[-2]["body"]["messages"][1]["content"], "remember me")
+        self.assertEqual(self.request("POST", "/clear", app=app2)[2], {"success": True})
+        self.assertEqual(self.request("GET", "/session", app=app2)[2]["messages"], [])
+        app2.stopping.set()
+        status, _, body = self.request("POST", "/request", {"prompt": "late"}, app=app2)
+        self.assertEqual((status, body["success"]), (503, False))
+
+    def test_connect_agent_client(self):
+        app = self.start_agent()
+        out = subprocess.run([sys.executable, SCRIPT, "connect", "--agent", "127.0.0.1:%d" % app.port],
+                             input="read hello\n", capture_output=True, text=True, timeout=WAIT * 3)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("Connected to the chatserve agent (model: agent", out.stdout)
+        self.assertIn("* read_file({\"path\": \"hello.txt\"})", out.stdout)
+        self.assertIn("The file says: hi from the workspace", out.stdout)
 
 
 # ---------------------------------------------------------------------------
