@@ -46,8 +46,10 @@ or hostile client cannot pin the server.
 
 import argparse
 import base64
+import calendar
 import collections
 import email.utils
+import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -61,6 +63,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -79,6 +82,10 @@ try:
     import ssl
 except ImportError:  # Python built without OpenSSL: TLS and https upstreams unavailable
     ssl = None
+try:
+    import yaml      # optional: PyYAML reads config files beyond chatserve's YAML subset
+except ImportError:
+    yaml = None
 
 __version__ = "0.1.0"
 
@@ -180,6 +187,11 @@ def json_dumps(obj):
 
 def json_bytes(obj):
     return json_dumps(obj).encode("utf-8")
+
+
+def _os_reason(e):
+    """The readable part of an OSError (or any exception)."""
+    return getattr(e, "strerror", None) or str(e) or e.__class__.__name__
 
 
 def sse_frame(data, event=None):
@@ -300,6 +312,206 @@ class Chunker:
         return [piece] if piece else []
 
 
+class YamlError(ValueError):
+    def __init__(self, message, line=None):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+class YamlMap(dict):
+    """A mapping that remembers the line of each key (for error messages)."""
+    lines = None
+
+
+_YamlLine = collections.namedtuple("_YamlLine", "no indent text")
+
+
+def _yaml_strip_comment(text):
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return text[:i]
+    return text
+
+
+def _yaml_lines(text):
+    lines = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        body = _yaml_strip_comment(raw).rstrip()
+        if not body.strip() or (not lines and body.strip() == "---"):
+            continue
+        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
+            raise YamlError("tabs are not allowed for indentation", no)
+        lines.append(_YamlLine(no, len(body) - len(body.lstrip(" ")), body.strip()))
+    return lines
+
+
+def _yaml_split_flow(inner, no):
+    items, current, quote = [], "", None
+    for ch in inner:
+        if quote:
+            current += ch
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            current += ch
+        elif ch == ",":
+            items.append(current)
+            current = ""
+        elif ch in "[]{}":
+            raise YamlError("nested flow collections are not supported", no)
+        else:
+            current += ch
+    if quote:
+        raise YamlError("unterminated quoted string", no)
+    if current.strip() or items:
+        items.append(current)
+    return [_yaml_scalar(item.strip(), no) for item in items]
+
+
+def _yaml_scalar(text, no):
+    if not text:
+        return None
+    if text[0] == "[":
+        if not text.endswith("]"):
+            raise YamlError("a flow list must end with ]", no)
+        return _yaml_split_flow(text[1:-1], no)
+    if text[0] in "{&*!|>%@`":
+        raise YamlError("%r is outside the YAML subset chatserve reads (flow maps, anchors, tags, block "
+                        "scalars); write it as plain block mappings and lists" % text[:20], no)
+    if text[0] == '"':
+        if len(text) < 2 or not text.endswith('"'):
+            raise YamlError("unterminated double-quoted string", no)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise YamlError("bad escape in double-quoted string", no)
+    if text[0] == "'":
+        if len(text) < 2 or not text.endswith("'"):
+            raise YamlError("unterminated single-quoted string", no)
+        return text[1:-1].replace("''", "'")
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _yaml_key(text, no):
+    if text[:1] in "'\"":
+        end = text.find(text[0], 1)
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise YamlError("bad quoted key", no)
+        return text[1:end], text[end + 2:].strip()
+    key, sep, rest = text.partition(":")
+    if not sep or (rest and rest[0] != " ") or not key.strip():
+        raise YamlError("expected 'key: value' or '- item', found %r" % text[:40], no)
+    return key.strip(), rest.strip()
+
+
+def _yaml_is_item(text):
+    return text == "-" or text.startswith("- ")
+
+
+def _yaml_block(lines, i, indent):
+    if _yaml_is_item(lines[i].text):
+        return _yaml_seq(lines, i, indent)
+    return _yaml_map(lines, i, indent)
+
+
+def _yaml_map(lines, i, indent):
+    out = YamlMap()
+    out.lines = {}
+    while i < len(lines) and lines[i].indent == indent and not _yaml_is_item(lines[i].text):
+        line = lines[i]
+        key, rest = _yaml_key(line.text, line.no)
+        if key in out:
+            raise YamlError("duplicate key %r" % key, line.no)
+        out.lines[key] = line.no
+        i += 1
+        if rest:
+            out[key] = _yaml_scalar(rest, line.no)
+        elif i < len(lines) and (lines[i].indent > indent or
+                                 (lines[i].indent == indent and _yaml_is_item(lines[i].text))):
+            out[key], i = _yaml_block(lines, i, lines[i].indent)
+        else:
+            out[key] = None
+    if i < len(lines) and lines[i].indent > indent:
+        raise YamlError("unexpected indentation", lines[i].no)
+    return out, i
+
+
+def _yaml_seq(lines, i, indent):
+    out = []
+    while i < len(lines) and lines[i].indent == indent and _yaml_is_item(lines[i].text):
+        line = lines[i]
+        rest = line.text[1:].strip()
+        if not rest:
+            i += 1
+            if i < len(lines) and lines[i].indent > indent:
+                value, i = _yaml_block(lines, i, lines[i].indent)
+            else:
+                value = None
+        elif not rest.startswith(("[", '"', "'")) and re.match(r"^[^:]+:( |$)", rest) or \
+                re.match(r"""^(["']).*?\1:( |$)""", rest):
+            column = line.indent + len(line.text) - len(rest)
+            lines[i] = _YamlLine(line.no, column, rest)        # "- key: v" opens a mapping at that column
+            value, i = _yaml_map(lines, i, column)
+        else:
+            value, i = _yaml_scalar(rest, line.no), i + 1
+        out.append(value)
+    return out, i
+
+
+def parse_yaml_subset(text):
+    """The YAML chatserve's config files need: block maps and lists, flow
+    lists, quoted and plain scalars, comments.  YamlError names the line."""
+    lines = _yaml_lines(text)
+    if not lines:
+        return None
+    if lines[0].indent:
+        raise YamlError("the document must start at column 0", lines[0].no)
+    value, i = _yaml_block(lines, 0, 0)
+    if i < len(lines):
+        raise YamlError("unexpected content (indentation does not match)", lines[i].no)
+    return value
+
+
+def load_config_file(path):
+    """A JSON or YAML file as data; PyYAML when it is importable, else the subset reader."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, _os_reason(e)))
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ConfigError("%s: not valid JSON: %s" % (path, e))
+    try:
+        return parse_yaml_subset(text)
+    except YamlError as e:
+        if yaml is not None:
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ConfigError("%s: %s" % (path, err))
+        raise ConfigError("%s, line %s: %s" % (path, e.line, e.message))
+
+
 # ---------------------------------------------------------------------------
 # Config: flags > environment > defaults, in one object
 # ---------------------------------------------------------------------------
@@ -361,6 +573,17 @@ SERVE_OPTIONS = (
     ("--agent-max-steps", "CHATSERVE_AGENT_MAX_STEPS", 50, "posint", "model turns per agent request"),
     ("--agent-queue", "CHATSERVE_AGENT_QUEUE", 8, "posint", "agent prompts waiting at most (429 beyond)"),
     ("--agent-session", "CHATSERVE_AGENT_SESSION", "agent", "session", "the stored session the agent conversation lives in"),
+    ("--watch-config", "CHATCLI_WATCH_CONFIG", "", "file", "multi-target watcher file (ChatCLI's targets.yaml format)"),
+    ("--watch-deployment", "CHATCLI_WATCH_DEPLOYMENT", "", "str", "watch one deployment (legacy single target)"),
+    ("--watch-namespace", "CHATCLI_WATCH_NAMESPACE", "default", "str", "namespace of --watch-deployment"),
+    ("--watch-interval", "CHATCLI_WATCH_INTERVAL", 30.0, "duration", "collection interval"),
+    ("--watch-window", "CHATCLI_WATCH_WINDOW", 7200.0, "duration", "how long snapshots are kept"),
+    ("--watch-max-log-lines", "CHATCLI_WATCH_MAX_LOG_LINES", 100, "posint", "log lines read per pod and collection"),
+    ("--watch-kubeconfig", "CHATCLI_KUBECONFIG", "", "str", "kubeconfig for kubectl (default: kubectl's own)"),
+    ("--watch-context", "CHATCLI_WATCH_CONTEXT", "", "str", "kubeconfig context for kubectl"),
+    ("--kubectl", "CHATCLI_KUBECTL", "kubectl", "str", "the kubectl executable"),
+    ("--no-openai-context", "CHATSERVE_NO_OPENAI_CONTEXT", False, "flag",
+     "do not add the watcher's context to /v1 requests (it is added as a system message otherwise)"),
     ("--log-level", "CHATSERVE_LOG_LEVEL", "info", "level", "debug, info, warning or error"),
     ("--log-format", "CHATSERVE_LOG_FORMAT", "text", "logformat", "text or json"),
 )
@@ -464,7 +687,7 @@ OPTION_KINDS = {
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
-    "list": _check_list, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
+    "list": _check_list, "bool": _check_bool, "flag": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -724,11 +947,22 @@ class Metrics:
         self.llm_seconds = f(Histogram("chatcli_llm_request_duration_seconds", "LLM request duration in seconds.", ("provider", "model")))
         self.llm_errors = f(Counter("chatcli_llm_errors_total", "LLM errors, by provider, model and error type.", ("provider", "model", "error_type")))
         self.llm_tokens = f(Counter("chatcli_llm_tokens_used_total", "Tokens used, by provider, model and type (prompt, completion).", ("provider", "model", "type")))
+        self.session_active = f(Gauge("chatcli_session_active_total", "Interactive sessions (WebSocket) open now."))
+        self.watch_duration = f(Histogram("chatcli_watcher_collection_duration_seconds", "Watcher collection time per target.", ("target",)))
+        self.watch_errors = f(Counter("chatcli_watcher_collection_errors_total", "Failed kubectl calls, by target and source.", ("target", "source")))
+        self.watch_alerts = f(Counter("chatcli_watcher_alerts_total", "Alerts raised (once per new alert), by type and severity.", ("type", "severity")))
+        self.watch_targets = f(Gauge("chatcli_watcher_targets_monitored", "Targets the watcher monitors."))
+        self.watch_pods_ready = f(Gauge("chatcli_watcher_pods_ready", "Ready pods per target.", ("target",)))
+        self.watch_pods_desired = f(Gauge("chatcli_watcher_pods_desired", "Desired replicas per target.", ("target",)))
+        self.watch_snapshots = f(Gauge("chatcli_watcher_snapshots_stored", "Snapshots kept per target.", ("target",)))
+        self.watch_restarts = f(Gauge("chatcli_watcher_pod_restarts_total", "Container restarts of the target's pods now.", ("target",)))
         self.session_ops = f(Counter("chatcli_session_operations_total", "Session store operations, by operation.", ("operation",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
         self.llm_retries = f(Counter("chatcli_llm_retries_total", "Upstream retries before the first byte, by provider.", ("provider",)))
         self.llm_fallbacks = f(Counter("chatcli_llm_fallbacks_total", "Fallbacks from one provider to the next.", ("from_provider", "to_provider")))
         self.in_flight.set((), 0)
+        self.session_active.set((), 0)
+        self.watch_targets.set((), 0)
         self.info_labels = ("", "", "")
 
     def _add(self, family):
@@ -766,10 +1000,12 @@ class ChatRequest:
     """What every surface turns its request into: OpenAI-shaped messages,
     the model, sampling parameters (incl. tools) and who is asking."""
 
-    __slots__ = ("messages", "model", "stream", "params", "provider", "credentials", "request_id", "surface")
+    __slots__ = ("messages", "model", "stream", "params", "provider", "credentials", "request_id", "surface",
+                 "context")
 
     def __init__(self, messages, model=None, stream=False, params=None, provider=None, credentials=None,
-                 request_id="", surface="openai"):
+                 request_id="", surface="openai", context=None):
+        self.context = context              # Kubernetes context: None, "prompt" or "system"
         self.messages = messages
         self.model = model
         self.stream = stream
@@ -1004,10 +1240,6 @@ def _readable(sock):
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
-
-
-def _os_reason(e):
-    return getattr(e, "strerror", None) or str(e) or e.__class__.__name__
 
 
 def upstream_error_message(data):
@@ -2135,6 +2367,7 @@ class Engine:
                 log.warning("fallback provider %s has no credentials configured; it is skipped", name)
         self.health = {name: ProviderHealth(config.fallback_cooldown_base, config.fallback_cooldown_max)
                        for name in self.providers}
+        self.context_source = None          # the watcher's context, when one runs
 
     LOCAL_PROBES = (("OLLAMA", "http://localhost:11434", "/api/tags"),
                     ("OPENAI", "http://localhost:8080/v1", "/models"),
@@ -2191,8 +2424,31 @@ class Engine:
         ready = [c for c in chain if not self.health[c[0].name].cooling()]
         return ready or chain
 
+    def with_context(self, req):
+        """The request with the Kubernetes context: prefixed to the last user
+        prompt ("prompt") or as a leading system message ("system")."""
+        context = self.context_source() if req.context and self.context_source else ""
+        if not context:
+            return req
+        messages = list(req.messages)
+        if req.context == "system":
+            messages.insert(0, {"role": "system", "content": context})
+        else:
+            for i in range(len(messages) - 1, -1, -1):
+                if messages[i].get("role") == "user":
+                    content, lead = messages[i].get("content"), context + "\n\nUser Question: "
+                    messages[i] = dict(messages[i], content=lead + content if isinstance(content, str)
+                                       else [{"type": "text", "text": lead}] + list(content or []))
+                    break
+        clone = ChatRequest(messages)
+        for slot in ChatRequest.__slots__:
+            if slot != "messages":
+                setattr(clone, slot, getattr(req, slot))
+        return clone
+
     def open(self, req):
         """An Answer whose upstream has answered; errors before the first byte raise."""
+        req = self.with_context(req)
         credentials = req.credentials
         chain = self.candidates(req)
         for i, (provider, model) in enumerate(chain):
@@ -2388,6 +2644,676 @@ def import_chatcli_sessions(store, directory):
         except (ValueError, OSError, ChatServeError) as e:
             skipped.append((entry, getattr(e, "message", None) or str(e)))
     return imported, skipped
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes watcher: kubectl runner, targets, store, alert rules, summariser,
+# the collection thread
+# ---------------------------------------------------------------------------
+
+WATCH_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet", "job": "Job",
+               "cronjob": "CronJob"}
+WATCH_FILE_KEYS = ("interval", "window", "maxLogLines", "maxContextChars", "targets")
+WATCH_TARGET_KEYS = ("deployment", "namespace", "kind", "metricsPort", "metricsPath", "metricsFilter")
+ERROR_LOG_WORDS = ("error", "fatal", "panic", "exception", "oomkilled")
+
+
+class WatchTarget:
+    """One workload to watch."""
+
+    def __init__(self, deployment, namespace="default", kind="Deployment", metrics_port=0, metrics_path="/metrics",
+                 metrics_filter=()):
+        self.name, self.namespace, self.kind = deployment, namespace or "default", kind
+        self.metrics_port, self.metrics_path = int(metrics_port or 0), metrics_path or "/metrics"
+        self.metrics_filter = list(metrics_filter or ())
+
+    @property
+    def key(self):
+        return "%s/%s" % (self.namespace, self.name)
+
+
+class WatchSettings:
+    def __init__(self, targets, interval=30.0, window=7200.0, max_log_lines=100, max_context_chars=32000):
+        self.targets, self.interval, self.window = targets, interval, window
+        self.max_log_lines, self.max_context_chars = max_log_lines, max_context_chars
+
+
+def _where(path, data, key):
+    line = (getattr(data, "lines", None) or {}).get(key)
+    return "%s, line %d" % (path, line) if line else path
+
+
+def parse_watch_config(path, defaults):
+    """targets.yaml (ChatCLI's format) as WatchSettings; ConfigError names file, line and problem."""
+    data = load_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError("%s: expected a mapping with interval, window, maxLogLines, maxContextChars, targets" % path)
+    for key in data:
+        if key not in WATCH_FILE_KEYS:
+            raise ConfigError("%s: unknown key %r (known: %s)" % (_where(path, data, key), key, ", ".join(WATCH_FILE_KEYS)))
+
+    def number(key, default, kind):
+        value = data.get(key)
+        if value is None:
+            return default
+        try:
+            parsed = parse_duration(value) if kind == "duration" else int(value)
+            if parsed <= 0 or isinstance(value, bool):
+                raise ValueError
+            return parsed
+        except (ValueError, TypeError):
+            raise ConfigError("%s: %s %r is not a %s" % (_where(path, data, key), key, value,
+                                                         "duration (30s, 2m, 1h)" if kind == "duration" else "positive whole number"))
+
+    settings = WatchSettings([], number("interval", defaults.interval, "duration"), number("window", defaults.window, "duration"),
+                             number("maxLogLines", defaults.max_log_lines, "int"), number("maxContextChars", 32000, "int"))
+    targets = data.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError("%s: targets: a list of at least one {deployment, namespace} is required" % _where(path, data, "targets"))
+    for i, entry in enumerate(targets):
+        settings.targets.append(parse_watch_target(path, i, entry))
+    return settings
+
+
+def parse_watch_target(path, i, entry):
+    where = "%s, targets[%d]" % (path, i)
+    if not isinstance(entry, dict):
+        raise ConfigError("%s: must be a mapping with deployment and namespace" % where)
+    for key in entry:
+        if key not in WATCH_TARGET_KEYS:
+            raise ConfigError("%s: unknown key %r (known: %s)" % (_where(path, entry, key), key, ", ".join(WATCH_TARGET_KEYS)))
+    name = entry.get("deployment")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("%s: deployment is required" % where)
+    kind = WATCH_KINDS.get(str(entry.get("kind") or "Deployment").lower())
+    if kind is None:
+        raise ConfigError("%s: kind %r is not one of %s" % (_where(path, entry, "kind"), entry.get("kind"),
+                                                            ", ".join(WATCH_KINDS.values())))
+    port, filters = entry.get("metricsPort") or 0, entry.get("metricsFilter") or []
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ConfigError("%s: metricsPort %r is not a port" % (_where(path, entry, "metricsPort"), port))
+    if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
+        raise ConfigError("%s: metricsFilter must be a list of glob patterns" % _where(path, entry, "metricsFilter"))
+    return WatchTarget(name, str(entry.get("namespace") or "default"), kind, port, entry.get("metricsPath"), filters)
+
+
+def watch_settings(config):
+    """The watcher's settings from --watch-config or --watch-deployment; None when not asked for."""
+    single = WatchSettings([], config.watch_interval, config.watch_window, config.watch_max_log_lines)
+    if config.watch_config:
+        return parse_watch_config(config.watch_config, single)
+    if config.watch_deployment:
+        single.targets.append(WatchTarget(config.watch_deployment, config.watch_namespace))
+        return single
+    return None
+
+
+def run_capped(argv, timeout, max_bytes, env=None):
+    """(exit code, stdout, stderr) of a command, killed past `timeout` seconds or
+    `max_bytes` of output (then ChatServeError says which)."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    except OSError as e:
+        raise Unavailable("cannot run %s: %s (set --kubectl)" % (argv[0], _os_reason(e)))
+    out, err = bytearray(), bytearray()
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = time.monotonic() + timeout
+    problem = None
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in streams:
+                sel.register(fd, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    problem = "timed out after %gs" % timeout
+                    break
+                for key, _ in sel.select(left):
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        sel.unregister(key.fd)
+                    streams[key.fd] += data
+                if len(out) > max_bytes:
+                    problem = "printed more than %d bytes" % max_bytes
+                    break
+    finally:
+        if problem:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+    if problem:
+        raise UpstreamError("%s %s" % (" ".join(argv[:3]), problem))
+    return proc.returncode, bytes(out), bytes(err)
+
+
+class Kubectl:
+    """kubectl with the configured kubeconfig and context, a timeout and an output cap."""
+
+    timeout = 20.0
+    max_bytes = 32 * 1024 * 1024
+
+    def __init__(self, path="kubectl", kubeconfig="", context=""):
+        self.path, self.kubeconfig, self.context = path, kubeconfig, context
+
+    def run(self, *args):
+        argv = [self.path] + list(args)
+        if self.kubeconfig:
+            argv += ["--kubeconfig", self.kubeconfig]
+        if self.context:
+            argv += ["--context", self.context]
+        code, out, err = run_capped(argv, self.timeout, self.max_bytes)
+        if code != 0:
+            message = err.decode("utf-8", "replace").strip().splitlines()
+            raise UpstreamError("kubectl %s: %s" % (" ".join(args[:2]), message[-1] if message else "exit %d" % code))
+        return out.decode("utf-8", "replace")
+
+    def json(self, *args):
+        try:
+            return json.loads(self.run(*args))
+        except ValueError:
+            raise UpstreamError("kubectl %s printed something that is not JSON" % " ".join(args[:2]))
+
+
+def selector_matches(selector, labels):
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not selector:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or ():
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if op == "In" and labels.get(key) not in values or op == "NotIn" and labels.get(key) in values \
+                or op == "Exists" and key not in labels or op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def pod_status(pod):
+    status, spec = pod.get("status") or {}, pod.get("spec") or {}
+    containers = status.get("containerStatuses") or []
+    info = {"name": pod["metadata"]["name"], "phase": status.get("phase", "Unknown"),
+            "restarts": sum(c.get("restartCount", 0) for c in containers),
+            "ready_count": sum(1 for c in containers if c.get("ready")),
+            "container_count": len(spec.get("containers") or containers), "last_terminated": None, "waiting": None,
+            "node": spec.get("nodeName", ""), "cpu": "", "mem": ""}
+    info["ready"] = info["container_count"] > 0 and info["ready_count"] == info["container_count"]
+    for c in containers:
+        terminated = (c.get("lastState") or {}).get("terminated")
+        if terminated:
+            info["last_terminated"] = {"reason": terminated.get("reason", ""), "exit_code": terminated.get("exitCode", 0),
+                                       "finished_at": terminated.get("finishedAt", "")}
+        waiting = (c.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason"):
+            info["waiting"] = waiting["reason"]
+    return info
+
+
+def workload_status(obj):
+    kind, spec, status = obj.get("kind"), obj.get("spec") or {}, obj.get("status") or {}
+    out = {"kind": kind, "name": obj["metadata"]["name"],
+           "conditions": ["%s=%s (%s)" % (c.get("type"), c.get("status"), c.get("reason", ""))
+                          for c in status.get("conditions") or () if c.get("status") != "True" or c.get("type") == "Failed"]}
+    if kind in ("Deployment", "StatefulSet"):
+        out.update(desired=spec.get("replicas", 1), ready=status.get("readyReplicas", 0),
+                   updated=status.get("updatedReplicas", 0), available=status.get("availableReplicas", 0),
+                   strategy=(spec.get("strategy") or spec.get("updateStrategy") or {}).get("type", ""))
+    elif kind == "DaemonSet":
+        out.update(desired=status.get("desiredNumberScheduled", 0), ready=status.get("numberReady", 0),
+                   updated=status.get("updatedNumberScheduled", 0), available=status.get("numberAvailable", 0),
+                   strategy=(spec.get("updateStrategy") or {}).get("type", ""))
+    elif kind == "Job":
+        out.update(desired=spec.get("completions", 1), ready=status.get("succeeded", 0), failed=status.get("failed", 0),
+                   active=status.get("active", 0))
+    elif kind == "CronJob":
+        out.update(desired=0, ready=0, suspend=bool(spec.get("suspend")), schedule=spec.get("schedule", ""),
+                   last_schedule=status.get("lastScheduleTime", ""))
+    return out
+
+
+def parse_k8s_time(text):
+    try:
+        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+    except (ValueError, TypeError):
+        return None
+
+
+def node_alerts(nodes):
+    alerts = []
+    for node in nodes:
+        name = node["metadata"]["name"]
+        for cond in (node.get("status") or {}).get("conditions") or ():
+            ctype, state = cond.get("type"), cond.get("status")
+            if ctype == "Ready" and state != "True":
+                alerts.append(("NodeNotReady", "CRITICAL", "Node %s is not ready (%s)" % (name, cond.get("reason", "")), "Node/" + name))
+            elif ctype in ("MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable") and state == "True":
+                alerts.append(("Node" + ctype, "WARNING" if ctype == "PIDPressure" else "CRITICAL",
+                               "Node %s has %s" % (name, ctype), "Node/" + name))
+    return alerts
+
+
+def detect_alerts(snapshot, now=None):
+    """(type, severity, message, object) for a snapshot, with ChatCLI's rules."""
+    now = now or time.time()
+    alerts = []
+    for pod in snapshot["pods"]:
+        name = pod["name"]
+        if pod["restarts"] > 5:
+            alerts.append(("HighRestartCount", "CRITICAL", "Pod %s has %d restarts" % (name, pod["restarts"]), name))
+        term = pod["last_terminated"]
+        if term and term["reason"] == "OOMKilled":
+            alerts.append(("OOMKilled", "CRITICAL", "Pod %s was OOMKilled (exit code %s)" % (name, term["exit_code"]), name))
+        if pod["waiting"] == "CrashLoopBackOff":
+            alerts.append(("CrashLoopBackOff", "CRITICAL", "Pod %s is in CrashLoopBackOff" % name, name))
+        if pod["phase"] == "Running" and not pod["ready"]:
+            alerts.append(("PodNotReady", "WARNING", "Pod %s is running but not ready (%d/%d containers)"
+                           % (name, pod["ready_count"], pod["container_count"]), name))
+    w = snapshot.get("workload")
+    if w:
+        obj = "%s/%s" % (w["kind"], w["name"])
+        if w["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and w["ready"] < w["desired"]:
+            unit = "nodes" if w["kind"] == "DaemonSet" else "replicas"
+            alerts.append(("DeploymentFailing", "WARNING", "%s %s has %d/%d %s ready" % (w["kind"], w["name"], w["ready"],
+                                                                                         w["desired"], unit), obj))
+        if w["kind"] == "Job" and w.get("failed"):
+            alerts.append(("JobFailed", "CRITICAL", "Job %s has %d failed pod(s)" % (w["name"], w["failed"]), obj))
+        if w["kind"] == "CronJob" and not w["suspend"]:
+            last = parse_k8s_time(w["last_schedule"])
+            if last is None or now - last > 7200:
+                alerts.append(("CronJobMissed", "WARNING", "CronJob %s has not run for over 2h" % w["name"], obj))
+    return alerts + node_alerts(snapshot.get("nodes") or [])
+
+
+def parse_prometheus_text(text, patterns=()):
+    """{series (name with labels): value} from Prometheus text, names filtered by glob patterns."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or (patterns and not any(fnmatch.fnmatchcase(m.group(1), p) for p in patterns)):
+            continue
+        try:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        except ValueError:
+            continue
+    return out
+
+
+class TargetStore:
+    """What the watcher knows about one target: snapshots over the window,
+    error log lines, events, metrics, active alerts."""
+
+    def __init__(self, target, settings):
+        self.target = target
+        keep = max(10, int(settings.window / max(settings.interval, 0.001)) + 1)
+        self.snapshots = collections.deque(maxlen=keep)
+        self.error_logs = collections.deque(maxlen=max(10, settings.max_log_lines * 10))
+        self.seen_logs = collections.deque(maxlen=5000)
+        self.events, self.metrics, self.alerts = [], {}, collections.OrderedDict()
+        self.last_collected, self.last_error, self.lock = 0.0, "", threading.Lock()
+
+    def add_snapshot(self, snapshot, now):
+        """Store it and recompute the alerts; returns the alerts that are new."""
+        current = {(t, obj): (t, sev, msg, obj) for t, sev, msg, obj in detect_alerts(snapshot, now)}
+        with self.lock:
+            self.snapshots.append(snapshot)
+            new = [a for key, a in current.items() if key not in self.alerts]
+            self.alerts = collections.OrderedDict(
+                (key, dict(zip(("type", "severity", "message", "object"), a),
+                           timestamp=self.alerts[key]["timestamp"] if key in self.alerts else now))
+                for key, a in current.items())      # an alert whose condition is gone clears
+            self.last_collected, self.last_error = now, ""
+        return new
+
+    def add_logs(self, pod, text):
+        for line in text.splitlines():
+            if line in self.seen_logs:
+                continue
+            self.seen_logs.append(line)
+            if any(word in line.lower() for word in ERROR_LOG_WORDS):
+                self.error_logs.append((pod, line))
+
+    @property
+    def latest(self):
+        return self.snapshots[-1] if self.snapshots else None
+
+    def restart_trend(self):
+        if not self.snapshots:
+            return 0, 0
+        total = sum(p["restarts"] for p in self.snapshots[-1]["pods"])
+        first = sum(p["restarts"] for p in self.snapshots[0]["pods"])
+        return total, total - first
+
+    def score(self):
+        """2 with a CRITICAL alert, 1 with warnings, unready replicas or error logs, 0 healthy."""
+        alerts = list(self.alerts.values())
+        if any(a["severity"] == "CRITICAL" for a in alerts):
+            return 2
+        w = (self.latest or {}).get("workload") or {}
+        if alerts or self.error_logs or w.get("ready", 0) < w.get("desired", 0) or self.last_error:
+            return 1
+        return 0
+
+
+def _age(seconds):
+    seconds = int(max(0, seconds))
+    return "%dh%dm" % (seconds // 3600, seconds % 3600 // 60) if seconds >= 3600 else \
+        ("%dm%ds" % (seconds // 60, seconds % 60) if seconds >= 60 else "%ds" % seconds)
+
+
+def summarize_target(store, now=None):
+    """One target's context in ChatCLI's layout."""
+    t, snap, now = store.target, store.latest, now or time.time()
+    head = "[K8s Context: %s/%s in namespace/%s]\n" % (t.kind.lower(), t.name, t.namespace)
+    if snap is None:
+        return head + ("Collection failed: %s\n" % store.last_error if store.last_error else "No data collected yet\n")
+    out = [head, "Collected at: %s\n" % time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap["time"]))]
+    if store.last_error:
+        out.append("Last collection failed: %s\n" % store.last_error)
+    w = snap.get("workload")
+    if w:
+        out.append("\n## %s Status\n" % w["kind"])
+        if w["kind"] == "CronJob":
+            out.append("  Schedule: %s, suspended: %s, last run: %s\n" % (w["schedule"], w["suspend"], w["last_schedule"] or "never"))
+        elif w["kind"] == "Job":
+            out.append("  Completions: %d/%d succeeded, %d active, %d failed\n" % (w["ready"], w["desired"], w.get("active", 0), w.get("failed", 0)))
+        else:
+            out.append("  Replicas: %d/%d ready, %d updated, %d available\n" % (w["ready"], w["desired"], w["updated"], w["available"]))
+            if w.get("strategy"):
+                out.append("  Strategy: %s\n" % w["strategy"])
+        if w["conditions"]:
+            out.append("  Conditions:\n" + "".join("    - %s\n" % c for c in w["conditions"]))
+    else:
+        out.append("\n## %s Status\n  not found in namespace %s\n" % (t.kind, t.namespace))
+    total, delta = store.restart_trend()
+    out.append("\n## Pods (%d total)\n  Total restarts: %d (delta in window: %d)\n" % (len(snap["pods"]), total, delta))
+    for p in snap["pods"]:
+        usage = " cpu=%s mem=%s" % (p["cpu"], p["mem"]) if p["cpu"] else ""
+        out.append("  - %s: %s [%s] restarts=%d%s\n" % (p["name"], p["phase"], "Ready" if p["ready"] else "NOT READY",
+                                                        p["restarts"], usage))
+        if p["waiting"]:
+            out.append("    Waiting: %s\n" % p["waiting"])
+        if p["last_terminated"]:
+            lt = p["last_terminated"]
+            out.append("    Last terminated: %s (exit code %s) at %s\n" % (lt["reason"], lt["exit_code"], lt["finished_at"]))
+    for hpa in snap.get("hpa") or ():
+        out.append("\n## HPA (%s)\n  Replicas: %s current, %s desired (min=%s, max=%s)\n" % (
+            hpa["name"], hpa["current"], hpa["desired"], hpa["min"], hpa["max"]))
+    unhealthy = [a for a in node_alerts(snap.get("nodes") or [])]
+    if snap.get("nodes"):
+        out.append("\n## Nodes (%d, %d with problems)\n" % (len(snap["nodes"]), len({a[3] for a in unhealthy})))
+        out.extend("  - %s\n" % a[2] for a in unhealthy)
+    if store.events:
+        out.append("\n## Recent Events (%d)\n" % len(store.events))
+        for e in store.events[-10:]:
+            out.append("  [%s] %s %s: %s (%s ago)\n" % (e["type"], e["object"], e["reason"], e["message"], _age(now - e["time"])))
+    alerts = list(store.alerts.values())
+    out.append("\n## Active Alerts (%d)\n" % len(alerts) if alerts else "\n## Alerts: None active\n")
+    out.extend("  [%s] %s: %s (%s)\n" % (a["severity"], a["type"], a["message"], a["object"]) for a in alerts)
+    if store.metrics:
+        out.append("\n## Application Metrics (%d)\n" % len(store.metrics))
+        out.extend("  %s: %.4g\n" % (k, v) for k, v in sorted(store.metrics.items()))
+    logs = list(store.error_logs)[-10:]
+    out.append("\n## Recent Error Logs (%d)\n" % len(logs) if logs else "\n## Error Logs: None\n")
+    out.extend("  %s: %s\n" % (pod, line[:300]) for pod, line in logs)
+    return "".join(out)
+
+
+def status_line(store):
+    """One line for a target: readiness, health, alerts, snapshots."""
+    t, snap = store.target, store.latest
+    if snap is None:
+        return "%s: %s" % (t.key, "collection failed: %s" % store.last_error if store.last_error else "no data yet")
+    w = snap.get("workload") or {"ready": 0, "desired": 0}
+    health = {2: "critical", 1: "degraded"}.get(store.score(), "healthy")
+    return "%s: %d/%d ready | %s | %d alerts | %d snapshots collected" % (
+        t.key, w["ready"], w["desired"], health, len(store.alerts), len(store.snapshots))
+
+
+def summarize_targets(stores, max_chars=32000):
+    """The context for several targets: troubled ones in full, healthy ones in a
+    line, within max_chars (shortened from the bottom, then dropped)."""
+    if not stores:
+        return ""
+    if len(stores) == 1:
+        return summarize_target(stores[0])
+    ranked = sorted(stores, key=lambda s: (-s.score(), -len(s.alerts)))
+    header = "[K8s Multi-Watcher: %d targets monitored]\n\n" % len(stores)
+    texts = [summarize_target(s) + "\n" if s.score() >= 1 else None for s in ranked]
+    compact = ["- " + status_line(s) + "\n" for s in ranked]
+
+    def render():
+        detailed = [t for t in texts if t]
+        brief = [c for t, c in zip(texts, compact) if t is None and c]
+        out = header
+        if detailed:
+            out += "--- Targets Requiring Attention ---\n\n" + "".join(detailed)
+        if brief:
+            out += "--- Healthy Targets ---\n" + "".join(brief)
+        return out
+
+    for i in reversed(range(len(ranked))):      # over budget: shorten from the bottom...
+        if len(render()) <= max_chars:
+            break
+        texts[i] = None
+    for i in reversed(range(len(ranked))):      # ...then drop
+        if len(render()) <= max_chars:
+            break
+        compact[i] = ""
+    return render()[:max_chars]
+
+
+class Watcher:
+    """The background thread that collects every interval, keeps the stores and
+    answers for GetWatcherStatus, GetAlerts and the prompt context."""
+
+    log_parallelism = 4
+
+    def __init__(self, settings, kubectl, metrics):
+        self.settings, self.kubectl, self.metrics = settings, kubectl, metrics
+        self.stores = [TargetStore(t, settings) for t in settings.targets]
+        self.stop_event = threading.Event()
+        self.thread = None
+        self.cycles = 0
+        metrics.watch_targets.set((), len(self.stores))
+
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name="watcher", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+        if self.thread:
+            self.thread.join(5)
+
+    def _loop(self):
+        while not self.stop_event.is_set():
+            try:
+                self.collect_once()
+            except Exception:
+                log.exception("watcher: collection failed")
+            self.stop_event.wait(self.settings.interval)
+
+    # -- collection ----------------------------------------------------------
+
+    def collect_once(self, now=None):
+        now = now or time.time()
+        nodes, node_error = [], ""
+        try:
+            nodes = self.kubectl.json("get", "nodes", "-o", "json").get("items", [])
+        except ChatServeError as e:
+            node_error = e.message
+        by_namespace = collections.OrderedDict()
+        for store in self.stores:
+            by_namespace.setdefault(store.target.namespace, []).append(store)
+        for namespace, stores in by_namespace.items():
+            self._collect_namespace(namespace, stores, nodes, now)
+        if node_error:
+            log.debug("watcher: nodes: %s", node_error)
+        self.cycles += 1
+
+    def _collect_namespace(self, namespace, stores, nodes, now):
+        started = time.monotonic()
+        try:
+            items = self.kubectl.json("get", "deploy,sts,ds,job,cronjob,pods,hpa", "-n", namespace, "-o", "json").get("items", [])
+        except ChatServeError as e:
+            for store in stores:
+                self._failed(store, "resources", e.message)
+            return
+        try:
+            events = self.kubectl.json("get", "events", "-n", namespace, "-o", "json").get("items", [])
+        except ChatServeError as e:
+            events = []
+            for store in stores:
+                self._failed(store, "events", e.message)
+        usage = self._top(namespace)
+        for store in stores:
+            self._collect_target(store, items, events, nodes, usage, now)
+            self.metrics.watch_duration.observe((store.target.key,), time.monotonic() - started)
+
+    def _failed(self, store, source, message):
+        store.last_error = message
+        self.metrics.watch_errors.inc((store.target.key, source))
+        log.warning("watcher: %s: %s", store.target.key, message)
+
+    def _top(self, namespace):
+        """{pod: (cpu, mem)} from kubectl top, or {} when there is no metrics server."""
+        try:
+            text = self.kubectl.run("top", "pods", "-n", namespace, "--no-headers")
+        except ChatServeError:
+            return {}              # no metrics-server is normal
+        usage = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                usage[parts[0]] = (parts[1], parts[2])
+        return usage
+
+    def _collect_target(self, store, items, events, nodes, usage, now):
+        t = store.target
+        workload = next((i for i in items if i.get("kind") == t.kind and i["metadata"]["name"] == t.name), None)
+        pods = [i for i in items if i.get("kind") == "Pod" and self._owns(t, workload, items, i)]
+        snapshot = {"time": now, "workload": workload_status(workload) if workload else None,
+                    "pods": [pod_status(p) for p in pods], "nodes": nodes,
+                    "hpa": [{"name": h["metadata"]["name"], "current": (h.get("status") or {}).get("currentReplicas", 0),
+                             "desired": (h.get("status") or {}).get("desiredReplicas", 0),
+                             "min": (h.get("spec") or {}).get("minReplicas", 1), "max": (h.get("spec") or {}).get("maxReplicas", 0)}
+                            for h in items if h.get("kind") == "HorizontalPodAutoscaler"
+                            and ((h.get("spec") or {}).get("scaleTargetRef") or {}).get("name") == t.name]}
+        for p in snapshot["pods"]:
+            p["cpu"], p["mem"] = usage.get(p["name"], ("", ""))
+        names = {p["name"] for p in snapshot["pods"]} | {t.name}
+        store.events = sorted(({"type": e.get("type", ""), "reason": e.get("reason", ""), "message": e.get("message", ""),
+                                "object": "%s/%s" % ((e.get("involvedObject") or {}).get("kind", ""),
+                                                     (e.get("involvedObject") or {}).get("name", "")),
+                                "time": parse_k8s_time(e.get("lastTimestamp") or (e.get("metadata") or {}).get("creationTimestamp")) or now}
+                               for e in events if (e.get("involvedObject") or {}).get("name") in names),
+                              key=lambda e: e["time"])
+        self._logs(store, [p["name"] for p in snapshot["pods"]])
+        if t.metrics_port:
+            self._app_metrics(store, [p["name"] for p in snapshot["pods"] if p["phase"] == "Running"])
+        for alert in store.add_snapshot(snapshot, now):
+            self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
+        if workload is None:
+            self._failed(store, "resources", "%s %s not found in namespace %s" % (t.kind, t.name, t.namespace))
+        self._record_gauges(store)
+
+    @staticmethod
+    def _owns(target, workload, items, pod):
+        labels = pod["metadata"].get("labels") or {}
+        if workload is None:
+            return False
+        if target.kind == "Job":
+            return labels.get("job-name") == target.name
+        if target.kind == "CronJob":
+            jobs = {i["metadata"]["name"] for i in items if i.get("kind") == "Job" and any(
+                ref.get("kind") == "CronJob" and ref.get("name") == target.name
+                for ref in i["metadata"].get("ownerReferences") or ())}
+            return labels.get("job-name") in jobs
+        return selector_matches((workload.get("spec") or {}).get("selector"), labels)
+
+    def _logs(self, store, pods):
+        def fetch(pod):
+            try:
+                return pod, self.kubectl.run("logs", pod, "-n", store.target.namespace, "--tail",
+                                             str(self.settings.max_log_lines), "--timestamps", "--all-containers")
+            except ChatServeError as e:
+                self.metrics.watch_errors.inc((store.target.key, "logs"))
+                return pod, ""
+        threads, results = [], []
+        for batch_start in range(0, len(pods), self.log_parallelism):
+            batch = pods[batch_start:batch_start + self.log_parallelism]
+            threads = [threading.Thread(target=lambda p=p: results.append(fetch(p))) for p in batch]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(Kubectl.timeout + 5)
+        for pod, text in results:
+            store.add_logs(pod, text)
+
+    def _app_metrics(self, store, pods):
+        t = store.target
+        for pod in pods[:1]:       # one pod is representative; all would multiply the API server load
+            path = "/api/v1/namespaces/%s/pods/%s:%d/proxy%s" % (t.namespace, pod, t.metrics_port, t.metrics_path)
+            try:
+                store.metrics = parse_prometheus_text(self.kubectl.run("get", "--raw", path), t.metrics_filter)
+            except ChatServeError:
+                self.metrics.watch_errors.inc((t.key, "metrics"))
+
+    def _record_gauges(self, store):
+        m, key, snap = self.metrics, store.target.key, store.latest
+        w = snap.get("workload") or {}
+        m.watch_pods_ready.set((key,), sum(1 for p in snap["pods"] if p["ready"]))
+        m.watch_pods_desired.set((key,), w.get("desired", 0))
+        m.watch_snapshots.set((key,), len(store.snapshots))
+        m.watch_restarts.set((key,), store.restart_trend()[0])
+
+    # -- answers -------------------------------------------------------------
+
+    def context(self):
+        return summarize_targets(self.stores, self.settings.max_context_chars)
+
+    def context_for(self, namespace, name):
+        match = [s for s in self.stores if s.target.namespace == namespace and s.target.name == name]
+        return summarize_targets(match or self.stores, self.settings.max_context_chars)
+
+    def alerts(self, namespace="", deployment=""):
+        out = []
+        for s in self.stores:
+            if namespace and s.target.namespace != namespace or deployment and s.target.name != deployment:
+                continue
+            for a in s.alerts.values():
+                out.append({"type": a["type"], "severity": a["severity"].lower(), "message": a["message"],
+                            "object": a["object"], "namespace": s.target.namespace, "deployment": s.target.name,
+                            "timestamp_unix": int(a["timestamp"])})
+        return out
+
+    def status(self):
+        single = len(self.stores) == 1
+        target = self.stores[0].target if single else None
+        snaps = [s.latest for s in self.stores if s.latest]
+        counts = {2: 0, 1: 0, 0: 0}
+        for s in self.stores:
+            counts[s.score()] += 1
+        summary = status_line(self.stores[0]) if single else "Watching %d targets: %d healthy, %d warning, %d critical" % (
+            len(self.stores), counts[0], counts[1], counts[2])
+        return {"active": True, "deployment": target.name if single else "%d targets" % len(self.stores),
+                "namespace": target.namespace if single else "multi", "status_summary": summary,
+                "alert_count": sum(len(s.alerts) for s in self.stores),
+                "snapshot_count": sum(len(s.snapshots) for s in self.stores),
+                "pod_count": sum(len(s["pods"]) for s in snaps)}
+
+    def targets_status(self):
+        return [{"target": s.target.key, "kind": s.target.kind, "last_collected_unix": int(s.last_collected) or None,
+                 "last_error": s.last_error or None, "alerts": len(s.alerts), "snapshots": len(s.snapshots)}
+                for s in self.stores]
 
 
 # ---------------------------------------------------------------------------
@@ -2868,7 +3794,7 @@ class Agent:
         if job.max_tokens:
             params["max_tokens"] = job.max_tokens
         answer = self.app.engine.open(ChatRequest([system] + self.messages, stream=True,
-                                                  params=params, surface="agent"))
+                                                  params=params, surface="agent", context="prompt"))
         completion, marker, shown = Completion(), ToolCallFilter(), []
         try:
             for ev in answer:
@@ -3105,10 +4031,18 @@ def header_credentials(h):
     return Credentials.parse(key, settings, "X-LLM-Provider-Config")
 
 
+def openai_context_mode(h):
+    """The watcher's context goes in as a system message unless turned off."""
+    if h.app.config.no_openai_context or (h.headers.get("X-Chatserve-Context") or "").lower() == "off":
+        return None
+    return "system"
+
+
 def route_chat_completions(h):
     req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
     req.provider = h.headers.get("X-LLM-Provider") or None
     req.credentials = header_credentials(h)
+    req.context = openai_context_mode(h)
     answer = h.app.engine.open(req)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     if not req.stream:
@@ -3324,6 +4258,7 @@ def route_anthropic_messages(h):
     req = parse_anthropic_request(h.read_json(), h.request_id)
     req.provider = h.headers.get("X-LLM-Provider") or None
     req.credentials = header_credentials(h)
+    req.context = openai_context_mode(h)
     answer = h.app.engine.open(req)
     message_id = new_id("msg_")
     if not req.stream:
@@ -3598,7 +4533,7 @@ def prompt_request(app, params, stream, request_id):
     credentials = Credentials.parse(key, config) if key or config else None
     return ChatRequest(messages, model=p.str("model") or None, stream=stream,
                        params={"max_tokens": max_tokens} if max_tokens else {}, provider=p.str("provider") or None,
-                       credentials=credentials, request_id=request_id, surface="rpc")
+                       credentials=credentials, request_id=request_id, surface="rpc", context="prompt")
 
 
 def usage_fields(usage):
@@ -3893,6 +4828,7 @@ def route_rpc_ws(h):
     """InteractiveSession: SessionMessage JSON in text frames, history per connection."""
     ws = WebSocket.accept(h)
     history = []
+    h.app.metrics.session_active.inc()
     try:
         while True:
             text = ws.receive()
@@ -3902,6 +4838,8 @@ def route_rpc_ws(h):
         ws.close()
     except WebSocketClosed:
         pass
+    finally:
+        h.app.metrics.session_active.dec()
 
 
 def session_message(kind, content, **metadata):
@@ -4722,6 +5660,11 @@ class App:
             if config.rate_limit_rps > 0 else None
         self.auth_failures = RateLimiter(1 / 12.0, 5)     # per address: 5 wrong tokens, then one per 12 s
         self.agent = Agent(self)
+        settings = watch_settings(config)
+        self.watcher = Watcher(settings, Kubectl(config.kubectl, config.watch_kubeconfig, config.watch_context),
+                               self.metrics) if settings else None
+        if self.watcher:
+            self.engine.context_source = self.watcher.context
         provider = self.engine.default_provider
         self.metrics.info_labels = (__version__, provider.name if provider else "", provider.model if provider else "")
 
@@ -4752,6 +5695,8 @@ class App:
                 t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
                 t.start()
                 self.threads.append(t)
+        if self.watcher:
+            self.watcher.start()
         self._log_startup(context is not None)
         return self
 
@@ -4808,6 +5753,8 @@ class App:
                 server.shutdown()
                 server.server_close()
         self.agent.stop()
+        if self.watcher:
+            self.watcher.stop()
         cut = self.http.tracker.drain(self.config.drain_timeout) if self.http else 0
         if cut:
             log.warning("drain timeout: closed %d connection(s) still busy", cut)
@@ -4855,15 +5802,16 @@ class App:
                                % (self.config.rate_limit_rps, self.config.rate_limit_burst), wait)
 
     def watcher_status(self):
-        """GetWatcherStatus: no Kubernetes watcher runs in this version."""
+        if self.watcher:
+            return self.watcher.status()
         return {"active": False, "deployment": "", "namespace": "", "alert_count": 0, "snapshot_count": 0,
-                "pod_count": 0, "status_summary": "no Kubernetes watcher is configured on this server"}
+                "pod_count": 0, "status_summary": "no Kubernetes watcher is configured (--watch-deployment or --watch-config)"}
 
     def alerts(self, namespace="", deployment=""):
-        return []
+        return self.watcher.alerts(namespace, deployment) if self.watcher else []
 
     def issue_context(self, namespace, resource):
-        return ""
+        return self.watcher.context_for(namespace, resource) if self.watcher else ""
 
     def request_started(self):
         with self.stats_lock:
@@ -4891,7 +5839,8 @@ class App:
                 "provider": provider.name if provider else None,
                 "model": provider.model if provider else None,
                 "available_providers": list(self.engine.providers),
-                "providers": self.engine.provider_status(), **self.agent.status()}
+                "providers": self.engine.provider_status(), **self.agent.status(),
+                "watcher": self.watcher.targets_status() if self.watcher else None}
 
 
 # ---------------------------------------------------------------------------
@@ -5465,6 +6414,10 @@ def build_parser():
         shown = " (default %s)" % (default,)
         env = " [env %s]" % var if var else ""
         shown = "" if default in (None, "", ()) else shown.replace("%", "%%")
+        if kind == "flag":
+            serve.add_argument(flag, dest=_option_dest(flag), default=None, action="store_const", const="true",
+                               help=help_text + env)
+            continue
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
                            action="append" if kind == "list" else "store", help=help_text + shown + env)
     serve.set_defaults(func=cmd_serve)
