@@ -2926,7 +2926,20 @@ def detect_alerts(snapshot, now=None):
             last = parse_k8s_time(w["last_schedule"])
             if last is None or now - last > 7200:
                 alerts.append(("CronJobMissed", "WARNING", "CronJob %s has not run for over 2h" % w["name"], obj))
-    return alerts + node_alerts(snapshot.get("nodes") or [])
+    return alerts
+
+
+def merge_alerts(previous, detected, now):
+    """(active alerts, the new ones): one per type and object, first-seen time
+    kept; an alert whose condition is gone is not carried over."""
+    active, new = collections.OrderedDict(), []
+    for kind, severity, message, obj in detected:
+        key = (kind, obj)
+        if key not in previous:
+            new.append((kind, severity, message, obj))
+        active[key] = {"type": kind, "severity": severity, "message": message, "object": obj,
+                       "timestamp": previous[key]["timestamp"] if key in previous else now}
+    return active, new
 
 
 def parse_prometheus_text(text, patterns=()):
@@ -2961,14 +2974,9 @@ class TargetStore:
 
     def add_snapshot(self, snapshot, now):
         """Store it and recompute the alerts; returns the alerts that are new."""
-        current = {(t, obj): (t, sev, msg, obj) for t, sev, msg, obj in detect_alerts(snapshot, now)}
         with self.lock:
             self.snapshots.append(snapshot)
-            new = [a for key, a in current.items() if key not in self.alerts]
-            self.alerts = collections.OrderedDict(
-                (key, dict(zip(("type", "severity", "message", "object"), a),
-                           timestamp=self.alerts[key]["timestamp"] if key in self.alerts else now))
-                for key, a in current.items())      # an alert whose condition is gone clears
+            self.alerts, new = merge_alerts(self.alerts, detect_alerts(snapshot, now), now)
             self.last_collected, self.last_error = now, ""
         return new
 
@@ -3119,6 +3127,7 @@ class Watcher:
     def __init__(self, settings, kubectl, metrics):
         self.settings, self.kubectl, self.metrics = settings, kubectl, metrics
         self.stores = [TargetStore(t, settings) for t in settings.targets]
+        self.cluster_alerts = collections.OrderedDict()      # node problems, once for the whole cluster
         self.stop_event = threading.Event()
         self.thread = None
         self.cycles = 0
@@ -3148,6 +3157,9 @@ class Watcher:
         nodes, node_error = [], ""
         try:
             nodes = self.kubectl.json("get", "nodes", "-o", "json").get("items", [])
+            self.cluster_alerts, new = merge_alerts(self.cluster_alerts, node_alerts(nodes), now)
+            for alert in new:
+                self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
         except ChatServeError as e:
             node_error = e.message
         by_namespace = collections.OrderedDict()
@@ -3285,15 +3297,13 @@ class Watcher:
         return summarize_targets(match or self.stores, self.settings.max_context_chars)
 
     def alerts(self, namespace="", deployment=""):
-        out = []
-        for s in self.stores:
-            if namespace and s.target.namespace != namespace or deployment and s.target.name != deployment:
-                continue
-            for a in s.alerts.values():
-                out.append({"type": a["type"], "severity": a["severity"].lower(), "message": a["message"],
-                            "object": a["object"], "namespace": s.target.namespace, "deployment": s.target.name,
-                            "timestamp_unix": int(a["timestamp"])})
-        return out
+        """Active alerts; cluster (node) alerts only when no namespace filter is given."""
+        groups = [("", "", self.cluster_alerts)] if not namespace and not deployment else []
+        groups += [(s.target.namespace, s.target.name, s.alerts) for s in self.stores
+                   if (not namespace or s.target.namespace == namespace) and (not deployment or s.target.name == deployment)]
+        return [{"type": a["type"], "severity": a["severity"].lower(), "message": a["message"], "object": a["object"],
+                 "namespace": ns, "deployment": name, "timestamp_unix": int(a["timestamp"])}
+                for ns, name, alerts in groups for a in alerts.values()]
 
     def status(self):
         single = len(self.stores) == 1
@@ -3306,7 +3316,7 @@ class Watcher:
             len(self.stores), counts[0], counts[1], counts[2])
         return {"active": True, "deployment": target.name if single else "%d targets" % len(self.stores),
                 "namespace": target.namespace if single else "multi", "status_summary": summary,
-                "alert_count": sum(len(s.alerts) for s in self.stores),
+                "alert_count": sum(len(s.alerts) for s in self.stores) + len(self.cluster_alerts),
                 "snapshot_count": sum(len(s.snapshots) for s in self.stores),
                 "pod_count": sum(len(s["pods"]) for s in snaps)}
 
@@ -5875,7 +5885,8 @@ def format_status(status):
     for key in keys:
         value = status[key]
         if isinstance(value, (list, dict)):
-            value = ", ".join(map(str, value)) if isinstance(value, list) else json_dumps(value)
+            value = ", ".join(v if isinstance(v, str) else json_dumps(v) for v in value) \
+                if isinstance(value, list) else json_dumps(value)
         lines.append("%-*s  %s" % (width, key, "-" if value is None else value))
     return "\n".join(lines)
 

@@ -1982,8 +1982,10 @@ class WatcherCollectionTest(KubectlCase):
         api, job, cron = w.stores
         self.assertEqual([p["name"] for p in api.latest["pods"]], ["api-7d9f-a", "api-7d9f-b"])   # not api-canary-1
         types = {a["type"] for a in api.alerts.values()}
-        self.assertEqual(types, {"HighRestartCount", "OOMKilled", "CrashLoopBackOff", "PodNotReady", "DeploymentFailing",
-                                 "NodeNotReady", "NodeMemoryPressure"})
+        self.assertEqual(types, {"HighRestartCount", "OOMKilled", "CrashLoopBackOff", "PodNotReady", "DeploymentFailing"})
+        self.assertEqual({a["type"] for a in w.cluster_alerts.values()}, {"NodeNotReady", "NodeMemoryPressure"})
+        node_alerts = [a for a in w.alerts() if a["type"].startswith("Node")]
+        self.assertEqual(len(node_alerts), 2)                 # once for the cluster, not per target
         self.assertIn("JobFailed", {a["type"] for a in job.alerts.values()})
         self.assertIn("CronJobMissed", {a["type"] for a in cron.alerts.values()})
         severities = {a["type"]: a["severity"] for a in api.alerts.values()}
@@ -2012,7 +2014,7 @@ class WatcherCollectionTest(KubectlCase):
         for part in ("[K8s Context: deployment/api in namespace/prod]", "## Deployment Status",
                      "Replicas: 1/2 ready, 2 updated, 1 available", "## Pods (2 total)", "cpu=12m mem=85Mi",
                      "Last terminated: OOMKilled (exit code 137)", "## HPA (api)", "## Nodes (1, 1 with problems)",
-                     "## Recent Events (1)", "Back-off restarting", "## Active Alerts (7)", "[CRITICAL] OOMKilled",
+                     "## Recent Events (1)", "Back-off restarting", "## Active Alerts (5)", "[CRITICAL] OOMKilled",
                      "## Application Metrics (2)", 'http_requests_total{code="500"}: 3', "## Recent Error Logs (1)"):
             self.assertIn(part, text)
 
@@ -2118,8 +2120,8 @@ class WatcherServerTest(KubectlCase):
         self.assertEqual((info["watcher_active"], info["watcher_target"]), (True, "prod/api"))
         status = rpc(self, "GetWatcherStatus", headers=auth)[2]["result"]
         self.assertEqual((status["active"], status["deployment"], status["namespace"], status["pod_count"]), (True, "api", "prod", 2))
-        self.assertEqual(status["alert_count"], 7)
-        self.assertIn("prod/api: 1/2 ready | critical | 7 alerts", status["status_summary"])
+        self.assertEqual(status["alert_count"], 7)           # 5 for the target, 2 for the nodes
+        self.assertIn("prod/api: 1/2 ready | critical | 5 alerts", status["status_summary"])
         alerts = rpc(self, "GetAlerts", {"namespace": "prod", "deployment": "api"}, headers=auth)[2]["result"]["alerts"]
         oom = [a for a in alerts if a["type"] == "OOMKilled"][0]
         self.assertEqual((oom["severity"], oom["object"], oom["namespace"], oom["deployment"]), ("critical", "api-7d9f-b", "prod", "api"))
@@ -2140,7 +2142,7 @@ class WatcherServerTest(KubectlCase):
         self.request("POST", "/v1/chat/completions", self.chat(), auth)
         sent = self.upstream.requests[-1]["body"]["messages"]
         self.assertEqual((sent[0]["role"], sent[1]), ("system", {"role": "user", "content": "hi"}))
-        self.assertIn("## Active Alerts (7)", sent[0]["content"])
+        self.assertIn("## Active Alerts (5)", sent[0]["content"])
         self.request("POST", "/v1/chat/completions", self.chat(), dict(auth, **{"X-Chatserve-Context": "off"}))
         self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [{"role": "user", "content": "hi"}])
         sock, _ = ws_open(self.app.port, "t")
