@@ -8,40 +8,51 @@ script and OpenAI client on the network one door to the LLMs:
     python3 chatserve.py serve              # listen on 127.0.0.1:50051
     python3 chatserve.py ctl status         # ask it over its Unix control socket
     python3 chatserve.py ctl shutdown       # graceful stop
+    python3 chatserve.py connect HOST:PORT  # the remote terminal client
+    python3 chatserve.py sessions import ~/.chatcli/sessions
 
 Design.  Every surface turns its request into one `ChatRequest`; the `Engine`
-alone picks the provider and credentials and returns a stream of events
-(`TextDelta`, `ToolCallDelta`, `Usage`, `Finish`, `Error`); each provider class
-speaks one upstream wire protocol and yields those events; each surface only
-encodes events (OpenAI chunks today).  A non-streamed answer is the same
-stream, collected.  Closing the event stream closes the upstream connection.
-Errors form one hierarchy (`ChatServeError`) whose classes carry their HTTP
-status, OpenAI error type and JSON-RPC code, so one error renders right on
-every surface.
+alone picks the provider and credentials, injects the Kubernetes context,
+retries and fails over, and returns a stream of events (`TextDelta`,
+`ToolCallDelta`, `Usage`, `Finish`, `Error`); each provider class speaks one
+upstream wire protocol (OpenAI, Anthropic, Gemini, Ollama, StackSpot) and
+yields those events; each surface only encodes events.  A non-streamed answer
+is the same stream, collected.  Closing the event stream closes the upstream
+connection.  Errors form one hierarchy (`ChatServeError`) whose classes carry
+their HTTP status, OpenAI error type and JSON-RPC code, so one error renders
+right on every surface.
 
 Endpoints (main port, HTTP/1.1 keep-alive, optional TLS):
 
     GET  /health                  liveness, never needs the token
-    GET  /status                  uptime, requests, in flight, provider, model
+    GET  /status                  uptime, requests, providers, agent, watcher
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
-    GET  /v1/models               models the server can answer for
-    GET  /v1/models/{id}          one of them
+    GET  /v1/models[/{id}]        models the server can answer for
+    POST /v1/messages             Anthropic Messages, for Anthropic SDK clients
+    POST /rpc                     the ChatCLI gRPC service as JSON-RPC 2.0
+    GET  /rpc/ws                  InteractiveSession over WebSocket (RFC 6455)
+    POST /request, GET /updates   the agent (Shepherd's CLI server): prompts,
+    GET  /session, POST /clear    SSE events, the shared conversation
 
 Metrics port (`--metrics-port`, 9090, 0 disables): `GET /metrics` in the
 Prometheus text format and `GET /healthz`.  Control socket (`--socket`,
 default /var/tmp/chatserve-PORT.sock): `GET /status`, `POST /shutdown`.
 
 Security.  chatserve binds 127.0.0.1 unless told otherwise (0.0.0.0 when it
-runs inside Kubernetes).  With `--token` every route but `GET /health`
-needs `Authorization: Bearer TOKEN`, compared in constant time.  Use
-`--tls-cert/--tls-key` (TLS 1.2 minimum) on any network you do not trust:
-the bearer token travels in every request.  API keys come from the
-environment; they are never logged, never echoed by /status, never stored.
+runs inside Kubernetes).  With `--token` every route but `GET /health` (and
+the RPC `Health`) needs `Authorization: Bearer TOKEN`, compared in constant
+time; wrong tokens are rate limited per address.  Use `--tls-cert/--tls-key`
+(TLS 1.2 minimum) on any network you do not trust: the bearer token travels in
+every request.  API keys come from the environment or, per request, from the
+client; they are never logged, never echoed by /status, never stored.  URLs a
+client supplies pass an SSRF check (link-local and metadata addresses always
+refused, private ones unless --allow-upstream).  The agent's tools are
+confined to --workspace; writing and shell commands are off unless enabled.
 The metrics port has no auth and shows no secrets; bind it where only your
 Prometheus can reach it.  The control socket is created mode 0600 and a
-socket that a live server answers on is never taken over.  Request bodies
-are capped, sockets have read timeouts and concurrency is bounded, so a slow
-or hostile client cannot pin the server.
+socket that a live server answers on is never taken over.  Request bodies are
+capped, sockets have read timeouts, concurrency is bounded and clients are
+rate limited, so a slow or hostile client cannot pin the server.
 """
 
 import argparse
