@@ -5789,9 +5789,13 @@ class App:
         log.info("stopped")
 
     def _close_listeners(self):
+        """start() failed: release everything __init__ and start() took."""
         for server in (self.http, self.metrics_http, self.control):
             if server is not None:
                 server.server_close()
+        self.agent.stop()
+        self.sessions.close()
+        self.engine.close()
 
     # -- requests -----------------------------------------------------------
 

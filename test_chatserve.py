@@ -2791,7 +2791,8 @@ class CommandLineTest(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             s.listen(1)
-            out = run_cli("serve", "--port", str(s.getsockname()[1]), "--metrics-port", "0")
+            out = run_cli("serve", "--port", str(s.getsockname()[1]), "--metrics-port", "0",
+                          env={"CHATSERVE_DATA_DIR": tempfile.gettempdir()})
         self.assertEqual(out.returncode, 2)
         self.assertIn("cannot listen on 127.0.0.1:", out.stderr)
 
