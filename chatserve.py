@@ -5607,6 +5607,15 @@ def control_socket_alive(path):
         return False
 
 
+def release_free_memory():
+    """Give the heap that compiling left free back to the OS (glibc only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def make_ssl_context(cert, key):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -5756,6 +5765,7 @@ class App:
         signal.signal(signal.SIGTERM, handler)   # before start(): a signal right after bind is graceful too
         signal.signal(signal.SIGINT, handler)
         self.start()
+        release_free_memory()
         while not self.stopping.wait(3600):
             pass
         self.stop()
@@ -6514,5 +6524,24 @@ def main(argv=None):
         return 130
 
 
+def run_as_module():
+    """`python3 chatserve.py serve` keeps this file's whole parse tree (about
+    16 MB) alive for as long as the script runs; a long-running server
+    re-executes itself (same PID) importing the file as a module instead,
+    which frees the tree after compiling and caches the bytecode."""
+    path = os.path.abspath(__file__)
+    flags = [f for f, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site), ("-E", sys.flags.ignore_environment),
+                             ("-B", sys.flags.dont_write_bytecode)) if on] + ["-O"] * sys.flags.optimize
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('chatserve', %r); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['chatserve'] = module; "
+            "spec.loader.exec_module(module); sys.argv[0] = %r; sys.exit(module.main())" % (path, sys.argv[0]))
+    try:
+        os.execv(sys.executable, [sys.executable] + flags + ["-c", code] + sys.argv[1:])
+    except OSError:
+        pass        # carry on as a script
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"] and sys.executable:
+        run_as_module()
     sys.exit(main())
