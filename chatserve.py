@@ -6542,6 +6542,6 @@ def run_as_module():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"] and sys.executable:
+    if sys.argv[1:2] == ["serve"] and __spec__ is None and sys.executable:     # a script, not -m
         run_as_module()
     sys.exit(main())
