@@ -5749,6 +5749,9 @@ class App:
         if not provider:
             log.warning("no LLM provider configured: chat requests will get 503 until LLM_PROVIDER "
                         "and its key (e.g. OPENAI_API_KEY) are set")
+        if os.path.realpath(c.workspace) == "/":
+            log.warning("the agent's workspace is / : its read tools can read any file this user can; "
+                        "choose a directory with --workspace")
         if not c.token and c.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s without --token: anyone who can reach this port can use "
                         "the configured LLM credentials", c.host)

@@ -47,9 +47,9 @@ def openai_chunk(delta=None, finish=None, usage=None, choices=True):
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 TOOL_CALL_CHUNKS = [
-    {"role": "assistant", "content": None,
-     "tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
-    {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]},
+    {"role": "assistant", "content": None,     # the first delta carries the name and the opening brace
+     "tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{"}}]},
+    {"tool_calls": [{"index": 0, "function": {"arguments": "\"city\":"}}]},
     {"tool_calls": [{"index": 0, "function": {"arguments": " \"Paris\"}"}}]},
     {"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
 ]
