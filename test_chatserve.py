@@ -1712,15 +1712,15 @@ class ConnectTest(ServerTestCase):
     def test_interactive_session_through_a_pty(self):
         import pty
         app = self.start(token="t")
-        pid, fd = pty.fork()
-        if pid == 0:      # the child: the client, as a person would run it
-            os.execv(sys.executable, [sys.executable, SCRIPT, "connect", "127.0.0.1:%d" % app.port, "--token", "t"])
-        reaped = []
+        fd, terminal = pty.openpty()      # the client on a terminal, as a person would run it
+        proc = subprocess.Popen([sys.executable, SCRIPT, "connect", "127.0.0.1:%d" % app.port, "--token", "t"],
+                                stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+        os.close(terminal)
 
         def cleanup():
-            if not reaped:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(WAIT)
             os.close(fd)
         self.addCleanup(cleanup)
         screen = b""
@@ -1743,14 +1743,7 @@ class ConnectTest(ServerTestCase):
         self.assertTrue(read_until("saved pty1 (2 messages)"), screen)
         self.assertEqual(app.sessions.load("pty1")["chat_history"][1]["content"], "Hello world")
         os.write(fd, b"/quit\r")
-
-        def exited():
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                reaped.append(status)
-            return bool(done)
-        self.assertTrue(wait_until(exited))
-        self.assertEqual(os.WEXITSTATUS(reaped[0]), 0)
+        self.assertEqual(proc.wait(WAIT), 0)
 
     def test_tls_with_a_ca_certificate(self):
         cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
