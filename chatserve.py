@@ -157,6 +157,10 @@ class MethodNotAllowed(ChatServeError):
     status, type, code, rpc_code, grpc_status = 405, "invalid_request_error", "method_not_allowed", -32601, "UNIMPLEMENTED"
 
 
+class Conflict(ChatServeError):
+    status, type, code, rpc_code, grpc_status = 409, "conflict_error", "conflict", -32009, "ABORTED"
+
+
 class PayloadTooLarge(ChatServeError):
     status, type, code, rpc_code, grpc_status = 413, "invalid_request_error", "body_too_large", -32600, "RESOURCE_EXHAUSTED"
 
@@ -198,6 +202,18 @@ def json_dumps(obj):
 
 def json_bytes(obj):
     return json_dumps(obj).encode("utf-8")
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def json_loads_strict(data):
+    """JSON from a client: NaN/Infinity and nesting too deep for Python are refused (ValueError)."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply")
 
 
 def _os_reason(e):
@@ -1117,17 +1133,19 @@ class _PooledHTTPConnection(http.client.HTTPConnection):
     """http.client connection that connects through the pool's DNS cache."""
 
     resolver = None
+    pinned = None           # addresses checked by the SSRF guard: connect to these, never re-resolve
 
     def connect(self):
-        self.sock = self.resolver.connect(self.host, self.port, self.timeout)
+        self.sock = self.resolver.connect(self.host, self.port, self.timeout, self.pinned)
 
 
 if ssl is not None:
     class _PooledHTTPSConnection(http.client.HTTPSConnection):
         resolver = None
+        pinned = None
 
         def connect(self):
-            sock = self.resolver.connect(self.host, self.port, self.timeout)
+            sock = self.resolver.connect(self.host, self.port, self.timeout, self.pinned)
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -1154,9 +1172,9 @@ class UpstreamPool:
         self.dns[(host, port)] = (now + self.dns_ttl, addrs)
         return addrs
 
-    def connect(self, host, port, timeout):
+    def connect(self, host, port, timeout, addresses=None):
         error = None
-        for family, addr in self.resolve(host, port):
+        for family, addr in addresses or self.resolve(host, port):
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.settimeout(timeout)
@@ -1188,7 +1206,7 @@ class UpstreamPool:
                 return
         conn.close()
 
-    def new_connection(self, scheme, host, port, connect_timeout):
+    def new_connection(self, scheme, host, port, connect_timeout, pinned=None):
         if scheme == "https":
             if ssl is None:
                 raise UpstreamError("https upstreams need Python's ssl module, which this Python lacks")
@@ -1196,10 +1214,10 @@ class UpstreamPool:
                                           context=ssl.create_default_context())
         else:
             conn = _PooledHTTPConnection(host, port, timeout=connect_timeout)
-        conn.resolver = self
+        conn.resolver, conn.pinned = self, pinned
         return conn
 
-    def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0):
+    def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None):
         """Send a request and wait for the status line (the first byte).  A pooled
         connection the server has closed meanwhile is retried once on a new one."""
         parts = urllib.parse.urlsplit(url)
@@ -1211,7 +1229,7 @@ class UpstreamPool:
             conn = self.get(key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
-                conn = self.new_connection(scheme, host, port, connect_timeout)
+                conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
                 try:
                     conn.connect()
                 except socket.timeout:
@@ -1351,6 +1369,7 @@ class Provider:
         self.api_key = creds.api_key if credentials is not None else self.env.get(self.key_env, "")
         self.scheme = creds.scheme
         self.settings = creds.settings
+        self.pinned = None                  # set by the Engine for a client-supplied base URL
         self.model = config.model if config.provider == self.name and config.model else \
             self.env.get(self.model_env) or self.default_model
 
@@ -1366,7 +1385,11 @@ class Provider:
         if req.params.get("tools") and not self.supports_tools:
             raise BadRequest("provider %s cannot call tools; remove tools or choose another provider" % self.name,
                              param="tools")
-        resp = self.send(req, model)
+        try:
+            resp = self.send(req, model)
+        except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:
+            raise BadRequest("the request cannot be translated for %s: a field has the wrong type or shape (%s)"
+                             % (self.name, e))
         if resp.status >= 300:
             raise self.failure(resp)
         if req.stream:
@@ -1406,8 +1429,8 @@ class Provider:
                                    "Accept": "text/event-stream" if stream else "application/json",
                                    "User-Agent": "chatserve/" + __version__})
         data = urllib.parse.urlencode(body).encode() if form else json_bytes(body)
-        return self.pool.request("POST", url, data, headers,
-                                 self.config.upstream_connect_timeout, self.config.upstream_timeout)
+        return self.pool.request("POST", url, data, headers, self.config.upstream_connect_timeout,
+                                 self.config.upstream_timeout, self.pinned if url.startswith(self.base_url) else None)
 
     def get_json(self, url, headers=None, timeout=5.0):
         resp = self.pool.request("GET", url, None, headers or {}, min(self.config.upstream_connect_timeout, timeout),
@@ -2081,7 +2104,7 @@ class StackSpotProvider(Provider):
     default_auth = "https://idm.stackspot.com"
     default_model = "StackSpotAI"
     supports_tools = False
-    tokens = {}                       # (auth url, realm, client id) -> (token, expires at); shared
+    tokens = {}                       # (auth url, realm, client id, secret hash) -> (token, expires at); shared
     tokens_lock = threading.Lock()
 
     @classmethod
@@ -2100,7 +2123,7 @@ class StackSpotProvider(Provider):
             raise BadRequest("STACKSPOT needs client_id and client_key (CLIENT_ID, CLIENT_KEY on the server, "
                              "or provider_config from the client)", param="provider_config")
         auth = (self.env.get("STACKSPOT_AUTH_URL") or self.default_auth).rstrip("/")
-        key = (auth, realm, client_id)
+        key = (auth, realm, client_id, hashlib.sha256(client_key.encode("utf-8")).hexdigest())
         with self.tokens_lock:
             cached = self.tokens.get(key)
         if cached and not refresh and cached[1] > time.time():
@@ -2266,6 +2289,20 @@ ALWAYS_REFUSED = [ipaddress.ip_network(n) for n in (
     "224.0.0.0/4", "ff00::/8", "255.255.255.255/32")]
 
 
+def embedded_ipv4(ip):
+    """The IPv4 address inside IPv4-mapped, IPv4-compatible, NAT64 and 6to4 IPv6 forms."""
+    if ip.version != 6:
+        return ip
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    value = int(ip)
+    if ip in ipaddress.ip_network("64:ff9b::/96") or (value >> 32 == 0 and value > 1):
+        return ipaddress.ip_address(value & 0xFFFFFFFF)
+    return ip
+
+
 def parse_allowed_upstreams(values):
     """--allow-upstream entries: host names (lower-cased) and networks."""
     hosts, networks = set(), []
@@ -2284,19 +2321,21 @@ def parse_allowed_upstreams(values):
 def check_client_url(url, allowed, resolve):
     """Refuse a client-supplied upstream URL that points at link-local or
     metadata addresses (always) or at loopback/private ones (unless allowed)."""
-    parts = urllib.parse.urlsplit(url or "")
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+        port = parts.port
+    except ValueError as e:
+        raise BadRequest("upstream URL %r is malformed: %s" % (url, e), param="provider_config.base_url")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("upstream URL %r must be http(s)://host[:port]/..." % url, param="provider_config.base_url")
     host = parts.hostname.lower()
     hosts, networks = allowed
     try:
-        addrs = resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+        addrs = resolve(host, port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError) as e:
         raise BadRequest("cannot resolve upstream host %s: %s" % (host, _os_reason(e)), param="provider_config.base_url")
     for _family, sockaddr in addrs:
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        if getattr(ip, "ipv4_mapped", None):
-            ip = ip.ipv4_mapped
+        ip = embedded_ipv4(ipaddress.ip_address(sockaddr[0].split("%")[0]))
         if any(ip in net for net in ALWAYS_REFUSED):
             raise PermissionDenied("upstream URL %s resolves to %s, a link-local or cloud metadata address; "
                                    "such addresses are always refused" % (url, ip), param="provider_config.base_url")
@@ -2305,6 +2344,7 @@ def check_client_url(url, allowed, resolve):
             raise PermissionDenied("upstream URL %s resolves to %s, a private or loopback address; the server "
                                    "operator can allow it with --allow-upstream %s (or CHATCLI_ALLOWED_UPSTREAMS)"
                                    % (url, ip, host), param="provider_config.base_url")
+    return addrs
 
 
 # -- retries, cooldown ------------------------------------------------------------
@@ -2410,9 +2450,11 @@ class Engine:
             cls = PROVIDERS.get(name)
             if cls is None:
                 raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
+            pinned = None
             if credentials.settings.get("base_url"):
-                check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
+                pinned = check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
             provider = cls(self.config, self.pool, credentials=credentials)
+            provider.pinned = pinned
             return provider, req.model or provider.model
         provider = self.providers.get(name)
         if provider is None:
@@ -2759,12 +2801,12 @@ def watch_settings(config):
     return None
 
 
-def run_capped(argv, timeout, max_bytes, env=None):
+def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
     """(exit code, stdout, stderr) of a command, killed past `timeout` seconds or
     `max_bytes` of output (then ChatServeError says which)."""
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True)
     except OSError as e:
         raise Unavailable("cannot run %s: %s (set --kubectl)" % (argv[0], _os_reason(e)))
     out, err = bytearray(), bytearray()
@@ -2798,7 +2840,7 @@ def run_capped(argv, timeout, max_bytes, env=None):
         proc.stderr.close()
         proc.wait()
     if problem:
-        raise UpstreamError("%s %s" % (" ".join(argv[:3]), problem))
+        raise UpstreamError("%s %s" % (argv[0] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv[:3]), problem))
     return proc.returncode, bytes(out), bytes(err)
 
 
@@ -3357,7 +3399,7 @@ class Sandbox:
         if not isinstance(path, str) or not path:
             raise ToolError("a path is required")
         full = os.path.realpath(os.path.join(self.root, os.path.expanduser(path)))
-        if full != self.root and not full.startswith(self.root + os.sep):
+        if os.path.commonpath([self.root, full]) != self.root:
             raise ToolError("%s is outside the workspace %s; only paths inside it are allowed" % (path, self.root))
         if must_exist and not os.path.exists(full):
             raise ToolError("%s does not exist" % path)
@@ -3487,17 +3529,14 @@ def tool_run_command(sb, args):
     command = args.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ToolError("a command is required")
-    timeout = min(float(args.get("timeout") or 30), 600.0)
-    proc = subprocess.Popen(command, shell=True, cwd=sb.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    timeout = float(args.get("timeout") or 30)
+    if not 0 < timeout <= 600:
+        raise ToolError("timeout must be a number of seconds from 0 to 600")
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise ToolError("timed out after %gs; the command and its children were killed. Output so far:\n%s"
-                        % (timeout, sb.cap(out.decode("utf-8", "replace"))))
-    return "exit code %d\n%s" % (proc.returncode, out.decode("utf-8", "replace"))
+        code, out, _ = run_capped(["/bin/sh", "-c", "exec 2>&1; " + command], timeout, sb.output_bytes, cwd=sb.root)
+    except ChatServeError as e:
+        raise ToolError("%s; the command and its children were killed" % e.message)
+    return "exit code %d\n%s" % (code, out.decode("utf-8", "replace"))
 
 
 def tool_get_time(sb, args):
@@ -3537,6 +3576,15 @@ def enabled_tools(config):
 def tool_schemas(names):
     return [{"type": "function", "function": {"name": n, "description": AGENT_TOOLS[n][1], "parameters": AGENT_TOOLS[n][2]}}
             for n in names]
+
+
+def object_arguments(arguments):
+    """Tool-call arguments as a JSON object text ("{}" when they are not one)."""
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        value = None
+    return json_dumps(value) if isinstance(value, dict) else "{}"
 
 
 def run_tool(sandbox, enabled, name, arguments):
@@ -3683,9 +3731,11 @@ class Broadcaster:
             self.clients[client_id] = q
         return q
 
-    def unsubscribe(self, client_id):
+    def unsubscribe(self, client_id, q=None):
+        """Remove a listener (only if it is still `q`, when given: ids may be reused)."""
         with self.lock:
-            self.clients.pop(client_id, None)
+            if q is None or self.clients.get(client_id) is q:
+                self.clients.pop(client_id, None)
 
     def close_all(self):
         """Shutdown: every listener's stream ends."""
@@ -3709,7 +3759,7 @@ class Broadcaster:
                 q.put_nowait(event)
             except queue.Full:
                 log.warning("agent: /updates listener %s stopped reading; dropped", client_id)
-                self.unsubscribe(client_id)
+                self.unsubscribe(client_id, q)
                 try:
                     q.get_nowait()
                     q.put_nowait(None)        # tells its writer to stop
@@ -3771,8 +3821,9 @@ class Agent:
                 self.processing, self.current = True, job.prompt
             try:
                 self.run(job)
-            except Exception:
+            except Exception as e:
                 log.exception("agent: request failed")
+                self.emit(job, "error", message="internal error: %s; see the server log" % e.__class__.__name__)
             finally:
                 with self.lock:
                     self.processing, self.current = False, ""
@@ -3793,8 +3844,10 @@ class Agent:
         try:
             for _step in range(self.config.agent_max_steps):
                 text, calls, finish = self.step(job)
+                stored = [dict(c, function=dict(c["function"], arguments=object_arguments(c["function"].get("arguments"))))
+                          for c in calls]         # what a provider cannot translate never enters the history
                 self.messages.append(dict({"role": "assistant", "content": text},
-                                          **({"tool_calls": calls} if calls else {})))
+                                          **({"tool_calls": stored} if calls else {})))
                 if not calls:
                     self.emit(job, "response_complete", response=text, finish_reason=finish)
                     return
@@ -3858,6 +3911,8 @@ class Agent:
 
     def clear(self):
         with self.lock:
+            if self.processing or not self.jobs.empty():
+                raise Conflict("the agent is working on a request; /clear when it is done (see /status)")
             self.messages = []
         self.save()
 
@@ -3886,6 +3941,17 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def validate_content_part(part, where):
+    """A content part: an object with a type; text parts with text, image parts with image_url.url."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise BadRequest("%s: must be an object with a type" % where, param=where)
+    if part["type"] == "text" and not isinstance(part.get("text"), str):
+        raise BadRequest("%s.text: must be a string" % where, param=where + ".text")
+    if part["type"] == "image_url" and not (isinstance(part.get("image_url"), dict)
+                                            and isinstance(part["image_url"].get("url"), str)):
+        raise BadRequest("%s.image_url: must be {\"url\": \"...\"}" % where, param=where + ".image_url")
+
+
 def validate_messages(messages):
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: must be a non-empty array of messages", param="messages")
@@ -3903,9 +3969,7 @@ def validate_messages(messages):
                                  param=where + ".content")
         elif isinstance(content, list):
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise BadRequest("%s.content[%d]: must be an object with a type" % (where, j),
-                                     param="%s.content[%d]" % (where, j))
+                validate_content_part(part, "%s.content[%d]" % (where, j))
         elif not isinstance(content, str):
             raise BadRequest("%s.content: must be a string or an array of content parts" % where,
                              param=where + ".content")
@@ -3913,8 +3977,10 @@ def validate_messages(messages):
             raise BadRequest("%s.tool_call_id: required for role tool" % where, param=where + ".tool_call_id")
         calls = msg.get("tool_calls")
         if calls is not None and (not isinstance(calls, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
-            raise BadRequest("%s.tool_calls: must be an array of {id, type, function}" % where,
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("arguments", ""), str) and isinstance(c.get("id", ""), str)
+                for c in calls)):
+            raise BadRequest("%s.tool_calls: must be an array of {id, type, function: {name, arguments (a string)}}" % where,
                              param=where + ".tool_calls")
 
 
@@ -4041,7 +4107,7 @@ def header_credentials(h):
     settings = {}
     if raw:
         try:
-            settings = json.loads(raw)
+            settings = json_loads_strict(raw)
         except ValueError:
             settings = None
         if not isinstance(settings, dict):
@@ -4192,8 +4258,12 @@ def parse_anthropic_request(body, request_id=""):
             if not _is_number(body[field]):
                 raise BadRequest("%s: must be a number" % field, param=field)
             params[field] = body[field]
-    if body.get("stop_sequences"):
-        params["stop"] = list(body["stop_sequences"])
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            raise BadRequest("stop_sequences: must be a list of strings", param="stop_sequences")
+        if stops:
+            params["stop"] = stops
     if body.get("tools"):
         params["tools"] = [{"type": "function", "function": {
             "name": t.get("name", ""), "description": t.get("description", ""),
@@ -4205,7 +4275,10 @@ def parse_anthropic_request(body, request_id=""):
         params["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name", "")}}
         if choice.get("disable_parallel_tool_use"):
             params["parallel_tool_calls"] = False
-    user = (body.get("metadata") or {}).get("user_id")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata: must be an object", param="metadata")
+    user = metadata.get("user_id")
     if user:
         params["user"] = str(user)
     return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=bool(body.get("stream")),
@@ -4276,7 +4349,11 @@ def anthropic_stream_events(answer, message_id):
 
 
 def route_anthropic_messages(h):
-    req = parse_anthropic_request(h.read_json(), h.request_id)
+    body = h.read_json()
+    try:
+        req = parse_anthropic_request(body, h.request_id)
+    except (TypeError, AttributeError, ValueError) as e:
+        raise BadRequest("a field of the request has the wrong type: %s" % e)
     req.provider = h.headers.get("X-LLM-Provider") or None
     req.credentials = header_credentials(h)
     req.context = openai_context_mode(h)
@@ -4348,6 +4425,9 @@ class WebSocket:
         self.h, self.max_message = handler, max_message
         self.closed = False
         self.ping_outstanding = False
+        self.busy = False                   # answering: writes show the peer is alive
+        self.write_lock = threading.Lock()
+        self.stopped = threading.Event()
 
     @classmethod
     def accept(cls, h):
@@ -4374,23 +4454,32 @@ class WebSocket:
             raise WebSocketClosed(1006, "connection dropped")
         return data
 
-    def _first_byte(self):
-        """Wait for the next frame; ping an idle peer, drop one that stays silent."""
-        conn = self.h.connection
-        conn.settimeout(self.ping_interval)
-        while True:
+    def start_pinger(self):
+        """Reads wait for the peer as long as it takes; this thread pings it every
+        ping_interval and cuts a connection whose ping went unanswered."""
+        self.h.connection.settimeout(None)
+        threading.Thread(target=self._pinger, name="ws-ping", daemon=True).start()
+
+    def _pinger(self):
+        while not self.stopped.wait(self.ping_interval):
+            if self.busy:
+                continue
+            if self.ping_outstanding or not self.write_lock.acquire(timeout=self.ping_interval):
+                _shutdown_socket(self.h.connection, socket.SHUT_RDWR)     # silent or not reading: gone
+                return
             try:
-                return self._read(1)[0]
-            except socket.timeout:
-                if self.ping_outstanding:
-                    raise WebSocketClosed(1006, "peer stopped answering pings")
                 self.ping_outstanding = True
-                self.send_frame(WS_PING, b"chatserve")
+                self.h.write_raw(ws_frame(WS_PING, b"chatserve"))
+            except ClientGone:
+                return
             finally:
-                conn.settimeout(self.h.app.config.request_timeout)
+                self.write_lock.release()
+
+    def stop(self):
+        self.stopped.set()
 
     def read_frame(self):
-        b0 = self._first_byte()
+        b0 = self._read(1)[0]
         b1 = self._read(1)[0]
         fin, opcode = bool(b0 & 0x80), b0 & 0x0F
         if b0 & 0x70:
@@ -4450,7 +4539,8 @@ class WebSocket:
                     self.fail(1007, "text message is not valid UTF-8")
 
     def send_frame(self, opcode, payload):
-        self.h.write_raw(ws_frame(opcode, payload))
+        with self.write_lock:
+            self.h.write_raw(ws_frame(opcode, payload))
 
     def send_text(self, text):
         self.send_frame(WS_TEXT, text.encode("utf-8"))
@@ -4482,6 +4572,7 @@ class RpcError(ChatServeError):
 
 
 MAX_PROMPT_BYTES = 512 * 1024
+MAX_RPC_BATCH = 100
 MAX_ANALYZE_NAME_BYTES = 1024
 MAX_ANALYZE_DESCRIPTION_BYTES = 50 * 1024
 SESSION_TYPES = ("USER_INPUT", "ASSISTANT_RESPONSE", "SYSTEM_MESSAGE", "ERROR", "COMMAND", "COMMAND_RESULT")
@@ -4779,11 +4870,14 @@ def rpc_resolve(app, h, name):
     return method
 
 
-def rpc_call(app, h, call):
-    """One request object -> its response object (None for a notification)."""
+def rpc_call(app, h, call, charge=False):
+    """One request object -> its response object (None for a notification).
+    `charge`: calls after the first of a batch each spend a rate-limit token."""
     rpc_id, notification = None, False
     try:
         rpc_id, name, params, notification = rpc_call_target(call)
+        if charge:
+            app.check_rate(h)
         method = rpc_resolve(app, h, name)
         result = method.fn(app, h, params)
         if method.streaming:
@@ -4797,24 +4891,26 @@ def route_rpc(h):
     app = h.app
     data = h.read_body()
     try:
-        body = json.loads(data.decode("utf-8"))
+        body = json_loads_strict(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         h.send_json(200, rpc_error_object(RpcError(-32700, "parse error: %s" % e), None))
         return
     if isinstance(body, list):
-        if not body:
-            h.send_json(200, rpc_error_object(RpcError(-32600, "invalid request: empty batch"), None))
+        if not body or len(body) > MAX_RPC_BATCH:
+            h.send_json(200, rpc_error_object(RpcError(-32600, "invalid request: a batch holds 1 to %d calls, not %d"
+                                                       % (MAX_RPC_BATCH, len(body))), None))
             return
-        replies = [r for r in (rpc_call(app, h, call) for call in body) if r is not None]
+        replies = [r for r in (rpc_call(app, h, call, charge=i > 0) for i, call in enumerate(body)) if r is not None]
         if replies:
             h.send_json(200, replies)
         else:
             h.send_bytes(204, b"", "application/json")
         return
-    if isinstance(body, dict) and body.get("method") in RPC_METHODS:
-        h.route_label = body["method"]          # metrics count RPCs by name, as gRPC would
-    if "text/event-stream" in (h.headers.get("Accept") or "") and isinstance(body, dict) \
-            and RPC_METHODS.get(body.get("method"), RPC_METHODS["Health"]).streaming and "id" in body:
+    method = body.get("method") if isinstance(body, dict) and isinstance(body.get("method"), str) else None
+    if method in RPC_METHODS:
+        h.route_label = method                  # metrics count RPCs by name, as gRPC would
+    if "text/event-stream" in (h.headers.get("Accept") or "") and method in RPC_METHODS \
+            and RPC_METHODS[method].streaming and "id" in body:
         return rpc_stream_sse(app, h, body)
     reply = rpc_call(app, h, body)
     if reply is None:
@@ -4850,16 +4946,22 @@ def route_rpc_ws(h):
     ws = WebSocket.accept(h)
     history = []
     h.app.metrics.session_active.inc()
+    ws.start_pinger()
     try:
         while True:
             text = ws.receive()
             if text is None:
                 break
-            session_reply(h, ws, history, text)
+            ws.busy = True
+            try:
+                session_reply(h, ws, history, text)
+            finally:
+                ws.busy = False
         ws.close()
     except WebSocketClosed:
         pass
     finally:
+        ws.stop()
         h.app.metrics.session_active.dec()
 
 
@@ -4877,6 +4979,9 @@ def session_reply(h, ws, history, text):
         return
     kind, content = msg["type"], msg.get("content") or ""
     metadata = msg.get("metadata") if isinstance(msg.get("metadata"), dict) else {}
+    if not isinstance(content, str) or not all(isinstance(v, str) for v in metadata.values()):
+        ws.send_text(session_message("ERROR", "content and metadata values must be strings"))
+        return
     if kind == "USER_INPUT":
         session_answer(h, ws, history, content, metadata)
     elif kind == "COMMAND":
@@ -4925,7 +5030,7 @@ def agent_error_body(err):
 def parse_agent_request(data):
     """(prompt, stream, async, max_tokens) from a /request body (JSON, or the bare prompt)."""
     try:
-        body = json.loads(data.decode("utf-8"))
+        body = json_loads_strict(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):
@@ -4996,7 +5101,7 @@ def route_agent_updates(h):
                     return
                 sse.send(event)
     finally:
-        agent.updates.unsubscribe(client_id)
+        agent.updates.unsubscribe(client_id, events)
 
 
 def route_agent_session(h):
@@ -5272,6 +5377,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             line = self.rfile.readline(1024)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError
             except ValueError:
                 self.close_connection = True
                 raise BadRequest("malformed chunked request body")
@@ -5283,7 +5390,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if total > cap:
                 self.close_connection = True
                 raise PayloadTooLarge("request body is over the limit of %d bytes (--max-body-bytes)" % cap)
-            parts.append(self.rfile.read(size))
+            part = self.rfile.read(size)
+            if len(part) < size:
+                self.close_connection = True
+                raise BadRequest("chunked request body ended early")
+            parts.append(part)
             self.rfile.readline(1024)
 
     def read_json(self):
@@ -5291,8 +5402,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not data.strip():
             raise BadRequest("the request body is empty; send a JSON object")
         try:
-            return json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise BadRequest("the request body is not valid JSON: %s" % e, code="invalid_json")
 
     def handle_expect_100(self):

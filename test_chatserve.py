@@ -2471,6 +2471,162 @@ class AgentSurfaceTest(ServerTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Hostile input and the review's findings: every one a 4xx or a contained error
+# ---------------------------------------------------------------------------
+
+class HostileInputTest(KubectlCase):
+    def test_badly_typed_fields_are_400_on_every_translation(self):
+        base = self.upstream.url.rsplit("/v1", 1)[0]
+        self.start(env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": base, "OLLAMA_BASE_URL": base})
+        bodies = [{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                  {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}]},
+                  {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": 5}}]}]}]
+        for provider in ("CLAUDEAI", "OLLAMA"):
+            for body in bodies:
+                status, _, answer = self.request("POST", "/v1/chat/completions", dict(body, model="m"), {"X-LLM-Provider": provider})
+                self.assertEqual(status, 400, (provider, body, answer))
+        for body in ({"system": 5}, {"stop_sequences": "END"}, {"metadata": "x"}, {"system": [{"text": 5}]}):
+            full = dict({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, **body)
+            status, _, answer = self.request("POST", "/v1/messages", full)
+            self.assertEqual((status, answer.get("type")), (400, "error"), body)
+
+    def test_rpc_and_json_edge_cases(self):
+        limited = self.start(rate_limit_rps=0.001, rate_limit_burst=3)
+        status, _, body = self.request("POST", "/rpc", [{"jsonrpc": "2.0", "id": i, "method": "Health"} for i in range(4)])
+        self.assertEqual([r.get("error", {}).get("code") for r in body], [None, None, None, -32029])   # each call pays
+        self.start()
+        status, _, body = self.request("POST", "/rpc", {"jsonrpc": "2.0", "id": 1, "method": ["Health"]})
+        self.assertEqual((status, body["error"]["code"]), (200, -32600))
+        status, _, body = self.request("POST", "/rpc", b'{"jsonrpc": "2.0", "id": Infinity, "method": "Health"}')
+        self.assertEqual(body["error"]["code"], -32700)
+        status, _, body = self.request("POST", "/rpc", [{"jsonrpc": "2.0", "id": i, "method": "Health"} for i in range(101)])
+        self.assertEqual(body["error"]["code"], -32600)
+        app = self.app
+        deep = b"[" * 100000 + b"]" * 100000
+        for path in ("/v1/chat/completions", "/rpc", "/request"):
+            status, _, _ = self.request("POST", path, deep, app=app)
+            self.assertIn(status, (200, 400), path)          # /rpc answers -32700 in a 200, /request takes it as text
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), app=app,
+                                       headers={"X-LLM-Provider": "OLLAMA", "X-LLM-Provider-Config": '{"base_url": "http://h:99999/"}'})
+        self.assertEqual(status, 400)
+        with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n" + b"x" * 5000)
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 400"))
+
+    def test_stackspot_tokens_are_not_shared_across_secrets(self):
+        cs.StackSpotProvider.tokens.clear()
+        base = self.upstream.url.rsplit("/v1", 1)[0]
+        self.start(env={"CLIENT_ID": "cid", "CLIENT_KEY": "ck", "STACKSPOT_BASE_URL": base + "/v1", "STACKSPOT_AUTH_URL": base},
+                   provider="STACKSPOT", allow_upstream=("127.0.0.1",))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat("x"))[0], 200)
+        config = json.dumps({"client_id": "cid", "client_key": "WRONG", "base_url": base + "/v1"})
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("x"),
+                                       {"X-LLM-Provider": "STACKSPOT", "X-LLM-Provider-Config": config})
+        self.assertEqual(status, 401, body)
+        self.assertIn("refused the client credentials", body["error"]["message"])
+
+    def test_client_urls_are_pinned_to_the_checked_addresses(self):
+        app = self.start(allow_upstream=("127.0.0.0/8",))
+        port = self.upstream.server.server_address[1]
+        calls = []
+        real = app.engine.pool.resolve
+
+        def rebinding(host, p):
+            calls.append(host)
+            if len(calls) > 1:                   # after the check, the name points at the metadata service
+                return [(socket.AF_INET, ("169.254.169.254", p))]
+            return real(host, p)
+        app.engine.pool.resolve = rebinding
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("llama3"),
+                                       {"X-LLM-Provider": "OLLAMA", "X-LLM-Provider-Config": json.dumps({"base_url": "http://localhost:%d" % port})})
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "The sky"))
+        self.assertEqual(calls, ["localhost"])
+
+    def test_ipv6_forms_of_ipv4_addresses(self):
+        for text, v4 in (("::ffff:169.254.169.254", "169.254.169.254"), ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+                         ("2002:a9fe:a9fe::1", "169.254.169.254"), ("::a9fe:a9fe", "169.254.169.254"), ("2001:db8::1", "2001:db8::1")):
+            self.assertEqual(str(cs.embedded_ipv4(cs.ipaddress.ip_address(text))), v4)
+
+
+class AgentHardeningTest(AgentSurfaceTest):
+    def test_clear_is_refused_while_working_and_crashes_are_reported(self):
+        self.start_agent("slow")
+        self.upstream.server.slow_seconds = 0.4
+        self.request("POST", "/request", {"prompt": "busy", "async": True})
+        self.assertTrue(wait_until(lambda: self.app.agent.processing))
+        status, _, body = self.request("POST", "/clear")
+        self.assertEqual((status, body["success"]), (409, False))
+        self.assertTrue(wait_until(lambda: not self.app.agent.processing))
+
+        def broken(job):
+            raise RuntimeError("boom")
+        self.app.agent.step = broken
+        cs.log.setLevel("CRITICAL")              # the traceback it logs is expected here
+        self.addCleanup(cs.log.setLevel, "ERROR")
+        status, _, body = self.request("POST", "/request", {"prompt": "x"})
+        self.assertEqual((status, body["success"]), (200, False))
+        self.assertIn("internal error", body["error"])
+
+    def test_invalid_tool_arguments_never_enter_the_history(self):
+        self.assertEqual(cs.object_arguments("{broken"), "{}")
+        self.assertEqual(cs.object_arguments('{"a": 1}'), '{"a":1}')
+        self.assertEqual(cs.object_arguments("[1]"), "{}")
+
+    def test_a_reused_client_id_does_not_unsubscribe_the_newer_listener(self):
+        updates = cs.Broadcaster()
+        first = updates.subscribe("same")
+        second = updates.subscribe("same")
+        updates.unsubscribe("same", first)
+        self.assertIs(updates.clients["same"], second)
+
+    def test_run_command_output_is_capped_while_it_runs(self):
+        sb = cs.Sandbox(self.ws, output_bytes=1000)
+        ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", json.dumps({"command": "yes", "timeout": 20}))
+        self.assertFalse(ok)
+        self.assertIn("printed more than 1000 bytes", text)
+        ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", '{"command": "true", "timeout": NaN}')
+        self.assertFalse(ok)
+
+    def test_workspace_at_the_root(self):
+        ok, text = cs.run_tool(cs.Sandbox("/"), ["read_file"], "read_file", json.dumps({"path": "etc/hostname"}))
+        self.assertTrue(ok, text)
+
+
+class WebSocketLivenessTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        original = cs.WebSocket.ping_interval
+        cs.WebSocket.ping_interval = 0.2
+        self.addCleanup(setattr, cs.WebSocket, "ping_interval", original)
+        self.start()
+
+    def test_an_idle_peer_that_answers_pings_stays(self):
+        sock, _ = ws_open(self.app.port)
+        with sock:
+            for _ in range(3):
+                opcode, payload = ws_recv(sock)
+                self.assertEqual(opcode, cs.WS_PING)
+                ws_send(sock, cs.WS_PONG, payload)
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": 5}).encode())
+            while True:
+                msg = ws_json(sock)
+                if isinstance(msg, dict):
+                    break
+            self.assertEqual(msg["type"], "ERROR")            # content that is not a string: an ERROR, not a drop
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "status"}).encode())
+            while True:
+                msg = ws_json(sock)
+                if isinstance(msg, dict):
+                    break
+            self.assertEqual(msg["type"], "COMMAND_RESULT")
+
+    def test_a_peer_that_never_answers_is_cut(self):
+        sock, _ = ws_open(self.app.port)
+        with sock:
+            self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 0, timeout=WAIT))
+
+
+# ---------------------------------------------------------------------------
 # HTTP server: auth, limits, keep-alive, TLS, logs
 # ---------------------------------------------------------------------------
 
