@@ -1449,7 +1449,10 @@ class Provider:
         return upstream_failure(self.name, resp.status, data, resp.header("Retry-After"))
 
     def describe(self):
-        return {"base_url": self.base_url, "model": self.model}
+        parts = urllib.parse.urlsplit(self.base_url)
+        shown = parts._replace(netloc=parts.hostname + (":%d" % parts.port if parts.port else "")).geturl() \
+            if parts.username or parts.password else self.base_url        # never show credentials in a URL
+        return {"base_url": shown, "model": self.model}
 
 
 # -- translation helpers shared by the providers -----------------------------
@@ -3069,6 +3072,19 @@ def _age(seconds):
         ("%dm%ds" % (seconds // 60, seconds % 60) if seconds >= 60 else "%ds" % seconds)
 
 
+def pod_lines(p):
+    """A pod in the summary: state, readiness, restarts, usage, why it last stopped."""
+    usage = " cpu=%s mem=%s" % (p["cpu"], p["mem"]) if p["cpu"] else ""
+    text = "  - %s: %s [%s] restarts=%d%s\n" % (p["name"], p["phase"], "Ready" if p["ready"] else "NOT READY",
+                                               p["restarts"], usage)
+    if p["waiting"]:
+        text += "    Waiting: %s\n" % p["waiting"]
+    if p["last_terminated"]:
+        lt = p["last_terminated"]
+        text += "    Last terminated: %s (exit code %s) at %s\n" % (lt["reason"], lt["exit_code"], lt["finished_at"])
+    return text
+
+
 def summarize_target(store, now=None):
     """One target's context in ChatCLI's layout."""
     t, snap, now = store.target, store.latest, now or time.time()
@@ -3095,15 +3111,7 @@ def summarize_target(store, now=None):
         out.append("\n## %s Status\n  not found in namespace %s\n" % (t.kind, t.namespace))
     total, delta = store.restart_trend()
     out.append("\n## Pods (%d total)\n  Total restarts: %d (delta in window: %d)\n" % (len(snap["pods"]), total, delta))
-    for p in snap["pods"]:
-        usage = " cpu=%s mem=%s" % (p["cpu"], p["mem"]) if p["cpu"] else ""
-        out.append("  - %s: %s [%s] restarts=%d%s\n" % (p["name"], p["phase"], "Ready" if p["ready"] else "NOT READY",
-                                                        p["restarts"], usage))
-        if p["waiting"]:
-            out.append("    Waiting: %s\n" % p["waiting"])
-        if p["last_terminated"]:
-            lt = p["last_terminated"]
-            out.append("    Last terminated: %s (exit code %s) at %s\n" % (lt["reason"], lt["exit_code"], lt["finished_at"]))
+    out.extend(pod_lines(p) for p in snap["pods"])
     for hpa in snap.get("hpa") or ():
         out.append("\n## HPA (%s)\n  Replicas: %s current, %s desired (min=%s, max=%s)\n" % (
             hpa["name"], hpa["current"], hpa["desired"], hpa["min"], hpa["max"]))

@@ -678,6 +678,12 @@ class OpenAIProviderTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("garbage"))
         self.assert_openai_error(status, body, 502, ["cannot read"])
 
+    def test_status_never_shows_credentials_in_a_base_url(self):
+        self.start(env={"OPENAI_BASE_URL": "http://user:hunter2@127.0.0.1:9/v1"})
+        body = self.request("GET", "/status")[2]
+        self.assertEqual(body["providers"]["OPENAI"]["base_url"], "http://127.0.0.1:9/v1")
+        self.assertNotIn("hunter2", json.dumps(body))
+
     def test_event_translation_of_whole_messages_and_chunks(self):
         events = cs.openai_message_events(
             {"content": "hi", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
