@@ -5410,8 +5410,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not data.strip():
             raise BadRequest("the request body is empty; send a JSON object")
         try:
-            return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return json_loads_strict(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest("the request body is not valid JSON: %s" % e, code="invalid_json")
 
     def handle_expect_100(self):
