@@ -2855,14 +2855,15 @@ class ControlSocketTest(ServerTestCase):
         conn.close()
 
 
-def serve_process(test, *args, env=None):
+def serve_process(test, *args, env=None, default_socket=False):
     """Start `chatserve.py serve` as a subprocess; returns (proc, port, socket path)."""
     port = free_port()
-    sock = os.path.join(test.tmp, "p%d.sock" % port)
+    sock = cs.default_socket_path(port) if default_socket else os.path.join(test.tmp, "p%d.sock" % port)
     full_env = dict(os.environ, OPENAI_BASE_URL=test.upstream.url, OPENAI_API_KEY="sk-x",
                     CHATSERVE_DATA_DIR=os.path.join(test.tmp, "data"), **(env or {}))
-    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", str(port), "--metrics-port", "0",
-                             "--socket", sock] + list(args), env=full_env,
+    socket_args = [] if default_socket else ["--socket", sock]     # the server picks the default itself
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", str(port), "--metrics-port", "0"]
+                            + socket_args + list(args), env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def cleanup():
@@ -2894,6 +2895,14 @@ class CtlTest(ServerTestCase):
         out = run_cli("ctl", "shutdown", "--socket", sock)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("shutting down", out.stdout)
+        self.assertEqual(proc.wait(WAIT), 0)
+        self.assertFalse(os.path.exists(sock))
+
+    def test_ctl_finds_the_socket_from_the_port(self):
+        proc, port, sock = serve_process(self, default_socket=True)
+        out = run_cli("ctl", "status", "--port", str(port), "--json")
+        self.assertEqual((out.returncode, json.loads(out.stdout or "{}").get("control_socket")), (0, sock), out.stderr)
+        self.assertEqual(run_cli("ctl", "shutdown", "--port", str(port)).returncode, 0)
         self.assertEqual(proc.wait(WAIT), 0)
         self.assertFalse(os.path.exists(sock))
 
