@@ -59,6 +59,7 @@ import argparse
 import base64
 import calendar
 import collections
+import contextlib
 import email.utils
 import fnmatch
 import hashlib
@@ -102,7 +103,9 @@ __version__ = "0.1.0"
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
-MAX_HEADER_LINE = 65536
+MAX_HEADER_LINE = 16384       # one request-line or header line (longer: 414 / 431)
+MAX_HEAD_BYTES = 65536        # the whole request head
+MAX_HEADERS = 100
 
 
 # ---------------------------------------------------------------------------
@@ -283,17 +286,37 @@ def parse_duration(text):
 
 
 def new_id(prefix=""):
-    return prefix + uuid.uuid4().hex[:24]
+    """A random id; with no prefix, a UUID (what strict upstreams accept as a request id)."""
+    return prefix + uuid.uuid4().hex[:24] if prefix else str(uuid.uuid4())
 
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def clean_request_id(value):
-    """A client's X-Request-Id when it is safe to echo and log, else a new one."""
+    """A client's X-Request-Id when it is safe to echo and log, else a new UUID."""
     if value and _REQUEST_ID_RE.match(value):
         return value
-    return new_id("req-")
+    return new_id()
+
+
+def upstream_request_id(value):
+    """The X-Request-Id to send upstream: the request's own id when it is a
+    UUID, else a new UUID: llama-cpp-python's server (and others on the same
+    middleware) answer 400 to any other id."""
+    try:
+        uuid.UUID(value)
+        return value
+    except (ValueError, TypeError, AttributeError):
+        return new_id()
+
+
+def shutdown_socket(sock, how=socket.SHUT_RDWR):
+    """Shut a socket (plain or TLS) from any thread; a thread blocked reading it wakes."""
+    try:
+        socket.socket.shutdown(sock, how)   # the plain method: SSLSocket.shutdown would drop its TLS state
+    except (OSError, TypeError):
+        pass
 
 
 def cut_point(text, size):
@@ -609,7 +632,7 @@ SERVE_OPTIONS = (
     ("--watch-kubeconfig", "CHATCLI_KUBECONFIG", "", "str", "kubeconfig for kubectl (default: kubectl's own)"),
     ("--watch-context", "CHATCLI_WATCH_CONTEXT", "", "str", "kubeconfig context for kubectl"),
     ("--kubectl", "CHATCLI_KUBECTL", "kubectl", "str", "the kubectl executable"),
-    ("--no-openai-context", "CHATSERVE_NO_OPENAI_CONTEXT", False, "flag",
+    ("--no-openai-context", "CHATSERVE_NO_OPENAI_CONTEXT", False, "bool",
      "do not add the watcher's context to /v1 requests (it is added as a system message otherwise)"),
     ("--log-level", "CHATSERVE_LOG_LEVEL", "info", "level", "debug, info, warning or error"),
     ("--log-format", "CHATSERVE_LOG_FORMAT", "text", "logformat", "text or json"),
@@ -675,12 +698,19 @@ def _check_providers(value):
 
 
 def _check_bool(value):
+    if isinstance(value, bool):
+        return value
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
+    if text in ("1", "true"):
         return True
-    if text in ("0", "false", "no", "off"):
+    if text in ("0", "false"):
         return False
-    raise ValueError("%r is not true or false" % value)
+    raise ValueError("%r is not true, false, 1 or 0" % value)
+
+
+def negated_flag(flag):
+    """The opposite of an on/off flag: --allow-write / --no-allow-write."""
+    return "--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]
 
 
 def _check_rate(value):
@@ -714,7 +744,7 @@ OPTION_KINDS = {
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
-    "list": _check_list, "bool": _check_bool, "flag": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
+    "list": _check_list, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -984,6 +1014,7 @@ class Metrics:
         self.watch_snapshots = f(Gauge("chatcli_watcher_snapshots_stored", "Snapshots kept per target.", ("target",)))
         self.watch_restarts = f(Gauge("chatcli_watcher_pod_restarts_total", "Container restarts of the target's pods now.", ("target",)))
         self.session_ops = f(Counter("chatcli_session_operations_total", "Session store operations, by operation.", ("operation",)))
+        self.client_disconnects = f(Counter("chatserve_client_disconnects_total", "Requests whose client hung up before the answer was complete, by surface.", ("surface",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
         self.llm_retries = f(Counter("chatcli_llm_retries_total", "Upstream retries before the first byte, by provider.", ("provider",)))
         self.llm_fallbacks = f(Counter("chatcli_llm_fallbacks_total", "Fallbacks from one provider to the next.", ("from_provider", "to_provider")))
@@ -1043,12 +1074,101 @@ class ChatRequest:
         self.surface = surface
 
 
+class CancelScope:
+    """One request's cancellation.  When its client hangs up, `cancel()` shuts
+    the upstream connections opened under the scope (waking the thread blocked
+    reading them, also while the upstream is silent), runs the callbacks, and
+    every later upstream call in the scope raises ClientGone.  `bound()` makes
+    it the current thread's scope, which the pool and the Engine consult."""
+
+    _local = threading.local()
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cancelled = self.finished = False
+        self.conns, self.callbacks = set(), []
+        self.event = threading.Event()
+
+    @classmethod
+    def current(cls):
+        return getattr(cls._local, "scope", None)
+
+    @contextlib.contextmanager
+    def bound(self):
+        previous = CancelScope.current()
+        CancelScope._local.scope = self
+        try:
+            yield self
+        finally:
+            CancelScope._local.scope = previous
+
+    def cancel(self):
+        """Cancel once; False when already cancelled or the request has finished."""
+        with self.lock:
+            if self.cancelled or self.finished:
+                return False
+            self.cancelled = True
+            for conn in self.conns:
+                if conn.sock is not None:
+                    shutdown_socket(conn.sock)
+            callbacks = list(self.callbacks)
+        self.event.set()
+        for fn in callbacks:
+            fn()
+        return True
+
+    def finish(self):
+        with self.lock:
+            self.finished = True
+
+    def check(self):
+        if self.cancelled:
+            raise ClientGone("the client disconnected")
+
+    def track(self, conn):
+        with self.lock:
+            self.check()
+            self.conns.add(conn)
+
+    def untrack(self, conn):
+        with self.lock:
+            self.conns.discard(conn)
+
+    def on_cancel(self, fn):
+        with self.lock:
+            if not self.cancelled:
+                self.callbacks.append(fn)
+                return
+        fn()
+
+
+def check_cancelled():
+    """ClientGone when the current request's client has left."""
+    scope = CancelScope.current()
+    if scope is not None:
+        scope.check()
+
+
+def cancellable_sleep(seconds):
+    scope = CancelScope.current()
+    if scope is None:
+        time.sleep(seconds)
+    elif scope.event.wait(seconds):
+        scope.check()
+
+
 class UpstreamResponse:
     """A response from the pool; give it back with `release()` or drop it with `close()`."""
 
-    def __init__(self, pool, key, conn, resp):
-        self.pool, self.key, self.conn, self.resp = pool, key, conn, resp
+    def __init__(self, pool, key, conn, resp, scope=None):
+        self.pool, self.key, self.conn, self.resp, self.scope = pool, key, conn, resp, scope
         self.status = resp.status
+
+    def _broken(self, error):
+        """The error for a failed read: ClientGone when our own cancel caused it."""
+        if self.scope is not None:
+            self.scope.check()
+        return error
 
     def header(self, name, default=None):
         return self.resp.getheader(name, default)
@@ -1062,7 +1182,10 @@ class UpstreamResponse:
             raise UpstreamTimeout("the upstream stopped sending its answer (timeout)")
         except (OSError, http.client.HTTPException) as e:
             self.close()
-            raise UpstreamError("the upstream connection failed while reading: %s" % e)
+            raise self._broken(UpstreamError("the upstream connection failed while reading: %s" % e))
+        if self.scope is not None and self.scope.cancelled:
+            self.close()
+            self.scope.check()
         if len(data) > limit:
             self.close()
             raise UpstreamError("the upstream answer is larger than %d bytes" % limit)
@@ -1094,11 +1217,13 @@ class UpstreamResponse:
                 if not line:
                     break
                 yield line
+            if self.scope is not None:
+                self.scope.check()
             self.release()
         except socket.timeout:
             raise UpstreamTimeout("sent nothing mid-answer for longer than the upstream timeout")
         except (OSError, http.client.HTTPException) as e:
-            raise UpstreamError("connection broke mid-answer: %s" % _os_reason(e))
+            raise self._broken(UpstreamError("connection broke mid-answer: %s" % _os_reason(e)))
         finally:
             self.close()      # no-op after release(); drops the connection when left early
 
@@ -1117,6 +1242,11 @@ class UpstreamResponse:
     def release(self):
         if self.conn is not None:
             conn, self.conn = self.conn, None
+            if self.scope is not None:
+                self.scope.untrack(conn)     # before the pool can hand it to another request
+                if self.scope.cancelled:
+                    conn.close()
+                    return
             if self.resp.isclosed() and not self.resp.will_close:
                 self.pool.put(self.key, conn)
             else:
@@ -1127,6 +1257,8 @@ class UpstreamResponse:
         if self.conn is not None:
             conn, self.conn = self.conn, None
             conn.close()
+            if self.scope is not None:
+                self.scope.untrack(conn)
 
 
 class _PooledHTTPConnection(http.client.HTTPConnection):
@@ -1224,36 +1356,45 @@ class UpstreamPool:
         scheme, host = parts.scheme, parts.hostname
         port = parts.port or (443 if scheme == "https" else 80)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        key = (scheme, host, port)
+        key, scope = (scheme, host, port), CancelScope.current()
         for attempt in (0, 1):
             conn = self.get(key) if attempt == 0 else None
-            reused = conn is not None
+            reused, retry = conn is not None, False
             if conn is None:
                 conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
-                try:
-                    conn.connect()
-                except socket.timeout:
-                    conn.close()
-                    raise UpstreamTimeout("connecting to %s:%d timed out after %gs" % (host, port, connect_timeout))
-                except OSError as e:
-                    conn.close()
-                    raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
+            if scope is not None:
+                scope.track(conn)           # from now on the client's hang-up shuts this connection
             try:
+                if not reused:
+                    self._connect(conn, host, port, connect_timeout)
                 conn.sock.settimeout(read_timeout)
                 conn.request(method, target, body=body, headers=headers or {})
-                return UpstreamResponse(self, key, conn, conn.getresponse())
+                return UpstreamResponse(self, key, conn, conn.getresponse(), scope)
+            except ChatServeError as e:
+                error = e
             except socket.timeout:
-                conn.close()
-                raise UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
+                error = UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-                conn.close()
-                if reused:
-                    continue
-                raise UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
+                error = UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
+                retry = reused
             except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                raise UpstreamError("upstream %s:%d failed: %s" % (host, port, _os_reason(e)))
+                error = UpstreamError("upstream %s:%d failed: %s" % (host, port, _os_reason(e)))
+            conn.close()
+            if scope is not None:
+                scope.untrack(conn)
+                scope.check()               # cancelled: ClientGone, never a retry
+            if not retry:
+                raise error
         raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
+
+    @staticmethod
+    def _connect(conn, host, port, timeout):
+        try:
+            conn.connect()
+        except socket.timeout:
+            raise UpstreamTimeout("connecting to %s:%d timed out after %gs" % (host, port, timeout))
+        except OSError as e:
+            raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
 
     def close(self):
         with self.lock:
@@ -1359,6 +1500,7 @@ class Provider:
     default_base = ""
     key_env = base_env = model_env = ""
     supports_tools = True
+    discovers_model = False     # with no model configured, use the first one the upstream lists
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         self.config, self.pool, self.env = config, pool, config.env
@@ -1370,16 +1512,59 @@ class Provider:
         self.scheme = creds.scheme
         self.settings = creds.settings
         self.pinned = None                  # set by the Engine for a client-supplied base URL
-        self.model = config.model if config.provider == self.name and config.model else \
-            self.env.get(self.model_env) or self.default_model
+        configured = config.model if config.provider == self.name and config.model else self.env.get(self.model_env)
+        self.model = configured or self.default_model
+        self.model_pending = not configured and credentials is None and self.discovers_model
+        self._listed = (0.0, None)
+        self._discover_lock = threading.Lock()
 
     @classmethod
     def configured(cls, env):
         """Whether the environment holds this provider's credentials."""
         return bool(cls.key_env and env.get(cls.key_env))
 
+    def listed_models(self, timeout=5.0):
+        """Model ids the upstream serves (ChatServeError when it cannot say)."""
+        raise UpstreamError("%s does not list its models" % self.name)
+
+    def _cached_listing(self):
+        stamp, ids = self._listed
+        if ids is None or time.monotonic() - stamp > 60:
+            try:
+                ids = self.listed_models()
+            except (ChatServeError, ValueError, AttributeError, TypeError, KeyError) as e:
+                log.debug("listing the models of %s failed: %s", self.name, getattr(e, "message", e))
+                ids = []
+            self._listed = (time.monotonic(), ids)
+        return ids
+
     def models(self):
-        return [{"id": self.model, "owned_by": self.owned_by}]
+        """The default model, then what the upstream serves (listed at most once a minute)."""
+        self.discover_model()
+        ids = [self.model] + [i for i in self._cached_listing() if i != self.model]
+        return [{"id": i, "owned_by": self.owned_by} for i in ids]
+
+    def discover_model(self, timeout=2.0):
+        """No model configured: take the first the upstream lists.  True once the model is known."""
+        if not self.model_pending:
+            return True
+        with self._discover_lock:
+            if not self.model_pending:
+                return True
+            try:
+                ids = self.listed_models(timeout)
+            except (ChatServeError, ValueError, AttributeError, TypeError, KeyError) as e:
+                log.debug("%s: cannot list models at %s yet: %s", self.name, self.describe()["base_url"],
+                          getattr(e, "message", e))
+                return False
+            chat = [i for i in ids if "embed" not in i.lower()]     # LM Studio and Ollama list embedders too
+            if not chat:
+                return False
+            self.model, self.model_pending = chat[0], False
+            self._listed = (time.monotonic(), ids)
+        log.info("%s: no model configured; using %s, the first model %s lists", self.name, self.model,
+                 self.describe()["base_url"])
+        return True
 
     def open(self, req, model):
         if req.params.get("tools") and not self.supports_tools:
@@ -1529,7 +1714,10 @@ class OpenAIProvider(Provider):
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         super().__init__(config, pool, credentials, base_url)
-        self._models_cache = (0.0, None)
+        host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        self.model_pending = self.model_pending and self.name == "OPENAI" and host != "api.openai.com"
+
+    discovers_model = True      # a local server (llama.cpp, vLLM, LM Studio) serves its own models
 
     @classmethod
     def configured(cls, env):
@@ -1545,7 +1733,7 @@ class OpenAIProvider(Provider):
             body["stream_options"] = {"include_usage": True}
         headers = self.headers()
         if req.request_id:
-            headers["X-Request-Id"] = req.request_id
+            headers["X-Request-Id"] = upstream_request_id(req.request_id)
         return self.post(self.base_url + "/chat/completions", body, headers, req.stream)
 
     def completion_events(self, data, req):
@@ -1572,20 +1760,9 @@ class OpenAIProvider(Provider):
         if not finished:
             raise UpstreamError("stream ended before the answer was complete")
 
-    def models(self):
-        """The configured model first, then what the upstream lists (cached a minute)."""
-        listed = [{"id": self.model, "owned_by": self.owned_by}]
-        stamp, cached = self._models_cache
-        if cached is None or time.monotonic() - stamp > 60:
-            cached = []
-            try:
-                cached = [{"id": m["id"], "owned_by": m.get("owned_by") or self.owned_by}
-                          for m in self.get_json(self.base_url + "/models", self.headers()).get("data", [])
-                          if isinstance(m, dict) and isinstance(m.get("id"), str)]
-            except (ChatServeError, ValueError, AttributeError, TypeError) as e:
-                log.debug("listing models of %s failed: %s", self.name, e)
-            self._models_cache = (time.monotonic(), cached)
-        return listed + [m for m in cached if m["id"] != self.model]
+    def listed_models(self, timeout=5.0):
+        return [m["id"] for m in self.get_json(self.base_url + "/models", self.headers(), timeout).get("data", [])
+                if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def openai_message_events(message, finish_reason, usage):
@@ -2053,6 +2230,7 @@ class OllamaProvider(Provider):
     key_env, base_env, model_env = "", "OLLAMA_BASE_URL", "OLLAMA_MODEL"
     default_base = "http://localhost:11434"
     default_model = "llama3.2"
+    discovers_model = True
 
     @classmethod
     def configured(cls, env):
@@ -2083,15 +2261,9 @@ class OllamaProvider(Provider):
                 return
         raise UpstreamError("stream ended before done:true")
 
-    def models(self):
-        listed = [{"id": self.model, "owned_by": self.owned_by}]
-        try:
-            tags = self.get_json(self.base_url + "/api/tags", timeout=3.0).get("models") or []
-            listed += [{"id": m["name"], "owned_by": self.owned_by} for m in tags
-                       if isinstance(m, dict) and m.get("name") and m["name"] != self.model]
-        except (ChatServeError, ValueError, AttributeError, TypeError) as e:
-            log.debug("listing Ollama models failed: %s", e)
-        return listed
+    def listed_models(self, timeout=3.0):
+        return [m["name"] for m in self.get_json(self.base_url + "/api/tags", timeout=timeout).get("models") or []
+                if isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"]]
 
 
 # -- StackSpot AI --------------------------------------------------------------
@@ -2469,6 +2641,10 @@ class Engine:
                 raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
             raise BadRequest("provider %s is not configured on this server (configured: %s); send your own "
                              "key to use it" % (name, ", ".join(self.providers)), param="provider")
+        if not req.model and not provider.discover_model():
+            raise Unavailable("%s at %s has not listed a model yet (no model is configured): start the upstream "
+                              "or set %s" % (name, provider.describe()["base_url"], provider.model_env),
+                              code="no_model")
         return provider, req.model or provider.model
 
     def candidates(self, req):
@@ -2537,7 +2713,7 @@ class Engine:
                     raise
                 self.metrics.llm_retries.inc((provider.name,))
                 log.info("%s: %s; retry %d of %d in %.2fs", provider.name, e.message, attempt + 1, retries, delay)
-                time.sleep(delay)
+                cancellable_sleep(delay)
 
     def _instrument(self, provider, model, started, events):
         error, done = None, False
@@ -2573,6 +2749,20 @@ class Engine:
                     seen.add(entry["id"])
                     out.append(entry)
         return out
+
+    def discover_models(self, stopping):
+        """Background, from startup: providers without a configured model ask
+        their upstream until it answers (1 s, 2 s, ... up to 30 s apart)."""
+        delay = 1.0
+        while not stopping.is_set():
+            pending = [p for p in self.providers.values() if not p.discover_model()]
+            if not pending:
+                return
+            if delay == 1.0:
+                log.warning("%s: no model configured and the upstream lists none yet; retrying in the background",
+                            ", ".join("%s at %s" % (p.name, p.describe()["base_url"]) for p in pending))
+            stopping.wait(delay)
+            delay = min(delay * 2, 30.0)
 
     def provider_status(self):
         out = {}
@@ -3838,8 +4028,9 @@ class Agent:
                 if job.listener is not None:
                     job.listener.put(None)
 
-    def emit(self, job, kind, **data):
-        event = {"type": kind, "data": data}
+    def emit(self, job, kind, **fields):
+        """One event, flat as Shepherd's "SSE Events" list them: {"type", ...fields}."""
+        event = dict(fields, type=kind)
         self.updates.publish(event)
         if job.listener is not None:
             job.listener.put(event)
@@ -3887,13 +4078,13 @@ class Agent:
                     continue
                 if visible:
                     shown.append(visible)
-                    self.emit(job, "delta", text=visible)
+                    self.emit(job, "delta", content=visible)
         finally:
             answer.close()
         rest = marker.finish()
         if rest:
             shown.append(rest)
-            self.emit(job, "delta", text=rest)
+            self.emit(job, "delta", content=rest)
         calls = [c for c in completion.tool_calls if c["function"]["name"]]
         for c in calls:
             c["id"] = c["id"] or new_call_id()
@@ -3903,7 +4094,7 @@ class Agent:
 
     def call_tool(self, job, call):
         name, arguments = call["function"]["name"], call["function"].get("arguments") or "{}"
-        self.emit(job, "tool_call", id=call["id"], name=name, arguments=arguments)
+        self.emit(job, "tool_call", id=call["id"], name=name, args=json.loads(object_arguments(arguments)))
         success, content = run_tool(self.sandbox, self.tools, name, arguments)
         self.emit(job, "tool_result", id=call["id"], name=name, success=success,
                   content=content[:2000], error=None if success else content)
@@ -4473,7 +4664,7 @@ class WebSocket:
             if self.busy:
                 continue
             if self.ping_outstanding or not self.write_lock.acquire(timeout=self.ping_interval):
-                _shutdown_socket(self.h.connection, socket.SHUT_RDWR)     # silent or not reading: gone
+                shutdown_socket(self.h.connection, socket.SHUT_RDWR)     # silent or not reading: gone
                 return
             try:
                 self.ping_outstanding = True
@@ -5071,9 +5262,9 @@ def route_agent_request(h):
     response, error = "", None
     for event in agent_events(listener):
         if event and event["type"] == "response_complete":
-            response = event["data"]["response"]
+            response = event["response"]
         elif event and event["type"] == "error":
-            error = event["data"]["message"]
+            error = event["message"]
     h.send_json(200, {"success": False, "error": error} if error else {"success": True, "response": response})
 
 
@@ -5098,7 +5289,7 @@ def route_agent_updates(h):
     events = agent.updates.subscribe(client_id)
     try:
         with h.open_sse() as sse:
-            sse.send({"type": "connected", "data": {"client_id": client_id}})
+            sse.send({"type": "connected", "client_id": client_id})
             while True:
                 try:
                     event = events.get(timeout=AGENT_KEEPALIVE)
@@ -5125,6 +5316,14 @@ def route_agent_clear(h):
 # Surfaces: shared routes (health, status) and control
 # ---------------------------------------------------------------------------
 
+def route_index(h):
+    """GET /: what this server is and where to look, for a person with curl."""
+    h.send_json(200, {"name": "chatserve", "version": __version__,
+                      "endpoints": sorted("%s %s" % (m, p) for p, methods in h.router.exact.items() for m in methods
+                                          if p != "/") + ["GET /v1/models/{id}"],
+                      "docs": "python3 chatserve.py --help; README.md beside chatserve.py"})
+
+
 def route_health(h):
     h.send_json(200, {"status": "ok", "version": __version__})
 
@@ -5150,7 +5349,7 @@ def route_healthz(h):
 # HTTP server, TLS, control socket
 # ---------------------------------------------------------------------------
 
-Route = collections.namedtuple("Route", "name fn auth errors")
+Route = collections.namedtuple("Route", "name fn auth errors surface")
 
 
 class Router:
@@ -5159,8 +5358,10 @@ class Router:
     def __init__(self):
         self.exact, self.prefixes = {}, []
 
-    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body):
-        route = Route(name or path, fn, auth, errors)
+    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None):
+        """`surface` names what a cancelled request counts as; such routes are
+        cancelled when their client hangs up."""
+        route = Route(name or path, fn, auth, errors, surface)
         if path.endswith("/*"):
             prefix = path[:-1]
             for p, methods in self.prefixes:
@@ -5181,9 +5382,9 @@ class Router:
                     break
         if methods is None:
             raise NotFound("no route %s %s" % (method, path), code="unknown_route")
-        route = methods.get(method)
+        route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if route is None:
-            allowed = ", ".join(sorted(methods))
+            allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
             raise MethodNotAllowed("%s is not allowed on %s (allowed: %s)" % (method, path, allowed),
                                    headers={"Allow": allowed})
         return route, rest
@@ -5191,16 +5392,17 @@ class Router:
 
 def api_router():
     r = Router()
+    r.add("GET", "/", route_index, auth=False)
     r.add("GET", "/health", route_health, auth=False)
     r.add("GET", "/status", route_status)
-    r.add("POST", "/v1/chat/completions", route_chat_completions)
+    r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
-    r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body)
-    r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body)
-    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body)
-    r.add("POST", "/request", route_agent_request, errors=agent_error_body)
-    r.add("GET", "/updates", route_agent_updates, errors=agent_error_body)
+    r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")
+    r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body, surface="rpc")
+    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc")
+    r.add("POST", "/request", route_agent_request, errors=agent_error_body, surface="agent")
+    r.add("GET", "/updates", route_agent_updates, errors=agent_error_body, surface="agent")
     r.add("GET", "/session", route_agent_session, errors=agent_error_body)
     r.add("POST", "/clear", route_agent_clear, errors=agent_error_body)
     return r
@@ -5279,8 +5481,196 @@ class SSEWriter:
             self.h.close_connection = True   # the stream broke off: the framing is gone
 
 
+class HeadError(Exception):
+    """A request head that chatserve refuses: its status, then the connection closes."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class HeadOnly(Exception):
+    """The head of a HEAD response is out: the route stops there."""
+
+
+class Headers:
+    """Request headers: case-insensitive `get()`; repeated fields joined with ", "."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields):
+        self.fields = fields
+
+    def get(self, name, default=None):
+        return self.fields.get(name.lower(), default)
+
+    def __contains__(self, name):
+        return name.lower() in self.fields
+
+    def items(self):
+        return self.fields.items()
+
+
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION_RE = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
+_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r?\n$")
+
+
+def _head_line(raw):
+    """A head line without its CRLF (or bare LF); a bare CR inside is refused."""
+    if raw.endswith(b"\r\n"):
+        line = raw[:-2]
+    elif raw.endswith(b"\n"):
+        line = raw[:-1]
+    else:
+        raise HeadError(400, "the request head ended in the middle of a line")
+    if b"\r" in line:
+        raise HeadError(400, "a bare CR inside a request head line")
+    return line
+
+
+def parse_head(first, rfile):
+    """(method, target, version, Headers) from a request head, strictly as
+    RFC 9112 says; HeadError (400, 414, 431, 505) for anything else."""
+    for _ in range(4):                  # RFC 9112 2.2: ignore empty lines before a request line
+        if first not in (b"\r\n", b"\n"):
+            break
+        first = rfile.readline(MAX_HEADER_LINE + 1)
+    if len(first) > MAX_HEADER_LINE:
+        raise HeadError(414, "the request line is longer than %d bytes" % MAX_HEADER_LINE)
+    parts = _head_line(first).split(b" ")
+    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]):
+        raise HeadError(400, "malformed request line %r: send METHOD /path HTTP/1.1" % first[:100])
+    method, target, version = parts
+    m = _VERSION_RE.match(version)
+    if not m:
+        raise HeadError(400, "malformed HTTP version %r" % version[:20])
+    if m.group(1) != b"1":
+        raise HeadError(505, "HTTP version %s is not supported; use HTTP/1.1" % version.decode("ascii"))
+    if not target.startswith(b"/") or _BAD_TARGET_RE.search(target):
+        raise HeadError(400, "the request target must be a path that starts with / (no spaces or control characters)")
+    fields, total = {}, len(first)
+    while True:
+        raw = rfile.readline(MAX_HEADER_LINE + 1)
+        total += len(raw)
+        if len(raw) > MAX_HEADER_LINE or total > MAX_HEAD_BYTES:
+            raise HeadError(431, "request header fields too large (a line over %d bytes or a head over %d)"
+                            % (MAX_HEADER_LINE, MAX_HEAD_BYTES))
+        line = _head_line(raw)
+        if not line:
+            break
+        if len(fields) >= MAX_HEADERS:
+            raise HeadError(431, "more than %d request header fields" % MAX_HEADERS)
+        if line[:1] in (b" ", b"\t"):
+            raise HeadError(400, "obsolete line folding in the request head: send each header on one line")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN_RE.match(name):
+            raise HeadError(400, "malformed header line %r" % line[:60])
+        value = value.strip(b" \t")
+        if _BAD_VALUE_RE.search(value):
+            raise HeadError(400, "header %s has a control character in its value" % name.decode("ascii"))
+        key, text = name.decode("ascii").lower(), value.decode("latin-1")
+        if key in fields:
+            if key == "host":
+                raise HeadError(400, "more than one Host header")
+            text = fields[key] + ", " + text
+        fields[key] = text
+    if m.group(2) != b"0" and "host" not in fields:
+        raise HeadError(400, "an HTTP/1.1 request needs a Host header")
+    return method.decode("ascii"), target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", \
+        Headers(fields)
+
+
+def keeps_alive(version, headers):
+    """Whether the connection stays open after this request (RFC 9112 9.3)."""
+    options = [o.strip().lower() for o in (headers.get("Connection") or "").split(",")]
+    if "close" in options:
+        return False
+    return version == "HTTP/1.1" or "keep-alive" in options
+
+
+class DisconnectMonitor:
+    """One thread that watches the client sockets of requests in flight for a
+    hang-up (EPOLLRDHUP: the peer closed), so a gone client is noticed at once,
+    also while the upstream is silent and nothing is written.  Linux only;
+    elsewhere a gone client is noticed at the next write."""
+
+    available = hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.callbacks = {}
+        self.poller = None
+        self.closed = False
+
+    @contextlib.contextmanager
+    def watching(self, sock, on_gone):
+        fd = self._add(sock, on_gone) if self.available else None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                self._remove(fd)
+
+    def _add(self, sock, on_gone):
+        with self.lock:
+            if self.closed:
+                return None
+            if self.poller is None:
+                self.poller = select.epoll()
+                threading.Thread(target=self._run, name="disconnects", daemon=True).start()
+            fd = sock.fileno()
+            self.callbacks[fd] = on_gone
+            try:
+                self.poller.register(fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
+            except FileExistsError:
+                self.poller.modify(fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
+        return fd
+
+    def _remove(self, fd):
+        with self.lock:
+            self.callbacks.pop(fd, None)
+            if self.poller is not None and not self.closed:
+                try:
+                    self.poller.unregister(fd)
+                except OSError:
+                    pass
+
+    def _run(self):
+        while True:
+            try:
+                events = self.poller.poll(0.5)
+            except (OSError, ValueError):   # closed
+                return
+            for fd, _mask in events:
+                with self.lock:
+                    on_gone = self.callbacks.pop(fd, None)
+                if on_gone is not None:
+                    try:
+                        on_gone()
+                    except Exception:
+                        log.exception("cancelling a request whose client left failed")
+            if self.closed:
+                return
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            if self.poller is not None:
+                self.poller.close()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One client connection: parse, authenticate, route, answer, log."""
+    """One client connection: parse strictly, authenticate, route, answer, log.
+
+    Framing is owned here and nowhere else: the head is parsed by
+    `parse_head` (RFC 9112, refusals close the connection); a body the route
+    did not read is discarded before the response head goes out, or the
+    connection is closed; so the next request is always read from its own
+    first byte."""
 
     protocol_version = "HTTP/1.1"
     server_version = "chatserve/" + __version__
@@ -5293,6 +5683,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.app = self.server.app
         self.router = self.server.router
         self.request_id = ""
+        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
 
     def address_string(self):
         return self.client_address[0] if isinstance(self.client_address, tuple) else "local"
@@ -5303,25 +5694,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.connection.settimeout(config.keepalive_timeout)
             tracker.set_idle(self, True)
-            self.raw_requestline = self.rfile.readline(MAX_HEADER_LINE + 1)
+            first = self.rfile.readline(MAX_HEADER_LINE + 1)
             tracker.set_idle(self, False)
-            if not self.raw_requestline:
+            if not first:
                 self.close_connection = True
                 return
             self.connection.settimeout(config.request_timeout)
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
-            self.render_error, self.route_label = openai_error_body, None
-            if len(self.raw_requestline) > MAX_HEADER_LINE:
-                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-                self.send_error(414)
-                return
-            if not self.parse_request():
+            self.render_error, self.route_label, self.scope = openai_error_body, None, None
+            self.body_pending = False
+            try:
+                self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
+                self.close_connection = not keeps_alive(self.request_version, self.headers)
+                self.body_pending = self._framing()
+            except HeadError as e:
+                self.send_error(e.status, e.message)
                 return
             if tracker.draining:
                 self.close_connection = True
             self.dispatch()
         except CONNECTION_ERRORS:
             self.close_connection = True
+
+    def _framing(self):
+        """Check the body's framing (RFC 9112 6); whether a body follows."""
+        h = self.headers
+        codings, length = h.get("Transfer-Encoding"), h.get("Content-Length")
+        expect = h.get("Expect")
+        self.continue_sent = True           # nobody waits for a 100 Continue...
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise HeadError(417, "Expect: %s is not supported (only 100-continue)" % expect)
+            self.continue_sent = self.request_version != "HTTP/1.1"     # ...but an HTTP/1.1 client that asks
+        if codings is not None:
+            if length is not None:
+                raise HeadError(400, "a request cannot have both Transfer-Encoding and Content-Length")
+            if self.request_version != "HTTP/1.1":
+                raise HeadError(400, "Transfer-Encoding needs HTTP/1.1")
+            listed = [c.strip().lower() for c in codings.split(",")]
+            if listed == ["chunked"]:
+                self.body_length = None
+                return True
+            if "chunked" in listed:
+                raise HeadError(400, "Transfer-Encoding: chunked must be the final coding, and only once")
+            raise HeadError(501, "Transfer-Encoding %r is not supported; send chunked or Content-Length" % codings)
+        if length is None:
+            self.body_length = 0
+            return False
+        values = set(v.strip() for v in length.split(","))
+        if len(values) != 1 or not all(_DIGITS_RE.match(v) for v in values):
+            raise HeadError(400, "Content-Length %r is not one size in digits" % length)
+        self.body_length = int(values.pop())
+        return self.body_length > 0
 
     def dispatch(self):
         app, started = self.app, time.monotonic()
@@ -5338,72 +5762,114 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 app.check_rate(self)
             if route.auth:
                 app.authorize(self)
-            route.fn(self)
+            if route.surface:
+                self.run_cancellable(route)
+            else:
+                route.fn(self)
             route_name = self.route_label or route_name
+        except HeadOnly:
+            pass
         except ChatServeError as e:
-            self.send_error_obj(e)
+            if self.scope is not None and self.scope.cancelled:
+                self.close_connection = True
+            else:
+                self.send_error_obj(e)
         except (ClientGone,) + CONNECTION_ERRORS:
             self.close_connection = True
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
             self.send_error_obj(ChatServeError("internal error; see the server log for request %s" % self.request_id))
         finally:
+            if self.scope is not None and self.scope.cancelled and not self.head_sent:
+                self.status_sent = 499      # nginx's "client closed request", for the log and metrics
             duration = time.monotonic() - started
             if record:
                 app.request_finished(route_name, self.status_sent, duration)
             self.log_access(path, duration)
 
+    def run_cancellable(self, route):
+        """Run the route in a CancelScope that the client's hang-up cancels."""
+        self.scope = scope = CancelScope()
+        with self.server.monitor.watching(self.connection, lambda: self.client_left(route.surface)):
+            try:
+                with scope.bound():
+                    route.fn(self)
+            finally:
+                scope.finish()
+
+    def client_left(self, surface):
+        """The client hung up mid-request: cancel (once) what it asked for."""
+        if self.scope.cancel():
+            self.close_connection = True
+            self.app.metrics.client_disconnects.inc((surface,))
+            log.info("client %s left during %s %s (request %s): upstream closed", self.address_string(),
+                     self.command, self.path.split("?", 1)[0], self.request_id)
+
     # -- reading ----------------------------------------------------------
 
     def read_body(self):
-        cap = self.app.config.max_body_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked(cap)
-        length = self.headers.get("Content-Length")
-        if not length:
+        """The whole request body (within --max-body-bytes); read at most once."""
+        if not self.body_pending:
             return b""
+        self.body_pending = False
+        cap = self.app.config.max_body_bytes
         try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
+            if self.body_length is not None and self.body_length > cap:
+                raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (--max-body-bytes)"
+                                      % (self.body_length, cap))
+            if not self.continue_sent:
+                self.continue_sent = True
+                self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+            quick_ack(self.connection)
+            if self.body_length is None:
+                return self._read_chunked(cap)
+            data = self.rfile.read(self.body_length)
+            if len(data) < self.body_length:
+                raise BadRequest("request body ended after %d of %d bytes" % (len(data), self.body_length))
+            return data
+        except ChatServeError:
             self.close_connection = True
-            raise BadRequest("Content-Length %r is not a size" % length)
-        if n > cap:
-            self.close_connection = True
-            raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (--max-body-bytes)" % (n, cap))
-        quick_ack(self.connection)
-        data = self.rfile.read(n)
-        if len(data) < n:
-            self.close_connection = True
-            raise BadRequest("request body ended after %d of %d bytes" % (len(data), n))
-        return data
+            raise
 
     def _read_chunked(self, cap):
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                raise BadRequest("malformed chunked request body")
+            m = _CHUNK_SIZE_RE.match(line)
+            if not m:
+                raise BadRequest("malformed chunked request body: bad chunk-size line %r" % line[:40])
+            size = int(m.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
+                return self._read_trailers(b"".join(parts))
             total += size
             if total > cap:
-                self.close_connection = True
                 raise PayloadTooLarge("request body is over the limit of %d bytes (--max-body-bytes)" % cap)
             part = self.rfile.read(size)
-            if len(part) < size:
-                self.close_connection = True
-                raise BadRequest("chunked request body ended early")
+            if len(part) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise BadRequest("malformed chunked request body: a chunk is shorter than its size")
             parts.append(part)
-            self.rfile.readline(1024)
+
+    def _read_trailers(self, body):
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return body
+            if not line.endswith(b"\n"):
+                break
+        raise BadRequest("malformed chunked request body: trailer section")
+
+    def settle_body(self):
+        """Before a response head: read and drop a body the route left unread,
+        or close the connection after this response."""
+        if not self.body_pending:
+            return
+        if not self.continue_sent:      # the client waits for 100 Continue: it may never send the body
+            self.body_pending, self.close_connection = False, True
+            return
+        try:
+            self.read_body()
+        except (ChatServeError,) + CONNECTION_ERRORS:
+            self.close_connection = True
 
     def read_json(self):
         data = self.read_body()
@@ -5413,15 +5879,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return json_loads_strict(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest("the request body is not valid JSON: %s" % e, code="invalid_json")
-
-    def handle_expect_100(self):
-        length = self.headers.get("Content-Length") or "0"
-        if length.isdigit() and int(length) > self.app.config.max_body_bytes:
-            self.close_connection = True
-            self.send_error_obj(PayloadTooLarge("request body of %s bytes is over the limit of %d bytes (--max-body-bytes)"
-                                                % (length, self.app.config.max_body_bytes)))
-            return False
-        return super().handle_expect_100()
 
     # -- writing ----------------------------------------------------------
 
@@ -5433,7 +5890,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.bytes_sent += len(data)
 
     def write_head(self, status, headers, body=b""):
-        """Status line, headers and (optionally) the body in one write."""
+        """Status line, headers and (optionally) the body in one write.  A HEAD
+        request gets the head alone, then the route stops (HeadOnly)."""
+        self.settle_body()
         lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "")),
                  "Server: " + self.server_version, "Date: " + _DateCache.get()]
         if self.request_id:
@@ -5444,7 +5903,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             lines.append("Connection: close")
         self.status_sent, self.head_sent = status, True
-        self.write_raw(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if self.command == "HEAD":
+            self.write_raw(head)
+            raise HeadOnly()
+        self.write_raw(head + body)
 
     def send_bytes(self, status, body, content_type, headers=None):
         all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
@@ -5460,18 +5923,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if err.status >= 500 or err.status == 413:
             log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
+        headers = err.headers
+        if err.status in (429, 503) and "Retry-After" not in headers:
+            headers = dict(headers, **{"Retry-After": "1"})
         try:
-            self.send_json(err.status, self.render_error(err), err.headers)
-        except ClientGone:
+            self.send_json(err.status, self.render_error(err), headers)
+        except (ClientGone, HeadOnly):
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
-        """Errors found by http.server itself (bad request line, 414, ...)."""
+        """A refused request head: the error, then the connection closes."""
         self.close_connection = True
-        self.request_id = getattr(self, "request_id", "") or new_id("req-")
+        self.body_pending = False
+        self.request_id = getattr(self, "request_id", "") or new_id()
         self.render_error = getattr(self, "render_error", openai_error_body)
         self.head_sent = False
         self.status_sent, self.bytes_sent = 0, 0
+        if self.command == "HEAD":
+            self.command = "GET"            # a refused head: always show the reason
         err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,
                              type="invalid_request_error" if code < 500 else "server_error",
                              code="http_%d" % code)
@@ -5530,12 +5999,12 @@ class ConnectionTracker:
             self.draining = True
             for sock, idle in list(self.conns.items()):
                 if idle:
-                    _shutdown_socket(sock, socket.SHUT_RD)
+                    shutdown_socket(sock, socket.SHUT_RD)
             while self.conns and time.monotonic() < deadline:
                 self.lock.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             left = list(self.conns)
         for sock in left:
-            _shutdown_socket(sock, socket.SHUT_RDWR)
+            shutdown_socket(sock, socket.SHUT_RDWR)
         return len(left)
 
 
@@ -5550,13 +6019,6 @@ def quick_ack(sock):
             sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         except (OSError, AttributeError):
             pass
-
-
-def _shutdown_socket(sock, how):
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
 
 
 class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -5574,6 +6036,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.address_family = family
         self.app, self.router, self.ssl_context = app, router, ssl_context
         self.tracker = ConnectionTracker()
+        self.monitor = DisconnectMonitor()
         self.slots = threading.BoundedSemaphore(max_connections)
         self.reject_slots = threading.BoundedSemaphore(32)
         super().__init__(address, Handler)
@@ -5638,6 +6101,10 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address, exc_info=True)
+
+    def server_close(self):
+        super().server_close()
+        self.monitor.close()
 
 
 class ControlServer(ChatHTTPServer):
@@ -5847,7 +6314,15 @@ class App:
         if self.watcher:
             self.watcher.start()
         self._log_startup(context is not None)
+        if any(p.model_pending for p in self.engine.providers.values()):
+            threading.Thread(target=self._discover_models, name="model-discovery", daemon=True).start()
         return self
+
+    def _discover_models(self):
+        self.engine.discover_models(self.stopping)
+        provider = self.engine.default_provider
+        if provider is not None:
+            self.metrics.info_labels = (__version__, provider.name, provider.model)
 
     @property
     def port(self):
@@ -6428,15 +6903,15 @@ class AgentClient:
         self.out.flush()
 
     def show(self, event):
-        kind, data = event.get("type"), event.get("data") or {}
+        kind, data = event.get("type"), event
         if kind == "connected":
             self.connected.set()
         elif kind == "delta":
-            self.say(data.get("text", ""), end="")
+            self.say(data.get("content") or "", end="")
         elif kind == "user_echo":
             self.say("\n>> %s" % data.get("prompt", ""))
         elif kind == "tool_call":
-            self.say("\n* %s(%s)" % (data.get("name"), data.get("arguments", "")[:200]))
+            self.say("\n* %s(%s)" % (data.get("name"), json_dumps(data.get("args") or {})[:200]))
         elif kind == "tool_result":
             self.say("  %s %s" % ("ok" if data.get("success") else "failed:", "" if data.get("success")
                                   else (data.get("error") or "")[:300]))
@@ -6572,9 +7047,13 @@ def build_parser():
         shown = " (default %s)" % (default,)
         env = " [env %s]" % var if var else ""
         shown = "" if default in (None, "", ()) else shown.replace("%", "%%")
-        if kind == "flag":
-            serve.add_argument(flag, dest=_option_dest(flag), default=None, action="store_const", const="true",
-                               help=help_text + env)
+        if kind == "bool":
+            group = serve.add_mutually_exclusive_group()
+            group.add_argument(flag, dest=_option_dest(flag), default=None, action="store_const", const=True,
+                               help="%s (default %s; %s is the opposite)%s"
+                                    % (help_text, "on" if default else "off", negated_flag(flag), env))
+            group.add_argument(negated_flag(flag), dest=_option_dest(flag), action="store_const", const=False,
+                               help=argparse.SUPPRESS)
             continue
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
                            action="append" if kind == "list" else "store", help=help_text + shown + env)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import unittest
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import chatserve as cs
@@ -77,7 +78,30 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def refuse_request_id(self):
+        """llama-cpp-python's server (starlette-context's RequestIdPlugin)
+        answers 400 to an X-Request-Id that is not a UUID; so does this fake."""
+        value = self.headers.get("X-Request-Id")
+        if value is None:
+            return False
+        try:
+            uuid.UUID(value, version=4)
+            return False
+        except ValueError:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            data = b"Wrong uuid"
+            self.send_response(400)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            with self.server.lock:
+                self.server.refused_ids.append(value)
+            return True
+
     def do_GET(self):
+        if self.refuse_request_id():
+            return
         if self.path == "/api/tags":
             return self.send_body(200, {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"},
                                                    {"name": "qwen3:8b", "model": "qwen3:8b"}]})
@@ -88,6 +112,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.send_body(404, {"error": {"message": "no such path", "type": "invalid_request_error"}})
 
     def do_POST(self):
+        if self.refuse_request_id():
+            return
         raw = self.rfile.read(int(self.headers["Content-Length"]))
         try:
             body = json.loads(raw)
@@ -360,6 +386,7 @@ class FakeUpstream:
         self.server.handle_error = lambda request, address: None   # resets are part of the scenarios
         self.server.lock = threading.Lock()
         self.server.requests = []
+        self.server.refused_ids = []
         self.server.connections = 0
         self.server.disconnects = 0
         self.server.slow_seconds = 1.0
@@ -520,8 +547,14 @@ class HelpersTest(unittest.TestCase):
 
     def test_request_id_kept_when_safe_else_generated(self):
         self.assertEqual(cs.clean_request_id("abc-123"), "abc-123")
-        self.assertTrue(cs.clean_request_id("bad id\r\nX: y").startswith("req-"))
-        self.assertTrue(cs.clean_request_id(None).startswith("req-"))
+        for bad in ("bad id\r\nX: y", None, "x" * 200):
+            uuid.UUID(cs.clean_request_id(bad))          # a new UUID: what strict upstreams accept
+
+    def test_upstream_request_id_is_always_a_uuid(self):
+        mine = str(uuid.uuid4())
+        self.assertEqual(cs.upstream_request_id(mine), mine)
+        for other in ("req-abc123", "trace-1", "", None):
+            uuid.UUID(cs.upstream_request_id(other))
 
 
 # ---------------------------------------------------------------------------
@@ -618,7 +651,8 @@ class MetricsEndpointTest(ServerTestCase):
         self.assertIn('chatcli_llm_tokens_used_total{provider="OPENAI",model="up-model",type="prompt"} 7', text)
         self.assertIn('chatcli_llm_tokens_used_total{provider="OPENAI",model="up-model",type="completion"} 5', text)
         self.assertIn('chatcli_llm_errors_total{provider="OPENAI",model="bad-request",error_type="invalid_request_error"} 1', text)
-        self.assertIn('chatcli_server_info{version="%s",provider="OPENAI",model="gpt-4o-mini"} 1' % cs.__version__, text)
+        # no model configured: the first one the (local) upstream lists
+        self.assertIn('chatcli_server_info{version="%s",provider="OPENAI",model="up-model"} 1' % cs.__version__, text)
         self.assertNotIn("sk-upstream-secret", text)
         conn.request("GET", "/healthz")
         self.assertEqual(conn.getresponse().read(), b"ok\n")
@@ -641,11 +675,16 @@ class OpenAIProviderTest(ServerTestCase):
 
     def test_key_and_request_id_sent_upstream(self):
         self.start()
-        self.request("POST", "/v1/chat/completions", self.chat(), headers={"X-Request-Id": "trace-1"})
+        status, resp, _ = self.request("POST", "/v1/chat/completions", self.chat(), headers={"X-Request-Id": "trace-1"})
+        self.assertEqual(status, 200)                           # the strict fake refuses non-UUID ids
+        self.assertEqual(resp.getheader("X-Request-Id"), "trace-1")   # the client's id stays the client's
         sent = self.upstream.requests[-1]
         self.assertEqual(sent["path"], "/v1/chat/completions")
         self.assertEqual(sent["headers"]["Authorization"], "Bearer sk-upstream-secret")
-        self.assertEqual(sent["headers"]["X-Request-Id"], "trace-1")
+        uuid.UUID(sent["headers"]["X-Request-Id"])
+        mine = str(uuid.uuid4())
+        self.request("POST", "/v1/chat/completions", self.chat(), headers={"X-Request-Id": mine})
+        self.assertEqual(self.upstream.requests[-1]["headers"]["X-Request-Id"], mine)
 
     def test_stale_pooled_connection_is_retried_on_a_new_one(self):
         self.start()
@@ -2364,8 +2403,15 @@ class AgentSurfaceTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: events[-1]["type"] == "response_complete"))
         self.assertEqual([e["type"] for e in events], ["connected", "user_echo", "delta", "tool_call", "tool_result",
                                                        "delta", "response_complete"])
-        self.assertEqual(events[3]["data"], {"id": "call_r", "name": "read_file", "arguments": "{\"path\": \"hello.txt\"}"})
-        self.assertEqual((events[4]["data"]["success"], events[4]["data"]["content"]), (True, "hi from the workspace\n"))
+        # The seed's flat shapes (shepherd-server-module.md, "SSE Events"); extra fields are fine
+        self.assertEqual(events[3], {"type": "tool_call", "id": "call_r", "name": "read_file", "args": {"path": "hello.txt"}})
+        self.assertEqual((events[4]["name"], events[4]["success"], events[4]["content"]),
+                         ("read_file", True, "hi from the workspace\n"))
+        self.assertEqual(events[2]["content"], events[2].get("content") or None)
+        self.assertIsInstance(events[2]["content"], str)
+        self.assertEqual(events[-1]["finish_reason"], "stop")
+        for event in events:
+            self.assertNotIn("data", event)
         sent = self.upstream.requests[-1]["body"]
         self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["read_file", "list_directory", "glob", "grep", "get_time"])
         self.assertEqual([m["role"] for m in sent["messages"]], ["system", "user", "assistant", "tool"])
@@ -2374,9 +2420,9 @@ class AgentSurfaceTest(ServerTestCase):
         self.start_agent("agent-text")
         _, resp, text = self.request("POST", "/request", {"prompt": "go", "stream": True})
         events = sse_data(text)
-        deltas = "".join(e["data"]["text"] for e in events if e["type"] == "delta")
+        deltas = "".join(e["content"] for e in events if e["type"] == "delta")
         self.assertTrue(deltas.startswith("Checking.  then  okDone: 20"), deltas)    # Done: <get_time's answer>
-        self.assertEqual([e["data"]["name"] for e in events if e["type"] == "tool_call"], ["read_file", "get_time"])
+        self.assertEqual([e["name"] for e in events if e["type"] == "tool_call"], ["read_file", "get_time"])
         self.assertEqual(events[-1]["type"], "response_complete")
 
     def test_max_steps_and_errors(self):
@@ -2472,7 +2518,7 @@ class AgentSurfaceTest(ServerTestCase):
                              input="read hello\n", capture_output=True, text=True, timeout=WAIT * 3)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("Connected to the chatserve agent (model: agent", out.stdout)
-        self.assertIn("* read_file({\"path\": \"hello.txt\"})", out.stdout)
+        self.assertIn("* read_file({\"path\":\"hello.txt\"})", out.stdout)
         self.assertIn("The file says: hi from the workspace", out.stdout)
 
 
@@ -2666,7 +2712,7 @@ class HTTPServerTest(ServerTestCase):
         _, resp, _ = self.request("GET", "/health", headers={"X-Request-Id": "abc.123"})
         self.assertEqual(resp.getheader("X-Request-Id"), "abc.123")
         _, resp, _ = self.request("GET", "/health")
-        self.assertTrue(resp.getheader("X-Request-Id").startswith("req-"))
+        uuid.UUID(resp.getheader("X-Request-Id"))
 
     def test_body_over_the_cap_is_413_and_never_read(self):
         self.start(max_body_bytes=1000)
