@@ -612,8 +612,8 @@ SERVE_OPTIONS = (
     ("--probe-local", "CHATSERVE_PROBE_LOCAL", True, "bool",
      "with no provider configured, look for a local Ollama or OpenAI-compatible server"),
     ("--data-dir", "CHATSERVE_DATA_DIR", "~/.chatserve", "str", "where sessions are stored (created 0700)"),
-    ("--rate-limit-rps", "CHATCLI_RATE_LIMIT_RPS", 10.0, "rate", "requests per second per client address (0: off)"),
-    ("--rate-limit-burst", "CHATCLI_RATE_LIMIT_BURST", 30, "posint", "burst allowed above the rate"),
+    ("--rate-limit-rps", "CHATCLI_RATE_LIMIT_RPS", 50.0, "rate", "requests per second per client address (0: off)"),
+    ("--rate-limit-burst", "CHATCLI_RATE_LIMIT_BURST", 100, "posint", "burst allowed above the rate"),
     ("--grpc-reflection", "CHATCLI_GRPC_REFLECTION", False, "bool",
      "answer rpc.discover with an OpenRPC document (like gRPC reflection; keep off in production)"),
     ("--workspace", "CHATSERVE_WORKSPACE", ".", "dir", "the directory agent tools are confined to"),
@@ -3914,6 +3914,18 @@ class ToolCallFilter:
         return "".join(out)
 
 
+def _end_queue(q):
+    """Put the end marker (None) in a listener's queue, dropping its oldest event if full."""
+    try:
+        q.put_nowait(None)
+    except queue.Full:
+        try:
+            q.get_nowait()
+            q.put_nowait(None)
+        except (queue.Empty, queue.Full):
+            pass
+
+
 class Broadcaster:
     """Agent events to every /updates listener; each has a bounded queue and a
     listener that stops reading is dropped, never stalling the others."""
@@ -3929,25 +3941,21 @@ class Broadcaster:
             self.clients[client_id] = q
         return q
 
-    def unsubscribe(self, client_id, q=None):
-        """Remove a listener (only if it is still `q`, when given: ids may be reused)."""
+    def unsubscribe(self, client_id, q=None, close=False):
+        """Remove a listener (only if it is still `q`, when given: ids may be reused);
+        `close` also ends its stream."""
         with self.lock:
             if q is None or self.clients.get(client_id) is q:
                 self.clients.pop(client_id, None)
+        if close and q is not None:
+            _end_queue(q)
 
     def close_all(self):
         """Shutdown: every listener's stream ends."""
         with self.lock:
             clients, self.clients = list(self.clients.values()), {}
         for q in clients:
-            try:
-                q.put_nowait(None)
-            except queue.Full:
-                try:
-                    q.get_nowait()
-                    q.put_nowait(None)
-                except (queue.Empty, queue.Full):
-                    pass
+            _end_queue(q)
 
     def publish(self, event):
         with self.lock:
@@ -3957,15 +3965,10 @@ class Broadcaster:
                 q.put_nowait(event)
             except queue.Full:
                 log.warning("agent: /updates listener %s stopped reading; dropped", client_id)
-                self.unsubscribe(client_id, q)
-                try:
-                    q.get_nowait()
-                    q.put_nowait(None)        # tells its writer to stop
-                except (queue.Empty, queue.Full):
-                    pass
+                self.unsubscribe(client_id, q, close=True)
 
 
-AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener")
+AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener scope")
 AGENT_SYSTEM_PROMPT = ("You are an agent working in the workspace %s on the server. Use the tools to look at and "
                        "change files%s; paths are relative to the workspace. When you are done, answer plainly. "
                        "If you cannot call tools natively, write one call as <tool_call>{\"name\": \"TOOL\", "
@@ -3994,10 +3997,11 @@ class Agent:
 
     # -- requests ------------------------------------------------------------
 
-    def submit(self, prompt, max_tokens=0, listener=None):
-        """Queue a prompt; its position (1 = next), or RateLimited when the queue is full."""
+    def submit(self, prompt, max_tokens=0, listener=None, scope=None):
+        """Queue a prompt; its position (1 = next), or RateLimited when the queue is full.
+        A job with the `scope` of a client that waits for it stops when that client leaves."""
         try:
-            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener))
+            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener, scope))
         except queue.Full:
             raise RateLimited("the agent queue is full (%d waiting, --agent-queue); retry later"
                               % self.config.agent_queue, headers={"Retry-After": "5"})
@@ -4018,7 +4022,11 @@ class Agent:
             with self.lock:
                 self.processing, self.current = True, job.prompt
             try:
-                self.run(job)
+                with job.scope.bound() if job.scope is not None else contextlib.nullcontext():
+                    self.run(job)
+            except ClientGone:
+                log.info("agent: the client of %r left; the request stopped", job.prompt[:60])
+                self.emit(job, "error", message="the client disconnected; the request was stopped")
             except Exception as e:
                 log.exception("agent: request failed")
                 self.emit(job, "error", message="internal error: %s; see the server log" % e.__class__.__name__)
@@ -4042,6 +4050,7 @@ class Agent:
         self.messages.append({"role": "user", "content": job.prompt})
         try:
             for _step in range(self.config.agent_max_steps):
+                check_cancelled()
                 text, calls, finish = self.step(job)
                 stored = [dict(c, function=dict(c["function"], arguments=object_arguments(c["function"].get("arguments"))))
                           for c in calls]         # what a provider cannot translate never enters the history
@@ -4051,6 +4060,7 @@ class Agent:
                     self.emit(job, "response_complete", response=text, finish_reason=finish)
                     return
                 for call in calls:
+                    check_cancelled()
                     self.call_tool(job, call)
             self.emit(job, "error", message="stopped after %d steps (--agent-max-steps)" % self.config.agent_max_steps)
             self.emit(job, "response_complete", response="", finish_reason="max_steps")
@@ -4625,6 +4635,7 @@ class WebSocket:
         self.closed = False
         self.ping_outstanding = False
         self.busy = False                   # answering: writes show the peer is alive
+        self.leaving = False                # the server is shutting down
         self.write_lock = threading.Lock()
         self.stopped = threading.Event()
 
@@ -4743,6 +4754,14 @@ class WebSocket:
 
     def send_text(self, text):
         self.send_frame(WS_TEXT, text.encode("utf-8"))
+
+    def going_away(self):
+        """Server shutdown: an idle session gets a close frame (1001) now; a busy
+        one after its answer (the session loop checks `leaving`)."""
+        self.leaving = True
+        if not self.busy:
+            self.close(1001, "server shutting down")
+            shutdown_socket(self.h.connection, socket.SHUT_RD)     # the reader sees the end
 
     def close(self, code=1000, reason=""):
         if not self.closed:
@@ -5145,9 +5164,10 @@ def route_rpc_ws(h):
     ws = WebSocket.accept(h)
     history = []
     h.app.metrics.session_active.inc()
+    h.server.tracker.on_drain(h.connection, ws.going_away)
     ws.start_pinger()
     try:
-        while True:
+        while not ws.leaving:
             text = ws.receive()
             if text is None:
                 break
@@ -5156,7 +5176,7 @@ def route_rpc_ws(h):
                 session_reply(h, ws, history, text)
             finally:
                 ws.busy = False
-        ws.close()
+        ws.close(1001 if ws.leaving else 1000, "server shutting down" if ws.leaving else "")
     except WebSocketClosed:
         pass
     finally:
@@ -5253,7 +5273,8 @@ def route_agent_request(h):
         h.send_json(200, {"success": True, "queued": True, "queue_position": position})
         return
     listener = queue.Queue()
-    app.agent.submit(prompt, max_tokens, listener)
+    app.agent.submit(prompt, max_tokens, listener, h.scope)
+    h.scope.on_cancel(lambda: listener.put(None))     # stop waiting for a job nobody reads
     if stream:
         with h.open_sse() as sse:
             for event in agent_events(listener):
@@ -5265,6 +5286,7 @@ def route_agent_request(h):
             response = event["response"]
         elif event and event["type"] == "error":
             error = event["message"]
+    h.scope.check()
     h.send_json(200, {"success": False, "error": error} if error else {"success": True, "response": response})
 
 
@@ -5287,6 +5309,7 @@ def route_agent_updates(h):
     if not _CLIENT_ID_RE.match(client_id):
         client_id = new_id("client-")
     events = agent.updates.subscribe(client_id)
+    h.scope.on_cancel(lambda: agent.updates.unsubscribe(client_id, events, close=True))
     try:
         with h.open_sse() as sse:
             sse.send({"type": "connected", "client_id": client_id})
@@ -5899,6 +5922,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines.append("X-Request-Id: " + self.request_id)
         for name, value in headers.items():
             lines.append("%s: %s" % (name, value))
+        if status == 429 and "Retry-After" not in headers:
+            lines.append("Retry-After: 1")  # every 429 says when to come back
         if self.close_connection or self.server.tracker.draining:
             self.close_connection = True
             lines.append("Connection: close")
@@ -5923,11 +5948,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if err.status >= 500 or err.status == 413:
             log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
-        headers = err.headers
-        if err.status in (429, 503) and "Retry-After" not in headers:
-            headers = dict(headers, **{"Retry-After": "1"})
         try:
-            self.send_json(err.status, self.render_error(err), headers)
+            self.send_json(err.status, self.render_error(err), err.headers)
         except (ClientGone, HeadOnly):
             self.close_connection = True
 
@@ -5970,6 +5992,7 @@ class ConnectionTracker:
     def __init__(self):
         self.lock = threading.Condition()
         self.conns = {}
+        self.hooks = {}                     # connection -> what to call when the drain starts
         self.draining = False
 
     def add(self, handler_sock):
@@ -5979,7 +6002,16 @@ class ConnectionTracker:
     def remove(self, handler_sock):
         with self.lock:
             self.conns.pop(handler_sock, None)
+            self.hooks.pop(handler_sock, None)
             self.lock.notify_all()
+
+    def on_drain(self, handler_sock, fn):
+        """Call `fn` when the drain starts (a WebSocket says going away); at once if it has."""
+        with self.lock:
+            if not self.draining:
+                self.hooks[handler_sock] = fn
+                return
+        fn()
 
     def set_idle(self, handler, idle):
         with self.lock:
@@ -6000,6 +6032,10 @@ class ConnectionTracker:
             for sock, idle in list(self.conns.items()):
                 if idle:
                     shutdown_socket(sock, socket.SHUT_RD)
+            hooks, self.hooks = list(self.hooks.values()), {}
+        for fn in hooks:
+            fn()
+        with self.lock:
             while self.conns and time.monotonic() < deadline:
                 self.lock.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             left = list(self.conns)
@@ -6955,16 +6991,21 @@ class AgentClient:
                 self.say("[%s] %s" % (msg["role"], msg["content"][:300]))
 
     def send(self, prompt):
-        conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
-                                      "application/json")
-        try:
-            answer = json.loads(resp.read().decode("utf-8"))
-        finally:
-            conn.close()
-        if not answer.get("success"):
-            raise RemoteError(answer.get("error") or "the agent refused the prompt")
         with self.done:
-            self.pending += 1
+            self.pending += 1           # before sending: its events may arrive before the answer does
+        try:
+            conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
+                                          "application/json")
+            try:
+                answer = json.loads(resp.read().decode("utf-8"))
+            finally:
+                conn.close()
+            if not answer.get("success"):
+                raise RemoteError(answer.get("error") or "the agent refused the prompt")
+        except BaseException:
+            with self.done:
+                self.pending -= 1
+            raise
         if answer.get("queue_position", 1) > 1:
             self.say("(queued at position %d)" % answer["queue_position"])
 

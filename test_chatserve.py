@@ -224,6 +224,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_rate_limited(self, body):
         self.send_body(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, [("Retry-After", "60")])
 
+    def scenario_rate_limited_bare(self, body):
+        self.send_body(429, {"error": {"message": "Rate limit reached", "type": "requests"}})
+
     def scenario_cut(self, body):
         self.stream([openai_chunk({"content": "partial"})], cut=True)
 
@@ -243,6 +246,31 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
     def scenario_garbage(self, body):
         self.send_body(200, {"unexpected": True})
+
+    def wait_for_hangup(self):
+        """Say nothing until chatserve closes this connection; record when it did."""
+        self.close_connection = True
+        self.connection.settimeout(WAIT * 2)
+        try:
+            while self.connection.recv(4096):
+                pass
+        except OSError:
+            return
+        with self.server.lock:
+            self.server.hangups += 1
+
+    def scenario_silent(self, body):
+        self.wait_for_hangup()
+
+    def scenario_silent_stream(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        data = ("data: %s\n\n" % json.dumps(openai_chunk({"content": "thinking"}))).encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+        self.wait_for_hangup()
 
 
 
@@ -389,6 +417,7 @@ class FakeUpstream:
         self.server.refused_ids = []
         self.server.connections = 0
         self.server.disconnects = 0
+        self.server.hangups = 0
         self.server.slow_seconds = 1.0
         self.server.endless_chunks = 400
         self.server.endless_delay = 0.02
@@ -2830,6 +2859,323 @@ class HTTPServerTest(ServerTestCase):
         self.assertEqual(body["provider"], "OPENAI")
         self.assertNotIn("sk-upstream-secret", json.dumps(body))
 
+
+
+class RawHTTP:
+    """A client socket that sends exactly the bytes it is given and reads
+    responses by their framing: what the framing tests need."""
+
+    def __init__(self, port, timeout=WAIT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self):
+        piece = self.sock.recv(65536)
+        if not piece:
+            raise EOFError("connection closed; had %r" % self.buf[:200])
+        self.buf += piece
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _take(self, n):
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def response(self, head=False):
+        """(status, headers with lower-case names, body) of the next response."""
+        status = int(self._line().split(b" ", 2)[1])
+        if status == 100:
+            self._line()
+            return self.response(head)
+        headers = {}
+        while True:
+            line = self._line()
+            if not line:
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if head:
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self._line(), 16)
+                if size == 0:
+                    self._line()
+                    return status, headers, body
+                body += self._take(size)
+                self._line()
+        return status, headers, self._take(int(headers.get("content-length", "0")))
+
+    def is_closed(self):
+        """True when the server has closed the connection (bounded wait)."""
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+
+
+def raw_request(method, path, body=b"", headers=(), host=True):
+    lines = ["%s %s HTTP/1.1" % (method, path)] + (["Host: x"] if host else [])
+    lines += ["%s: %s" % h for h in headers]
+    if body:
+        lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class FramingTest(ServerTestCase):
+    """Every response leaves a kept-alive connection at the next request's first byte."""
+
+    def setUp(self):
+        super().setUp()
+        self.start(token="tok", max_body_bytes=4096, rate_limit_rps=0.001, rate_limit_burst=3)
+        self.app.rate_limiter = None                  # on only where a test turns it on
+        self.raw = RawHTTP(self.app.port)
+        self.addCleanup(self.raw.close)
+
+    def models_on_same_connection(self):
+        self.raw.send(raw_request("GET", "/v1/models", headers=[("Authorization", "Bearer tok")]))
+        status, _, body = self.raw.response()
+        self.assertEqual(status, 200, body[:200])
+        self.assertEqual(json.loads(body)["object"], "list")
+
+    def test_early_errors_leave_the_connection_clean(self):
+        body = json.dumps(self.chat()).encode()
+        cases = [("POST", "/v1/chat/completions", [("Authorization", "Bearer wrong")], 401),
+                 ("POST", "/nowhere", [("Authorization", "Bearer tok")], 404),
+                 ("POST", "/v1/models", [("Authorization", "Bearer tok")], 405),
+                 ("POST", "/v1/chat/completions", [], 401)]
+        for method, path, headers, expected in cases:
+            self.raw.send(raw_request(method, path, body, headers))
+            status, got, _ = self.raw.response()
+            self.assertEqual(status, expected, path)
+            self.assertNotEqual(got.get("connection"), "close")
+            self.models_on_same_connection()
+
+    def test_rate_limited_429_leaves_the_connection_clean(self):
+        self.app.rate_limiter = cs.RateLimiter(0.001, 1)
+        body = json.dumps(self.chat()).encode()
+        self.raw.send(raw_request("POST", "/v1/chat/completions", body, [("Authorization", "Bearer tok")]))
+        self.assertEqual(self.raw.response()[0], 200)
+        self.raw.send(raw_request("POST", "/v1/chat/completions", body, [("Authorization", "Bearer tok")]))
+        status, headers, _ = self.raw.response()
+        self.assertEqual(status, 429)
+        self.assertTrue(int(headers["retry-after"]) >= 1)
+        self.app.rate_limiter = None
+        self.models_on_same_connection()
+
+    def test_chunked_body_left_unread_is_discarded(self):
+        data = json.dumps(self.chat()).encode()
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+        self.assertEqual(self.raw.response()[0], 401)
+        self.models_on_same_connection()
+
+    def test_body_over_the_cap_closes(self):
+        self.raw.send(raw_request("POST", "/v1/chat/completions", b"x" * 5000, [("Authorization", "Bearer tok")]))
+        status, headers, _ = self.raw.response()
+        self.assertEqual((status, headers.get("connection")), (413, "close"))
+        self.assertTrue(self.raw.is_closed())
+
+    def test_expect_100_continue_refused_early_closes(self):
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                      b"Content-Length: 50\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, _ = self.raw.response()
+        self.assertEqual((status, headers.get("connection")), (401, "close"))   # the body may never come
+        self.assertTrue(self.raw.is_closed())
+
+    def test_expect_100_continue_is_answered_when_the_body_is_wanted(self):
+        data = json.dumps(self.chat()).encode()
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
+                      b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(data))
+        self.assertEqual(self.raw._line(), b"HTTP/1.1 100 Continue")
+        self.raw._line()
+        self.raw.send(data)
+        self.assertEqual(self.raw.response()[0], 200)
+        self.models_on_same_connection()
+
+    def test_pipelined_requests_answered_in_order(self):
+        ok = raw_request("GET", "/health")
+        bad = raw_request("POST", "/v1/chat/completions", b'{"model": "x"}', [("Authorization", "Bearer no")])
+        self.raw.send(ok + bad + ok + raw_request("GET", "/v1/models", headers=[("Authorization", "Bearer tok")]))
+        self.assertEqual([self.raw.response()[0] for _ in range(4)], [200, 401, 200, 200])
+
+    def test_over_capacity_503_says_close_and_retry_after(self):
+        app = self.start(max_connections=1)
+        holder = RawHTTP(app.port)
+        self.addCleanup(holder.close)
+        holder.send(raw_request("GET", "/health"))
+        holder.response()
+        other = RawHTTP(app.port)
+        self.addCleanup(other.close)
+        other.send(raw_request("POST", "/v1/chat/completions", b"{}"))
+        status, headers, _ = other.response()
+        self.assertEqual((status, headers.get("connection"), headers.get("retry-after")), (503, "close", "1"))
+
+
+class StrictParsingTest(ServerTestCase):
+    """RFC 9112 framing: what proxies could disagree on is refused, and the connection closed."""
+
+    def refused(self, data, expected):
+        app = getattr(self, "app", None) or self.start()
+        raw = RawHTTP(app.port)
+        try:
+            raw.send(data)
+            status, headers, body = raw.response()
+            self.assertEqual(status, expected, data[:120])
+            self.assertEqual(headers.get("connection"), "close", data[:120])
+            self.assertIn("message", json.loads(body)["error"])
+            self.assertTrue(raw.is_closed(), data[:120])
+        finally:
+            raw.close()
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_content_length_is_digits_only(self):
+        for value in ("+89", "8_9", "0x59", "-1", "89 89", "1e2", "", "99999999999999999999"):
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n" % value.encode()
+                         + b"x" * 89, 400)
+
+    def test_differing_content_lengths(self):
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+                     b"123456", 400)
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n123456", 400)
+
+    def test_transfer_encoding_must_end_in_chunked(self):
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n", 501)
+        self.refused(b"POST /rpc HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400)
+
+    def test_both_content_length_and_transfer_encoding(self):
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+
+    def test_bad_header_lines(self):
+        for line in (b" folded: continuation", b"\tX-Fold: yes", b"Bad Name: x", b"Name : x", b"NoColon",
+                     b"X-Ctl: a\x00b", b"X-Cr: a\rb", b"X-Bell: \x07", b"X-\xff: y"):
+            self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nX-First: 1\r\n" + line + b"\r\n\r\n", 400)
+
+    def test_folded_api_key_never_reaches_a_route(self):
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-LLM-API-Key: sk-1\r\n"
+                     b" Authorization: Bearer evil\r\nContent-Length: 2\r\n\r\n{}", 400)
+
+    def test_too_many_or_too_large_headers(self):
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(cs.MAX_HEADERS + 1))
+        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n", 431)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (cs.MAX_HEADER_LINE + 10) + b"\r\n\r\n", 431)
+        self.refused(b"GET /" + b"a" * (cs.MAX_HEADER_LINE + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414)
+
+    def test_request_line_and_host(self):
+        self.refused(b"GET /health HTTP/1.1\r\n\r\n", 400)                                # no Host
+        self.refused(b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505)
+        self.refused(b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"GET http://evil/health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"G(T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417)
+
+    def test_malformed_chunks(self):
+        for size in (b"+5", b"0x5", b"5_0", b" 5", b"-1", b"zz", b"123456789"):
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + size + b"\r\nhello\r\n0\r\n\r\n", 400)
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nhello\r\n0\r\n\r\n", 400)                                  # chunk longer than its size
+
+    def test_what_is_allowed_still_works(self):
+        app = self.start()
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        data = json.dumps(self.chat()).encode()
+        raw.send(b"\r\nPOST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length:  %d \r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), len(data), data))       # same value twice, OWS
+        self.assertEqual(raw.response()[0], 200)
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
+                 b"%x;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (len(data), data))
+        self.assertEqual(raw.response()[0], 200)
+        raw.send(b"GET /health HTTP/1.0\r\n\r\n")                                        # 1.0: no Host needed
+        status, headers, _ = raw.response()
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+
+
+class CourtesyTest(ServerTestCase):
+    """GET /, HEAD wherever GET works, Retry-After on every 429."""
+
+    def test_index(self):
+        self.start(token="tok")
+        status, _, body = self.request("GET", "/")
+        self.assertEqual((status, body["name"], body["version"]), (200, "chatserve", cs.__version__))
+        self.assertIn("POST /v1/chat/completions", body["endpoints"])
+        self.assertIn("docs", body)
+
+    def test_head_wherever_get(self):
+        app = self.start(token="tok", metrics_port=free_port())
+        for port, path, headers in ((app.port, "/health", []), (app.port, "/v1/models", [("Authorization", "Bearer tok")]),
+                                    (app.port, "/", []), (app.metrics_port, "/metrics", []),
+                                    (app.metrics_port, "/healthz", [])):
+            raw = RawHTTP(port)
+            try:
+                raw.send(raw_request("HEAD", path, headers=headers) + raw_request("GET", "/health" if port == app.port else "/healthz"))
+                status, got, _ = raw.response(head=True)
+                self.assertEqual(status, 200, path)
+                self.assertTrue(int(got["content-length"]) > 0, path)
+                self.assertEqual(raw.response()[0], 200, path)     # no body came between: the next answer parses
+            finally:
+                raw.close()
+        status, resp, _ = self.request("HEAD", "/v1/chat/completions", headers={"Authorization": "Bearer tok"})
+        self.assertEqual((status, resp.getheader("Allow")), (405, "POST"))
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(raw_request("HEAD", "/updates", headers=[("Authorization", "Bearer tok")]))
+        status, got, _ = raw.response(head=True)
+        self.assertEqual((status, got["content-type"]), (200, "text/event-stream; charset=utf-8"))
+        self.assertTrue(wait_until(lambda: not app.agent.updates.clients))
+
+    def test_every_429_has_retry_after(self):
+        self.start(fallback_max_retries=0, rate_limit_rps=0.01, rate_limit_burst=3)
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat("rate-limited-bare"))
+        self.assertEqual(status, 429, body)
+        self.assertEqual(resp.getheader("Retry-After"), "1")      # the upstream gave none
+        status, resp, body = rpc(self, "Health")
+        self.assertEqual(rpc(self, "Health")[0], 200)
+        status, resp, body = rpc(self, "Health")
+        self.assertEqual((status, body["error"]["code"]), (429, -32029))
+        self.assertTrue(int(resp.getheader("Retry-After")) >= 1)
+
+    def test_default_rate_limit_takes_a_32_wide_batch(self):
+        config = cs.Config(env={})
+        limiter = cs.RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
+        results = [limiter.take("10.0.0.1")[0] for _ in range(32)]     # 32 SDK workers start together
+        self.assertTrue(all(results))
+        # then each worker sends its next request as its answer comes, ~1 s each: 32/s
+        clock = [time.monotonic()]
+        original = cs.time.monotonic
+        cs.time.monotonic = lambda: clock[0]
+        try:
+            refused = 0
+            for second in range(60):
+                clock[0] += 1.0
+                refused += sum(not limiter.take("10.0.0.1")[0] for _ in range(32))
+        finally:
+            cs.time.monotonic = original
+        self.assertEqual(refused, 0)
 
 # ---------------------------------------------------------------------------
 # Control socket, graceful shutdown, ctl
