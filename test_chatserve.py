@@ -18,6 +18,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3176,6 +3177,129 @@ class CourtesyTest(ServerTestCase):
         finally:
             cs.time.monotonic = original
         self.assertEqual(refused, 0)
+
+
+class CancellationTest(ServerTestCase):
+    """A client that leaves closes the upstream connection, also while the
+    upstream is silent: asserted on the fake upstream's side."""
+
+    def hang_up_during(self, data, model_path=None, app=None):
+        app = app or getattr(self, "app", None) or self.start()
+        before = len(self.upstream.requests)
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(data)
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) > before), "the upstream was never asked")
+        client.close()
+        self.assertTrue(wait_until(lambda: self.upstream.server.hangups == 1, timeout=5),
+                        "chatserve kept the upstream connection open after its client left")
+        self.upstream.server.hangups = 0
+        return app
+
+    def post(self, path, body, headers=()):
+        return raw_request("POST", path, json.dumps(body).encode(), headers)
+
+    def test_openai_both_modes(self):
+        app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent-stream", stream=True)))
+        self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 2)
+
+    def test_anthropic_both_modes(self):
+        body = {"model": "silent", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        app = self.hang_up_during(self.post("/v1/messages", body))
+        self.hang_up_during(self.post("/v1/messages", dict(body, model="silent-stream", stream=True)))
+        self.assertEqual(app.metrics.client_disconnects.value(("anthropic",)), 2)
+
+    def test_rpc_send_stream_and_analyze(self):
+        def call(method, params):
+            return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        self.hang_up_during(self.post("/rpc", call("SendPrompt", {"prompt": "hi", "model": "silent"})))
+        self.hang_up_during(self.post("/rpc", call("StreamPrompt", {"prompt": "hi", "model": "silent-stream"}),
+                                      [("Accept", "text/event-stream")]))
+        app = self.hang_up_during(self.post("/rpc", call("AnalyzeIssue", {"issue_name": "x", "model": "silent"})))
+        self.assertEqual(app.metrics.client_disconnects.value(("rpc",)), 3)
+
+    def test_websocket_session(self):
+        app = self.start()
+        sock, _ = ws_open(app.port)
+        ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "hi",
+                                              "metadata": {"model": "silent-stream"}}).encode())
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        sock.close()
+        self.assertTrue(wait_until(lambda: self.upstream.server.hangups == 1, timeout=5))
+        self.assertTrue(wait_until(lambda: app.metrics.session_active.value() == 0))
+
+    def test_agent_request_sync_and_streamed(self):
+        workspace = os.path.join(self.tmp, "ws")
+        os.mkdir(workspace)
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "silent"}, workspace=workspace)
+        self.hang_up_during(self.post("/request", {"prompt": "hi"}))
+        self.assertTrue(wait_until(lambda: not app.agent.processing))
+        self.hang_up_during(self.post("/request", {"prompt": "hi", "stream": True}))
+        self.assertTrue(wait_until(lambda: not app.agent.processing))
+        self.assertEqual(app.metrics.client_disconnects.value(("agent",)), 2)
+        self.assertEqual(self.request("POST", "/request", {"prompt": "x", "async": True})[0], 200)   # still serves
+
+    def test_agent_tool_loop_stops_at_the_next_step(self):
+        workspace = os.path.join(self.tmp, "ws")
+        os.mkdir(workspace)
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "agent-loop"},
+                         workspace=workspace, agent_max_steps=1000)
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(self.post("/request", {"prompt": "loop"}))
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) >= 2))
+        client.close()
+        self.assertTrue(wait_until(lambda: not app.agent.processing, timeout=5))
+        steps = len(self.upstream.requests)
+        self.assertLess(steps, 1000)
+        time.sleep(0.2)
+        self.assertEqual(len(self.upstream.requests), steps)
+
+    def test_finished_requests_are_not_counted(self):
+        app = self.start()
+        for _ in range(3):
+            self.request("POST", "/v1/chat/completions", self.chat())
+        self.assertEqual(app.metrics.client_disconnects.series, {})
+
+    def test_retry_wait_ends_when_the_client_leaves(self):
+        app = self.start(fallback_max_retries=3, retry_backoff=30.0)
+        self.upstream.server.fail_next = 1
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(self.post("/v1/chat/completions", self.chat()))
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        client.close()
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("openai",)) == 1, timeout=5))
+        self.assertTrue(wait_until(lambda: app.in_flight == 0, timeout=5))
+        self.assertEqual(len(self.upstream.requests), 1)            # the retry never went out
+
+
+class GracefulShutdownTest(ServerTestCase):
+    def test_idle_peers_do_not_hold_the_drain(self):
+        app = self.start(drain_timeout=20.0)
+        sock, _ = ws_open(app.port)
+        self.addCleanup(sock.close)
+        idle = RawHTTP(app.port)
+        self.addCleanup(idle.close)
+        idle.send(raw_request("GET", "/health"))
+        idle.response()
+        started = time.monotonic()
+        app.stop()
+        self.assertLess(time.monotonic() - started, 10.0)       # not the 20 s drain
+        opcode, payload = ws_recv(sock)
+        self.assertEqual((opcode, struct.unpack("!H", payload[:2])[0]), (cs.WS_CLOSE, 1001))
+        self.assertTrue(idle.is_closed())
+
+    def test_busy_request_is_waited_for(self):
+        self.upstream.server.slow_seconds = 0.5
+        app = self.start(drain_timeout=5.0)
+        results = []
+        t = threading.Thread(target=lambda: results.append(self.request("POST", "/v1/chat/completions",
+                                                                          self.chat("slow"))[0]))
+        t.start()
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        app.stop()
+        t.join(WAIT)
+        self.assertEqual(results, [200])
+
 
 # ---------------------------------------------------------------------------
 # Control socket, graceful shutdown, ctl
