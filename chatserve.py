@@ -6371,8 +6371,9 @@ class App:
     def _log_startup(self, tls):
         c, provider = self.config, self.engine.default_provider
         scheme = "https" if tls else "http"
+        model = "-" if not provider else "(asking the upstream)" if provider.model_pending else provider.model
         log.info("chatserve %s listening on %s://%s:%d (provider %s, model %s)", __version__, scheme,
-                 c.host, self.port, provider.name if provider else "none", provider.model if provider else "-")
+                 c.host, self.port, provider.name if provider else "none", model)
         if self.metrics_http:
             log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
         log.info("control socket %s", c.socket_path)

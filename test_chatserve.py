@@ -15,6 +15,7 @@ import io
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -409,8 +410,8 @@ class StackSpotFake:
 class FakeUpstream:
     """An OpenAI-compatible server on loopback; records what it was sent."""
 
-    def __init__(self, handler=FakeUpstreamHandler):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler=FakeUpstreamHandler, port=0):
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None   # resets are part of the scenarios
         self.server.lock = threading.Lock()
@@ -695,7 +696,8 @@ class MetricsEndpointTest(ServerTestCase):
 
 class OpenAIProviderTest(ServerTestCase):
     def test_upstream_connections_are_pooled(self):
-        self.start()
+        app = self.start()
+        self.assertTrue(wait_until(lambda: not app.engine.default_provider.model_pending))   # its GET pools too
         for _ in range(5):
             status, _, body = self.request("POST", "/v1/chat/completions", self.chat())
             self.assertEqual(status, 200)
@@ -1120,6 +1122,50 @@ class EngineChoiceTest(ServerTestCase):
             self.assertEqual(body["error"]["param"], param)
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), {"X-LLM-Provider": "NOPE"})
         self.assert_openai_error(status, body, 400, ["unknown provider"])
+
+
+class ModelDiscoveryTest(ServerTestCase):
+    """No model configured: a local OpenAI-compatible server or Ollama names it."""
+
+    def test_first_listed_model_is_the_default(self):
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url})
+        self.assertTrue(wait_until(lambda: app.engine.default_provider.model == "up-model"))     # in the background
+        status, _, body = self.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual((status, self.upstream.requests[-1]["body"]["model"]), (200, "up-model"), body)
+        _, _, listed = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in listed["data"]], ["up-model", "org/other-model"])
+        self.assertTrue(wait_until(lambda: "up-model" in app.metrics.render()))
+
+    def test_configured_model_and_the_cloud_are_left_alone(self):
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "mine"})
+        self.assertEqual(app.engine.default_provider.model, "mine")
+        engine = cs.Engine(cs.Config(env={"OPENAI_API_KEY": "sk"}, probe_local=False), cs.Metrics())
+        self.addCleanup(engine.close)
+        self.assertFalse(engine.default_provider.model_pending)         # api.openai.com: never asked
+        self.assertEqual(engine.default_provider.model, "gpt-4o-mini")
+
+    def test_ollama_lists_its_models(self):
+        base = self.upstream.url.rsplit("/v1", 1)[0]
+        app = self.start(env={"OLLAMA_BASE_URL": base})
+        self.assertTrue(wait_until(lambda: app.engine.default_provider.model == "llama3.2:latest"))
+
+    def test_upstream_not_up_yet(self):
+        port = free_port()
+        app = self.start(env={"OPENAI_BASE_URL": "http://127.0.0.1:%d/v1" % port})
+        status, _, body = self.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        self.assert_openai_error(status, body, 503, ["has not listed a model yet", "OPENAI_MODEL"])
+        late = FakeUpstream(port=port)
+        self.addCleanup(late.stop)
+        status, _, body = self.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(late.requests[-1]["body"]["model"], "up-model")
+        self.assertEqual(app.engine.default_provider.model, "up-model")
+
+    def test_embedding_models_are_skipped(self):
+        provider = cs.OpenAIProvider(cs.Config(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}), cs.UpstreamPool())
+        provider.listed_models = lambda timeout=5.0: ["text-embedding-nomic-embed-text-v1.5", "qwen2.5-7b-instruct"]
+        self.assertTrue(provider.discover_model())
+        self.assertEqual(provider.model, "qwen2.5-7b-instruct")
 
 
 class RetryFailoverTest(ServerTestCase):
@@ -3475,6 +3521,64 @@ class CommandLineTest(unittest.TestCase):
                           env={"CHATSERVE_DATA_DIR": tempfile.gettempdir()})
         self.assertEqual(out.returncode, 2)
         self.assertIn("cannot listen on 127.0.0.1:", out.stderr)
+
+    def test_on_off_options_are_flags_with_a_no_form(self):
+        parser = cs.build_parser()
+        bools = [flag for flag, _v, _d, kind, _h in cs.SERVE_OPTIONS if kind == "bool"]
+        self.assertTrue({"--allow-write", "--allow-commands", "--grpc-reflection", "--probe-local"} <= set(bools))
+        for flag in bools:
+            dest = cs._option_dest(flag)
+            on = cs.Config.from_sources(vars(parser.parse_args(["serve", flag])), env={})
+            off = cs.Config.from_sources(vars(parser.parse_args(["serve", cs.negated_flag(flag)])), env={})
+            self.assertEqual((getattr(on, dest), getattr(off, dest)), (True, False), flag)
+        var = dict((f, v) for f, v, _d, _k, _h in cs.SERVE_OPTIONS)["--allow-write"]
+        for text, expected in (("true", True), ("1", True), ("FALSE", False), ("0", False)):
+            self.assertEqual(cs.Config.from_sources({}, env={var: text}).allow_write, expected)
+        flag_wins = cs.Config.from_sources(vars(parser.parse_args(["serve", "--no-allow-write"])), env={var: "1"})
+        self.assertFalse(flag_wins.allow_write)
+        out = run_cli("serve", env={var: "yes please"})
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(out.stderr.strip().splitlines(), ["chatserve: %s: 'yes please' is not true, false, 1 or 0" % var])
+        out = run_cli("serve", "--allow-write", "true")        # a flag takes no value
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+
+    def test_every_command_line_in_the_readme_runs(self):
+        """Each `python3 chatserve.py ...` line of the README parses, and a
+        serve line resolves to a valid configuration (files it names exist here)."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        commands = []
+        for block in text.split("```")[1::2]:
+            joined = block.replace("\\\n", " ")
+            for line in joined.splitlines():
+                line = line.split(" #", 1)[0].strip()
+                if line.startswith("python3 chatserve.py ") or line.startswith("python3 -m chatserve "):
+                    commands.append(line)
+        self.assertGreater(len(commands), 5)
+        parser = cs.build_parser()
+        work = tempfile.mkdtemp(prefix="chatserve-readme-")
+        self.addCleanup(shutil.rmtree, work, True)
+        for command in commands:
+            argv = shlex.split(command)[2:]
+            try:
+                args = parser.parse_args([a for a in argv if a != "..."])
+            except SystemExit:
+                self.fail("README command does not parse: %s" % command)
+            if args.command != "serve":
+                continue
+            flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+            for name in ("watch_config", "tls_cert", "tls_key"):
+                if flags.get(name):
+                    path = os.path.join(work, os.path.basename(flags[name]))
+                    open(path, "w").close()
+                    flags[name] = path
+            if flags.get("workspace"):
+                flags["workspace"] = work
+            try:
+                cs.Config.from_sources(flags, env={})
+            except cs.ConfigError as e:
+                self.fail("README command is refused: %s: %s" % (command, e.message))
 
 
 
