@@ -1385,13 +1385,15 @@ class UpstreamPool:
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         key, scope = (scheme, host, port), CancelScope.current()
         for attempt in (0, 1):
+            if scope is not None:
+                scope.check()
             conn = self.get(key) if attempt == 0 else None
             reused, retry = conn is not None, False
             if conn is None:
                 conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
-            if scope is not None:
-                scope.track(conn)           # from now on the client's hang-up shuts this connection
             try:
+                if scope is not None:
+                    scope.track(conn)       # from now on the client's hang-up shuts this connection
                 if not reused:
                     self._connect(conn, host, port, connect_timeout)
                 conn.sock.settimeout(read_timeout)
@@ -1399,6 +1401,9 @@ class UpstreamPool:
                 return UpstreamResponse(self, key, conn, conn.getresponse(), scope)
             except ChatServeError as e:
                 error = e
+            except ClientGone:
+                conn.close()
+                raise
             except socket.timeout:
                 error = UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
@@ -1515,6 +1520,26 @@ class Credentials:
             self.scheme, sorted(self.settings))
 
 
+class EventStream:
+    """A provider's streamed events that own their upstream response: closing
+    them, iterated or not, closes the upstream connection."""
+
+    __slots__ = ("events", "resp")
+
+    def __init__(self, events, resp):
+        self.events, self.resp = events, resp
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.events)
+
+    def close(self):
+        self.events.close()
+        self.resp.close()
+
+
 class Provider:
     """One upstream wire protocol.  `open()` sends the request and returns an
     iterator of events; it raises `ChatServeError` for anything that goes wrong
@@ -1605,7 +1630,7 @@ class Provider:
         if resp.status >= 300:
             raise self.failure(resp)
         if req.stream:
-            return self.guard(self.stream_events(resp, req))
+            return EventStream(self.guard(self.stream_events(resp, req)), resp)
         try:
             data = json.loads(resp.read().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -2430,14 +2455,17 @@ class Answer:
     """An open answer: which provider and model, and its events.  Iterate it;
     `close()` (or leaving the iteration early) closes the upstream."""
 
-    def __init__(self, provider, model, events):
-        self.provider, self.model, self.events = provider, model, events
+    def __init__(self, provider, model, events, upstream=None):
+        self.provider, self.model, self.events, self.upstream = provider, model, events, upstream
 
     def __iter__(self):
         return iter(self.events)
 
     def close(self):
         self.events.close()
+        close = getattr(self.upstream, "close", None)
+        if close is not None:       # also when the events were never iterated
+            close()
 
 
 class Completion:
@@ -2732,7 +2760,7 @@ class Engine:
             started = time.monotonic()
             try:
                 events = provider.open(req, model)
-                return Answer(provider.name, model, self._instrument(provider.name, model, started, events))
+                return Answer(provider.name, model, self._instrument(provider.name, model, started, events), events)
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
                 delay = retry_delay(e, attempt, self.config.retry_backoff) if getattr(e, "retryable", False) else None
