@@ -4042,7 +4042,7 @@ class Agent:
         self.updates = Broadcaster()
         self.jobs = queue.Queue(c.agent_queue)
         self.lock = threading.Lock()
-        self.processing, self.current = False, ""
+        self.processing, self.current, self.running, self.stopping = False, "", None, False
         try:
             self.messages = list(app.sessions.load(c.agent_session)["chat_history"])
         except NotFound:
@@ -4056,38 +4056,51 @@ class Agent:
         """Queue a prompt; its position (1 = next), or RateLimited when the queue is full.
         A job with the `scope` of a client that waits for it stops when that client leaves."""
         try:
-            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener, scope))
+            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener, scope or CancelScope()))
         except queue.Full:
             raise RateLimited("the agent queue is full (%d waiting, --agent-queue); retry later"
                               % self.config.agent_queue, headers={"Retry-After": "5"})
         return self.jobs.qsize() + (1 if self.processing else 0)
 
-    def stop(self):
+    def stop(self, timeout=5.0):
+        """Shutdown, after the drain: end the /updates streams, drop the queued
+        jobs, stop the running one and wait (bounded) for the worker, so the
+        conversation is saved before the store closes."""
         self.updates.close_all()
-        try:
-            self.jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        self.stopping = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.listener is not None:
+                job.listener.put(None)
+        running = self.running
+        if running is not None:
+            running.scope.cancel()
+        self.jobs.put(None)
+        self.worker.join(timeout)
 
     def _work(self):
         while True:
             job = self.jobs.get()
-            if job is None:
+            if job is None or self.stopping:
                 return
             with self.lock:
-                self.processing, self.current = True, job.prompt
+                self.processing, self.current, self.running = True, job.prompt, job
             try:
-                with job.scope.bound() if job.scope is not None else contextlib.nullcontext():
+                with job.scope.bound():
                     self.run(job)
             except ClientGone:
-                log.info("agent: the client of %r left; the request stopped", job.prompt[:60])
-                self.emit(job, "error", message="the client disconnected; the request was stopped")
+                why = "the server is shutting down" if self.stopping else "the client disconnected"
+                log.info("agent: %s; the request %r stopped", why, job.prompt[:60])
+                self.emit(job, "error", message="%s; the request was stopped" % why)
             except Exception as e:
                 log.exception("agent: request failed")
                 self.emit(job, "error", message="internal error: %s; see the server log" % e.__class__.__name__)
             finally:
                 with self.lock:
-                    self.processing, self.current = False, ""
+                    self.processing, self.current, self.running = False, "", None
                 if job.listener is not None:
                     job.listener.put(None)
 
@@ -6477,12 +6490,13 @@ class App:
             if server is not None:
                 server.shutdown()
                 server.server_close()
-        self.agent.stop()
+        self.agent.updates.close_all()          # /updates streams are not "in flight"
         if self.watcher:
             self.watcher.stop()
         cut = self.http.tracker.drain(self.config.drain_timeout) if self.http else 0
         if cut:
             log.warning("drain timeout: closed %d connection(s) still busy", cut)
+        self.agent.stop()
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
