@@ -1396,6 +1396,8 @@ class UpstreamPool:
                     scope.track(conn)       # from now on the client's hang-up shuts this connection
                 if not reused:
                     self._connect(conn, host, port, connect_timeout)
+                    if scope is not None:
+                        scope.check()       # the client left while we connected: send nothing
                 conn.sock.settimeout(read_timeout)
                 conn.request(method, target, body=body, headers=headers or {})
                 return UpstreamResponse(self, key, conn, conn.getresponse(), scope)
@@ -1606,6 +1608,11 @@ class Provider:
             try:
                 ids = self.listed_models(timeout)
             except (ChatServeError, ValueError, AttributeError, TypeError, KeyError) as e:
+                if getattr(e, "upstream_status", None) in (404, 405, 501):     # it never will: stop asking
+                    self.model_pending = False
+                    log.warning("%s at %s does not list its models; using %s (set %s to choose)", self.name,
+                                self.describe()["base_url"], self.model, self.model_env)
+                    return True
                 log.debug("%s: cannot list models at %s yet: %s", self.name, self.describe()["base_url"],
                           getattr(e, "message", e))
                 return False
@@ -4114,8 +4121,10 @@ class Agent:
     # -- the tool loop ---------------------------------------------------------
 
     def run(self, job):
+        check_cancelled()           # a job whose client left while it waited never touches the conversation
         self.emit(job, "user_echo", prompt=job.prompt)
         self.messages.append({"role": "user", "content": job.prompt})
+        start = len(self.messages)
         try:
             for _step in range(self.config.agent_max_steps):
                 check_cancelled()
@@ -4128,13 +4137,18 @@ class Agent:
                     self.emit(job, "response_complete", response=text, finish_reason=finish)
                     return
                 for call in calls:
-                    check_cancelled()
+                    if job.scope.cancelled:   # every call keeps a result: the history stays valid
+                        self.messages.append({"role": "tool", "tool_call_id": call["id"],
+                                              "content": "Error: not run; the request was stopped"})
+                        continue
                     self.call_tool(job, call)
             self.emit(job, "error", message="stopped after %d steps (--agent-max-steps)" % self.config.agent_max_steps)
             self.emit(job, "response_complete", response="", finish_reason="max_steps")
         except ChatServeError as e:
             self.emit(job, "error", message=e.message)
         finally:
+            if len(self.messages) == start and job.scope.cancelled:
+                self.messages.pop()         # stopped before any answer: as if never asked
             self.save()
 
     def step(self, job):
@@ -4704,12 +4718,16 @@ class WebSocket:
         self.ping_outstanding = False
         self.busy = False                   # answering: writes show the peer is alive
         self.leaving = False                # the server is shutting down
+        self.state_lock = threading.Lock()
+        self.on_close = None                # called when a close frame arrives
         self.write_lock = threading.Lock()
         self.stopped = threading.Event()
 
     @classmethod
     def accept(cls, h):
         headers = h.headers
+        if h.command != "GET":
+            raise MethodNotAllowed("a WebSocket opens with GET, not %s" % h.command, headers={"Allow": "GET"})
         if "websocket" not in (headers.get("Upgrade") or "").lower() or \
                 "upgrade" not in (headers.get("Connection") or "").lower():
             raise BadRequest("this route speaks WebSocket: send Upgrade: websocket and Connection: Upgrade")
@@ -4792,6 +4810,8 @@ class WebSocket:
             elif opcode == WS_PONG:
                 self.ping_outstanding = False
             elif opcode == WS_CLOSE:
+                if self.on_close is not None:
+                    self.on_close()
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
                 self.close(code if 1000 <= code < 5000 and code not in (1004, 1005, 1006, 1015) else 1002)
                 return None
@@ -4824,19 +4844,32 @@ class WebSocket:
         self.send_frame(WS_TEXT, text.encode("utf-8"))
 
     def going_away(self):
-        """Server shutdown: an idle session gets a close frame (1001) now; a busy
-        one after its answer (the session loop checks `leaving`)."""
-        self.leaving = True
-        if not self.busy:
-            self.close(1001, "server shutting down")
+        """Server shutdown (in a drain thread): an idle session gets a close
+        frame (1001) now; a busy one after its answer (the loop checks `leaving`)."""
+        with self.state_lock:
+            self.leaving = True
+            idle = not self.busy
+        if idle:
+            try:
+                self.close(1001, "server shutting down")
+            except OSError:
+                pass
             shutdown_socket(self.h.connection, socket.SHUT_RD)     # the reader sees the end
+
+    def start_answer(self):
+        """Mark the session busy; False when the server is going away (no answer then)."""
+        with self.state_lock:
+            if self.leaving:
+                return False
+            self.busy = True
+            return True
 
     def close(self, code=1000, reason=""):
         if not self.closed:
             self.closed = True
             try:
                 self.send_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120])
-            except ClientGone:
+            except (ClientGone, OSError):
                 pass
 
     def fail(self, code, reason):
@@ -5233,13 +5266,13 @@ def route_rpc_ws(h):
     history = []
     h.app.metrics.session_active.inc()
     h.server.tracker.on_drain(h.connection, ws.going_away)
+    ws.on_close = h.response_complete       # the client's orderly close is not a hang-up mid-answer
     ws.start_pinger()
     try:
-        while not ws.leaving:
+        while True:
             text = ws.receive()
-            if text is None:
+            if text is None or not ws.start_answer():
                 break
-            ws.busy = True
             try:
                 session_reply(h, ws, history, text)
             finally:
@@ -5562,6 +5595,7 @@ class SSEWriter:
             self.closed = True
             if self.chunked:
                 self.h.write_raw(b"0\r\n\r\n")
+            self.h.response_complete()
 
     def __enter__(self):
         return self
@@ -5576,9 +5610,9 @@ class SSEWriter:
 class HeadError(Exception):
     """A request head that chatserve refuses: its status, then the connection closes."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, method=""):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.method = status, message, method
 
 
 class HeadOnly(Exception):
@@ -5608,20 +5642,35 @@ _VERSION_RE = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
-_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r?\n$")
+_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r\n$")
+_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?$")
+_ABSOLUTE_RE = re.compile(rb"^https?://[^/?#]*(.*)$", re.I)
 
 
 def _head_line(raw):
-    """A head line without its CRLF (or bare LF); a bare CR inside is refused."""
+    """A head line without its CRLF (or bare LF, RFC 9112 2.2); a bare CR inside is refused."""
     if raw.endswith(b"\r\n"):
         line = raw[:-2]
     elif raw.endswith(b"\n"):
         line = raw[:-1]
-    else:
-        raise HeadError(400, "the request head ended in the middle of a line")
+    else:       # readline stopped short of its limit: the client closed mid-head; nobody to answer
+        raise ConnectionAbortedError("the client closed the connection in the middle of a request head")
     if b"\r" in line:
         raise HeadError(400, "a bare CR inside a request head line")
     return line
+
+
+def parse_field_line(line):
+    """(lower-case name, value) of one header or trailer line; HeadError if malformed."""
+    if line[:1] in (b" ", b"\t"):
+        raise HeadError(400, "obsolete line folding in the request head: send each header on one line")
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN_RE.match(name):
+        raise HeadError(400, "malformed header line %r" % line[:60])
+    value = value.strip(b" \t")
+    if _BAD_VALUE_RE.search(value):
+        raise HeadError(400, "header %s has a control character in its value" % name.decode("ascii"))
+    return name.decode("ascii").lower(), value.decode("latin-1")
 
 
 def parse_head(first, rfile):
@@ -5642,38 +5691,36 @@ def parse_head(first, rfile):
         raise HeadError(400, "malformed HTTP version %r" % version[:20])
     if m.group(1) != b"1":
         raise HeadError(505, "HTTP version %s is not supported; use HTTP/1.1" % version.decode("ascii"))
+    method = method.decode("ascii")
+    absolute = _ABSOLUTE_RE.match(target)       # RFC 9112 3.2.2: absolute-form must be accepted
+    if absolute:
+        target = absolute.group(1) if absolute.group(1).startswith(b"/") else b"/" + absolute.group(1)
     if not target.startswith(b"/") or _BAD_TARGET_RE.search(target):
-        raise HeadError(400, "the request target must be a path that starts with / (no spaces or control characters)")
+        raise HeadError(400, "the request target must be a path that starts with / (no spaces or control "
+                             "characters)", method)
     fields, total = {}, len(first)
     while True:
         raw = rfile.readline(MAX_HEADER_LINE + 1)
         total += len(raw)
         if len(raw) > MAX_HEADER_LINE or total > MAX_HEAD_BYTES:
             raise HeadError(431, "request header fields too large (a line over %d bytes or a head over %d)"
-                            % (MAX_HEADER_LINE, MAX_HEAD_BYTES))
-        line = _head_line(raw)
-        if not line:
-            break
-        if len(fields) >= MAX_HEADERS:
-            raise HeadError(431, "more than %d request header fields" % MAX_HEADERS)
-        if line[:1] in (b" ", b"\t"):
-            raise HeadError(400, "obsolete line folding in the request head: send each header on one line")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN_RE.match(name):
-            raise HeadError(400, "malformed header line %r" % line[:60])
-        value = value.strip(b" \t")
-        if _BAD_VALUE_RE.search(value):
-            raise HeadError(400, "header %s has a control character in its value" % name.decode("ascii"))
-        key, text = name.decode("ascii").lower(), value.decode("latin-1")
-        if key in fields:
-            if key == "host":
-                raise HeadError(400, "more than one Host header")
-            text = fields[key] + ", " + text
-        fields[key] = text
+                            % (MAX_HEADER_LINE, MAX_HEAD_BYTES), method)
+        try:
+            line = _head_line(raw)
+            if not line:
+                break
+            if len(fields) >= MAX_HEADERS:
+                raise HeadError(431, "more than %d request header fields" % MAX_HEADERS)
+            key, text = parse_field_line(line)
+            if key == "host" and (key in fields or not _HOST_RE.match(text)):
+                raise HeadError(400, "more than one Host header" if key in fields else "invalid Host %r" % text[:60])
+        except HeadError as e:
+            e.method = method
+            raise
+        fields[key] = fields[key] + ", " + text if key in fields else text
     if m.group(2) != b"0" and "host" not in fields:
-        raise HeadError(400, "an HTTP/1.1 request needs a Host header")
-    return method.decode("ascii"), target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", \
-        Headers(fields)
+        raise HeadError(400, "an HTTP/1.1 request needs a Host header", method)
+    return method, target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", Headers(fields)
 
 
 def keeps_alive(version, headers):
@@ -5682,6 +5729,18 @@ def keeps_alive(version, headers):
     if "close" in options:
         return False
     return version == "HTTP/1.1" or "keep-alive" in options
+
+
+def hung_up(fd):
+    """Whether the socket on `fd` now has the peer's hang-up (or is shut): asked
+    again at delivery, since an event read for a closed connection must not
+    cancel a newer one that got the same fd number."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        return any(mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _fd, mask in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 class DisconnectMonitor:
@@ -5739,7 +5798,7 @@ class DisconnectMonitor:
                 return
             for fd, _mask in events:
                 with self.lock:
-                    on_gone = self.callbacks.pop(fd, None)
+                    on_gone = self.callbacks.pop(fd, None) if hung_up(fd) else None
                 if on_gone is not None:
                     try:
                         on_gone()
@@ -5787,19 +5846,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(config.keepalive_timeout)
             tracker.set_idle(self, True)
             first = self.rfile.readline(MAX_HEADER_LINE + 1)
-            tracker.set_idle(self, False)
             if not first:
                 self.close_connection = True
                 return
             self.connection.settimeout(config.request_timeout)
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope = openai_error_body, None, None
-            self.body_pending = False
+            self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
             try:
                 self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
+                tracker.set_idle(self, False)       # a half-sent head does not hold the drain
                 self.close_connection = not keeps_alive(self.request_version, self.headers)
                 self.body_pending = self._framing()
             except HeadError as e:
+                self.command = e.method
                 self.send_error(e.status, e.message)
                 return
             if tracker.draining:
@@ -5937,18 +5997,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if total > cap:
                 raise PayloadTooLarge("request body is over the limit of %d bytes (--max-body-bytes)" % cap)
             part = self.rfile.read(size)
-            if len(part) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise BadRequest("malformed chunked request body: a chunk is shorter than its size")
+            if len(part) < size or self.rfile.read(2) != b"\r\n":
+                raise BadRequest("malformed chunked request body: a chunk is not followed by CRLF where its size says")
             parts.append(part)
 
     def _read_trailers(self, body):
+        """The trailer section: checked like header lines, then dropped."""
         for _ in range(MAX_HEADERS):
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if line in (b"\r\n", b"\n"):
+            if line == b"\r\n":
                 return body
-            if not line.endswith(b"\n"):
-                break
-        raise BadRequest("malformed chunked request body: trailer section")
+            try:
+                if not line.endswith(b"\r\n"):
+                    raise HeadError(400, "unterminated line")
+                parse_field_line(line[:-2])
+            except HeadError as e:
+                raise BadRequest("malformed chunked request body: trailer section: %s" % e.message)
+        raise BadRequest("malformed chunked request body: more than %d trailer lines" % MAX_HEADERS)
 
     def settle_body(self):
         """Before a response head: read and drop a body the route left unread,
@@ -5996,10 +6061,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection or self.server.tracker.draining:
             self.close_connection = True
             lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")     # a 1.0 client keeps it open only when told
         self.status_sent, self.head_sent = status, True
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if self.command == "HEAD":
             self.write_raw(head)
+            self.response_complete()
             raise HeadOnly()
         self.write_raw(head + body)
 
@@ -6007,6 +6075,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
         all_headers.update(headers or {})
         self.write_head(status, all_headers, body)
+        self.response_complete()
+
+    def response_complete(self):
+        """The whole answer is out: a hang-up from now on is the client's normal close."""
+        if self.scope is not None:
+            self.scope.finish()
 
     def send_json(self, status, obj, headers=None):
         self.send_bytes(status, json_bytes(obj) + b"\n", "application/json", headers)
@@ -6030,8 +6104,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.render_error = getattr(self, "render_error", openai_error_body)
         self.head_sent = False
         self.status_sent, self.bytes_sent = 0, 0
-        if self.command == "HEAD":
-            self.command = "GET"            # a refused head: always show the reason
         err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,
                              type="invalid_request_error" if code < 500 else "server_error",
                              code="http_%d" % code)
@@ -6056,36 +6128,47 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class ConnectionTracker:
-    """Live connections, and which are idle between requests, for the drain."""
+    """Live connections (by file descriptor, the same for a socket and its TLS
+    wrapper), which are idle between requests, and what to tell the busy ones
+    when the drain starts."""
 
     def __init__(self):
         self.lock = threading.Condition()
-        self.conns = {}
-        self.hooks = {}                     # connection -> what to call when the drain starts
+        self.conns = {}                     # fd -> [socket, idle]
+        self.hooks = {}                     # fd -> what to call when the drain starts
         self.draining = False
 
-    def add(self, handler_sock):
+    def add(self, sock):
+        """Track a connection; its fd, the key for `remove` (TLS wrapping detaches `sock`)."""
         with self.lock:
-            self.conns[handler_sock] = False
+            self.conns[sock.fileno()] = [sock, False]
+        return sock.fileno()
 
-    def remove(self, handler_sock):
+    def wrapped(self, fd, sock):
+        """The connection's socket is now `sock` (its TLS wrapper)."""
         with self.lock:
-            self.conns.pop(handler_sock, None)
-            self.hooks.pop(handler_sock, None)
+            if fd in self.conns:
+                self.conns[fd][0] = sock
+
+    def remove(self, fd):
+        with self.lock:
+            self.conns.pop(fd, None)
+            self.hooks.pop(fd, None)
             self.lock.notify_all()
 
-    def on_drain(self, handler_sock, fn):
+    def on_drain(self, sock, fn):
         """Call `fn` when the drain starts (a WebSocket says going away); at once if it has."""
         with self.lock:
             if not self.draining:
-                self.hooks[handler_sock] = fn
+                self.hooks[sock.fileno()] = fn
                 return
         fn()
 
     def set_idle(self, handler, idle):
         with self.lock:
-            if handler.connection in self.conns:
-                self.conns[handler.connection] = idle
+            entry = self.conns.get(handler.connection.fileno())
+            if entry is not None:
+                entry[1] = idle
             if idle and self.draining:
                 raise ConnectionAbortedError("draining")
 
@@ -6094,22 +6177,24 @@ class ConnectionTracker:
             return len(self.conns)
 
     def drain(self, timeout):
-        """Close idle connections now, wait for busy ones up to `timeout`, then cut them."""
+        """Close idle connections now, tell the others (each hook in its own
+        thread: a peer that does not read cannot stall the shutdown), wait for
+        busy ones up to `timeout`, then cut them."""
         deadline = time.monotonic() + timeout
         with self.lock:
             self.draining = True
-            for sock, idle in list(self.conns.items()):
+            for sock, idle in self.conns.values():
                 if idle:
                     shutdown_socket(sock, socket.SHUT_RD)
             hooks, self.hooks = list(self.hooks.values()), {}
         for fn in hooks:
-            fn()
+            threading.Thread(target=fn, name="drain-hook", daemon=True).start()
         with self.lock:
             while self.conns and time.monotonic() < deadline:
                 self.lock.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-            left = list(self.conns)
+            left = [sock for sock, _idle in self.conns.values()]
         for sock in left:
-            shutdown_socket(sock, socket.SHUT_RDWR)
+            shutdown_socket(sock, socket.SHUT_RDWR)     # the hang-up monitor cancels their upstreams
         return len(left)
 
 
@@ -6153,20 +6238,20 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             else:
                 self.shutdown_request(request)
             return
-        self.tracker.add(request)
-        threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True).start()
+        fd = self.tracker.add(request)
+        threading.Thread(target=self._serve_connection, args=(request, client_address, fd), daemon=True).start()
 
-    def _serve_connection(self, request, client_address):
-        sock = request
+    def _serve_connection(self, request, client_address, fd):
         try:
             if self.ssl_context is not None:
                 request = self._tls_handshake(request)
+                self.tracker.wrapped(fd, request)
             self.finish_request(request, client_address)
         except Exception as e:
             if not isinstance(e, (OSError, ClientGone)):
                 log.exception("connection from %s failed", client_address)
         finally:
-            self.tracker.remove(sock)
+            self.tracker.remove(fd)
             self.shutdown_request(request)
             self.slots.release()
 
@@ -6207,9 +6292,6 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address, exc_info=True)
 
-    def server_close(self):
-        super().server_close()
-        self.monitor.close()
 
 
 class ControlServer(ChatHTTPServer):
@@ -6497,6 +6579,8 @@ class App:
         if cut:
             log.warning("drain timeout: closed %d connection(s) still busy", cut)
         self.agent.stop()
+        if self.http:
+            self.http.monitor.close()           # after the drain: a client leaving during it still cancels
         if self.control is not None:
             self.control.shutdown()
             self.control.server_close()
@@ -6511,6 +6595,7 @@ class App:
         for server in (self.http, self.metrics_http, self.control):
             if server is not None:
                 server.server_close()
+                server.monitor.close()
         self.agent.stop()
         self.sessions.close()
         self.engine.close()

@@ -3135,7 +3135,8 @@ class StrictParsingTest(ServerTestCase):
         self.refused(b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505)
         self.refused(b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400)
         self.refused(b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
-        self.refused(b"GET http://evil/health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: evil.com/x@y\r\n\r\n", 400)
         self.refused(b"G(T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417)
 
@@ -3145,6 +3146,19 @@ class StrictParsingTest(ServerTestCase):
                          + size + b"\r\nhello\r\n0\r\n\r\n", 400)
         self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"2\r\nhello\r\n0\r\n\r\n", 400)                                  # chunk longer than its size
+        for framing in (b"2\nab\r\n0\r\n\r\n", b"2;a\nab\r\n0\r\n\r\n", b"2\r\nab\n0\r\n\r\n",   # CRLF only
+                        b"2\r\nab\r\n0\r\nX-T: a\x00b\r\n\r\n", b"2\r\nab\r\n0\r\n folded\r\n\r\n",
+                        b"2\r\nab\r\n0\r\nGET /admin HTTP/1.1\r\n\r\n"):
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + framing, 400)
+
+    def test_client_gone_mid_head_gets_no_answer(self):
+        app = self.start()
+        with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half: ")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(sock.recv(4096), b"")
+        self.assertEqual(self.request("GET", "/health")[0], 200)
 
     def test_what_is_allowed_still_works(self):
         app = self.start()
@@ -3157,9 +3171,15 @@ class StrictParsingTest(ServerTestCase):
         raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
                  b"%x;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (len(data), data))
         self.assertEqual(raw.response()[0], 200)
-        raw.send(b"GET /health HTTP/1.0\r\n\r\n")                                        # 1.0: no Host needed
+        raw.send(b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")     # absolute-form
+        self.assertEqual(raw.response()[0], 200)
+        raw.send(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")           # 1.0: no Host needed
+        status, headers, _ = raw.response()
+        self.assertEqual((status, headers.get("connection")), (200, "keep-alive"))   # said, so the client knows
+        raw.send(b"GET /health HTTP/1.0\r\n\r\n")
         status, headers, _ = raw.response()
         self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertTrue(raw.is_closed())
 
 
 class CourtesyTest(ServerTestCase):
@@ -3188,6 +3208,17 @@ class CourtesyTest(ServerTestCase):
                 raw.close()
         status, resp, _ = self.request("HEAD", "/v1/chat/completions", headers={"Authorization": "Bearer tok"})
         self.assertEqual((status, resp.getheader("Allow")), (405, "POST"))
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(b"HEAD /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")     # refused: still no body
+        status, got, _ = raw.response(head=True)
+        self.assertEqual((status, got["connection"]), (400, "close"))
+        self.assertEqual(raw.buf, b"")
+        self.assertTrue(raw.is_closed())
+        status, _, _ = self.request("HEAD", "/rpc/ws", headers={"Authorization": "Bearer tok", "Upgrade": "websocket",
+                                                                "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                                                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        self.assertEqual(status, 405)
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
         raw.send(raw_request("HEAD", "/updates", headers=[("Authorization", "Bearer tok")]))
