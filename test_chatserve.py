@@ -193,6 +193,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                      openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"path\": \"hello.txt\"}"}}]}),
                      openai_chunk(finish="tool_calls")])
 
+    def scenario_agent_two_calls(self, body):
+        """Two tool calls in one turn: a slow command, then get_time."""
+        if body["messages"][-1]["role"] == "tool":
+            return self.stream([openai_chunk({"content": "done"}), openai_chunk(finish="stop")])
+        calls = [{"index": 0, "id": "call_1", "type": "function",
+                  "function": {"name": "run_command", "arguments": "{\"command\": \"sleep 1\"}"}},
+                 {"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+        self.stream([openai_chunk({"tool_calls": calls}), openai_chunk(finish="tool_calls")])
+
     def scenario_agent_text(self, body):
         """A model without native tools: the call is written as text, split across deltas."""
         last = body["messages"][-1]
@@ -3348,6 +3357,47 @@ class CancellationTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: app.in_flight == 0, timeout=5))
         self.assertEqual(len(self.upstream.requests), 1)            # the retry never went out
 
+    def test_cancelled_between_tool_calls_keeps_a_valid_conversation(self):
+        workspace = os.path.join(self.tmp, "ws")
+        os.mkdir(workspace)
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "agent-two-calls"},
+                         workspace=workspace, allow_commands=True)
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(self.post("/request", {"prompt": "go"}))
+        self.assertTrue(wait_until(lambda: app.agent.processing and len(self.upstream.requests) == 1))
+        time.sleep(0.3)                                  # inside the first tool (sleep 1)
+        client.close()
+        self.assertTrue(wait_until(lambda: not app.agent.processing))
+        history = app.sessions.load("agent")["chat_history"]
+        called = [c["id"] for m in history for c in m.get("tool_calls") or ()]
+        answered = [m["tool_call_id"] for m in history if m["role"] == "tool"]
+        self.assertEqual(called, answered)               # every call has its result: the next prompt is valid
+        self.assertEqual(called, ["call_1", "call_2"])
+        self.assertIn("not run", history[-1]["content"])
+
+    def test_hung_up_is_asked_of_the_socket_now_on_the_fd(self):
+        a, b = socket.socketpair()
+        with a, b:
+            self.assertFalse(cs.hung_up(a.fileno()))
+            b.sendall(b"pipelined bytes are not a hang-up")
+            self.assertFalse(cs.hung_up(a.fileno()))
+            b.shutdown(socket.SHUT_WR)
+            self.assertTrue(cs.hung_up(a.fileno()))
+
+    def test_client_leaving_during_the_drain_still_cancels(self):
+        app = self.start(drain_timeout=8.0)
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(self.post("/v1/chat/completions", self.chat("silent")))
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        stopper = threading.Thread(target=app.stop)
+        stopper.start()
+        self.assertTrue(wait_until(lambda: app.http.tracker.draining))
+        time.sleep(0.7)                     # well into the drain, not just at its start
+        client.close()
+        self.assertTrue(wait_until(lambda: self.upstream.server.hangups == 1, timeout=5))
+        self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 1)
+        stopper.join(WAIT)
+        self.assertTrue(app.stopped.is_set())
 
 class GracefulShutdownTest(ServerTestCase):
     def test_idle_peers_do_not_hold_the_drain(self):
@@ -3364,6 +3414,49 @@ class GracefulShutdownTest(ServerTestCase):
         opcode, payload = ws_recv(sock)
         self.assertEqual((opcode, struct.unpack("!H", payload[:2])[0]), (cs.WS_CLOSE, 1001))
         self.assertTrue(idle.is_closed())
+
+    def test_websocket_peer_that_stops_reading_cannot_hold_the_shutdown(self):
+        app = self.start(drain_timeout=1.0)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT)
+        sock.connect(("127.0.0.1", app.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 101"))
+        sock.setblocking(False)
+        ping = b"\x89\xfd" + b"\x01\x02\x03\x04" + b"p" * 125
+        for _ in range(400000):                    # pings whose pongs nobody reads, until the pipes are full
+            try:
+                sock.send(ping)
+            except BlockingIOError:
+                if wait_until(lambda: not cs.select.select([], [sock], [], 0.2)[1], timeout=0.5):
+                    break                          # still full after a pause: the server is stuck writing
+        stopper = threading.Thread(target=app.stop, daemon=True)
+        stopper.start()
+        stopper.join(WAIT)
+        self.assertTrue(app.stopped.is_set(), "shutdown hung on a WebSocket peer that does not read")
+
+    def test_tls_websocket_sessions_release_their_drain_hooks(self):
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for path, text in ((cert, TEST_CERT), (key, TEST_KEY)):
+            with open(path, "w") as f:
+                f.write(text)
+        app = self.start(tls_cert=cert, tls_key=key)
+        ctx = cs.ssl.create_default_context(cafile=cert)
+        for _ in range(2):
+            raw = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+            sock = ctx.wrap_socket(raw, server_hostname="localhost")
+            sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 101"))
+            self.assertTrue(wait_until(lambda: len(app.http.tracker.hooks) == 1))
+            sock.close()
+            self.assertTrue(wait_until(lambda: app.http.tracker.count() == 0 and not app.http.tracker.hooks))
+        app.stop()
+        self.assertTrue(app.stopped.is_set())
+        self.assertFalse(os.path.exists(app.config.socket_path))
 
     def test_busy_request_is_waited_for(self):
         self.upstream.server.slow_seconds = 0.5
