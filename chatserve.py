@@ -3647,26 +3647,169 @@ class ToolError(Exception):
     """A tool refused or failed; its message goes back to the model as "Error: ..."."""
 
 
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | _O_CLOEXEC
+SAFE_COMMAND_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TZ", "USER", "LOGNAME", "SHELL", "TMPDIR")
+
+
 class Sandbox:
-    """The workspace tools are confined to: every path is resolved, symlinks
-    included, and must stay inside."""
+    """The workspace the tools are confined to, by file descriptor: a path is
+    walked one component at a time from an fd of the root with O_NOFOLLOW, and
+    the final open is relative to the directory fd that was checked, so no
+    swap of a directory for a symlink between check and use leads outside.
+    Symlinks are never followed; only regular files are read or written."""
+
+    max_entries = 20000         # entries one walk (glob, grep) looks at
+    max_depth = 32
+    walk_seconds = 5.0
 
     def __init__(self, root, output_bytes=64 * 1024):
         self.root = os.path.realpath(root)
         self.output_bytes = output_bytes
+        self.safe = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and
+                     os.rename in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY")
+                     and os.scandir in getattr(os, "supports_fd", set()))
 
-    def resolve(self, path, must_exist=True):
-        if not isinstance(path, str) or not path:
+    def parts(self, path):
+        """The workspace-relative components of `path`; ToolError for anything outside."""
+        if not self.safe:
+            raise ToolError("this platform cannot open files relative to a directory (no dir_fd support), so "
+                            "the file tools are off: they could not be kept inside the workspace")
+        if not isinstance(path, str) or not path or "\0" in path:
             raise ToolError("a path is required")
-        full = os.path.realpath(os.path.join(self.root, os.path.expanduser(path)))
-        if os.path.commonpath([self.root, full]) != self.root:
-            raise ToolError("%s is outside the workspace %s; only paths inside it are allowed" % (path, self.root))
-        if must_exist and not os.path.exists(full):
-            raise ToolError("%s does not exist" % path)
-        return full
+        if os.path.isabs(path):
+            rel = os.path.relpath(os.path.normpath(path), self.root)
+            if rel == ".." or rel.startswith("../"):
+                raise ToolError("%s is outside the workspace %s; only paths inside it are allowed" % (path, self.root))
+            path = rel
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ToolError("%s: '..' is not allowed; paths stay inside the workspace %s" % (path, self.root))
+        return parts
 
-    def relative(self, full):
-        return os.path.relpath(full, self.root)
+    def open_dir(self, parts, create=False, shown=""):
+        """An fd of the directory `parts` (no component may be a symlink)."""
+        fd = os.open(self.root, _O_DIR_FLAGS)
+        try:
+            for i, name in enumerate(parts):
+                try:
+                    if create and not _lexists_at(name, fd):
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    child = os.open(name, _O_DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    raise ToolError("%s does not exist" % (shown or "/".join(parts[:i + 1])))
+                except OSError:
+                    raise ToolError("%s is a symlink or not a directory; the tools do not follow links"
+                                    % "/".join(parts[:i + 1]))
+                os.close(fd)
+                fd = child
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open_file(self, path, flags=os.O_RDONLY):
+        """(fd, stat) of a regular file of the workspace, opened relative to its checked directory."""
+        parts = self.parts(path)
+        if not parts:
+            raise ToolError("%s is the workspace directory, not a file" % path)
+        dir_fd = self.open_dir(parts[:-1], shown=path)
+        try:
+            fd = os.open(parts[-1], flags | os.O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise ToolError("%s does not exist" % path)
+        except IsADirectoryError:
+            raise ToolError("%s is a directory; use list_directory" % path)
+        except OSError as e:
+            raise ToolError("%s cannot be opened (a symlink? the tools do not follow links): %s" % (path, _os_reason(e)))
+        finally:
+            os.close(dir_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ToolError("%s is not a regular file" % path + ("; use list_directory" if stat.S_ISDIR(st.st_mode) else ""))
+        return fd, st
+
+    def read_bytes(self, path, limit=10 * 1024 * 1024):
+        fd, st = self.open_file(path)
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > limit:
+                raise ToolError("%s is %d bytes, over the %d bytes the tools read" % (path, st.st_size, limit))
+            return f.read(limit + 1)
+
+    def write_bytes(self, path, data):
+        """Write through a random O_EXCL temporary name in the same checked
+        directory, then rename it over the file (both relative to that fd)."""
+        parts = self.parts(path)
+        if not parts:
+            raise ToolError("%s is the workspace directory, not a file" % path)
+        dir_fd = self.open_dir(parts[:-1], create=True, shown=path)
+        try:
+            name = parts[-1]
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ToolError("%s exists and is not a regular file" % path)
+                mode = stat.S_IMODE(st.st_mode)
+            except FileNotFoundError:
+                mode = 0o644
+            temp = ".%s.%s.tmp" % (name[:100], uuid.uuid4().hex)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, mode, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(temp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(dir_fd)
+
+    def walk(self, parts):
+        """(relative path, kind) of every entry below `parts` (kind: dir, file,
+        link, other), depth first,
+        never into a symlinked directory, bounded in entries, depth and time;
+        then a note of what was skipped ("" when nothing was)."""
+        deadline, seen, skipped = time.monotonic() + self.walk_seconds, [0], []
+
+        def visit(fd, prefix, depth):
+            with os.scandir(fd) as entries:
+                items = sorted(entries, key=lambda e: e.name)
+            for entry in items:
+                seen[0] += 1
+                if seen[0] > self.max_entries or time.monotonic() > deadline:
+                    skipped.append("stopped after %d entries (%s)" % (seen[0] - 1, "time limit"
+                                   if time.monotonic() > deadline else "entry limit"))
+                    return False
+                rel = prefix + entry.name
+                kind = ("link" if entry.is_symlink() else "dir" if entry.is_dir(follow_symlinks=False)
+                        else "file" if entry.is_file(follow_symlinks=False) else "other")
+                yield_list.append((rel, kind))
+                if kind == "dir":
+                    if depth >= self.max_depth:
+                        skipped.append("%s/: deeper than %d levels" % (rel, self.max_depth))
+                        continue
+                    try:
+                        child = os.open(entry.name, _O_DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue
+                    try:
+                        if visit(child, rel + "/", depth + 1) is False:
+                            return False
+                    finally:
+                        os.close(child)
+            return True
+
+        yield_list = []
+        fd = self.open_dir(parts)
+        try:
+            visit(fd, "/".join(parts) + "/" if parts else "", 0)
+        finally:
+            os.close(fd)
+        return yield_list, "; ".join(skipped[:5])
 
     def cap(self, text):
         data = text.encode("utf-8", "replace")
@@ -3676,20 +3819,35 @@ class Sandbox:
             "\n[output truncated: %d of %d bytes shown (--tool-output-bytes)]" % (self.output_bytes, len(data))
 
 
-def _is_binary(path):
-    with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
+def _lexists_at(name, dir_fd):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _entry_kind(entry):
+    """A DirEntry as list_directory shows it, from lstat only (nothing outside is described)."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return entry.name + " (vanished)"
+    if stat.S_ISDIR(st.st_mode):
+        return entry.name + "/"
+    if stat.S_ISLNK(st.st_mode):
+        return entry.name + " (symlink, not followed)"
+    if stat.S_ISREG(st.st_mode):
+        return "%s (%d bytes)" % (entry.name, st.st_size)
+    return entry.name + " (special file, not read)"
 
 
 def tool_read_file(sb, args):
-    path = sb.resolve(args.get("path"))
-    if os.path.isdir(path):
-        raise ToolError("%s is a directory; use list_directory" % args.get("path"))
-    if _is_binary(path):
-        return "%s is a binary file (%d bytes); not shown" % (args.get("path"), os.path.getsize(path))
+    data = sb.read_bytes(args.get("path"))
+    if b"\0" in data[:8192]:
+        return "%s is a binary file (%d bytes); not shown" % (args.get("path"), len(data))
     offset, limit = int(args.get("offset") or 1), int(args.get("limit") or 2000)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.readlines()
+    lines = data.decode("utf-8", "replace").splitlines(True)
     chosen = lines[max(0, offset - 1):max(0, offset - 1) + limit]
     text = "".join(chosen)
     if len(chosen) != len(lines):
@@ -3699,17 +3857,27 @@ def tool_read_file(sb, args):
 
 
 def tool_list_directory(sb, args):
-    path = sb.resolve(args.get("path") or ".")
-    if not os.path.isdir(path):
-        raise ToolError("%s is not a directory" % args.get("path"))
-    entries = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isdir(full):
-            entries.append(name + "/")
-        else:
-            entries.append("%s (%d bytes)" % (name, os.path.getsize(full)) if os.path.exists(full) else name)
-    return "\n".join(entries) or "(empty directory)"
+    fd = sb.open_dir(sb.parts(args.get("path") or "."))
+    try:
+        with os.scandir(fd) as entries:
+            items = sorted(entries, key=lambda e: e.name)
+            shown = [_entry_kind(e) for e in items[:sb.max_entries]]
+    finally:
+        os.close(fd)
+    if len(items) > sb.max_entries:
+        shown.append("[%d more entries not shown]" % (len(items) - sb.max_entries))
+    return "\n".join(shown) or "(empty directory)"
+
+
+def _glob_match(pattern_parts, path_parts):
+    """fnmatch per component; `**` matches any number of directories."""
+    if not pattern_parts:
+        return not path_parts
+    head = pattern_parts[0]
+    if head == "**":
+        return any(_glob_match(pattern_parts[1:], path_parts[i:]) for i in range(len(path_parts) + 1))
+    return bool(path_parts) and fnmatch.fnmatchcase(path_parts[0], head) and \
+        _glob_match(pattern_parts[1:], path_parts[1:])
 
 
 def tool_glob(sb, args):
@@ -3718,13 +3886,11 @@ def tool_glob(sb, args):
         raise ToolError("a pattern is required")
     if os.path.isabs(pattern) or ".." in pattern.replace("\\", "/").split("/"):
         raise ToolError("glob patterns are relative to the workspace and may not contain '..'")
-    matches = []
-    for path in sorted(glob.glob(os.path.join(sb.root, pattern), recursive=True)):
-        try:
-            matches.append(sb.relative(sb.resolve(path)))
-        except ToolError:
-            continue          # a symlink pointing out of the workspace
-    return "\n".join(matches) or "(no matches)"
+    wanted = [p for p in pattern.split("/") if p not in ("", ".")]
+    entries, skipped = sb.walk([])
+    matches = [rel for rel, kind in entries if kind != "link" and _glob_match(wanted, rel.split("/"))]
+    text = "\n".join(matches) or "(no matches)"
+    return text + ("\n[%s]" % skipped if skipped else "")
 
 
 def tool_grep(sb, args):
@@ -3734,55 +3900,60 @@ def tool_grep(sb, args):
         raise ToolError("bad regular expression: %s" % e)
     if not args.get("pattern"):
         raise ToolError("a pattern is required")
-    start, limit = sb.resolve(args.get("path") or "."), int(args.get("max_results") or 100)
-    files = [start] if os.path.isfile(start) else (
-        os.path.join(d, f) for d, _dirs, names in os.walk(start) for f in sorted(names))
+    limit, parts = int(args.get("max_results") or 100), sb.parts(args.get("path") or ".")
+    try:
+        entries, skipped = sb.walk(parts)
+        files = [rel for rel, kind in entries if kind == "file"]
+    except ToolError:
+        os.close(sb.open_file(args.get("path"))[0])   # a file, not a directory (or the reason it is neither)
+        files, skipped = ["/".join(parts)], ""
     results = []
-    for path in files:
+    for rel in files:
         try:
-            path = sb.resolve(path)
-            if os.path.getsize(path) > 10 * 1024 * 1024 or _is_binary(path):
-                continue
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for number, line in enumerate(f, 1):
-                    if regex.search(line):
-                        results.append("%s:%d: %s" % (sb.relative(path), number, line.rstrip("\n")))
-                        if len(results) >= limit:
-                            return "\n".join(results) + "\n[stopped at max_results=%d]" % limit
-        except (ToolError, OSError):
+            data = sb.read_bytes(rel)
+        except ToolError:
             continue
-    return "\n".join(results) or "(no matches)"
+        if b"\0" in data[:8192]:
+            continue
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if regex.search(line):
+                results.append("%s:%d: %s" % (rel, number, line))
+                if len(results) >= limit:
+                    return "\n".join(results) + "\n[stopped at max_results=%d]" % limit
+    return ("\n".join(results) or "(no matches)") + ("\n[%s]" % skipped if skipped else "")
 
 
 def tool_write_file(sb, args):
-    path = sb.resolve(args.get("path"), must_exist=False)
     content = args.get("content")
     if not isinstance(content, str):
         raise ToolError("content must be a string")
-    if os.path.isdir(path):
-        raise ToolError("%s is a directory" % args.get("path"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = "%s.chatserve-%d.tmp" % (path, os.getpid())
-    with open(temp, "w", encoding="utf-8") as f:
-        f.write(content)
-    os.replace(temp, path)
-    return "wrote %d bytes to %s" % (len(content.encode("utf-8")), sb.relative(path))
+    data = content.encode("utf-8", "surrogatepass")
+    sb.write_bytes(args.get("path"), data)
+    return "wrote %d bytes to %s" % (len(data), "/".join(sb.parts(args.get("path"))))
 
 
 def tool_edit_file(sb, args):
-    path = sb.resolve(args.get("path"))
     old, new = args.get("old_string"), args.get("new_string")
     if not isinstance(old, str) or not old or not isinstance(new, str):
         raise ToolError("old_string (non-empty) and new_string are required")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        text = sb.read_bytes(args.get("path")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ToolError("%s is not UTF-8 text; edit_file changes text files only" % args.get("path"))
     count = text.count(old)
     if count == 0:
         raise ToolError("old_string was not found in %s" % args.get("path"))
     if count > 1 and not args.get("replace_all"):
         raise ToolError("old_string appears %d times in %s; give more context or set replace_all" % (count, args.get("path")))
-    tool_write_file(sb, {"path": path, "content": text.replace(old, new) if args.get("replace_all") else text.replace(old, new, 1)})
-    return "replaced %d occurrence(s) in %s" % (count if args.get("replace_all") else 1, sb.relative(path))
+    sb.write_bytes(args.get("path"), (text.replace(old, new) if args.get("replace_all") else text.replace(old, new, 1))
+                   .encode("utf-8"))
+    return "replaced %d occurrence(s) in %s" % (count if args.get("replace_all") else 1, "/".join(sb.parts(args.get("path"))))
+
+
+def command_environment(environ=None):
+    """What run_command's shell sees: a short allowlist (no API keys, tokens or chatserve settings)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k in SAFE_COMMAND_ENV or k.startswith("LC_")}
 
 
 def tool_run_command(sb, args):
@@ -3793,7 +3964,8 @@ def tool_run_command(sb, args):
     if not 0 < timeout <= 600:
         raise ToolError("timeout must be a number of seconds from 0 to 600")
     try:
-        code, out, _ = run_capped(["/bin/sh", "-c", "exec 2>&1; " + command], timeout, sb.output_bytes, cwd=sb.root)
+        code, out, _ = run_capped(["/bin/sh", "-c", "exec 2>&1; " + command], timeout, sb.output_bytes,
+                                  env=command_environment(), cwd=sb.root)
     except ChatServeError as e:
         raise ToolError("%s; the command and its children were killed" % e.message)
     return "exit code %d\n%s" % (code, out.decode("utf-8", "replace"))

@@ -2326,6 +2326,27 @@ class AnalyzeParsingTest(unittest.TestCase):
 # Agent: sandbox and tools, text tool calls, the loop, the agent surface
 # ---------------------------------------------------------------------------
 
+SWAPPER = """
+import os, select, shutil, sys, time
+swap, real, link = sys.argv[1:4]
+deadline = time.monotonic() + 30
+print("ready", flush=True)
+while time.monotonic() < deadline and not select.select([sys.stdin], [], [], 0)[0]:
+    try:
+        os.rename(swap, real)           # the real directory out, the symlink in, and back
+        os.rename(link, swap)
+        os.rename(swap, link)
+        os.rename(real, swap)
+    except OSError:                     # write_file made a new d/ in a gap: put things back
+        if os.path.islink(swap):
+            os.rename(swap, link)
+        if os.path.lexists(real):
+            if os.path.lexists(swap):
+                shutil.rmtree(swap)
+            os.rename(real, swap)
+"""
+
+
 class SandboxToolsTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="chatserve-ws-")
@@ -2416,6 +2437,75 @@ class SandboxToolsTest(unittest.TestCase):
         self.assertFalse(ok)
         self.assertIn("not available", text)
         self.assertIn("not a JSON object", cs.run_tool(self.sb, self.all, "read_file", "{oops")[1])
+
+    def test_symlinks_fifos_and_loops_are_never_followed(self):
+        os.symlink(self.root, os.path.join(self.root, "src", "loop"))         # a loop back to the root
+        os.mkfifo(os.path.join(self.root, "pipe"))
+        ok, text = self.run_tool("glob", pattern="**/*")
+        self.assertTrue(ok)
+        self.assertNotIn("loop/", text)
+        self.assertIn("src/app.py", text)
+        listing = self.run_tool("list_directory", path=".")[1]
+        self.assertIn("link.txt (symlink, not followed)", listing)               # no size of what it points to
+        self.assertIn("pipe (special file, not read)", listing)
+        ok, text = self.run_tool("read_file", path="pipe")                      # never blocks on a FIFO
+        self.assertFalse(ok)
+        self.assertIn("not a regular file", text)
+        self.assertFalse(self.run_tool("write_file", path="link.txt", content="x")[0])
+        with open(os.path.join(self.outside, "secret.txt")) as f:
+            self.assertEqual(f.read(), "TOP SECRET\n")
+
+    def test_walks_are_bounded_and_say_what_they_skipped(self):
+        self.sb.max_entries = 3
+        ok, text = self.run_tool("glob", pattern="**/*")
+        self.assertTrue(ok)
+        self.assertIn("stopped after 3 entries (entry limit)", text)
+
+    def test_predictable_temporary_names_are_gone(self):
+        planted = os.path.join(self.root, "f.txt.chatserve-%d.tmp" % os.getpid())
+        os.symlink(os.path.join(self.outside, "planted.txt"), planted)
+        self.assertTrue(self.run_tool("write_file", path="f.txt", content="mine")[0])
+        self.assertFalse(os.path.exists(os.path.join(self.outside, "planted.txt")))
+        with open(os.path.join(self.root, "f.txt")) as f:
+            self.assertEqual(f.read(), "mine")
+        self.assertEqual(sorted(n for n in os.listdir(self.root) if n.endswith(".tmp")), [os.path.basename(planted)])
+
+    def test_run_command_environment_has_no_secrets(self):
+        env = cs.command_environment({"PATH": "/bin", "HOME": "/h", "OPENAI_API_KEY": "sk", "CHATCLI_SERVER_TOKEN": "t",
+                                      "GITHUB_TOKEN": "g", "CHATSERVE_MODEL": "m", "LC_ALL": "C", "AWS_SECRET_ACCESS_KEY": "a"})
+        self.assertEqual(env, {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C"})
+        os.environ["CHATSERVE_TEST_SECRET_KEY"] = "do-not-show"
+        self.addCleanup(os.environ.pop, "CHATSERVE_TEST_SECRET_KEY", None)
+        ok, text = self.run_tool("run_command", command="env | grep -c do-not-show")
+        self.assertEqual((ok, text.splitlines()), (True, ["exit code 1", "0"]))
+
+    def test_symlink_swap_race_never_reaches_outside(self):
+        """A thread swaps a workspace directory for a symlink to the outside
+        while the tools read and write through it: nothing outside is ever read
+        or written (bounded: 300 tool calls)."""
+        swap = os.path.join(self.root, "d")
+        real, link = os.path.join(self.tmp, "real-d"), os.path.join(self.tmp, "link-d")
+        os.makedirs(real)
+        with open(os.path.join(real, "f.txt"), "w") as f:
+            f.write("inside\n")
+        with open(os.path.join(self.outside, "f.txt"), "w") as f:
+            f.write("TOP SECRET\n")
+        os.symlink(self.outside, link)
+        os.rename(real, swap)
+        # The swapper is another process, so it really runs between a check and a use.
+        swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, swap, real, link], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            self.assertEqual(swapper.stdout.readline(), b"ready\n")
+            for i in range(500):
+                ok, text = self.run_tool("read_file", path="d/f.txt")
+                self.assertNotIn("TOP SECRET", text)
+                self.run_tool("write_file", path="d/w%d.txt" % i, content="x")
+        finally:
+            swapper.stdin.close()              # its signal to stop
+            swapper.wait(WAIT)
+            swapper.stdout.close()
+        self.assertEqual(sorted(os.listdir(self.outside)), ["f.txt", "secret.txt"])
 
 
 class ToolCallFilterTest(unittest.TestCase):
