@@ -338,6 +338,20 @@ def upstream_request_id(value):
         return new_id()
 
 
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_HEADER_UNSAFE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+
+
+def header_value(value, what):
+    """The one check for every header chatserve sends, upstream or to a
+    client: CR, LF, NUL, other control characters and non-Latin-1 text are
+    refused (ValueError naming `what`), so nothing can fold or inject a header."""
+    text = str(value)
+    if _HEADER_UNSAFE_RE.search(text):
+        raise ValueError("%s contains a control character (CR, LF, NUL, ...) or non-Latin-1 text" % what)
+    return text
+
+
 def shutdown_socket(sock, how=socket.SHUT_RDWR):
     """Shut a socket (plain or TLS) from any thread; a thread blocked reading it wakes."""
     try:
@@ -1392,6 +1406,12 @@ class UpstreamPool:
             if conn is None:
                 conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
             try:
+                headers = {name: header_value(value, "the upstream header " + name)
+                           for name, value in (headers or {}).items()}
+            except ValueError as e:
+                conn.close()
+                raise BadRequest("%s; check the key or setting you sent" % e)
+            try:
                 if scope is not None:
                     scope.track(conn)       # from now on the client's hang-up shuts this connection
                 if not reused:
@@ -1471,9 +1491,22 @@ def upstream_error_message(data):
 RETRYABLE_STATUSES = (429, 500, 502, 503, 504, 529)
 
 
+def retry_after_seconds(value):
+    """An upstream's Retry-After (seconds or an HTTP date) as whole seconds, or
+    None when it is neither: nothing else of it is ever passed on."""
+    value = (value or "").strip()
+    if value.isdigit() and len(value) < 10:
+        return value
+    parsed = email.utils.parsedate_tz(value) if value and len(value) < 64 else None
+    if parsed is None:
+        return None
+    return str(max(0, int(email.utils.mktime_tz(parsed) - time.time() + 0.999)))
+
+
 def upstream_failure(provider, status, data, retry_after=None):
     """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become 502."""
     message = upstream_error_message(data)
+    retry_after = retry_after_seconds(retry_after)
     headers = {"Retry-After": retry_after} if retry_after else {}
     if 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
@@ -2596,11 +2629,7 @@ def retry_delay(err, attempt, base):
     delay = random.uniform(0, base * (2 ** attempt))
     after = err.headers.get("Retry-After")
     if after:
-        try:
-            wait = float(after)
-        except ValueError:
-            parsed = email.utils.parsedate_tz(after)
-            wait = email.utils.mktime_tz(parsed) - time.time() if parsed else 0.0
+        wait = float(after)         # whole seconds: retry_after_seconds made it so
         if wait > MAX_RETRY_AFTER:
             return None
         delay = max(delay, wait)
@@ -2891,24 +2920,40 @@ def normalize_session(data, where="session_data"):
     return out
 
 
+def private_files(db_path):
+    """The data directory 0700 and the database 0600 before SQLite opens it
+    (SQLite gives its -wal, -shm and -journal files the database's mode), so
+    stored prompts are never readable by other users, whatever the umask.
+    Wider modes found on existing files are narrowed, with a warning."""
+    directory = os.path.dirname(os.path.abspath(db_path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.close(os.open(db_path, os.O_CREAT | os.O_RDWR | _O_CLOEXEC, 0o600))
+    for path, mode in [(directory, 0o700)] + [(db_path + suffix, 0o600) for suffix in ("", "-wal", "-shm", "-journal")]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_IMODE(st.st_mode) & ~mode:
+            log.warning("%s was mode %o, readable by others; narrowing it to %o", path, stat.S_IMODE(st.st_mode), mode)
+            try:
+                os.chmod(path, mode)
+            except OSError as e:
+                log.warning("cannot narrow %s: %s", path, _os_reason(e))
+
+
 class SessionStore:
     """Named sessions in one SQLite file.  Every change is one transaction,
     so a crash at any moment leaves a session as before or as after."""
 
     def __init__(self, path):
         self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.lock = threading.Lock()
+        private_files(path)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS sessions (name TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "updated REAL NOT NULL)")
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
 
     def list(self):
         with self.lock:
@@ -3647,7 +3692,6 @@ class ToolError(Exception):
     """A tool refused or failed; its message goes back to the model as "Error: ..."."""
 
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | _O_CLOEXEC
 SAFE_COMMAND_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TZ", "USER", "LOGNAME", "SHELL", "TMPDIR")
 
@@ -5351,13 +5395,15 @@ def rpc_call_target(call):
 
 
 def rpc_resolve(app, h, name):
+    """The method to run; every one but Health is authorized before anything
+    about it (rpc.discover, unknown names) is answered."""
+    method = RPC_METHODS.get(name)
+    if method is None or method.auth:
+        app.authorize(h)
     if name == "rpc.discover" and app.config.grpc_reflection:
         return RpcMethod(lambda a, hh, p: openrpc_document(), True, False, ())
-    method = RPC_METHODS.get(name)
     if method is None:
         raise RpcError(-32601, "method %r not found (methods: %s)" % (name, ", ".join(RPC_METHODS)), "UNIMPLEMENTED")
-    if method.auth:
-        app.authorize(h)
     return method
 
 
@@ -5765,9 +5811,9 @@ class SSEWriter:
     def close(self):
         if not self.closed:
             self.closed = True
+            self.h.response_complete()
             if self.chunked:
                 self.h.write_raw(b"0\r\n\r\n")
-            self.h.response_complete()
 
     def __enter__(self):
         return self
@@ -6227,7 +6273,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.request_id:
             lines.append("X-Request-Id: " + self.request_id)
         for name, value in headers.items():
-            lines.append("%s: %s" % (name, value))
+            try:
+                lines.append("%s: %s" % (name, header_value(value, "response header " + name)))
+            except ValueError as e:
+                log.warning("%s; not sent (request %s)", e, self.request_id)
         if status == 429 and "Retry-After" not in headers:
             lines.append("Retry-After: 1")  # every 429 says when to come back
         if self.close_connection or self.server.tracker.draining:
@@ -6238,19 +6287,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.status_sent, self.head_sent = status, True
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if self.command == "HEAD":
-            self.write_raw(head)
             self.response_complete()
+            self.write_raw(head)
             raise HeadOnly()
         self.write_raw(head + body)
 
     def send_bytes(self, status, body, content_type, headers=None):
         all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
         all_headers.update(headers or {})
-        self.write_head(status, all_headers, body)
         self.response_complete()
+        self.write_head(status, all_headers, body)
 
     def response_complete(self):
-        """The whole answer is out: a hang-up from now on is the client's normal close."""
+        """The answer is whole and about to go out: a hang-up from now on is the
+        client's normal close (called before the last write, which the client
+        may answer by closing before this thread runs again)."""
         if self.scope is not None:
             self.scope.finish()
 
@@ -6778,18 +6829,19 @@ class App:
         token = self.config.token
         if not token:
             return
+        scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = h.headers.get("x-api-key") or ""     # how Anthropic SDK clients send the token
+        if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
+            return                  # the right token is never refused for others' failures
         address = h.address_string()
         blocked, wait = self.auth_failures.empty(address)
         if blocked:
             self.metrics.rate_limited.inc(("auth_failures",))
             raise rate_limited("too many failed authentications from %s" % address, wait)
-        scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer":
-            given = h.headers.get("x-api-key") or ""     # how Anthropic SDK clients send the token
-        if not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
-            self.auth_failures.take(address)
-            raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                               headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
+        self.auth_failures.take(address)
+        raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
 
     def check_rate(self, h):
         """The per-client token bucket, on every route but /health."""

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -237,6 +238,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
     def scenario_rate_limited_bare(self, body):
         self.send_body(429, {"error": {"message": "Rate limit reached", "type": "requests"}})
+
+    def scenario_folded_retry_after(self, body):
+        data = b'{"error": {"message": "slow down"}}'
+        self.wfile.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                         b"Retry-After: 5\r\n X-Injected: yes\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
 
     def scenario_cut(self, body):
         self.stream([openai_chunk({"content": "partial"})], cut=True)
@@ -1692,9 +1698,22 @@ class RateLimitTest(ServerTestCase):
         self.start(token="t")
         for _ in range(5):
             self.assertEqual(self.request("GET", "/status", headers={"Authorization": "Bearer guess"})[0], 401)
-        status, resp, body = self.request("GET", "/status", headers={"Authorization": "Bearer t"})
+        status, resp, body = self.request("GET", "/status", headers={"Authorization": "Bearer guess"})
         self.assert_openai_error(status, body, 429, ["failed authentications"])
         self.assertGreaterEqual(int(resp.getheader("Retry-After")), 1)
+        # ... but the right token from the same address is never refused for them
+        self.assertEqual(self.request("GET", "/status", headers={"Authorization": "Bearer t"})[0], 200)
+
+    def test_every_rpc_method_is_authorized_before_it_is_resolved(self):
+        self.start(token="t", grpc_reflection=True)
+        for method in ("rpc.discover", "NoSuchMethod", "ListSessions"):
+            status, _, body = rpc(self, method)
+            self.assertEqual((status, body["error"]["code"]), (401, -32001), method)
+            self.assertNotIn("SendPrompt", json.dumps(body))             # nothing about the methods leaks
+        self.assertEqual(rpc(self, "Health")[0], 200)                     # the one open method
+        status, _, body = rpc(self, "rpc.discover", headers={"Authorization": "Bearer t"})
+        self.assertEqual(status, 200)
+        self.assertIn("methods", body["result"])
 
 
 # ---------------------------------------------------------------------------
@@ -3175,6 +3194,61 @@ class FramingTest(ServerTestCase):
         self.assertEqual((status, headers.get("connection"), headers.get("retry-after")), (503, "close", "1"))
 
 
+class HeaderSafetyTest(ServerTestCase):
+    """No client, session or upstream value reaches an outgoing header unchecked."""
+
+    def test_header_value_checker(self):
+        self.assertEqual(cs.header_value("Bearer sk-1", "x"), "Bearer sk-1")
+        for bad in ("a\r\nX-Evil: 1", "a\r\n folded", "a\nb", "a\x00b", "a\x7f", "snow\u2603"):
+            with self.assertRaises(ValueError):
+                cs.header_value(bad, "x")
+
+    def test_client_key_with_crlf_never_reaches_the_upstream(self):
+        self.start()
+        status, _, body = rpc(self, "SendPrompt", {"prompt": "hi", "provider": "OPENAI",
+                                                   "client_api_key": "sk-1\r\n X-Injected: yes"})
+        self.assertEqual((status, body["error"]["code"]), (200, -32602), body)
+        self.assertIn("control character", body["error"]["message"])
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_upstream_folded_retry_after_is_not_copied(self):
+        self.start(fallback_max_retries=0)
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat("folded-retry-after"))
+        self.assertEqual(status, 429, body)
+        self.assertIsNone(resp.getheader("X-Injected"))
+        self.assertEqual(resp.getheader("Retry-After"), "1")
+        self.assertEqual(cs.retry_after_seconds("7"), "7")
+        self.assertEqual(cs.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT"), "0")
+        self.assertIsNone(cs.retry_after_seconds("5\r\n X-Injected: yes"))
+
+
+class DataFilesTest(ServerTestCase):
+    def test_database_files_are_private_whatever_the_umask(self):
+        old = os.umask(0o022)
+        try:
+            app = self.start()
+            app.sessions.save("s", {"version": 2, "chat_history": [{"role": "user", "content": "secret prompt"}]})
+        finally:
+            os.umask(old)
+        data = os.path.join(self.tmp, "data")
+        self.assertEqual(stat.S_IMODE(os.stat(data).st_mode), 0o700)
+        for name in ("sessions.db", "sessions.db-wal", "sessions.db-shm"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data, name)).st_mode), 0o600, name)
+
+    def test_wider_existing_files_are_narrowed(self):
+        data = os.path.join(self.tmp, "data")
+        os.makedirs(data)
+        os.chmod(data, 0o755)
+        path = os.path.join(data, "sessions.db")
+        open(path, "w").close()
+        os.chmod(path, 0o644)
+        with self.assertLogs("chatserve", "WARNING") as logs:
+            cs.private_files(path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(data).st_mode), 0o700)
+        self.assertIn("readable by others", "\n".join(logs.output))
+
+
 class StrictParsingTest(ServerTestCase):
     """RFC 9112 framing: what proxies could disagree on is refused, and the connection closed."""
 
@@ -3377,13 +3451,13 @@ class CancellationTest(ServerTestCase):
     def test_openai_both_modes(self):
         app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))
         self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent-stream", stream=True)))
-        self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 2)
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("openai",)) == 2))
 
     def test_anthropic_both_modes(self):
         body = {"model": "silent", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         app = self.hang_up_during(self.post("/v1/messages", body))
         self.hang_up_during(self.post("/v1/messages", dict(body, model="silent-stream", stream=True)))
-        self.assertEqual(app.metrics.client_disconnects.value(("anthropic",)), 2)
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("anthropic",)) == 2))
 
     def test_rpc_send_stream_and_analyze(self):
         def call(method, params):
@@ -3392,7 +3466,7 @@ class CancellationTest(ServerTestCase):
         self.hang_up_during(self.post("/rpc", call("StreamPrompt", {"prompt": "hi", "model": "silent-stream"}),
                                       [("Accept", "text/event-stream")]))
         app = self.hang_up_during(self.post("/rpc", call("AnalyzeIssue", {"issue_name": "x", "model": "silent"})))
-        self.assertEqual(app.metrics.client_disconnects.value(("rpc",)), 3)
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("rpc",)) == 3))
 
     def test_websocket_session(self):
         app = self.start()
@@ -3412,7 +3486,7 @@ class CancellationTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not app.agent.processing))
         self.hang_up_during(self.post("/request", {"prompt": "hi", "stream": True}))
         self.assertTrue(wait_until(lambda: not app.agent.processing))
-        self.assertEqual(app.metrics.client_disconnects.value(("agent",)), 2)
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("agent",)) == 2))
         self.assertEqual(self.request("POST", "/request", {"prompt": "x", "async": True})[0], 200)   # still serves
 
     def test_agent_tool_loop_stops_at_the_next_step(self):
@@ -3485,7 +3559,7 @@ class CancellationTest(ServerTestCase):
         time.sleep(0.7)                     # well into the drain, not just at its start
         client.close()
         self.assertTrue(wait_until(lambda: self.upstream.server.hangups == 1, timeout=5))
-        self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 1)
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("openai",)) == 1))
         stopper.join(WAIT)
         self.assertTrue(app.stopped.is_set())
 
