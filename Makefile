@@ -1,8 +1,8 @@
-# chatserve: make test | test-all | bench | run | interop | interop-llm
+# chatserve: make test | test-all | fuzz | bench | run | interop | interop-llm
 PYTHON ?= python3
 VENV   ?= .venv-interop
 
-.PHONY: test test-all bench run interop interop-llm clean
+.PHONY: test test-all fuzz bench run interop interop-llm clean
 
 test:
 	$(PYTHON) -m unittest -q test_chatserve
@@ -21,6 +21,12 @@ test-all:
 	echo "Pythons found:$$found"; \
 	if [ -z "$$found" ]; then echo "no Python 3.8+ found"; exit 1; fi; \
 	if [ -n "$$failed" ]; then echo "FAILED under:$$failed"; exit 1; fi
+
+# The fuzzer longer than in the suite, with a random seed (printed; rerun with SEED=...).
+N ?= 20000
+fuzz:
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "fuzz seed $$seed, $(N) cases"; \
+	CHATSERVE_FUZZ_SEED=$$seed CHATSERVE_FUZZ_N=$(N) $(PYTHON) -m unittest -v test_chatserve.FuzzTest
 
 bench:
 	$(PYTHON) test_chatserve.py bench

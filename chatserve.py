@@ -238,12 +238,77 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+MAX_JSON_DEPTH = 64
+MAX_JSON_CONTAINERS = 200000        # objects and arrays in one document
+MAX_JSON_VALUES = 500000            # values in one document (counted by its commas and colons)
+LARGE_JSON_BYTES = 1024 * 1024      # documents larger than this are parsed two at a time
+_large_json = threading.BoundedSemaphore(2)
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class JSONError(ValueError):
+    """JSON that chatserve refuses; `where` names the field when one is to blame."""
+
+    def __init__(self, message, where=""):
+        super().__init__(("%s: %s" % (where, message)) if where else message)
+        self.where = where
+
+
 def json_loads_strict(data):
-    """JSON from a client: NaN/Infinity and nesting too deep for Python are refused (ValueError)."""
+    """The one reader of JSON from outside (clients, sessions, the model's tool
+    arguments).  Refused with JSONError (a ValueError): invalid UTF-8 or JSON,
+    NaN/Infinity, more than MAX_JSON_CONTAINERS objects and arrays (counted
+    outside strings before anything is built), nesting deeper than
+    MAX_JSON_DEPTH, and lone UTF-16 surrogates ("\\ud800"), which could be
+    neither stored nor sent on."""
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as e:
+        raise JSONError("not valid UTF-8 (%s)" % e.reason)
+    skeleton = _JSON_STRING_RE.sub('""', text)
+    if skeleton.count("{") + skeleton.count("[") > MAX_JSON_CONTAINERS:
+        raise JSONError("more than %d objects and arrays" % MAX_JSON_CONTAINERS)
+    if skeleton.count(",") + skeleton.count(":") > MAX_JSON_VALUES:
+        raise JSONError("more than %d values" % MAX_JSON_VALUES)
+    large = len(text) > LARGE_JSON_BYTES
+    if large:
+        _large_json.acquire()       # peak memory: a few large documents at a time, never all at once
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise ValueError("nested too deeply")
+        raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
+    except ValueError as e:
+        raise JSONError(str(e))
+    finally:
+        if large:
+            _large_json.release()
+    check_json_value(value, surrogates=bool(_SURROGATE_ESCAPE_RE.search(text) or _LONE_SURROGATE_RE.search(text)))
+    return value
+
+
+def _json_path(path, key):
+    return "%s[%d]" % (path, key) if isinstance(key, int) else ("%s.%s" % (path, key) if path else str(key))
+
+
+def check_json_value(value, surrogates=True):
+    """Depth at most MAX_JSON_DEPTH and (when asked) no lone surrogate in any
+    string or key; iterative, so no recursion happens before the check."""
+    stack = [(value, "", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH, path)
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if surrogates and isinstance(key, str) and _LONE_SURROGATE_RE.search(key):
+                    raise JSONError("a key has a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode", path)
+                if isinstance(child, (dict, list)) or (surrogates and isinstance(child, str)):
+                    stack.append((child, _json_path(path, key), depth + 1))
+        elif surrogates and isinstance(node, str) and _LONE_SURROGATE_RE.search(node):
+            raise JSONError("has a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode", path or "the value")
 
 
 def _os_reason(e):
@@ -628,7 +693,9 @@ SERVE_OPTIONS = (
     ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 256, "posint",
      "client connections served at once; beyond it a fast 503"),
     ("--max-body-bytes", "CHATSERVE_MAX_BODY_BYTES", 8 * 1024 * 1024, "posint",
-     "largest request body accepted (413 beyond)"),
+     "largest request body on the /v1 routes, which carry images (413 beyond)"),
+    ("--max-rpc-body-bytes", "CHATSERVE_MAX_RPC_BODY_BYTES", 1024 * 1024, "posint",
+     "largest body on /rpc and /request, and largest WebSocket message (413 beyond)"),
     ("--drain-timeout", "CHATSERVE_DRAIN_TIMEOUT", 30.0, "duration",
      "on shutdown, how long in-flight requests may finish"),
     ("--request-timeout", "CHATSERVE_REQUEST_TIMEOUT", 30.0, "duration",
@@ -2891,8 +2958,10 @@ def clean_chat_message(msg, where):
     content = msg.get("content", "")
     if content is None:
         content = ""
-    if not isinstance(content, str):
+    if isinstance(content, list):
         content = message_text(content)
+    elif not isinstance(content, str):
+        raise BadRequest("%s.content: must be a string or an array of parts" % where, param=where + ".content")
     out = {"role": msg["role"], "content": content}
     meta = msg.get("meta")
     if isinstance(meta, dict):
@@ -4057,7 +4126,8 @@ def tool_schemas(names):
 def object_arguments(arguments):
     """Tool-call arguments as a JSON object text ("{}" when they are not one)."""
     try:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        value = json_loads_strict(arguments) if isinstance(arguments, str) else arguments
+        check_json_value(value)
     except ValueError:
         value = None
     return json_dumps(value) if isinstance(value, dict) else "{}"
@@ -4068,7 +4138,7 @@ def run_tool(sandbox, enabled, name, arguments):
     if name not in enabled:
         return False, "Error: tool %r is not available (available: %s)" % (name, ", ".join(enabled))
     try:
-        args = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else (arguments or {})
+        args = json_loads_strict(arguments) if isinstance(arguments, str) and arguments.strip() else (arguments or {})
         if not isinstance(args, dict):
             raise ValueError("arguments must be a JSON object")
     except ValueError as e:
@@ -4958,7 +5028,7 @@ class WebSocket:
         h.close_connection = True
         h.write_head(101, {"Upgrade": "websocket", "Connection": "Upgrade",
                            "Sec-WebSocket-Accept": ws_accept_key(key)})
-        return cls(h, h.app.config.max_body_bytes)
+        return cls(h, h.body_cap)
 
     def _read(self, n):
         data = self.h.rfile.read(n)
@@ -5428,8 +5498,8 @@ def route_rpc(h):
     app = h.app
     data = h.read_body()
     try:
-        body = json_loads_strict(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        body = json_loads_strict(data)
+    except JSONError as e:
         h.send_json(200, rpc_error_object(RpcError(-32700, "parse error: %s" % e), None))
         return
     if isinstance(body, list):
@@ -5509,7 +5579,7 @@ def session_message(kind, content, **metadata):
 
 def session_reply(h, ws, history, text):
     try:
-        msg = json.loads(text)
+        msg = json_loads_strict(text)
         if not isinstance(msg, dict) or msg.get("type") not in SESSION_TYPES:
             raise ValueError("type must be one of %s" % ", ".join(SESSION_TYPES))
     except ValueError as e:
@@ -5567,12 +5637,16 @@ def agent_error_body(err):
 
 def parse_agent_request(data):
     """(prompt, stream, async, max_tokens) from a /request body (JSON, or the bare prompt)."""
-    try:
-        body = json_loads_strict(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        body = {"prompt": data.decode("utf-8", "replace")}
+    if data.lstrip()[:1] == b"{":
+        try:
+            body = json_loads_strict(data)
+        except JSONError as e:
+            raise BadRequest("the request body is refused: %s" % e, param=e.where or None)
+    else:
+        try:
+            body = {"prompt": data.decode("utf-8")}       # a body that is not JSON is the prompt
+        except UnicodeDecodeError:
+            raise BadRequest("the prompt is not valid UTF-8", param="prompt")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("prompt: required, a non-empty string", param="prompt")
@@ -5692,7 +5766,7 @@ def route_healthz(h):
 # owns framing, hang-up watching, connections, TLS, the control socket
 # ---------------------------------------------------------------------------
 
-Route = collections.namedtuple("Route", "name fn auth errors surface")
+Route = collections.namedtuple("Route", "name fn auth errors surface small_body")
 
 
 class Router:
@@ -5701,10 +5775,11 @@ class Router:
     def __init__(self):
         self.exact, self.prefixes = {}, []
 
-    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None):
+    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None, small_body=False):
         """`surface` names what a cancelled request counts as; such routes are
-        cancelled when their client hangs up."""
-        route = Route(name or path, fn, auth, errors, surface)
+        cancelled when their client hangs up.  `small_body`: the body (or
+        WebSocket message) is capped by --max-rpc-body-bytes, not --max-body-bytes."""
+        route = Route(name or path, fn, auth, errors, surface, small_body)
         if path.endswith("/*"):
             prefix = path[:-1]
             for p, methods in self.prefixes:
@@ -5742,9 +5817,9 @@ def api_router():
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")
-    r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body, surface="rpc")
-    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc")
-    r.add("POST", "/request", route_agent_request, errors=agent_error_body, surface="agent")
+    r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body, surface="rpc", small_body=True)
+    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc", small_body=True)
+    r.add("POST", "/request", route_agent_request, errors=agent_error_body, surface="agent", small_body=True)
     r.add("GET", "/updates", route_agent_updates, errors=agent_error_body, surface="agent")
     r.add("GET", "/session", route_agent_session, errors=agent_error_body)
     r.add("POST", "/clear", route_agent_clear, errors=agent_error_body)
@@ -6071,6 +6146,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope = openai_error_body, None, None
             self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
+            self.body_cap = config.max_body_bytes
             try:
                 self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
                 tracker.set_idle(self, False)       # a half-sent head does not hold the drain
@@ -6128,6 +6204,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             route, self.route_rest = self.router.match(self.command, path)
             route_name, self.render_error = route.name, route.errors
+            if route.small_body:
+                self.body_cap = app.config.max_rpc_body_bytes
             if record and route.auth is not None and path != "/health":
                 app.check_rate(self)
             if route.auth:
@@ -6178,15 +6256,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- reading ----------------------------------------------------------
 
     def read_body(self):
-        """The whole request body (within --max-body-bytes); read at most once."""
+        """The whole request body (within the route's cap); read at most once."""
         if not self.body_pending:
             return b""
         self.body_pending = False
-        cap = self.app.config.max_body_bytes
+        cap = self.body_cap
         try:
             if self.body_length is not None and self.body_length > cap:
-                raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (--max-body-bytes)"
-                                      % (self.body_length, cap))
+                raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (%s)"
+                                      % (self.body_length, cap, self.cap_option()))
             if not self.continue_sent:
                 self.continue_sent = True
                 self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -6213,11 +6291,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._read_trailers(b"".join(parts))
             total += size
             if total > cap:
-                raise PayloadTooLarge("request body is over the limit of %d bytes (--max-body-bytes)" % cap)
+                raise PayloadTooLarge("request body is over the limit of %d bytes (%s)" % (cap, self.cap_option()))
             part = self.rfile.read(size)
             if len(part) < size or self.rfile.read(2) != b"\r\n":
                 raise BadRequest("malformed chunked request body: a chunk is not followed by CRLF where its size says")
             parts.append(part)
+
+    def cap_option(self):
+        return "--max-body-bytes" if self.body_cap == self.app.config.max_body_bytes else "--max-rpc-body-bytes"
 
     def _read_trailers(self, body):
         """The trailer section: checked like header lines, then dropped."""
@@ -6251,9 +6332,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not data.strip():
             raise BadRequest("the request body is empty; send a JSON object")
         try:
-            return json_loads_strict(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest("the request body is not valid JSON: %s" % e, code="invalid_json")
+            return json_loads_strict(data)
+        except JSONError as e:
+            raise BadRequest("the request body is refused: %s" % e, param=e.where or None, code="invalid_json")
 
     # -- writing ----------------------------------------------------------
 

@@ -9,11 +9,15 @@ Sections mirror chatserve.py: helpers, config, metrics, providers, engine,
 OpenAI surface, HTTP server, control socket and ctl, command line, interop.
 """
 
+import collections
 import contextlib
 import http.client
 import io
 import json
+import logging
 import os
+import random
+import re
 import select
 import shlex
 import shutil
@@ -3194,6 +3198,65 @@ class FramingTest(ServerTestCase):
         self.assertEqual((status, headers.get("connection"), headers.get("retry-after")), (503, "close", "1"))
 
 
+class HostileJSONTest(ServerTestCase):
+    """One JSON reader for every surface: depth, surrogates and wrong types are 400s that name the field."""
+
+    def test_reader(self):
+        self.assertEqual(cs.json_loads_strict(b'{"a": ["\\ud83d\\ude00"]}'), {"a": ["\U0001f600"]})   # a pair is fine
+        for bad, words in ((b'{"a": {"b": ["\\ud800"]}}', "a.b[0]: has a lone"), (b"[" * 70 + b"]" * 70, "deeper than 64"),
+                           (b"[" * 5000 + b"]" * 5000, "deeper"), (b'{"\\udc00": 1}', "lone"), (b"\xff", "UTF-8"),
+                           (b"[NaN]", "NaN"), (b"[" + b"{}," * 200001 + b"{}]", "objects and arrays"),
+                           (b"[" + b"1," * 500001 + b"1]", "values")):
+            with self.assertRaises(cs.JSONError) as ctx:
+                cs.json_loads_strict(bad)
+            self.assertIn(words, str(ctx.exception))
+
+    def test_wrong_types_and_surrogates_on_every_surface(self):
+        self.start()
+        deep = "[" * 1000 + "]" * 1000
+        raw = '{"model": "up-model", "messages": [{"role": "user", "content": "hi"}], "tools": %s}' % deep
+        status, _, body = self.request("POST", "/v1/chat/completions", raw.encode())
+        self.assert_openai_error(status, body, 400, ["deeper than 64"])
+        status, _, body = self.request("POST", "/v1/chat/completions",
+                                       b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}')
+        self.assert_openai_error(status, body, 400, ["messages[0].content", "lone UTF-16 surrogate"])
+        for content in (5, {"a": 1}, True):
+            for method in ("SendPrompt", "StreamPrompt"):
+                status, _, body = rpc(self, method, {"prompt": "hi", "history": [{"role": "user", "content": content}]})
+                self.assertEqual((status, body["error"]["code"]), (200, -32602), body)
+                self.assertIn("history[0].content: must be a string or an array of parts", body["error"]["message"])
+        status, _, body = self.request("POST", "/rpc", b'{"jsonrpc": "2.0", "id": 1, "method": "SaveSession", '
+                                                      b'"params": {"name": "\\ud800x", "messages": []}}')
+        self.assertEqual(body["error"]["code"], -32700)
+        self.assertIn("lone UTF-16 surrogate", body["error"]["message"])
+        sock, _ = ws_open(self.app.port)
+        with sock:
+            for payload in (b'{"type": "USER_INPUT", "content": 5}', b'{"type": "USER_INPUT", "content": "\\ud800"}'):
+                ws_send(sock, cs.WS_TEXT, payload)
+                self.assertEqual(ws_json(sock)["type"], "ERROR")
+            ws_send(sock, cs.WS_TEXT, b'{"type": "USER_INPUT", "content": "hi"}')
+            self.assertEqual(ws_json(sock)["type"], "ASSISTANT_RESPONSE")         # the session goes on
+
+    def test_bad_agent_prompt_never_enters_the_conversation(self):
+        os.mkdir(os.path.join(self.tmp, "ws"))
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "agent"},
+                         workspace=os.path.join(self.tmp, "ws"))
+        status, _, body = self.request("POST", "/request", b'{"prompt": "\\ud800 hi"}')
+        self.assertEqual((status, body["success"]), (400, False))
+        self.assertIn("lone UTF-16 surrogate", body["error"])
+        self.assertEqual(app.agent.messages, [])
+        status, _, body = self.request("POST", "/request", {"prompt": "read hello"})
+        self.assertEqual(status, 200, body)                                          # later requests still work
+
+    def test_rpc_and_agent_bodies_have_their_own_smaller_cap(self):
+        self.start(max_rpc_body_bytes=1000)
+        big = {"jsonrpc": "2.0", "id": 1, "method": "Health", "params": {"x": "y" * 2000}}
+        status, _, body = self.request("POST", "/rpc", big)
+        self.assertEqual(status, 413)
+        self.assertIn("--max-rpc-body-bytes", json.dumps(body))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat(user="u" * 2000))[0], 200)
+
+
 class HeaderSafetyTest(ServerTestCase):
     """No client, session or upstream value reaches an outgoing header unchecked."""
 
@@ -3633,6 +3696,209 @@ class GracefulShutdownTest(ServerTestCase):
         app.stop()
         t.join(WAIT)
         self.assertEqual(results, [200])
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing: seeded and bounded here; `make fuzz N=20000` runs it longer with a random seed
+# ---------------------------------------------------------------------------
+
+FUZZ_SEED = int(os.environ.get("CHATSERVE_FUZZ_SEED") or 20261128)
+FUZZ_N = int(os.environ.get("CHATSERVE_FUZZ_N") or 1500)
+
+
+class ErrorLogWatch(logging.Handler):
+    """Collects chatserve's ERROR records: a crash in a handler thread logs one."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+class FuzzTest(ServerTestCase):
+    """Mutated bodies, headers, framings and WebSocket frames on every route:
+    never a 500, never a hang, no handler thread dies, and the server still
+    answers afterwards."""
+
+    TEMPLATES = [
+        ("/v1/chat/completions", {"model": "up-model", "messages": [{"role": "user", "content": "hi"}],
+                                  "stream": False, "max_tokens": 5, "temperature": 0.5,
+                                  "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+        ("/v1/messages", {"model": "up-model", "max_tokens": 5, "system": "s",
+                          "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 1, "method": "SendPrompt",
+                  "params": {"prompt": "hi", "history": [{"role": "user", "content": "a"}], "max_tokens": 5}}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 2, "method": "SaveSession",
+                  "params": {"name": "fuzz", "messages": [{"role": "user", "content": "a"}]}}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 3, "method": "LoadSession", "params": {"name": "fuzz"}}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 4, "method": "AnalyzeIssue",
+                  "params": {"issue_name": "x", "namespace": "default", "risk_score": 50}}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 5, "method": "GetAlerts", "params": {"namespace": "default"}}),
+        ("/request", {"prompt": "hi", "max_tokens": 5}),
+    ]
+
+    def setUp(self):
+        super().setUp()
+        self.rng = random.Random(FUZZ_SEED)
+        self.watch = ErrorLogWatch()
+        cs.log.addHandler(self.watch)
+        self.addCleanup(cs.log.removeHandler, self.watch)
+        os.mkdir(os.path.join(self.tmp, "ws"))
+        self.start(workspace=os.path.join(self.tmp, "ws"), rate_limit_rps=0, max_body_bytes=64 * 1024,
+                   max_rpc_body_bytes=32 * 1024, request_timeout=0.3)     # truncated bodies end fast
+
+    def value(self, depth=0):
+        rng = self.rng
+        kinds = ["int", "float", "bool", "null", "str", "surrogate", "big", "list", "dict", "deep", "unicode"]
+        kind = rng.choice(kinds if depth < 3 else kinds[:7])
+        if kind == "int":
+            return rng.choice([0, -1, 1, 2 ** 63, -2 ** 70, 10 ** 30])
+        if kind == "float":
+            return rng.choice([0.5, -1e308, 1e-300, 3.14])
+        if kind == "bool":
+            return rng.choice([True, False])
+        if kind == "null":
+            return None
+        if kind == "str":
+            return rng.choice(["", "x", "user", "assistant", "tool", "system", "text", "image_url", "function",
+                               "../../etc/passwd", "a\r\nb", "\x00", "up-model", "OPENAI"])
+        if kind == "surrogate":
+            return "\ud800" + rng.choice(["", "x", "\udc00"])
+        if kind == "big":
+            return "y" * rng.choice([1000, 5000])
+        if kind == "unicode":
+            return rng.choice(["héllo", "日本", "\U0001f600", "\u202e"])
+        if kind == "list":
+            return [self.value(depth + 1) for _ in range(rng.randint(0, 3))]
+        if kind == "dict":
+            return {rng.choice(["role", "content", "type", "text", "name", "id", "x"]): self.value(depth + 1)
+                    for _ in range(rng.randint(0, 3))}
+        return "__DEEP_%d__" % rng.choice([70, 200, 1200])       # spliced in as text by body_bytes
+
+    def mutate(self, obj, depth=0):
+        """A copy of `obj` with one random change at a random place."""
+        rng = self.rng
+        if isinstance(obj, dict) and obj and depth < 6 and rng.random() < 0.7:
+            key = rng.choice(list(obj))
+            out = dict(obj)
+            action = rng.random()
+            if action < 0.15:
+                del out[key]
+            elif action < 0.25:
+                out[rng.choice(["extra", "stream", "n", "tool_choice"])] = self.value()
+            else:
+                out[key] = self.mutate(obj[key], depth + 1)
+            return out
+        if isinstance(obj, list) and obj and depth < 6 and rng.random() < 0.7:
+            i = rng.randrange(len(obj))
+            out = list(obj)
+            out[i] = self.mutate(obj[i], depth + 1)
+            if rng.random() < 0.1:
+                out.append(self.value())
+            return out
+        return self.value()
+
+    def body_bytes(self, obj):
+        text = re.sub(r'"__DEEP_(\d+)__"', lambda m: "[" * int(m.group(1)) + '"leaf"' + "]" * int(m.group(1)),
+                      json.dumps(obj))
+        if self.rng.random() < 0.1:           # broken JSON
+            cut = self.rng.randrange(len(text) + 1)
+            text = text[:cut] + self.rng.choice(["", "}", "]]", "\\", "NaN", "'", "\x00"])
+        return text.encode("utf-8", "surrogatepass")
+
+    def raw_mutation(self, body):
+        rng = self.rng
+        head = [b"POST /v1/chat/completions HTTP/1.1", b"Host: x", b"Content-Type: application/json"]
+        choice = rng.randrange(8)
+        if choice == 0:
+            head.append(b"Content-Length: " + rng.choice([b"+5", b"-1", b"5_0", b"0x10", b"1e3", b"", b"5, 6"]))
+        elif choice == 1:
+            head.append(b"Transfer-Encoding: " + rng.choice([b"chunked, gzip", b"gzip", b"chunked\x0b", b"identity"]))
+        elif choice == 2:
+            head.append(rng.choice([b" folded", b"X: a\rb", b"Bad Name: y", b"\x00: z", b"X-LLM-API-Key: k\x7f"]))
+        elif choice == 3:
+            head.append(b"Transfer-Encoding: chunked")
+            return b"\r\n".join(head) + b"\r\n\r\n" + rng.choice([b"5\r\nhel", b"zz\r\n", b"5\nhello\n0\n\n",
+                                                                    b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"])
+        elif choice == 4:
+            return bytes(rng.randrange(256) for _ in range(rng.randint(1, 60))) + b"\r\n\r\n"
+        elif choice == 5:
+            head[0] = rng.choice([b"GET /v1/models HTTP/1.1 x", b"POST  /rpc HTTP/1.1", b"POST /rpc HTTP/9.9",
+                                  b"POST /\xff HTTP/1.1", b"HEAD /rpc HTTP/1.1"])
+        elif choice == 6:
+            head.append(b"X-LLM-Provider-Config: " + rng.choice([b"{", b"[]", b'{"base_url": 5}',
+                                                                  b'{"base_url": "http://169.254.169.254/"}']))
+            head.append(b"X-LLM-Provider: OLLAMA")
+        else:
+            head.append(b"Expect: 100-continue")
+        return b"\r\n".join(head) + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    def exchange(self, data):
+        """The status of the answer to `data` (None when the server closed without one)."""
+        raw = RawHTTP(self.app.port)
+        try:
+            raw.send(data)
+            return raw.response()[0]          # a hang fails here: socket timeout
+        except EOFError:
+            return None
+        finally:
+            raw.close()
+
+    def ws_fuzz(self):
+        """A few mutated SessionMessages and raw frames on one WebSocket; the
+        server may close it (protocol errors), never crash."""
+        rng = self.rng
+        sock, head = ws_open(self.app.port)
+        with sock:
+            sock.settimeout(WAIT)
+            try:
+                for _ in range(rng.randint(1, 4)):
+                    if rng.random() < 0.5:
+                        msg = self.mutate({"type": "USER_INPUT", "content": "hi", "metadata": {"model": "up-model"}})
+                        ws_send(sock, cs.WS_TEXT, self.body_bytes(msg))
+                        continue
+                    b0 = rng.choice([0x81, 0x01, 0x80, 0x82, 0x88, 0x89, 0x8A, 0x83, 0xF1])
+                    payload = bytes(rng.randrange(256) for _ in range(rng.randint(0, 130)))
+                    length = len(payload) if len(payload) < 126 else 126
+                    extended = struct.pack("!H", len(payload)) if length == 126 else b""
+                    if rng.random() < 0.2:                               # unmasked: refused
+                        sock.sendall(bytes([b0, length]) + extended + payload)
+                    else:
+                        mask = b"\x01\x02\x03\x04"
+                        sock.sendall(bytes([b0, 0x80 | length]) + extended + mask + cs.ws_mask(payload, mask))
+                sock.sendall(b"\x88\x82\x01\x02\x03\x04" + cs.ws_mask(b"\x03\xe8", b"\x01\x02\x03\x04"))
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    def test_fuzz_every_route(self):
+        print("\nfuzz: seed %d, %d cases (CHATSERVE_FUZZ_SEED, CHATSERVE_FUZZ_N)" % (FUZZ_SEED, FUZZ_N), file=sys.stderr)
+        statuses = collections.Counter()
+        for i in range(FUZZ_N):
+            path, template = self.rng.choice(self.TEMPLATES)
+            roll = self.rng.random()
+            if roll < 0.05:
+                self.ws_fuzz()
+                continue
+            body = self.body_bytes(self.mutate(template))
+            if roll < 0.2:
+                data = self.raw_mutation(body)
+            else:
+                data = raw_request("POST", path, body, [("Content-Type", "application/json")])
+            status = self.exchange(data)
+            statuses[status] += 1
+            self.assertNotEqual(status, 500, "case %d (seed %d): %r" % (i, FUZZ_SEED, data[:300]))
+            self.assertEqual(self.watch.records, [], "case %d (seed %d): %r" % (i, FUZZ_SEED, data[:300]))
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+        self.assertTrue(wait_until(lambda: self.app.in_flight == 0))
+        self.assertTrue(wait_until(lambda: not self.app.agent.processing))
+        self.assertTrue(self.app.agent.worker.is_alive())
+        self.assertEqual(self.request("POST", "/request", {"prompt": "still here?", "async": True})[0], 200)
+        print("fuzz: statuses %s" % dict(sorted(statuses.items(), key=str)), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
