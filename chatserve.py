@@ -133,6 +133,8 @@ DEFAULT_METRICS_PORT = 9090
 MAX_HEADER_LINE = 16384       # one request-line or header line (longer: 414 / 431)
 MAX_HEAD_BYTES = 65536        # the whole request head
 MAX_HEADERS = 100
+LARGE_BODY_BYTES = 1024 * 1024      # requests with larger bodies are handled LARGE_BODY_PERMITS at a time
+LARGE_BODY_PERMITS = 3
 
 
 # ---------------------------------------------------------------------------
@@ -241,9 +243,8 @@ def _reject_constant(name):
 MAX_JSON_DEPTH = 64
 MAX_JSON_CONTAINERS = 200000        # objects and arrays in one document
 MAX_JSON_VALUES = 500000            # values in one document (counted by its commas and colons)
-LARGE_JSON_BYTES = 1024 * 1024      # documents larger than this are parsed two at a time
-_large_json = threading.BoundedSemaphore(2)
-_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')      # unrolled: linear and fast on long strings
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -259,32 +260,30 @@ class JSONError(ValueError):
 def json_loads_strict(data):
     """The one reader of JSON from outside (clients, sessions, the model's tool
     arguments).  Refused with JSONError (a ValueError): invalid UTF-8 or JSON,
-    NaN/Infinity, more than MAX_JSON_CONTAINERS objects and arrays (counted
-    outside strings before anything is built), nesting deeper than
-    MAX_JSON_DEPTH, and lone UTF-16 surrogates ("\\ud800"), which could be
-    neither stored nor sent on."""
+    NaN/Infinity, more than MAX_JSON_CONTAINERS objects and arrays or
+    MAX_JSON_VALUES values (counted outside strings before anything is built),
+    nesting deeper than MAX_JSON_DEPTH, and lone UTF-16 surrogates
+    ("\\ud800"), which could be neither stored nor sent on."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as e:
         raise JSONError("not valid UTF-8 (%s)" % e.reason)
     skeleton = _JSON_STRING_RE.sub('""', text)
-    if skeleton.count("{") + skeleton.count("[") > MAX_JSON_CONTAINERS:
+    containers = skeleton.count("{") + skeleton.count("[")
+    if containers > MAX_JSON_CONTAINERS:
         raise JSONError("more than %d objects and arrays" % MAX_JSON_CONTAINERS)
     if skeleton.count(",") + skeleton.count(":") > MAX_JSON_VALUES:
         raise JSONError("more than %d values" % MAX_JSON_VALUES)
-    large = len(text) > LARGE_JSON_BYTES
-    if large:
-        _large_json.acquire()       # peak memory: a few large documents at a time, never all at once
+    del skeleton
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
     except ValueError as e:
         raise JSONError(str(e))
-    finally:
-        if large:
-            _large_json.release()
-    check_json_value(value, surrogates=bool(_SURROGATE_ESCAPE_RE.search(text) or _LONE_SURROGATE_RE.search(text)))
+    surrogates = bool(_SURROGATE_ESCAPE_RE.search(text) or _LONE_SURROGATE_RE.search(text))
+    if surrogates or containers > MAX_JSON_DEPTH:       # fewer containers cannot nest deeper
+        check_json_value(value, surrogates)
     return value
 
 
@@ -6146,7 +6145,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope = openai_error_body, None, None
             self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
-            self.body_cap = config.max_body_bytes
+            self.body_cap, self.large_permit = config.max_body_bytes, False
             try:
                 self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
                 tracker.set_idle(self, False)       # a half-sent head does not hold the drain
@@ -6228,6 +6227,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
             self.send_error_obj(ChatServeError("internal error; see the server log for request %s" % self.request_id))
         finally:
+            if self.large_permit:
+                self.large_permit = False
+                self.server.large_bodies.release()
+                release_free_memory()       # give back what the large body took
             if self.scope is not None and self.scope.cancelled and not self.head_sent:
                 self.status_sent = 499      # nginx's "client closed request", for the log and metrics
             duration = time.monotonic() - started
@@ -6265,6 +6268,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.body_length is not None and self.body_length > cap:
                 raise PayloadTooLarge("request body of %d bytes is over the limit of %d bytes (%s)"
                                       % (self.body_length, cap, self.cap_option()))
+            if self.body_length is not None and self.body_length > LARGE_BODY_BYTES:
+                self.take_large_body_permit()
             if not self.continue_sent:
                 self.continue_sent = True
                 self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -6292,10 +6297,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             total += size
             if total > cap:
                 raise PayloadTooLarge("request body is over the limit of %d bytes (%s)" % (cap, self.cap_option()))
+            if total > LARGE_BODY_BYTES and not self.large_permit:
+                self.take_large_body_permit()
             part = self.rfile.read(size)
             if len(part) < size or self.rfile.read(2) != b"\r\n":
                 raise BadRequest("malformed chunked request body: a chunk is not followed by CRLF where its size says")
             parts.append(part)
+
+    def take_large_body_permit(self):
+        """Bodies over LARGE_BODY_BYTES are read, parsed and handled a few at a
+        time (held until the request ends), so many at once cannot multiply memory."""
+        if not self.server.large_bodies.acquire(timeout=self.app.config.request_timeout):
+            raise Unavailable("too many large requests in flight (%d at a time over %d bytes); retry shortly"
+                              % (LARGE_BODY_PERMITS, LARGE_BODY_BYTES), headers={"Retry-After": "1"})
+        self.large_permit = True
 
     def cap_option(self):
         return "--max-body-bytes" if self.body_cap == self.app.config.max_body_bytes else "--max-rpc-body-bytes"
@@ -6531,6 +6546,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.app, self.router, self.ssl_context = app, router, ssl_context
         self.tracker = ConnectionTracker()
         self.monitor = DisconnectMonitor()
+        self.large_bodies = threading.BoundedSemaphore(LARGE_BODY_PERMITS)
         self.slots = threading.BoundedSemaphore(max_connections)
         self.reject_slots = threading.BoundedSemaphore(32)
         super().__init__(address, Handler)
