@@ -729,6 +729,8 @@ SERVE_OPTIONS = (
     ("--tool-output-bytes", "CHATSERVE_TOOL_OUTPUT_BYTES", 64 * 1024, "posint", "cap on one tool's output"),
     ("--agent-max-steps", "CHATSERVE_AGENT_MAX_STEPS", 50, "posint", "model turns per agent request"),
     ("--agent-queue", "CHATSERVE_AGENT_QUEUE", 8, "posint", "agent prompts waiting at most (429 beyond)"),
+    ("--agent-max-context", "CHATSERVE_AGENT_MAX_CONTEXT", 200000, "posint",
+     "characters of the agent conversation sent to the model (about 4 per token); older whole turns are dropped"),
     ("--agent-session", "CHATSERVE_AGENT_SESSION", "agent", "session", "the stored session the agent conversation lives in"),
     ("--watch-config", "CHATCLI_WATCH_CONFIG", "", "file", "multi-target watcher file (ChatCLI's targets.yaml format)"),
     ("--watch-deployment", "CHATCLI_WATCH_DEPLOYMENT", "", "str", "watch one deployment (legacy single target)"),
@@ -1121,6 +1123,7 @@ class Metrics:
         self.watch_snapshots = f(Gauge("chatcli_watcher_snapshots_stored", "Snapshots kept per target.", ("target",)))
         self.watch_restarts = f(Gauge("chatcli_watcher_pod_restarts_total", "Container restarts of the target's pods now.", ("target",)))
         self.session_ops = f(Counter("chatcli_session_operations_total", "Session store operations, by operation.", ("operation",)))
+        self.agent_trims = f(Counter("chatserve_agent_context_trims_total", "Times the agent conversation was trimmed to --agent-max-context."))
         self.client_disconnects = f(Counter("chatserve_client_disconnects_total", "Requests whose client hung up before the answer was complete, by surface.", ("surface",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
         self.llm_retries = f(Counter("chatcli_llm_retries_total", "Upstream retries before the first byte, by provider.", ("provider",)))
@@ -4315,6 +4318,13 @@ class Broadcaster:
                 self.unsubscribe(client_id, q, close=True)
 
 
+def message_chars(msg):
+    """How much of the context a stored message takes, in characters."""
+    content = msg.get("content")
+    return (len(content) if isinstance(content, str) else len(json_dumps(content or ""))) + \
+        len(json_dumps(msg.get("tool_calls") or ""))
+
+
 AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener scope")
 AGENT_SYSTEM_PROMPT = ("You are an agent working in the workspace %s on the server. Use the tools to look at and "
                        "change files%s; paths are relative to the workspace. When you are done, answer plainly. "
@@ -4436,8 +4446,27 @@ class Agent:
                 self.messages.pop()         # stopped before any answer: as if never asked
             self.save()
 
+    def trim(self):
+        """Keep the conversation within --agent-max-context characters by dropping
+        the oldest whole turns (a user prompt and all that answered it, so a
+        tool call never loses its result); the newest turn always stays."""
+        starts = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        sizes = [message_chars(m) for m in self.messages]
+        total, dropped = sum(sizes), 0
+        for start in starts[1:]:
+            if total <= self.config.agent_max_context:
+                break
+            total -= sum(sizes[dropped:start])
+            dropped = start
+        if dropped:
+            del self.messages[:dropped]
+            self.app.metrics.agent_trims.inc()
+            log.info("agent: dropped the %d oldest messages to stay within --agent-max-context (%d characters)",
+                     dropped, self.config.agent_max_context)
+
     def step(self, job):
         """One model turn, streamed: (visible text, tool calls, finish reason)."""
+        self.trim()
         workspace_note = "" if not self.tools else " (tools: %s)" % ", ".join(self.tools)
         system = {"role": "system", "content": AGENT_SYSTEM_PROMPT % (self.sandbox.root, workspace_note)}
         params = {"tools": tool_schemas(self.tools)} if self.tools else {}
@@ -4498,7 +4527,7 @@ class Agent:
 
     def session(self):
         provider = self.app.engine.default_provider
-        chars = sum(len(m.get("content") or "") + len(json_dumps(m.get("tool_calls") or "")) for m in self.messages)
+        chars = sum(message_chars(m) for m in self.messages)
         return {"model": provider.model if provider else None, "context_estimate_tokens": chars // 4,
                 "messages": self.messages, "workspace": self.sandbox.root, "tools": self.tools}
 

@@ -2710,6 +2710,21 @@ class AgentSurfaceTest(ServerTestCase):
         status, _, body = self.request("POST", "/request", {"prompt": "late"}, app=app2)
         self.assertEqual((status, body["success"]), (503, False))
 
+    def test_conversation_is_trimmed_by_whole_turns(self):
+        app = self.start_agent(agent_max_context=400)
+        for i in range(6):
+            status, _, body = self.request("POST", "/request", {"prompt": "read hello %d %s" % (i, "p" * 60)})
+            self.assertEqual(status, 200, body)
+        sent = self.upstream.requests[-1]["body"]["messages"]
+        self.assertEqual(sent[0]["role"], "system")                              # always kept
+        self.assertEqual(sent[1]["role"], "user")                                # a whole turn starts it
+        ids = [c["id"] for m in sent for c in m.get("tool_calls") or ()]
+        self.assertEqual(ids, [m["tool_call_id"] for m in sent if m["role"] == "tool"])   # no call without result
+        self.assertLess(sum(cs.message_chars(m) for m in app.agent.messages), 400 + 200)
+        self.assertIn("read hello 5", json.dumps(sent))
+        self.assertNotIn("read hello 0", json.dumps(sent))
+        self.assertGreater(app.metrics.agent_trims.value(), 0)
+
     def test_connect_agent_client(self):
         app = self.start_agent()
         out = subprocess.run([sys.executable, SCRIPT, "connect", "--agent", "127.0.0.1:%d" % app.port],
@@ -3247,6 +3262,28 @@ class HostileJSONTest(ServerTestCase):
         self.assertEqual(app.agent.messages, [])
         status, _, body = self.request("POST", "/request", {"prompt": "read hello"})
         self.assertEqual(status, 200, body)                                          # later requests still work
+
+    def test_large_bodies_are_handled_a_few_at_a_time(self):
+        original = cs.LARGE_BODY_BYTES
+        cs.LARGE_BODY_BYTES = 1000
+        self.addCleanup(setattr, cs, "LARGE_BODY_BYTES", original)
+        app = self.start(request_timeout=0.5)
+        big = json.dumps(self.chat("silent", user="u" * 2000)).encode()
+        holders = []
+        for _ in range(cs.LARGE_BODY_PERMITS):
+            sock = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+            sock.sendall(raw_request("POST", "/v1/chat/completions", big))
+            holders.append(sock)
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == cs.LARGE_BODY_PERMITS))
+        status, resp, body = self.request("POST", "/v1/chat/completions", big)
+        self.assert_openai_error(status, body, 503, ["too many large requests"])
+        self.assertEqual(resp.getheader("Retry-After"), "1")
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)   # small ones pass
+        for sock in holders:
+            sock.close()
+        self.assertTrue(wait_until(lambda: app.in_flight == 0))
+        self.assertEqual(self.request("POST", "/v1/chat/completions",
+                                      json.dumps(self.chat(user="u" * 2000)).encode())[0], 200)
 
     def test_rpc_and_agent_bodies_have_their_own_smaller_cap(self):
         self.start(max_rpc_body_bytes=1000)
