@@ -93,6 +93,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -690,7 +691,13 @@ SERVE_OPTIONS = (
     ("--socket", "CHATSERVE_SOCKET", "", "str",
      "control socket path (default /var/tmp/chatserve-PORT.sock, else /tmp)"),
     ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 256, "posint",
-     "client connections served at once; beyond it a fast 503"),
+     "requests served at once (a connection idle or still sending its head does not count); beyond it 503"),
+    ("--max-open-connections", "CHATSERVE_MAX_OPEN_CONNECTIONS", 1024, "posint",
+     "connections open at once, idle ones included; beyond it a fast 503 and close"),
+    ("--header-timeout", "CHATSERVE_HEADER_TIMEOUT", 10.0, "duration",
+     "the whole request head must arrive within this, from its first byte (408 beyond)"),
+    ("--min-body-rate", "CHATSERVE_MIN_BODY_RATE", 1024, "posint",
+     "bytes per second a request body must average (after --request-timeout of grace; 408 below)"),
     ("--max-body-bytes", "CHATSERVE_MAX_BODY_BYTES", 8 * 1024 * 1024, "posint",
      "largest request body on the /v1 routes, which carry images (413 beyond)"),
     ("--max-rpc-body-bytes", "CHATSERVE_MAX_RPC_BODY_BYTES", 1024 * 1024, "posint",
@@ -5928,6 +5935,30 @@ class SSEWriter:
             self.h.close_connection = True   # the stream broke off: the framing is gone
 
 
+class DeadlineReader(socket.SocketIO):
+    """The connection's raw reader, with an optional deadline for a whole
+    phase (the request head, the body): each read waits at most what is left,
+    so a client sending a byte at a time cannot stretch a phase forever."""
+
+    def __init__(self, sock):
+        super().__init__(sock, "rb")
+        self.deadline = None
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            self._sock.settimeout(min(left, self.per_read))
+        return super().readinto(buffer)
+
+    def phase(self, seconds, per_read):
+        """From now, at most `seconds` in all and `per_read` per read (None: no deadline)."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.per_read = per_read
+        self._sock.settimeout(per_read)
+
+
 class HeadError(Exception):
     """A request head that chatserve refuses: its status, then the connection closes."""
 
@@ -6152,6 +6183,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.disable_nagle_algorithm = self.server.address_family != socket.AF_UNIX
         super().setup()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader, 65536)
         self.app = self.server.app
         self.router = self.server.router
         self.request_id = ""
@@ -6164,18 +6197,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         config = self.app.config
         tracker = self.server.tracker
         try:
-            self.connection.settimeout(config.keepalive_timeout)
+            self.reader.phase(None, config.keepalive_timeout)
             tracker.set_idle(self, True)
-            first = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if not first:
+            if not self.rfile.peek(1):          # idle until the first byte of the next request
                 self.close_connection = True
                 return
-            self.connection.settimeout(config.request_timeout)
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope = openai_error_body, None, None
             self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
             self.body_cap, self.large_permit = config.max_body_bytes, False
+            self.reader.phase(config.header_timeout, config.request_timeout)
             try:
+                first = self.rfile.readline(MAX_HEADER_LINE + 1)
                 self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
                 tracker.set_idle(self, False)       # a half-sent head does not hold the drain
                 self.close_connection = not keeps_alive(self.request_version, self.headers)
@@ -6184,6 +6217,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.command = e.method
                 self.send_error(e.status, e.message)
                 return
+            except socket.timeout:
+                self.send_error(408, "the request head did not arrive within %gs (--header-timeout)"
+                                % config.header_timeout)
+                return
+            self.reader.phase(None, config.request_timeout)
             if tracker.draining:
                 self.close_connection = True
             self.dispatch()
@@ -6229,6 +6267,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         record = self.server.record_metrics
         if record:
             app.request_started()
+        busy = path != "/health"            # liveness is answered even when every slot is taken
+        if busy and not self.server.busy_slots.acquire(blocking=False):
+            busy = False
+            self.close_connection = True
+            self.send_error_obj(Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
+                                            % self.server.max_busy, code="overloaded", headers={"Retry-After": "1"}))
+            self.log_access(path, time.monotonic() - started)
+            if record:
+                app.request_finished("overloaded", self.status_sent, time.monotonic() - started)
+            return
         try:
             route, self.route_rest = self.router.match(self.command, path)
             route_name, self.render_error = route.name, route.errors
@@ -6256,6 +6304,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
             self.send_error_obj(ChatServeError("internal error; see the server log for request %s" % self.request_id))
         finally:
+            if busy:
+                self.server.busy_slots.release()
             if self.large_permit:
                 self.large_permit = False
                 self.server.large_bodies.release()
@@ -6303,9 +6353,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.continue_sent = True
                 self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
             quick_ack(self.connection)
-            if self.body_length is None:
-                return self._read_chunked(cap)
-            data = self.rfile.read(self.body_length)
+            config = self.app.config
+            expected = self.body_length if self.body_length is not None else cap
+            self.reader.phase(config.request_timeout + expected / config.min_body_rate, config.request_timeout)
+            try:
+                if self.body_length is None:
+                    return self._read_chunked(cap)
+                data = self.rfile.read(self.body_length)
+            except socket.timeout:
+                raise ChatServeError("the request body came slower than %d bytes/s (--min-body-rate) or stopped "
+                                     "for %gs (--request-timeout)" % (config.min_body_rate, config.request_timeout),
+                                     status=408, type="invalid_request_error", code="request_timeout")
+            finally:
+                self.reader.phase(None, config.request_timeout)
             if len(data) < self.body_length:
                 raise BadRequest("request body ended after %d of %d bytes" % (len(data), self.body_length))
             return data
@@ -6570,13 +6630,15 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     access_log = True
     record_metrics = True
 
-    def __init__(self, app, address, router, max_connections, ssl_context=None, family=socket.AF_INET):
+    def __init__(self, app, address, router, max_busy, ssl_context=None, family=socket.AF_INET, max_open=None):
         self.address_family = family
         self.app, self.router, self.ssl_context = app, router, ssl_context
         self.tracker = ConnectionTracker()
         self.monitor = DisconnectMonitor()
         self.large_bodies = threading.BoundedSemaphore(LARGE_BODY_PERMITS)
-        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_busy, self.max_open = max_busy, max_open or max_busy
+        self.busy_slots = threading.BoundedSemaphore(max_busy)      # requests being served
+        self.slots = threading.BoundedSemaphore(self.max_open)      # connections open (a thread each)
         self.reject_slots = threading.BoundedSemaphore(32)
         super().__init__(address, Handler)
 
@@ -6615,10 +6677,10 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         return tls
 
     def _reject(self, sock):
-        """Over --max-connections: a quick 503 and close, without reading the request."""
+        """Over --max-open-connections: a quick 503 and close, without reading the request."""
         body = json_bytes(openai_error_body(Unavailable(
-            "server busy: all %d connections in use (--max-connections); retry shortly"
-            % self.app.config.max_connections, code="overloaded"))) + b"\n"
+            "server busy: all %d connections in use (--max-open-connections); retry shortly"
+            % self.max_open, code="overloaded"))) + b"\n"
         head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body)).encode()
         try:
@@ -6833,7 +6895,8 @@ class App:
         family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
         where = "%s:%d" % (c.host, c.port)
         try:
-            self.http = ChatHTTPServer(self, (c.host, c.port), api_router(), c.max_connections, context, family)
+            self.http = ChatHTTPServer(self, (c.host, c.port), api_router(), c.max_connections, context, family,
+                                       max(c.max_open_connections, c.max_connections))
             if c.metrics_port:
                 where = "%s:%d (--metrics-port)" % (c.host, c.metrics_port)
                 self.metrics_http = ChatHTTPServer(self, (c.host, c.metrics_port), metrics_router(), 16,

@@ -2963,12 +2963,12 @@ class HTTPServerTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: self.app.requests_processed == 6))
 
     def test_connections_beyond_the_cap_get_a_fast_503(self):
-        self.start(max_connections=2)
+        self.start(max_connections=2, max_open_connections=2)
         held = [socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) for _ in range(2)]
         try:
             self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 2))
             status, resp, body = self.request("GET", "/health")
-            self.assert_openai_error(status, body, 503, ["--max-connections"])
+            self.assert_openai_error(status, body, 503, ["--max-open-connections"])
             self.assertEqual(resp.getheader("Retry-After"), "1")
         finally:
             for s in held:
@@ -3201,7 +3201,7 @@ class FramingTest(ServerTestCase):
         self.assertEqual([self.raw.response()[0] for _ in range(4)], [200, 401, 200, 200])
 
     def test_over_capacity_503_says_close_and_retry_after(self):
-        app = self.start(max_connections=1)
+        app = self.start(max_connections=1, max_open_connections=1)
         holder = RawHTTP(app.port)
         self.addCleanup(holder.close)
         holder.send(raw_request("GET", "/health"))
@@ -3292,6 +3292,65 @@ class HostileJSONTest(ServerTestCase):
         self.assertEqual(status, 413)
         self.assertIn("--max-rpc-body-bytes", json.dumps(body))
         self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat(user="u" * 2000))[0], 200)
+
+
+class SlowClientTest(ServerTestCase):
+    """Idle and slow connections cost no request slot; a head or a body that
+    trickles in is cut at its deadline."""
+
+    def test_idle_and_trickling_connections_cannot_starve_requests(self):
+        app = self.start(max_connections=2, header_timeout=0.5, request_timeout=5.0)
+        idle = [socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) for _ in range(10)]
+        slow = [socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) for _ in range(5)]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHo")          # and then one byte now and then
+            for _ in range(3):
+                self.assertEqual(self.request("GET", "/health")[0], 200)
+                self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+                for sock in slow:
+                    try:
+                        sock.sendall(b"s")
+                    except OSError:
+                        pass
+            for sock in slow:                           # cut at --header-timeout, whatever the trickle
+                reply = sock.recv(4096)
+                self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:60])
+                self.assertIn(b"--header-timeout", reply)
+        finally:
+            for sock in idle + slow:
+                sock.close()
+
+    def test_busy_slots_count_requests_not_connections(self):
+        app = self.start(max_connections=1)
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        self.addCleanup(client.close)
+        client.sendall(raw_request("POST", "/v1/chat/completions", json.dumps(self.chat("silent")).encode()))
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat())
+        self.assert_openai_error(status, body, 503, ["--max-connections"])
+        self.assertEqual(resp.getheader("Retry-After"), "1")
+        self.assertEqual(self.request("GET", "/health")[0], 200)                # liveness still answers
+        client.close()
+        self.assertTrue(wait_until(lambda: app.in_flight == 0))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+
+    def test_a_trickling_body_is_cut_by_the_minimum_rate(self):
+        app = self.start(request_timeout=0.3, min_body_rate=1000)
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:                 # a byte every 0.1 s: under each read timeout
+            try:
+                raw.send(b" ")
+            except OSError:
+                break
+            if select.select([raw.sock], [], [], 0.1)[0]:
+                break
+        status, headers, body = raw.response()
+        self.assertEqual((status, headers.get("connection")), (408, "close"))
+        self.assertIn(b"--min-body-rate", body)
 
 
 class HeaderSafetyTest(ServerTestCase):
