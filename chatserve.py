@@ -246,6 +246,7 @@ MAX_JSON_CONTAINERS = 200000        # objects and arrays in one document
 MAX_JSON_VALUES = 500000            # values in one document (counted by its commas and colons)
 
 _JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')      # unrolled: linear and fast on long strings
+_LONG_NUMBER_RE = re.compile(r"[0-9]{101}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -275,6 +276,8 @@ def json_loads_strict(data):
         raise JSONError("more than %d objects and arrays" % MAX_JSON_CONTAINERS)
     if skeleton.count(",") + skeleton.count(":") > MAX_JSON_VALUES:
         raise JSONError("more than %d values" % MAX_JSON_VALUES)
+    if _LONG_NUMBER_RE.search(skeleton):       # int() of a long digit run is quadratic before Python 3.11
+        raise JSONError("a number with more than 100 digits")
     del skeleton
     try:
         value = json.loads(text, parse_constant=_reject_constant)

@@ -3221,7 +3221,7 @@ class HostileJSONTest(ServerTestCase):
         for bad, words in ((b'{"a": {"b": ["\\ud800"]}}', "a.b[0]: has a lone"), (b"[" * 70 + b"]" * 70, "deeper than 64"),
                            (b"[" * 5000 + b"]" * 5000, "deeper"), (b'{"\\udc00": 1}', "lone"), (b"\xff", "UTF-8"),
                            (b"[NaN]", "NaN"), (b"[" + b"{}," * 200001 + b"{}]", "objects and arrays"),
-                           (b"[" + b"1," * 500001 + b"1]", "values")):
+                           (b"[" + b"1," * 500001 + b"1]", "values"), (b"[" + b"9" * 200000 + b"]", "100 digits")):
             with self.assertRaises(cs.JSONError) as ctx:
                 cs.json_loads_strict(bad)
             self.assertIn(words, str(ctx.exception))
