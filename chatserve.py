@@ -119,6 +119,10 @@ import urllib.parse
 import uuid
 
 try:
+    import re._parser as _sre_parse       # Python 3.11+
+except ImportError:
+    import sre_parse as _sre_parse        # before 3.11
+try:
     import ssl
 except ImportError:  # Python built without OpenSSL: TLS and https upstreams unavailable
     ssl = None
@@ -136,6 +140,7 @@ MAX_HEAD_BYTES = 65536        # the whole request head
 MAX_HEADERS = 100
 LARGE_BODY_BYTES = 1024 * 1024      # requests with larger bodies are handled LARGE_BODY_PERMITS at a time
 LARGE_BODY_PERMITS = 3
+MAX_CHUNKS = 65536                  # chunks in one chunked request body; WebSocket frames in one message
 
 
 # ---------------------------------------------------------------------------
@@ -229,8 +234,18 @@ CONNECTION_ERRORS = (ConnectionError, socket.timeout) + ((ssl.SSLError,) if ssl 
 # ---------------------------------------------------------------------------
 
 def json_dumps(obj):
-    """Compact JSON text, UTF-8 kept as is."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text, UTF-8 kept as is; never NaN or Infinity, never a lone
+    surrogate (from a file name or an upstream: replaced by U+FFFD)."""
+    return clean_text(json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+
+
+def clean_text(text):
+    """`text` as valid Unicode: lone surrogates become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def json_bytes(obj):
@@ -241,11 +256,24 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("%s is too large for a number" % text[:20])
+    return value
+
+
+def json_loads_upstream(data):
+    """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused (ValueError)."""
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 MAX_JSON_DEPTH = 64
 MAX_JSON_CONTAINERS = 200000        # objects and arrays in one document
 MAX_JSON_VALUES = 500000            # values in one document (counted by its commas and colons)
 
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')      # unrolled: linear and fast on long strings
+# A string, or an unterminated one to the end: never fails once started, so linear (no retry per quote)
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
 _LONG_NUMBER_RE = re.compile(r"[0-9]{101}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -280,7 +308,7 @@ def json_loads_strict(data):
         raise JSONError("a number with more than 100 digits")
     del skeleton
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
     except ValueError as e:
@@ -328,7 +356,7 @@ def sse_frame(data, event=None):
         body = "".join("data: %s\n" % line for line in data.splitlines())
     else:
         body = "data: %s\n" % data
-    return (head + body + "\n").encode("utf-8")
+    return clean_text(head + body + "\n").encode("utf-8")
 
 
 def sse_comment(text):
@@ -407,13 +435,14 @@ def upstream_request_id(value):
 
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_HEADER_UNSAFE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+_HEADER_UNSAFE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]|[^\x00-\xff]")
 
 
 def header_value(value, what):
     """The one check for every header chatserve sends, upstream or to a
     client: CR, LF, NUL, other control characters and non-Latin-1 text are
-    refused (ValueError naming `what`), so nothing can fold or inject a header."""
+    refused (ValueError naming `what`), so nothing can fold or inject a header.
+    (C1 controls, 0x80-0x9f, count as control characters too.)"""
     text = str(value)
     if _HEADER_UNSAFE_RE.search(text):
         raise ValueError("%s contains a control character (CR, LF, NUL, ...) or non-Latin-1 text" % what)
@@ -1548,7 +1577,7 @@ def _readable(sock):
 def upstream_error_message(data):
     """The human message in an upstream error body, whatever its dialect."""
     try:
-        body = json.loads(data.decode("utf-8", "replace"))
+        body = json_loads_upstream(data.decode("utf-8", "replace"))
     except ValueError:
         text = data.decode("utf-8", "replace").strip()
         return text[:500] or "no details"
@@ -1574,12 +1603,13 @@ def retry_after_seconds(value):
     """An upstream's Retry-After (seconds or an HTTP date) as whole seconds, or
     None when it is neither: nothing else of it is ever passed on."""
     value = (value or "").strip()
-    if value.isdigit() and len(value) < 10:
+    if re.fullmatch(r"[0-9]{1,9}", value):
         return value
-    parsed = email.utils.parsedate_tz(value) if value and len(value) < 64 else None
-    if parsed is None:
+    try:
+        parsed = email.utils.parsedate_tz(value) if value and len(value) < 64 else None
+        return str(max(0, int(email.utils.mktime_tz(parsed) - time.time() + 0.999))) if parsed else None
+    except (ValueError, OverflowError, OSError):
         return None
-    return str(max(0, int(email.utils.mktime_tz(parsed) - time.time() + 0.999)))
 
 
 def upstream_failure(provider, status, data, retry_after=None):
@@ -1751,7 +1781,7 @@ class Provider:
         if req.stream:
             return EventStream(self.guard(self.stream_events(resp, req)), resp)
         try:
-            data = json.loads(resp.read().decode("utf-8"))
+            data = json_loads_upstream(resp.read().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise UpstreamError("%s sent an answer that is not JSON" % self.name)
         try:
@@ -1794,7 +1824,7 @@ class Provider:
         data = resp.read(4 * 1024 * 1024)
         if resp.status != 200:
             raise upstream_failure(self.name, resp.status, data)
-        return json.loads(data.decode("utf-8"))
+        return json_loads_upstream(data.decode("utf-8"))
 
     def failure(self, resp):
         """The error for a non-2xx response (its body read)."""
@@ -1846,7 +1876,7 @@ def tool_arguments(arguments, where="tool_calls"):
     if not arguments:
         return {}
     try:
-        value = json.loads(arguments)
+        value = json_loads_upstream(arguments)
     except ValueError:
         raise BadRequest("%s: function.arguments is not valid JSON" % where, param=where)
     return value if isinstance(value, dict) else {"value": value}
@@ -1919,7 +1949,7 @@ class OpenAIProvider(Provider):
                 resp.finish()
                 break
             try:
-                chunk = json.loads(data)
+                chunk = json_loads_upstream(data)
             except ValueError:
                 raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
             if isinstance(chunk, dict) and chunk.get("error"):
@@ -2111,7 +2141,7 @@ class AnthropicProvider(Provider):
         prompt_tokens = completion_tokens = 0
         reason = None
         for event, data in iter_sse(resp.lines()):
-            msg = json.loads(data)
+            msg = json_loads_upstream(data)
             kind = msg.get("type") or event
             if kind == "message_start":
                 usage = (msg.get("message") or {}).get("usage") or {}
@@ -2183,7 +2213,7 @@ def gemini_parts(msg, index):
 def gemini_function_response(msg, names):
     text = message_text(msg.get("content"))
     try:
-        value = json.loads(text)
+        value = json_loads_upstream(text)
     except ValueError:
         value = text
     if not isinstance(value, dict):
@@ -2313,7 +2343,7 @@ class GeminiProvider(Provider):
     def stream_events(self, resp, req):
         state = {"calls": 0, "finish": None, "usage": None}
         for _event, data in iter_sse(resp.lines()):
-            chunk = json.loads(data)
+            chunk = json_loads_upstream(data)
             if chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
             for ev in gemini_response_events(chunk, state):
@@ -2423,7 +2453,7 @@ class OllamaProvider(Provider):
         for raw in resp.lines():
             if not raw.strip():
                 continue
-            events = list(ollama_line_events(json.loads(raw.decode("utf-8")), state))
+            events = list(ollama_line_events(json_loads_upstream(raw.decode("utf-8")), state))
             if state["done"]:
                 resp.finish()
             for ev in events:
@@ -2482,7 +2512,7 @@ class StackSpotProvider(Provider):
             raise Unauthorized("StackSpot refused the client credentials: %s" % err.message, status=502
                                if err.status >= 500 else 401, code="upstream_auth")
         try:
-            data = json.loads(resp.read().decode("utf-8"))
+            data = json_loads_upstream(resp.read().decode("utf-8"))
             token, ttl = data["access_token"], float(data.get("expires_in") or 1199)
         except (ValueError, KeyError, TypeError):
             raise UpstreamError("StackSpot token endpoint answered without an access_token")
@@ -2512,7 +2542,7 @@ class StackSpotProvider(Provider):
         for event, data in iter_sse(resp.lines()):
             if data.strip() == "[DONE]" or event == "done":
                 break
-            chunk = json.loads(data)
+            chunk = json_loads_upstream(data)
             if event == "error" or chunk.get("type") == "error" or chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
             if chunk.get("choices"):               # OpenAI-style chunks, as some StackSpot gateways send
@@ -3008,6 +3038,10 @@ def private_files(db_path):
     Wider modes found on existing files are narrowed, with a warning."""
     directory = os.path.dirname(os.path.abspath(db_path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    mode = os.stat(directory).st_mode
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise ConfigError("the data directory %s is shared (mode %o): choose one of chatserve's own with "
+                          "--data-dir" % (directory, stat.S_IMODE(mode)))
     os.close(os.open(db_path, os.O_CREAT | os.O_RDWR | _O_CLOEXEC, 0o600))
     for path, mode in [(directory, 0o700)] + [(db_path + suffix, 0o600) for suffix in ("", "-wal", "-shm", "-journal")]:
         try:
@@ -3785,6 +3819,7 @@ class Sandbox:
     Symlinks are never followed; only regular files are read or written."""
 
     max_entries = 20000         # entries one walk (glob, grep) looks at
+    max_file_bytes = 10 * 1024 * 1024   # files the tools read or write
     max_depth = 32
     walk_seconds = 5.0
 
@@ -3810,6 +3845,8 @@ class Sandbox:
         parts = [p for p in path.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise ToolError("%s: '..' is not allowed; paths stay inside the workspace %s" % (path, self.root))
+        if len(parts) > self.max_depth:
+            raise ToolError("%s is deeper than %d levels" % (path, self.max_depth))
         return parts
 
     def open_dir(self, parts, create=False, shown=""):
@@ -3855,7 +3892,8 @@ class Sandbox:
             raise ToolError("%s is not a regular file" % path + ("; use list_directory" if stat.S_ISDIR(st.st_mode) else ""))
         return fd, st
 
-    def read_bytes(self, path, limit=10 * 1024 * 1024):
+    def read_bytes(self, path, limit=None):
+        limit = limit or self.max_file_bytes
         fd, st = self.open_file(path)
         with os.fdopen(fd, "rb") as f:
             if st.st_size > limit:
@@ -3866,6 +3904,11 @@ class Sandbox:
         """Write through a random O_EXCL temporary name in the same checked
         directory, then rename it over the file (both relative to that fd)."""
         parts = self.parts(path)
+        if path.endswith("/"):
+            raise ToolError("%s names a directory; give a file name" % path)
+        if len(data) > self.max_file_bytes:
+            raise ToolError("%s would be %d bytes, over the %d bytes the tools write" % (path, len(data),
+                                                                                   self.max_file_bytes))
         if not parts:
             raise ToolError("%s is the workspace directory, not a file" % path)
         dir_fd = self.open_dir(parts[:-1], create=True, shown=path)
@@ -3875,7 +3918,7 @@ class Sandbox:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):
                     raise ToolError("%s exists and is not a regular file" % path)
-                mode = stat.S_IMODE(st.st_mode)
+                mode = stat.S_IMODE(st.st_mode) & 0o777     # never setuid, setgid or sticky
             except FileNotFoundError:
                 mode = 0o644
             temp = ".%s.%s.tmp" % (name[:100], uuid.uuid4().hex)
@@ -3995,14 +4038,44 @@ def tool_list_directory(sb, args):
 
 
 def _glob_match(pattern_parts, path_parts):
-    """fnmatch per component; `**` matches any number of directories."""
-    if not pattern_parts:
-        return not path_parts
-    head = pattern_parts[0]
-    if head == "**":
-        return any(_glob_match(pattern_parts[1:], path_parts[i:]) for i in range(len(path_parts) + 1))
-    return bool(path_parts) and fnmatch.fnmatchcase(path_parts[0], head) and \
-        _glob_match(pattern_parts[1:], path_parts[1:])
+    """fnmatch per component; `**` matches any number of directories.  A table
+    of which path prefixes the pattern so far can match: linear in each, never
+    exponential in the number of `**`."""
+    reachable = [True] + [False] * len(path_parts)
+    for head in pattern_parts:
+        if head == "**":
+            for j in range(1, len(reachable)):
+                reachable[j] = reachable[j] or reachable[j - 1]
+        else:
+            reachable = [False] + [reachable[j] and fnmatch.fnmatchcase(name, head)
+                                   for j, name in enumerate(path_parts)]
+    return reachable[-1]
+
+
+def _regex_children(av):
+    if isinstance(av, _sre_parse.SubPattern):
+        return [av]
+    if isinstance(av, (tuple, list)):
+        return [c for x in av for c in _regex_children(x)]
+    return []
+
+
+def nested_repetition(items, repeating=False):
+    """Whether a parsed pattern repeats something that itself repeats or
+    alternates ((a+)+, (a|a)*): backtracking that can take exponential time."""
+    for op, av in items:
+        name = str(op)
+        if name.endswith("REPEAT"):
+            many = av[1] > 1
+            if many and repeating:
+                return True
+            if any(nested_repetition(c, repeating or many) for c in _regex_children(av[2])):
+                return True
+        elif name == "BRANCH" and repeating:
+            return True
+        elif any(nested_repetition(c, repeating) for c in _regex_children(av)):
+            return True
+    return False
 
 
 def tool_glob(sb, args):
@@ -4012,19 +4085,31 @@ def tool_glob(sb, args):
     if os.path.isabs(pattern) or ".." in pattern.replace("\\", "/").split("/"):
         raise ToolError("glob patterns are relative to the workspace and may not contain '..'")
     wanted = [p for p in pattern.split("/") if p not in ("", ".")]
+    if len(wanted) > sb.max_depth:
+        raise ToolError("the pattern is deeper than %d levels" % sb.max_depth)
     entries, skipped = sb.walk([])
     matches = [rel for rel, kind in entries if kind != "link" and _glob_match(wanted, rel.split("/"))]
     text = "\n".join(matches) or "(no matches)"
     return text + ("\n[%s]" % skipped if skipped else "")
 
 
+GREP_LINE_CHARS = 10000        # of each line, what grep searches
+GREP_SECONDS = 10.0
+
+
 def tool_grep(sb, args):
-    try:
-        regex = re.compile(args.get("pattern") or "", re.I if args.get("case_insensitive") else 0)
-    except re.error as e:
-        raise ToolError("bad regular expression: %s" % e)
-    if not args.get("pattern"):
+    pattern = args.get("pattern")
+    if not isinstance(pattern, str) or not pattern:
         raise ToolError("a pattern is required")
+    try:
+        regex = re.compile(pattern, re.I if args.get("case_insensitive") else 0)
+        risky = nested_repetition(_sre_parse.parse(pattern))
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ToolError("bad regular expression: %s" % e)
+    if risky:
+        raise ToolError("the pattern repeats a group that itself repeats or alternates (like (a+)+ or (a|b)*), "
+                        "which can take exponential time; write it without the nesting")
+    deadline = time.monotonic() + GREP_SECONDS
     limit, parts = int(args.get("max_results") or 100), sb.parts(args.get("path") or ".")
     try:
         entries, skipped = sb.walk(parts)
@@ -4041,10 +4126,16 @@ def tool_grep(sb, args):
         if b"\0" in data[:8192]:
             continue
         for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-            if regex.search(line):
-                results.append("%s:%d: %s" % (rel, number, line))
+            if regex.search(line, 0, GREP_LINE_CHARS):
+                results.append("%s:%d: %s" % (rel, number, line[:GREP_LINE_CHARS]))
                 if len(results) >= limit:
                     return "\n".join(results) + "\n[stopped at max_results=%d]" % limit
+            if number % 1000 == 0 and time.monotonic() > deadline:
+                skipped = "stopped after %gs in %s line %d" % (GREP_SECONDS, rel, number)
+                break
+        if time.monotonic() > deadline:
+            skipped = skipped or "stopped after %gs, before %s" % (GREP_SECONDS, rel)
+            break
     return ("\n".join(results) or "(no matches)") + ("\n[%s]" % skipped if skipped else "")
 
 
@@ -4070,6 +4161,10 @@ def tool_edit_file(sb, args):
         raise ToolError("old_string was not found in %s" % args.get("path"))
     if count > 1 and not args.get("replace_all"):
         raise ToolError("old_string appears %d times in %s; give more context or set replace_all" % (count, args.get("path")))
+    grown = len(text) + (count if args.get("replace_all") else 1) * (len(new) - len(old))
+    if grown > sb.max_file_bytes:           # refused before the new text is built
+        raise ToolError("the edit would make %s about %d characters, over the %d bytes the tools write"
+                        % (args.get("path"), grown, sb.max_file_bytes))
     sb.write_bytes(args.get("path"), (text.replace(old, new) if args.get("replace_all") else text.replace(old, new, 1))
                    .encode("utf-8"))
     return "replaced %d occurrence(s) in %s" % (count if args.get("replace_all") else 1, "/".join(sb.parts(args.get("path"))))
@@ -4159,8 +4254,10 @@ def run_tool(sandbox, enabled, name, arguments):
         return True, sandbox.cap(AGENT_TOOLS[name][0](sandbox, args))
     except ToolError as e:
         return False, "Error: %s" % e
-    except (OSError, ValueError, TypeError, UnicodeError) as e:
-        return False, "Error: %s failed: %s" % (name, e)
+    except Exception as e:          # whatever the arguments do, the call gets a result
+        if isinstance(e, ClientGone):
+            raise
+        return False, "Error: %s failed: %s" % (name, str(e) or e.__class__.__name__)
 
 
 TOOL_TAG_OPEN, TOOL_TAG_CLOSE = "<tool_call>", "</tool_call>"
@@ -4192,7 +4289,7 @@ def json_object_end(text):
 def text_tool_call(text):
     """A {name, arguments|parameters} object as (name, arguments JSON), else None."""
     try:
-        obj = json.loads(text)
+        obj = json_loads_upstream(text)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -4200,7 +4297,7 @@ def text_tool_call(text):
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = json_loads_upstream(args)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -4428,8 +4525,8 @@ class Agent:
     def run(self, job):
         check_cancelled()           # a job whose client left while it waited never touches the conversation
         self.emit(job, "user_echo", prompt=job.prompt)
-        self.messages.append({"role": "user", "content": job.prompt})
-        start = len(self.messages)
+        asked = {"role": "user", "content": job.prompt}
+        self.messages.append(asked)
         try:
             for _step in range(self.config.agent_max_steps):
                 check_cancelled()
@@ -4452,7 +4549,7 @@ class Agent:
         except ChatServeError as e:
             self.emit(job, "error", message=e.message)
         finally:
-            if len(self.messages) == start and job.scope.cancelled:
+            if job.scope.cancelled and self.messages and self.messages[-1] is asked:
                 self.messages.pop()         # stopped before any answer: as if never asked
             self.save()
 
@@ -4909,7 +5006,7 @@ def anthropic_message_body(completion, model, message_id):
     content = [{"type": "text", "text": completion.text}] if completion.text else []
     for call in completion.tool_calls:
         try:
-            args = json.loads(call["function"]["arguments"] or "{}")
+            args = json_loads_upstream(call["function"]["arguments"] or "{}")
         except ValueError:
             args = {"arguments": call["function"]["arguments"]}
         content.append({"type": "tool_use", "id": call["id"] or new_call_id(), "name": call["function"]["name"],
@@ -5120,7 +5217,7 @@ class WebSocket:
 
     def receive(self):
         """The next text message, or None once the peer has closed."""
-        parts, kind, size = [], None, 0
+        message, kind, frames = bytearray(), None, 0
         while True:
             try:
                 fin, opcode, payload = self.read_frame()
@@ -5142,21 +5239,23 @@ class WebSocket:
             elif opcode in (WS_TEXT, WS_BINARY):
                 if kind is not None:
                     self.fail(1002, "a new message started before the last one ended")
-                kind, parts, size = opcode, [payload], len(payload)
+                kind, message = opcode, bytearray(payload)
             elif opcode == WS_CONT:
                 if kind is None:
                     self.fail(1002, "continuation frame without a message")
-                parts.append(payload)
-                size += len(payload)
+                frames += 1
+                if frames > MAX_CHUNKS:
+                    self.fail(1009, "a message in more than %d frames" % MAX_CHUNKS)
+                message += payload
             else:
                 self.fail(1002, "unknown opcode %d" % opcode)
-            if size > self.max_message:
+            if len(message) > self.max_message:
                 self.fail(1009, "message over the limit of %d bytes" % self.max_message)
             if opcode in (WS_TEXT, WS_BINARY, WS_CONT) and fin:
                 if kind == WS_BINARY:
                     self.fail(1003, "only text messages are accepted")
                 try:
-                    return b"".join(parts).decode("utf-8")
+                    return message.decode("utf-8")
                 except UnicodeDecodeError:
                     self.fail(1007, "text message is not valid UTF-8")
 
@@ -5433,7 +5532,7 @@ def parse_analysis(text):
         cleaned = fence.group(1)
     start, end = cleaned.find("{"), cleaned.rfind("}")
     try:
-        data = json.loads(cleaned[start:end + 1]) if 0 <= start < end else None
+        data = json_loads_upstream(cleaned[start:end + 1]) if 0 <= start < end else None
     except ValueError:
         data = None
     if not isinstance(data, dict):
@@ -5804,7 +5903,7 @@ def route_healthz(h):
 # owns framing, hang-up watching, connections, TLS, the control socket
 # ---------------------------------------------------------------------------
 
-Route = collections.namedtuple("Route", "name fn auth errors surface small_body")
+Route = collections.namedtuple("Route", "name fn auth errors surface small_body long_lived")
 
 
 class Router:
@@ -5813,11 +5912,14 @@ class Router:
     def __init__(self):
         self.exact, self.prefixes = {}, []
 
-    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None, small_body=False):
+    def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None, small_body=False,
+            long_lived=False):
         """`surface` names what a cancelled request counts as; such routes are
         cancelled when their client hangs up.  `small_body`: the body (or
-        WebSocket message) is capped by --max-rpc-body-bytes, not --max-body-bytes."""
-        route = Route(name or path, fn, auth, errors, surface, small_body)
+        WebSocket message) is capped by --max-rpc-body-bytes, not --max-body-bytes.
+        `long_lived`: a session or event stream, mostly idle, that holds no
+        request slot (only its connection's)."""
+        route = Route(name or path, fn, auth, errors, surface, small_body, long_lived)
         if path.endswith("/*"):
             prefix = path[:-1]
             for p, methods in self.prefixes:
@@ -5848,7 +5950,7 @@ class Router:
 
 def api_router():
     r = Router()
-    r.add("GET", "/", route_index, auth=False)
+    r.add("GET", "/", route_index)
     r.add("GET", "/health", route_health, auth=False)
     r.add("GET", "/status", route_status)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
@@ -5856,9 +5958,9 @@ def api_router():
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")
     r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body, surface="rpc", small_body=True)
-    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc", small_body=True)
+    r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc", small_body=True, long_lived=True)
     r.add("POST", "/request", route_agent_request, errors=agent_error_body, surface="agent", small_body=True)
-    r.add("GET", "/updates", route_agent_updates, errors=agent_error_body, surface="agent")
+    r.add("GET", "/updates", route_agent_updates, errors=agent_error_body, surface="agent", long_lived=True)
     r.add("GET", "/session", route_agent_session, errors=agent_error_body)
     r.add("POST", "/clear", route_agent_clear, errors=agent_error_body)
     return r
@@ -5945,20 +6047,24 @@ class DeadlineReader(socket.SocketIO):
 
     def __init__(self, sock):
         super().__init__(sock, "rb")
-        self.deadline = None
+        self.deadline, self.rate, self.received = None, 0, 0
 
     def readinto(self, buffer):
         if self.deadline is not None:
-            left = self.deadline - time.monotonic()
+            # with a rate, the deadline moves out as bytes come: `rate` bytes/s on average
+            left = self.deadline + (self.received / self.rate if self.rate else 0) - time.monotonic()
             if left <= 0:
                 raise socket.timeout("deadline passed")
             self._sock.settimeout(min(left, self.per_read))
-        return super().readinto(buffer)
+        n = super().readinto(buffer)
+        self.received += n or 0
+        return n
 
-    def phase(self, seconds, per_read):
-        """From now, at most `seconds` in all and `per_read` per read (None: no deadline)."""
+    def phase(self, seconds, per_read, rate=0):
+        """From now, at most `seconds` in all (plus 1 s per `rate` bytes read, when
+        given) and `per_read` per read; seconds None: no deadline."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
-        self.per_read = per_read
+        self.per_read, self.rate, self.received = per_read, rate, 0
         self._sock.settimeout(per_read)
 
 
@@ -6270,18 +6376,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         record = self.server.record_metrics
         if record:
             app.request_started()
-        busy = path != "/health"            # liveness is answered even when every slot is taken
-        if busy and not self.server.busy_slots.acquire(blocking=False):
-            busy = False
-            self.close_connection = True
-            self.send_error_obj(Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
-                                            % self.server.max_busy, code="overloaded", headers={"Retry-After": "1"}))
-            self.log_access(path, time.monotonic() - started)
-            if record:
-                app.request_finished("overloaded", self.status_sent, time.monotonic() - started)
-            return
+        busy = False
         try:
             route, self.route_rest = self.router.match(self.command, path)
+            # liveness is answered even when every slot is taken; sessions and event streams take none
+            if path != "/health" and not route.long_lived:
+                if not self.server.busy_slots.acquire(blocking=False):
+                    self.close_connection = True
+                    raise Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
+                                      % self.server.max_busy, code="overloaded", headers={"Retry-After": "1"})
+                busy = True
             route_name, self.render_error = route.name, route.errors
             if route.small_body:
                 self.body_cap = app.config.max_rpc_body_bytes
@@ -6357,8 +6461,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
             quick_ack(self.connection)
             config = self.app.config
-            expected = self.body_length if self.body_length is not None else cap
-            self.reader.phase(config.request_timeout + expected / config.min_body_rate, config.request_timeout)
+            self.reader.phase(config.request_timeout, config.request_timeout, config.min_body_rate)
             try:
                 if self.body_length is None:
                     return self._read_chunked(cap)
@@ -6377,15 +6480,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise
 
     def _read_chunked(self, cap):
-        parts, total = [], 0
+        body, total, chunks = bytearray(), 0, 0
         while True:
+            chunks += 1
+            if chunks > MAX_CHUNKS:
+                raise BadRequest("chunked request body in more than %d chunks; send larger ones" % MAX_CHUNKS)
             line = self.rfile.readline(1024)
             m = _CHUNK_SIZE_RE.match(line)
             if not m:
                 raise BadRequest("malformed chunked request body: bad chunk-size line %r" % line[:40])
             size = int(m.group(1), 16)
             if size == 0:
-                return self._read_trailers(b"".join(parts))
+                return self._read_trailers(bytes(body))
             total += size
             if total > cap:
                 raise PayloadTooLarge("request body is over the limit of %d bytes (%s)" % (cap, self.cap_option()))
@@ -6394,7 +6500,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             part = self.rfile.read(size)
             if len(part) < size or self.rfile.read(2) != b"\r\n":
                 raise BadRequest("malformed chunked request body: a chunk is not followed by CRLF where its size says")
-            parts.append(part)
+            body += part
 
     def take_large_body_permit(self):
         """Bodies over LARGE_BODY_BYTES are read, parsed and handled a few at a

@@ -3353,6 +3353,128 @@ class SlowClientTest(ServerTestCase):
         self.assertIn(b"--min-body-rate", body)
 
 
+class ReviewHardeningTest(ServerTestCase):
+    """What an attacker's review found after the first round: each must stay fixed."""
+
+    def test_unterminated_string_of_escaped_quotes_parses_in_linear_time(self):
+        self.start()
+        body = b'"' + b'\\"' * 40000                     # took 9 s, holding the GIL, before
+        raw = RawHTTP(self.app.port, timeout=WAIT)
+        self.addCleanup(raw.close)
+        raw.send(raw_request("POST", "/rpc", body))
+        status, _, reply = raw.response()
+        self.assertEqual((status, json.loads(reply)["error"]["code"]), (200, -32700))
+
+    def test_a_trickle_under_a_large_declared_length_is_cut(self):
+        app = self.start(request_timeout=0.3, min_body_rate=1000)
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and not select.select([raw.sock], [], [], 0.1)[0]:
+            try:
+                raw.send(b" " * 20)                   # 200 bytes/s: under the 1000 the rate asks
+            except OSError:
+                break
+        status, _, body = raw.response()
+        self.assertEqual(status, 408)
+        self.assertIn(b"--min-body-rate", body)
+
+    def test_framing_overhead_is_capped(self):
+        app = self.start()
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"1\r\n \r\n" * (cs.MAX_CHUNKS + 1) + b"0\r\n\r\n")
+        status, _, body = raw.response()
+        self.assertEqual(status, 400)
+        self.assertIn(b"chunks", body)
+        sock, _ = ws_open(app.port)
+        with sock:
+            mask = b"\x01\x02\x03\x04"
+            sock.sendall(b"\x01\x80" + mask + b"".join(b"\x00\x80" + mask for _ in range(cs.MAX_CHUNKS + 1)))
+            opcode, payload = ws_recv(sock)
+            self.assertEqual((opcode, struct.unpack("!H", payload[:2])[0]), (cs.WS_CLOSE, 1009))
+
+    def test_numbers_and_retry_after_that_broke_things(self):
+        self.start(fallback_max_retries=0)
+        status, _, body = self.request("POST", "/rpc", b'{"jsonrpc":"2.0","id":1e999,"method":"Health"}')
+        self.assertEqual(body["error"]["code"], -32700)
+        for value in ("\u00b2", "Mon, 01 Jan 99999 00:00:00 GMT", "99999999999"):
+            self.assertIsNone(cs.retry_after_seconds(value), value)
+        self.assertEqual(cs.json_dumps({"t": "a\udcffb"}), '{"t":"a\ufffdb"}')
+        with self.assertRaises(ValueError):
+            cs.json_dumps({"n": float("inf")})
+        with self.assertRaises(ValueError):
+            cs.header_value("a\x85b", "x")
+
+    def test_index_needs_the_token_and_shared_data_dirs_are_refused(self):
+        shared = os.path.join(self.tmp, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o1777)
+        with self.assertRaises(cs.ConfigError) as ctx:
+            cs.private_files(os.path.join(shared, "sessions.db"))
+        self.assertIn("shared", ctx.exception.message)
+        self.assertEqual(stat.S_IMODE(os.stat(shared).st_mode), 0o1777)        # left as it was
+
+    def test_long_lived_streams_hold_no_request_slot(self):
+        app = self.start(max_connections=1)
+        sock, head = ws_open(app.port)
+        self.addCleanup(sock.close)
+        self.assertTrue(head.startswith("HTTP/1.1 101"))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+
+
+class ToolHardeningTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-ws-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.sb = cs.Sandbox(self.tmp)
+        with open(os.path.join(self.tmp, "a.txt"), "w") as f:
+            f.write("a" * 30 + "\n")
+
+    def run_tool(self, name, **args):
+        return cs.run_tool(self.sb, list(cs.AGENT_TOOLS), name, json.dumps(args))
+
+    def test_catastrophic_patterns_and_globs_are_bounded(self):
+        ok, text = self.run_tool("grep", pattern="(a|a)+$")
+        self.assertFalse(ok)
+        self.assertIn("exponential", text)
+        self.assertFalse(self.run_tool("grep", pattern="a{4294967296}")[0])
+        deep = os.path.join(self.tmp, *["d"] * 30)
+        os.makedirs(deep)
+        started = time.monotonic()
+        self.assertEqual(self.run_tool("glob", pattern="**/" * 8 + "nomatch"), (True, "(no matches)"))
+        self.assertLess(time.monotonic() - started, WAIT)
+
+    def test_every_call_gets_a_result(self):
+        ok, text = cs.run_tool(self.sb, list(cs.AGENT_TOOLS), "read_file", '{"path": "a.txt", "offset": 1e999}')
+        self.assertFalse(ok)
+        self.assertTrue(text.startswith("Error: "))
+        self.assertEqual(cs.object_arguments('{"offset": 1e999}'), "{}")
+
+    def test_file_names_that_are_not_utf8_do_not_poison_the_output(self):
+        open(os.path.join(os.fsencode(self.tmp), b"\xff.txt"), "w").close()
+        ok, text = self.run_tool("list_directory", path=".")
+        self.assertTrue(ok)
+        json_bytes = cs.json_bytes({"content": text})          # what the session store and the wire get
+        self.assertIn("\ufffd".encode("utf-8"), json_bytes)
+
+    def test_writes_are_bounded_and_never_setuid(self):
+        path = os.path.join(self.tmp, "s.sh")
+        with open(path, "w") as f:
+            f.write("echo a\n")
+        os.chmod(path, 0o4755)
+        self.assertTrue(self.run_tool("write_file", path="s.sh", content="echo b\n")[0])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o755)
+        self.sb.max_file_bytes = 1000
+        ok, text = self.run_tool("edit_file", path="a.txt", old_string="a", new_string="b" * 100, replace_all=True)
+        self.assertFalse(ok)
+        self.assertIn("over the 1000 bytes", text)
+        self.assertFalse(self.run_tool("write_file", path="newdir/", content="x")[0])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "newdir")))
+
+
 class HeaderSafetyTest(ServerTestCase):
     """No client, session or upstream value reaches an outgoing header unchecked."""
 
@@ -3519,7 +3641,8 @@ class CourtesyTest(ServerTestCase):
 
     def test_index(self):
         self.start(token="tok")
-        status, _, body = self.request("GET", "/")
+        self.assertEqual(self.request("GET", "/")[0], 401)          # only /health is open
+        status, _, body = self.request("GET", "/", headers={"Authorization": "Bearer tok"})
         self.assertEqual((status, body["name"], body["version"]), (200, "chatserve", cs.__version__))
         self.assertIn("POST /v1/chat/completions", body["endpoints"])
         self.assertIn("docs", body)
@@ -3527,7 +3650,7 @@ class CourtesyTest(ServerTestCase):
     def test_head_wherever_get(self):
         app = self.start(token="tok", metrics_port=free_port())
         for port, path, headers in ((app.port, "/health", []), (app.port, "/v1/models", [("Authorization", "Bearer tok")]),
-                                    (app.port, "/", []), (app.metrics_port, "/metrics", []),
+                                    (app.port, "/", [("Authorization", "Bearer tok")]), (app.metrics_port, "/metrics", []),
                                     (app.metrics_port, "/healthz", [])):
             raw = RawHTTP(port)
             try:
