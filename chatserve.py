@@ -6205,51 +6205,50 @@ def hung_up(fd):
 
 
 class DisconnectMonitor:
-    """One thread that watches the client sockets of requests in flight for a
-    hang-up (EPOLLRDHUP: the peer closed), so a gone client is noticed at once,
-    also while the upstream is silent and nothing is written.  Linux only;
-    elsewhere a gone client is noticed at the next write."""
+    """One thread that watches client connections for the peer's hang-up
+    (EPOLLRDHUP), so a gone client is noticed at once, also while the
+    upstream is silent and nothing is written.  A connection is registered
+    once, at its first cancellable request, and forgotten when it ends: no
+    system call per request.  Linux only; elsewhere a gone client is noticed
+    at the next write."""
 
     available = hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP")
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.callbacks = {}
+        self.handlers = {}                  # fd -> the Handler of the connection on it
         self.poller = None
         self.closed = False
 
-    @contextlib.contextmanager
-    def watching(self, sock, on_gone):
-        fd = self._add(sock, on_gone) if self.available else None
-        try:
-            yield
-        finally:
-            if fd is not None:
-                self._remove(fd)
-
-    def _add(self, sock, on_gone):
+    def watch(self, handler):
+        """Watch `handler`'s connection (once); False when it cannot be."""
+        if not self.available:
+            return False
+        fd = handler.connection.fileno()
         with self.lock:
             if self.closed:
-                return None
+                return False
             if self.poller is None:
                 self.poller = select.epoll()
                 threading.Thread(target=self._run, name="disconnects", daemon=True).start()
-            fd = sock.fileno()
-            self.callbacks[fd] = on_gone
+            self.handlers[fd] = handler
             try:
-                self.poller.register(fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
+                self.poller.register(fd, select.EPOLLRDHUP)
             except FileExistsError:
-                self.poller.modify(fd, select.EPOLLRDHUP | select.EPOLLONESHOT)
-        return fd
+                self.poller.modify(fd, select.EPOLLRDHUP)
+        return True
 
-    def _remove(self, fd):
+    def forget(self, handler):
+        """The connection ends (before its socket closes, so its fd cannot be reused meanwhile)."""
+        fd = handler.connection.fileno()
         with self.lock:
-            self.callbacks.pop(fd, None)
-            if self.poller is not None and not self.closed:
-                try:
-                    self.poller.unregister(fd)
-                except OSError:
-                    pass
+            if self.handlers.get(fd) is handler:
+                del self.handlers[fd]
+                if not self.closed:
+                    try:
+                        self.poller.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
 
     def _run(self):
         while True:
@@ -6259,10 +6258,17 @@ class DisconnectMonitor:
                 return
             for fd, _mask in events:
                 with self.lock:
-                    on_gone = self.callbacks.pop(fd, None) if hung_up(fd) else None
-                if on_gone is not None:
+                    # asked again: an event read for a closed connection must not
+                    # cancel a newer one that got the same fd number
+                    handler = self.handlers.pop(fd, None) if hung_up(fd) else None
+                    if handler is not None:
+                        try:
+                            self.poller.unregister(fd)
+                        except (OSError, ValueError):
+                            pass
+                if handler is not None:
                     try:
-                        on_gone()
+                        handler.client_left()
                     except Exception:
                         log.exception("cancelling a request whose client left failed")
             if self.closed:
@@ -6294,10 +6300,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, 65536)
+        self.watched, self.scope = False, None
         self.app = self.server.app
         self.router = self.server.router
         self.request_id = ""
         self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+
+    def finish(self):
+        if self.watched:
+            self.server.monitor.forget(self)
+        super().finish()
 
     def address_string(self):
         return self.client_address[0] if isinstance(self.client_address, tuple) else "local"
@@ -6426,19 +6438,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def run_cancellable(self, route):
         """Run the route in a CancelScope that the client's hang-up cancels."""
-        self.scope = scope = CancelScope()
-        with self.server.monitor.watching(self.connection, lambda: self.client_left(route.surface)):
-            try:
-                with scope.bound():
-                    route.fn(self)
-            finally:
-                scope.finish()
+        if not self.watched:
+            self.watched = self.server.monitor.watch(self)
+        self.scope, self.surface = CancelScope(), route.surface
+        try:
+            with self.scope.bound():
+                route.fn(self)
+        finally:
+            self.scope.finish()
 
-    def client_left(self, surface):
-        """The client hung up mid-request: cancel (once) what it asked for."""
-        if self.scope.cancel():
+    def client_left(self):
+        """The client hung up (the monitor's thread): cancel, once, the request in flight, if any."""
+        scope = self.scope
+        if scope is not None and scope.cancel():
             self.close_connection = True
-            self.app.metrics.client_disconnects.inc((surface,))
+            self.app.metrics.client_disconnects.inc((self.surface,))
             log.info("client %s left during %s %s (request %s): upstream closed", self.address_string(),
                      self.command, self.path.split("?", 1)[0], self.request_id)
 
