@@ -2707,6 +2707,10 @@ def check_client_url(url, allowed, resolve):
         raise BadRequest("upstream URL %r is malformed: %s" % (url, e), param="provider_config.base_url")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("upstream URL %r must be http(s)://host[:port]/..." % url, param="provider_config.base_url")
+    if re.search(r"[\x00-\x20\x7f-\x9f]", url) or parts.query or parts.fragment:
+        raise BadRequest("provider_config.base_url %r must have no spaces, control characters, query or fragment"
+                         % url[:200],
+                         param="provider_config.base_url")
     host = parts.hostname.lower()
     hosts, networks = allowed
     try:

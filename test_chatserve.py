@@ -3417,6 +3417,29 @@ class ReviewHardeningTest(ServerTestCase):
         self.assertIn("shared", ctx.exception.message)
         self.assertEqual(stat.S_IMODE(os.stat(shared).st_mode), 0o1777)        # left as it was
 
+    def test_client_base_url_is_checked_before_use(self):
+        self.start()
+        for url in ("http://h:1/v1 x", "http://h:1/v1\r\nX: y", "http://h:1/v1?x=1", "http://h:1/v1#f"):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), headers={
+                "X-LLM-Provider": "OLLAMA", "X-LLM-Provider-Config": json.dumps({"base_url": url})})
+            self.assert_openai_error(status, body, 400, ["provider_config.base_url"] if "\r" not in url else [])
+
+    def test_a_cancelled_turn_after_a_trim_keeps_its_tool_results(self):
+        os.mkdir(os.path.join(self.tmp, "ws"))
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_MODEL": "agent-two-calls"},
+                         workspace=os.path.join(self.tmp, "ws"), allow_commands=True, agent_max_context=50)
+        app.agent.messages = [{"role": "user", "content": "old " * 50}, {"role": "assistant", "content": "x" * 200}]
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(raw_request("POST", "/request", b'{"prompt": "go"}'))
+        self.assertTrue(wait_until(lambda: app.agent.processing and len(self.upstream.requests) == 1))
+        time.sleep(0.3)
+        client.close()
+        self.assertTrue(wait_until(lambda: not app.agent.processing))
+        history = app.sessions.load("agent")["chat_history"]
+        called = [c["id"] for m in history for c in m.get("tool_calls") or ()]
+        self.assertEqual(called, [m["tool_call_id"] for m in history if m["role"] == "tool"])
+        self.assertEqual(history[0]["content"], "go")                      # the old turn was trimmed
+
     def test_long_lived_streams_hold_no_request_slot(self):
         app = self.start(max_connections=1)
         sock, head = ws_open(app.port)
