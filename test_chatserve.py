@@ -6,7 +6,12 @@ stopped; every wait is bounded.  `python3 test_chatserve.py bench` runs the
 benchmark (make bench); it is not part of the test suite.
 
 Sections mirror chatserve.py: helpers, config, metrics, providers, engine,
-OpenAI surface, HTTP server, control socket and ctl, command line, interop.
+OpenAI surface, sessions, RPC, WebSocket, watcher, agent and its sandbox,
+hostile input, HTTP server (framing, strict parsing, cancellation, slow
+clients, shutdown), the fuzzer, control socket and ctl, command line, interop
+(the official SDKs; a real llama.cpp server under `make interop-llm`).
+The fake upstream is as strict as the real peers where it matters: it
+refuses a non-UUID X-Request-Id the way llama-cpp-python's server does.
 """
 
 import collections
