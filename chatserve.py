@@ -6767,6 +6767,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.busy_slots = threading.BoundedSemaphore(max_busy)      # requests being served
         self.slots = threading.BoundedSemaphore(self.max_open)      # connections open (a thread each)
         self.reject_slots = threading.BoundedSemaphore(32)
+        self.request_queue_size = max(128, min(self.max_open, 4096))  # a burst of connects waits, not resets
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
