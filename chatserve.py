@@ -1506,6 +1506,11 @@ class UpstreamPool:
         port = parts.port or (443 if scheme == "https" else 80)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         key, scope = (scheme, host, port), CancelScope.current()
+        try:
+            headers = {name: header_value(value, "the upstream header " + name)
+                       for name, value in (headers or {}).items()}
+        except ValueError as e:
+            raise BadRequest("%s; check the key or setting you sent" % e)
         for attempt in (0, 1):
             if scope is not None:
                 scope.check()
@@ -1514,12 +1519,6 @@ class UpstreamPool:
             if conn is None:
                 conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
             try:
-                headers = {name: header_value(value, "the upstream header " + name)
-                           for name, value in (headers or {}).items()}
-            except ValueError as e:
-                conn.close()
-                raise BadRequest("%s; check the key or setting you sent" % e)
-            try:
                 if scope is not None:
                     scope.track(conn)       # from now on the client's hang-up shuts this connection
                 if not reused:
@@ -1527,7 +1526,7 @@ class UpstreamPool:
                     if scope is not None:
                         scope.check()       # the client left while we connected: send nothing
                 conn.sock.settimeout(read_timeout)
-                conn.request(method, target, body=body, headers=headers or {})
+                conn.request(method, target, body=body, headers=headers)
                 return UpstreamResponse(self, key, conn, conn.getresponse(), scope)
             except ChatServeError as e:
                 error = e
@@ -1912,13 +1911,12 @@ class OpenAIProvider(Provider):
     key_env, base_env, model_env = "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"
     default_base = "https://api.openai.com/v1"
     default_model = "gpt-4o-mini"
+    discovers_model = True      # a local server (llama.cpp, vLLM, LM Studio) serves its own models
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         super().__init__(config, pool, credentials, base_url)
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
-        self.model_pending = self.model_pending and self.name == "OPENAI" and host != "api.openai.com"
-
-    discovers_model = True      # a local server (llama.cpp, vLLM, LM Studio) serves its own models
+        self.model_pending = self.model_pending and host != "api.openai.com"
 
     @classmethod
     def configured(cls, env):
@@ -2002,6 +2000,7 @@ def openai_compatible(name, base, model, key_env=None, owned_by=None):
     """An OpenAI-compatible vendor: the OpenAI wire protocol with its own env names."""
     attrs = {"name": name, "owned_by": owned_by or name.lower(), "default_base": base, "default_model": model,
              "key_env": key_env or name + "_API_KEY", "base_env": name + "_BASE_URL", "model_env": name + "_MODEL",
+             "discovers_model": False,      # a cloud vendor: its default model is known
              "__doc__": "%s through its OpenAI-compatible API (%s)." % (name, base)}
     cls = type(name.title().replace("_", "") + "Provider", (OpenAIProvider,), attrs)
     cls.configured = classmethod(lambda c, env: bool(env.get(c.key_env)))
@@ -3942,9 +3941,8 @@ class Sandbox:
 
     def walk(self, parts):
         """(relative path, kind) of every entry below `parts` (kind: dir, file,
-        link, other), depth first,
-        never into a symlinked directory, bounded in entries, depth and time;
-        then a note of what was skipped ("" when nothing was)."""
+        link, other), depth first, never into a symlinked directory, bounded in
+        entries, depth and time; then a note of what was skipped ("" when nothing was)."""
         deadline, seen, skipped = time.monotonic() + self.walk_seconds, [0], []
 
         def visit(fd, prefix, depth):
@@ -3959,7 +3957,7 @@ class Sandbox:
                 rel = prefix + entry.name
                 kind = ("link" if entry.is_symlink() else "dir" if entry.is_dir(follow_symlinks=False)
                         else "file" if entry.is_file(follow_symlinks=False) else "other")
-                yield_list.append((rel, kind))
+                found.append((rel, kind))
                 if kind == "dir":
                     if depth >= self.max_depth:
                         skipped.append("%s/: deeper than %d levels" % (rel, self.max_depth))
@@ -3975,13 +3973,13 @@ class Sandbox:
                         os.close(child)
             return True
 
-        yield_list = []
+        found = []
         fd = self.open_dir(parts)
         try:
             visit(fd, "/".join(parts) + "/" if parts else "", 0)
         finally:
             os.close(fd)
-        return yield_list, "; ".join(skipped[:5])
+        return found, "; ".join(skipped[:5])
 
     def cap(self, text):
         data = text.encode("utf-8", "replace")
@@ -4237,8 +4235,11 @@ def tool_schemas(names):
 def object_arguments(arguments):
     """Tool-call arguments as a JSON object text ("{}" when they are not one)."""
     try:
-        value = json_loads_strict(arguments) if isinstance(arguments, str) else arguments
-        check_json_value(value)
+        if isinstance(arguments, str):
+            value = json_loads_strict(arguments)
+        else:
+            value = arguments
+            check_json_value(value)
     except ValueError:
         value = None
     return json_dumps(value) if isinstance(value, dict) else "{}"
@@ -5277,10 +5278,7 @@ class WebSocket:
             self.leaving = True
             idle = not self.busy
         if idle:
-            try:
-                self.close(1001, "server shutting down")
-            except OSError:
-                pass
+            self.close(1001, "server shutting down")
             shutdown_socket(self.h.connection, socket.SHUT_RD)     # the reader sees the end
 
     def start_answer(self):
@@ -6395,6 +6393,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         busy = False
         try:
             route, self.route_rest = self.router.match(self.command, path)
+            route_name, self.render_error = route.name, route.errors
             # liveness is answered even when every slot is taken; sessions and event streams take none
             if path != "/health" and not route.long_lived:
                 if not self.server.busy_slots.acquire(blocking=False):
@@ -6402,7 +6401,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
                                       % self.server.max_busy, code="overloaded", headers={"Retry-After": "1"})
                 busy = True
-            route_name, self.render_error = route.name, route.errors
             if route.small_body:
                 self.body_cap = app.config.max_rpc_body_bytes
             if record and route.auth is not None and path != "/health":
@@ -6830,7 +6828,6 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address, exc_info=True)
-
 
 
 class ControlServer(ChatHTTPServer):
@@ -7640,7 +7637,7 @@ class AgentClient:
         self.out.flush()
 
     def show(self, event):
-        kind, data = event.get("type"), event
+        kind, data = event.get("type"), event       # flat events: the fields sit beside the type
         if kind == "connected":
             self.connected.set()
         elif kind == "delta":

@@ -1167,6 +1167,10 @@ class ModelDiscoveryTest(ServerTestCase):
         self.addCleanup(engine.close)
         self.assertFalse(engine.default_provider.model_pending)         # api.openai.com: never asked
         self.assertEqual(engine.default_provider.model, "gpt-4o-mini")
+        vendor = cs.Engine(cs.Config(env={"XAI_API_KEY": "k", "XAI_BASE_URL": self.upstream.url}, probe_local=False),
+                           cs.Metrics())
+        self.addCleanup(vendor.close)
+        self.assertFalse(vendor.providers["XAI"].model_pending)          # a cloud vendor's default is known
 
     def test_ollama_lists_its_models(self):
         base = self.upstream.url.rsplit("/v1", 1)[0]
@@ -3335,6 +3339,8 @@ class SlowClientTest(ServerTestCase):
         status, resp, body = self.request("POST", "/v1/chat/completions", self.chat())
         self.assert_openai_error(status, body, 503, ["--max-connections"])
         self.assertEqual(resp.getheader("Retry-After"), "1")
+        status, _, body = self.request("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": []})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (503, "error", "overloaded_error"))  # its shape
         self.assertEqual(self.request("GET", "/health")[0], 200)                # liveness still answers
         client.close()
         self.assertTrue(wait_until(lambda: app.in_flight == 0))
