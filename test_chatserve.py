@@ -696,10 +696,17 @@ class MetricsEndpointTest(ServerTestCase):
         self.request("POST", "/v1/chat/completions", self.chat("bad-request"))
         self.request("GET", "/no/such/path")
         conn = http.client.HTTPConnection("127.0.0.1", app.metrics_port, timeout=WAIT)
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        text = resp.read().decode()
-        self.assertTrue(resp.getheader("Content-Type").startswith("text/plain; version=0.0.4"))
+        scraped = {}
+
+        def scrape():               # a request is counted just after its last byte is sent
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            scraped.update(text=resp.read().decode(), type=resp.getheader("Content-Type"))
+            return ('method="unknown",code="404"} 1' in scraped["text"]
+                    and 'method="/v1/chat/completions",code="400"} 1' in scraped["text"])
+        wait_until(scrape)
+        text = scraped["text"]
+        self.assertTrue(scraped["type"].startswith("text/plain; version=0.0.4"))
         self.assertIn('chatcli_grpc_requests_total{method="/v1/chat/completions",code="200"} 1', text)
         self.assertIn('chatcli_grpc_requests_total{method="unknown",code="404"} 1', text)
         self.assertIn('chatcli_llm_requests_total{provider="OPENAI",model="up-model",status="success"} 1', text)
