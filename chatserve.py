@@ -225,8 +225,9 @@ class ClientGone(Exception):
     """The client closed its connection; nothing is left to answer."""
 
 
-# What a dropped, reset or timed-out client connection raises.
-CONNECTION_ERRORS = (ConnectionError, socket.timeout) + ((ssl.SSLError,) if ssl is not None else ())
+# What a dropped, reset or timed-out client connection raises (BlockingIOError:
+# a send that the kernel's timeout ended, see set_io_timeout).
+CONNECTION_ERRORS = (ConnectionError, socket.timeout, BlockingIOError) + ((ssl.SSLError,) if ssl is not None else ())
 
 
 # ---------------------------------------------------------------------------
@@ -408,9 +409,18 @@ def parse_duration(text):
     return total
 
 
+_UUID4_CLEAR = ~((0xf000 << 64) | (0xc000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_id(prefix=""):
-    """A random id; with no prefix, a UUID (what strict upstreams accept as a request id)."""
-    return prefix + uuid.uuid4().hex[:24] if prefix else str(uuid.uuid4())
+    """A random id; with no prefix, a version-4 UUID (what strict upstreams
+    accept as a request id).  Ids are not secrets: `random`, no system call."""
+    bits = random.getrandbits(128)
+    if prefix:
+        return prefix + "%024x" % (bits >> 32)
+    h = "%032x" % (bits & _UUID4_CLEAR | _UUID4_SET)
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -1192,6 +1202,221 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------
+# HTTP messages: strict heads (RFC 9112) for requests and for upstream
+# responses, one parser for both; socket timeouts kept in the kernel
+# ---------------------------------------------------------------------------
+
+class HeadError(Exception):
+    """A message head that chatserve refuses: its status, then the connection closes."""
+
+    def __init__(self, status, message, method=""):
+        super().__init__(message)
+        self.status, self.message, self.method = status, message, method
+
+
+class Headers:
+    """Header fields: case-insensitive `get()`; repeated fields joined with ", "."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields):
+        self.fields = fields
+
+    def get(self, name, default=None):
+        return self.fields.get(name.lower(), default)
+
+    def __contains__(self, name):
+        return name.lower() in self.fields
+
+    def items(self):
+        return self.fields.items()
+
+
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION_RE = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
+_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r\n$")
+_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?$")
+_ABSOLUTE_RE = re.compile(rb"^https?://[^/?#]*(.*)$", re.I)
+_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?$")
+
+
+def find_head_end(data, start=0):
+    """The index just past the empty line that ends a head in `data`, or -1
+    (lines end in CRLF, or a bare LF: RFC 9112 2.2)."""
+    crlf, lf = data.find(b"\n\r\n", start), data.find(b"\n\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 3
+    return lf + 2 if lf >= 0 else -1
+
+
+def head_lines(head):
+    """The lines of a head (which ends with its empty line), without line ends."""
+    if head.count(b"\r") != head.count(b"\r\n"):
+        raise HeadError(400, "a bare CR inside a head line")
+    return head.replace(b"\r\n", b"\n").split(b"\n")[:-2]
+
+
+def parse_field_line(line):
+    """(lower-case name, value) of one header or trailer line; HeadError if malformed."""
+    if line[:1] in (b" ", b"\t"):
+        raise HeadError(400, "obsolete line folding in the head: send each header on one line")
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN_RE.match(name):
+        raise HeadError(400, "malformed header line %r" % line[:60])
+    value = value.strip(b" \t")
+    if _BAD_VALUE_RE.search(value):
+        raise HeadError(400, "header %s has a control character in its value" % name.decode("ascii"))
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def parse_fields(lines):
+    """Header fields of a head; repeated names joined with ", " (a second Host is refused)."""
+    if len(lines) > MAX_HEADERS:
+        raise HeadError(431, "more than %d header fields" % MAX_HEADERS)
+    fields = {}
+    for line in lines:
+        if len(line) > MAX_HEADER_LINE:
+            raise HeadError(431, "a header line is longer than %d bytes" % MAX_HEADER_LINE)
+        key, value = parse_field_line(line)
+        if key in fields:
+            if key == "host":
+                raise HeadError(400, "more than one Host header")
+            value = fields[key] + ", " + value
+        fields[key] = value
+    return fields
+
+
+def parse_request_head(head):
+    """(method, target, version, Headers) of a whole request head, strictly as
+    RFC 9112 says; HeadError (400, 414, 431, 505) for anything else."""
+    lines = head_lines(head)
+    first = lines[0]
+    if len(first) > MAX_HEADER_LINE:
+        raise HeadError(414, "the request line is longer than %d bytes" % MAX_HEADER_LINE)
+    parts = first.split(b" ")
+    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]):
+        raise HeadError(400, "malformed request line %r: send METHOD /path HTTP/1.1" % first[:100])
+    method, target, version = parts
+    m = _VERSION_RE.match(version)
+    if not m:
+        raise HeadError(400, "malformed HTTP version %r" % version[:20])
+    if m.group(1) != b"1":
+        raise HeadError(505, "HTTP version %s is not supported; use HTTP/1.1" % version.decode("ascii"))
+    method = method.decode("ascii")
+    absolute = _ABSOLUTE_RE.match(target)       # RFC 9112 3.2.2: absolute-form must be accepted
+    if absolute:
+        target = absolute.group(1) if absolute.group(1).startswith(b"/") else b"/" + absolute.group(1)
+    try:
+        if not target.startswith(b"/") or _BAD_TARGET_RE.search(target):
+            raise HeadError(400, "the request target must be a path that starts with / (no spaces or control "
+                                 "characters)")
+        fields = parse_fields(lines[1:])
+        host = fields.get("host")
+        if host is not None and not _HOST_RE.match(host):
+            raise HeadError(400, "invalid Host %r" % host[:60])
+        if m.group(2) != b"0" and host is None:
+            raise HeadError(400, "an HTTP/1.1 request needs a Host header")
+    except HeadError as e:
+        e.method = method
+        raise
+    return method, target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", Headers(fields)
+
+
+def parse_response_head(head):
+    """(status, version, Headers) of a whole response head; HeadError if malformed."""
+    lines = head_lines(head)
+    m = _STATUS_LINE_RE.match(lines[0])
+    if not m:
+        raise HeadError(502, "malformed status line %r" % lines[0][:80])
+    if b"\n " in head or b"\n\t" in head:      # obs-fold: RFC 9112 5.2 lets a proxy read it as a space
+        unfolded = []
+        for line in lines[1:]:
+            if line[:1] in (b" ", b"\t") and unfolded:
+                unfolded[-1] = unfolded[-1].rstrip(b" \t") + b" " + line.strip(b" \t")
+            else:
+                unfolded.append(line)
+        lines[1:] = unfolded
+    return int(m.group(2)), "HTTP/1." + m.group(1).decode(), Headers(parse_fields(lines[1:]))
+
+
+def read_request_head(rfile):
+    """The bytes of one request head through its empty line, from a buffered
+    reader (empty lines before it dropped, RFC 9112 2.2); HeadError when too
+    large; ConnectionAbortedError when the client closes in the middle."""
+    head = bytearray()
+    while True:
+        chunk = rfile.peek(1)           # what is buffered (one read when nothing is)
+        if not chunk:
+            raise ConnectionAbortedError("the client closed the connection in the middle of a request head")
+        if not head:
+            skip = len(chunk) - len(chunk.lstrip(b"\r\n"))
+            if skip:
+                if skip > 8:
+                    raise HeadError(400, "more than 4 empty lines before the request line")
+                rfile.read(skip)
+                continue
+        seen = max(0, len(head) - 2)
+        head += chunk
+        end = find_head_end(head, seen)
+        if end >= 0:
+            rfile.read(len(chunk) - (len(head) - end))
+            del head[end:]
+            return bytes(head)
+        rfile.read(len(chunk))
+        if len(head) > MAX_HEAD_BYTES:
+            line_end = head.find(b"\n", 0, MAX_HEADER_LINE + 2)
+            if line_end < 0 or line_end > MAX_HEADER_LINE + 1:
+                raise HeadError(414, "the request line is longer than %d bytes" % MAX_HEADER_LINE)
+            raise HeadError(431, "request header fields too large (a head over %d bytes)" % MAX_HEAD_BYTES)
+
+
+def keeps_alive(version, headers):
+    """Whether the connection stays open after this message (RFC 9112 9.3)."""
+    options = [o.strip().lower() for o in (headers.get("Connection") or "").split(",")]
+    if "close" in options:
+        return False
+    return version == "HTTP/1.1" or "keep-alive" in options
+
+
+KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
+_TIMEVAL = struct.Struct("ll")              # struct timeval: seconds, microseconds
+
+
+def is_tls(sock):
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
+def set_io_timeout(sock, seconds, reads=True, writes=True):
+    """Reads and/or writes on `sock` fail after `seconds` of waiting.  On Linux
+    the kernel keeps the timeouts (SO_RCVTIMEO/SO_SNDTIMEO on a blocking
+    socket), so no poll() runs before every recv and send; a timed-out call
+    raises BlockingIOError, which `recv_some` turns into socket.timeout.  TLS
+    sockets and other systems use Python's socket timeout (for both ways)."""
+    if not KERNEL_TIMEOUTS or is_tls(sock):
+        sock.settimeout(seconds)
+        return
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    seconds = max(seconds, 0.001)           # a zero timeval means "never"
+    value = _TIMEVAL.pack(int(seconds), int((seconds % 1) * 1000000))
+    if reads:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    if writes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def recv_some(sock, size=65536):
+    """One recv; socket.timeout when the (kernel's) timeout passed."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        raise socket.timeout("timed out")
+
+
+# ---------------------------------------------------------------------------
 # Providers: requests and events, pooled upstream HTTP, one class per wire
 # protocol, a registry
 # ---------------------------------------------------------------------------
@@ -1237,6 +1462,7 @@ class CancelScope:
         self.cancelled = self.finished = False
         self.conns, self.callbacks = set(), []
         self.event = threading.Event()
+        self.pending_output = None          # flushes the request's coalesced output (SSEWriter)
 
     @classmethod
     def current(cls):
@@ -1274,6 +1500,12 @@ class CancelScope:
         if self.cancelled:
             raise ClientGone("the client disconnected")
 
+    def about_to_wait(self):
+        """The request's thread is about to block (on the upstream, a queue, a
+        sleep): what it has written so far goes out first, in one send."""
+        if self.pending_output is not None:
+            self.pending_output()
+
     def track(self, conn):
         with self.lock:
             self.check()
@@ -1302,16 +1534,124 @@ def cancellable_sleep(seconds):
     scope = CancelScope.current()
     if scope is None:
         time.sleep(seconds)
-    elif scope.event.wait(seconds):
+        return
+    scope.about_to_wait()
+    if scope.event.wait(seconds):
         scope.check()
 
 
-class UpstreamResponse:
-    """A response from the pool; give it back with `release()` or drop it with `close()`."""
+def wait_for(events, timeout):
+    """The next item of a queue, within `timeout` (queue.Empty after it); the
+    request's pending output goes out before it blocks."""
+    try:
+        return events.get_nowait()
+    except queue.Empty:
+        scope = CancelScope.current()
+        if scope is not None:
+            scope.about_to_wait()
+        return events.get(timeout=timeout)
 
-    def __init__(self, pool, key, conn, resp, scope=None):
-        self.pool, self.key, self.conn, self.resp, self.scope = pool, key, conn, resp, scope
-        self.status = resp.status
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection to an upstream.  A request goes out
+    in one send; `buf` holds what was received and not yet consumed."""
+
+    __slots__ = ("sock", "buf", "used", "timeout")
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.used, self.timeout = sock, bytearray(), 0.0, None
+
+    def fill(self, before_wait=None):
+        """Receive more into `buf`; False at the upstream's EOF.  `before_wait`
+        runs first: the request's pending output goes out before we block."""
+        if before_wait is not None:
+            before_wait()
+        data = recv_some(self.sock)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def take(self, n):
+        buf = self.buf
+        if n >= len(buf):
+            piece = bytes(buf)
+            buf.clear()
+            return piece
+        piece = bytes(buf[:n])
+        del buf[:n]
+        return piece
+
+    def line(self, limit, before_wait=None):
+        """One line with its LF (at most `limit` bytes)."""
+        start = 0
+        while True:
+            end = self.buf.find(b"\n", start)
+            if end >= 0:
+                return self.take(end + 1)
+            if len(self.buf) > limit:
+                raise HeadError(502, "a framing line longer than %d bytes" % limit)
+            start = len(self.buf)
+            if not self.fill(before_wait):
+                raise ConnectionResetError("the upstream closed the connection mid-answer")
+
+    def head(self):
+        """The bytes of the next response head; interim 1xx heads are skipped."""
+        start = 0
+        while True:
+            end = find_head_end(self.buf, max(0, start - 2))
+            if end >= 0:
+                return self.take(end)
+            if len(self.buf) > MAX_HEAD_BYTES:
+                raise HeadError(502, "a response head over %d bytes" % MAX_HEAD_BYTES)
+            start = len(self.buf)
+            if not self.fill():
+                if self.buf:
+                    raise ConnectionResetError("the upstream closed the connection in the middle of a head")
+                raise ConnectionResetError("the upstream closed the connection without answering")
+
+    def close(self):
+        self.sock.close()
+
+
+class UpstreamResponse:
+    """A response from the pool, its body read as it arrives (by length,
+    chunked, or to the end of the connection); give it back with `release()`
+    or drop it with `close()`."""
+
+    def __init__(self, pool, key, conn, scope=None):
+        self.pool, self.key, self.conn, self.scope = pool, key, conn, scope
+        self.before_wait = scope.about_to_wait if scope is not None else None
+        while True:
+            try:
+                self.status, version, self.headers = parse_response_head(conn.head())
+            except HeadError as e:
+                raise http_client_error("a malformed response head (%s)" % e)
+            if not 100 <= self.status < 200 or self.status == 101:
+                break
+        h = self.headers
+        self.will_close = not keeps_alive(version, h)
+        self.chunked, self.remaining, self.chunk_left, self.crlf_due, self.done = False, None, 0, False, False
+        coding, length = h.get("Transfer-Encoding"), h.get("Content-Length")
+        if (h.get("Content-Encoding") or "identity").lower() != "identity":
+            raise http_client_error("a %s-encoded answer, though chatserve asked for identity"
+                                    % h.get("Content-Encoding"))
+        if self.status in (204, 304):
+            self.remaining = 0
+        elif coding is not None:            # RFC 9112 6.3: it overrides a Content-Length
+            self.chunked = coding.replace(" ", "").lower().split(",")[-1] == "chunked"
+            self.will_close = self.will_close or not self.chunked or length is not None
+        elif length is not None:
+            values = set(v.strip() for v in length.split(","))
+            if len(values) != 1 or not _DIGITS_RE.match(next(iter(values))):
+                raise http_client_error("an unusable Content-Length %r" % length[:40])
+            self.remaining = int(values.pop())
+        else:
+            self.will_close = True          # the body ends when the connection does
+        self.done = self.remaining == 0
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
 
     def _broken(self, error):
         """The error for a failed read: ClientGone when our own cancel caused it."""
@@ -1319,60 +1659,105 @@ class UpstreamResponse:
             self.scope.check()
         return error
 
-    def header(self, name, default=None):
-        return self.resp.getheader(name, default)
+    def _piece(self):
+        """The next piece of the body as it arrives; b"" at its end."""
+        if self.done:
+            return b""
+        conn = self.conn
+        if self.chunked:
+            return self._chunk_piece(conn)
+        if not conn.buf and not conn.fill(self.before_wait):
+            if self.remaining is not None:
+                raise ConnectionResetError("the upstream closed the connection %d bytes before the end of its answer"
+                                           % self.remaining)
+            self.done = True
+            return b""
+        if self.remaining is None:
+            return conn.take(len(conn.buf))
+        piece = conn.take(self.remaining)
+        self.remaining -= len(piece)
+        self.done = self.remaining == 0
+        return piece
+
+    def _chunk_piece(self, conn):
+        if self.crlf_due:
+            if conn.line(2, self.before_wait).rstrip(b"\r\n"):
+                raise http_client_error("a chunk that is longer than its size")
+            self.crlf_due = False
+        if not self.chunk_left:
+            if not conn.buf and not conn.fill(self.before_wait):
+                self.done = self.will_close = True      # cut between chunks: the protocol layer tells
+                return b""
+            line = conn.line(1024, self.before_wait)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise http_client_error("a malformed chunk size %r" % line[:40])
+            if size == 0:
+                for _ in range(MAX_HEADERS + 1):        # the trailer section, dropped
+                    if not conn.line(MAX_HEADER_LINE, self.before_wait).rstrip(b"\r\n"):
+                        self.done = True
+                        return b""
+                raise http_client_error("too many trailer lines")
+            self.chunk_left = size
+        if not conn.buf and not conn.fill(self.before_wait):
+            raise ConnectionResetError("the upstream closed the connection inside a chunk")
+        piece = conn.take(self.chunk_left)
+        self.chunk_left -= len(piece)
+        self.crlf_due = not self.chunk_left
+        return piece
+
+    def _failed(self, e):
+        self.close()
+        if isinstance(e, socket.timeout):
+            return UpstreamTimeout("the upstream sent nothing for longer than its timeout, mid-answer")
+        return self._broken(UpstreamError("the upstream connection broke mid-answer: %s" % _os_reason(e)))
 
     def read(self, limit=16 * 1024 * 1024):
         """The whole body (at most `limit` bytes); the connection goes back to the pool."""
+        parts, total = [], 0
         try:
-            data = self._read_upto(limit + 1)
-        except socket.timeout:
-            self.close()
-            raise UpstreamTimeout("the upstream stopped sending its answer (timeout)")
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            raise self._broken(UpstreamError("the upstream connection failed while reading: %s" % e))
+            while total <= limit:
+                piece = self._piece()
+                if not piece:
+                    break
+                parts.append(piece)
+                total += len(piece)
+        except (OSError, UpstreamError) as e:
+            raise self._failed(e)
         if self.scope is not None and self.scope.cancelled:
             self.close()
             self.scope.check()
-        if len(data) > limit:
+        if total > limit:
             self.close()
             raise UpstreamError("the upstream answer is larger than %d bytes" % limit)
         self.release()
-        return data
-
-    def _read_upto(self, limit):
-        # Never resp.read(huge): before Python 3.10 it allocates and zero-fills
-        # a buffer of that size on every call.
-        known = self.resp.length
-        if known is not None and known < limit:
-            return self.resp.read(known) if known else b""
-        parts, total = [], 0
-        while total < limit:
-            piece = self.resp.read(min(65536, limit - total))
-            if not piece:
-                break
-            parts.append(piece)
-            total += len(piece)
         return b"".join(parts)
 
-    def lines(self):
-        """Body lines as they arrive; release the connection at the end.  A
-        silent or broken upstream raises UpstreamTimeout / UpstreamError."""
-        readline = self.resp.readline
+    def lines(self, limit=1024 * 1024):
+        """Body lines (without their line end) as they arrive; the connection is
+        released at the end.  A silent or broken upstream raises UpstreamTimeout /
+        UpstreamError."""
+        rest = b""
         try:
             while True:
-                line = readline(1024 * 1024)
-                if not line:
+                try:
+                    piece = self._piece()
+                except (OSError, UpstreamError) as e:
+                    raise self._failed(e)
+                if not piece:
                     break
-                yield line
+                lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
+                rest = lines.pop()
+                if len(rest) > limit:
+                    raise UpstreamError("the upstream sent a line longer than %d bytes" % limit)
+                for line in lines:
+                    yield line.rstrip(b"\r")
+            if rest:
+                yield rest.rstrip(b"\r")
             if self.scope is not None:
                 self.scope.check()
             self.release()
-        except socket.timeout:
-            raise UpstreamTimeout("sent nothing mid-answer for longer than the upstream timeout")
-        except (OSError, http.client.HTTPException) as e:
-            raise self._broken(UpstreamError("connection broke mid-answer: %s" % _os_reason(e)))
         finally:
             self.close()      # no-op after release(); drops the connection when left early
 
@@ -1382,8 +1767,10 @@ class UpstreamResponse:
         if self.conn is None:
             return
         try:
-            self.resp.read(65536)
-        except (OSError, http.client.HTTPException):
+            for _ in range(64):
+                if not self._piece():
+                    break
+        except (OSError, UpstreamError):
             self.close()
             return
         self.release()
@@ -1396,7 +1783,7 @@ class UpstreamResponse:
                 if self.scope.cancelled:
                     conn.close()
                     return
-            if self.resp.isclosed() and not self.resp.will_close:
+            if self.done and not self.will_close and not conn.buf:
                 self.pool.put(self.key, conn)
             else:
                 conn.close()
@@ -1410,38 +1797,24 @@ class UpstreamResponse:
                 self.scope.untrack(conn)
 
 
-class _PooledHTTPConnection(http.client.HTTPConnection):
-    """http.client connection that connects through the pool's DNS cache."""
-
-    resolver = None
-    pinned = None           # addresses checked by the SSRF guard: connect to these, never re-resolve
-
-    def connect(self):
-        self.sock = self.resolver.connect(self.host, self.port, self.timeout, self.pinned)
-
-
-if ssl is not None:
-    class _PooledHTTPSConnection(http.client.HTTPSConnection):
-        resolver = None
-        pinned = None
-
-        def connect(self):
-            sock = self.resolver.connect(self.host, self.port, self.timeout, self.pinned)
-            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+def http_client_error(what):
+    return UpstreamError("the upstream sent %s" % what)
 
 
 class UpstreamPool:
     """Keep-alive connections to upstreams, per (scheme, host, port), with a
-    small DNS cache.  The one HTTP client every provider uses."""
+    small DNS cache.  The one HTTP client every provider uses: requests are
+    written in one send, responses parsed by `parse_response_head`."""
 
     max_idle = 32          # idle connections kept per upstream
     idle_ttl = 30.0        # seconds an idle connection is trusted
+    recheck_after = 1.0    # an idle connection older than this is checked for the peer's close first
     dns_ttl = 60.0
 
     def __init__(self):
-        self.idle = {}
+        self.idle = {}                  # key -> deque of connections (append/pop are atomic: no lock)
         self.dns = {}
-        self.lock = threading.Lock()
+        self.tls = None                 # one client TLS context, made at the first https upstream
 
     def resolve(self, host, port):
         now = time.monotonic()
@@ -1469,38 +1842,60 @@ class UpstreamPool:
 
     def get(self, key):
         """An idle connection that still looks alive, or None."""
+        stack = self.idle.get(key)
         now = time.monotonic()
-        with self.lock:
-            stack = self.idle.get(key)
-            while stack:
-                conn, since = stack.pop()
-                if now - since < self.idle_ttl and conn.sock is not None and not _readable(conn.sock):
-                    return conn
-                conn.close()
+        while stack:
+            try:
+                conn = stack.pop()
+            except IndexError:
+                return None
+            idle = now - conn.used
+            if idle < self.recheck_after or (idle < self.idle_ttl and not _readable(conn.sock)):
+                return conn
+            conn.close()
         return None
 
     def put(self, key, conn):
-        with self.lock:
-            stack = self.idle.setdefault(key, [])
-            if len(stack) < self.max_idle:
-                stack.append((conn, time.monotonic()))
-                return
-        conn.close()
-
-    def new_connection(self, scheme, host, port, connect_timeout, pinned=None):
-        if scheme == "https":
-            if ssl is None:
-                raise UpstreamError("https upstreams need Python's ssl module, which this Python lacks")
-            conn = _PooledHTTPSConnection(host, port, timeout=connect_timeout,
-                                          context=ssl.create_default_context())
+        stack = self.idle.get(key)
+        if stack is None:
+            stack = self.idle.setdefault(key, collections.deque())
+        if len(stack) < self.max_idle:
+            conn.used = time.monotonic()
+            stack.append(conn)
         else:
-            conn = _PooledHTTPConnection(host, port, timeout=connect_timeout)
-        conn.resolver, conn.pinned = self, pinned
-        return conn
+            conn.close()
+
+    def open(self, scheme, host, port, connect_timeout, pinned=None):
+        """A new connected (and for https, TLS-wrapped) UpstreamConnection."""
+        try:
+            sock = self.connect(host, port, connect_timeout, pinned)
+            if scheme == "https":
+                if ssl is None:
+                    sock.close()
+                    raise UpstreamError("https upstreams need Python's ssl module, which this Python lacks")
+                if self.tls is None:
+                    self.tls = ssl.create_default_context()
+                sock = self.tls.wrap_socket(sock, server_hostname=host)
+        except socket.timeout:
+            raise UpstreamTimeout("connecting to %s:%d timed out after %gs" % (host, port, connect_timeout))
+        except OSError as e:
+            raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
+        return UpstreamConnection(sock)
+
+    @staticmethod
+    def request_head(method, target, host, port, scheme, headers, body):
+        authority = "[%s]" % host if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            authority += ":%d" % port
+        lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + authority, "Accept-Encoding: identity"]
+        lines.extend("%s: %s" % item for item in headers.items())
+        if body is not None:
+            lines.append("Content-Length: %d" % len(body))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None):
-        """Send a request and wait for the status line (the first byte).  A pooled
-        connection the server has closed meanwhile is retried once on a new one."""
+        """Send a request and wait for the response head.  A pooled connection
+        the server has closed meanwhile is retried once on a new one."""
         parts = urllib.parse.urlsplit(url)
         scheme, host = parts.scheme, parts.hostname
         port = parts.port or (443 if scheme == "https" else 80)
@@ -1511,58 +1906,52 @@ class UpstreamPool:
                        for name, value in (headers or {}).items()}
         except ValueError as e:
             raise BadRequest("%s; check the key or setting you sent" % e)
+        message = self.request_head(method, target, host, port, scheme, headers, body) + (body or b"")
         for attempt in (0, 1):
             if scope is not None:
                 scope.check()
             conn = self.get(key) if attempt == 0 else None
             reused, retry = conn is not None, False
-            if conn is None:
-                conn = self.new_connection(scheme, host, port, connect_timeout, pinned)
             try:
+                if conn is None:
+                    conn = self.open(scheme, host, port, connect_timeout, pinned)
                 if scope is not None:
                     scope.track(conn)       # from now on the client's hang-up shuts this connection
-                if not reused:
-                    self._connect(conn, host, port, connect_timeout)
-                    if scope is not None:
+                    if not reused:
                         scope.check()       # the client left while we connected: send nothing
-                conn.sock.settimeout(read_timeout)
-                conn.request(method, target, body=body, headers=headers)
-                return UpstreamResponse(self, key, conn, conn.getresponse(), scope)
+                if conn.timeout != read_timeout:
+                    set_io_timeout(conn.sock, read_timeout)
+                    conn.timeout = read_timeout
+                conn.sock.sendall(message)
+                return UpstreamResponse(self, key, conn, scope)
             except ChatServeError as e:
                 error = e
             except ClientGone:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 raise
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
                 error = UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            except (ConnectionResetError, BrokenPipeError) as e:
                 error = UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
                 retry = reused
-            except (OSError, http.client.HTTPException) as e:
+            except OSError as e:
                 error = UpstreamError("upstream %s:%d failed: %s" % (host, port, _os_reason(e)))
-            conn.close()
+            if conn is not None:
+                conn.close()
+                if scope is not None:
+                    scope.untrack(conn)
             if scope is not None:
-                scope.untrack(conn)
                 scope.check()               # cancelled: ClientGone, never a retry
             if not retry:
                 raise error
         raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
 
-    @staticmethod
-    def _connect(conn, host, port, timeout):
-        try:
-            conn.connect()
-        except socket.timeout:
-            raise UpstreamTimeout("connecting to %s:%d timed out after %gs" % (host, port, timeout))
-        except OSError as e:
-            raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
-
     def close(self):
-        with self.lock:
-            stacks, self.idle = list(self.idle.values()), {}
+        stacks, self.idle = list(self.idle.values()), {}
         for stack in stacks:
-            for conn, _ in stack:
-                conn.close()
+            while stack:
+                stack.pop().close()
 
 
 def _readable(sock):
@@ -5826,7 +6215,7 @@ def agent_events(listener):
     """A job's events until it ends; None every AGENT_KEEPALIVE seconds of silence."""
     while True:
         try:
-            event = listener.get(timeout=AGENT_KEEPALIVE)
+            event = wait_for(listener, AGENT_KEEPALIVE)
         except queue.Empty:
             yield None
             continue
@@ -5847,7 +6236,7 @@ def route_agent_updates(h):
             sse.send({"type": "connected", "client_id": client_id})
             while True:
                 try:
-                    event = events.get(timeout=AGENT_KEEPALIVE)
+                    event = wait_for(events, AGENT_KEEPALIVE)
                 except queue.Empty:
                     sse.comment("keepalive")
                     continue
@@ -5998,8 +6387,13 @@ class _DateCache:
 
 
 class SSEWriter:
-    """The one SSE writer: headers once, then a frame per `send()`, each sent
-    (and so flushed) at once; chunked on HTTP/1.1 so the connection survives."""
+    """The one SSE writer: the head, then frames.  Frames are gathered and go
+    out in one send when the request's thread is about to wait (for the
+    upstream, a queue, a sleep) or at the end: all the events decoded from one
+    upstream read leave together, and none waits for a later one.  Chunked on
+    HTTP/1.1 so the connection survives."""
+
+    max_pending = 65536         # bytes gathered before a send regardless
 
     def __init__(self, handler, extra_headers=None):
         self.h = handler
@@ -6011,13 +6405,30 @@ class SSEWriter:
             headers["Transfer-Encoding"] = "chunked"
         else:
             handler.close_connection = True
-        handler.write_head(200, headers)
-        self.closed = False
+        self.closed, self.scope, self.pending, self.size = False, handler.scope, [], 0
+        self.head = handler.write_head(200, headers, send=self.scope is None) or b""
+        if self.scope is not None:
+            self.scope.pending_output = self.flush      # the head goes out with the first events
 
     def write(self, payload):
-        if self.chunked:
-            payload = b"%x\r\n%s\r\n" % (len(payload), payload)
-        self.h.write_raw(payload)
+        self.pending.append(payload)
+        self.size += len(payload)
+        if self.size >= self.max_pending or self.scope is None:
+            self.flush()
+
+    def _framed(self):
+        """The head (until sent) and the gathered frames, as one chunk."""
+        data = b"".join(self.pending)
+        self.pending, self.size = [], 0
+        if data and self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        head, self.head = self.head, b""
+        return head + data
+
+    def flush(self):
+        data = self._framed()
+        if data:
+            self.h.write_raw(data)
 
     def send(self, data, event=None):
         self.write(sse_frame(data, event))
@@ -6029,169 +6440,85 @@ class SSEWriter:
         if not self.closed:
             self.closed = True
             self.h.response_complete()
-            if self.chunked:
-                self.h.write_raw(b"0\r\n\r\n")
+            data = self._framed() + (b"0\r\n\r\n" if self.chunked else b"")
+            if data:
+                self.h.write_raw(data)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.scope is not None:
+            self.scope.pending_output = None
         if exc_type is None:
             self.close()
-        else:
-            self.h.close_connection = True   # the stream broke off: the framing is gone
+            return
+        self.h.close_connection = True   # the stream broke off: the framing is gone
+        try:
+            self.flush()                 # what was said still reaches the client
+        except ClientGone:
+            pass
 
 
-class DeadlineReader(socket.SocketIO):
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)     # Linux only
+
+
+def quick_ack(sock):
+    """ACK the headers at once: a client that sends headers and body in two
+    writes with Nagle on would otherwise wait ~40 ms for our delayed ACK."""
+    if TCP_QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        except (OSError, AttributeError):
+            pass
+
+
+class ClientReader(io.RawIOBase):
     """The connection's raw reader, with an optional deadline for a whole
     phase (the request head, the body): each read waits at most what is left,
-    so a client sending a byte at a time cannot stretch a phase forever."""
+    so a client sending a byte at a time cannot stretch a phase forever.  The
+    read timeout is applied only when a read needs a different one: while
+    requests arrive whole, every read is one recv and nothing else."""
 
     def __init__(self, sock):
-        super().__init__(sock, "rb")
-        self.deadline, self.rate, self.received = None, 0, 0
+        self.sock = sock
+        self.deadline, self.rate, self.received, self.per_read, self.applied = None, 0, 0, None, None
+        self.ack = False
+
+    def readable(self):
+        return True
 
     def readinto(self, buffer):
+        wanted = self.per_read
         if self.deadline is not None:
             # with a rate, the deadline moves out as bytes come: `rate` bytes/s on average
             left = self.deadline + (self.received / self.rate if self.rate else 0) - time.monotonic()
             if left <= 0:
                 raise socket.timeout("deadline passed")
-            self._sock.settimeout(min(left, self.per_read))
-        n = super().readinto(buffer)
-        self.received += n or 0
+            wanted = min(left, wanted)
+        if wanted != self.applied:
+            set_io_timeout(self.sock, wanted, writes=False)
+            self.applied = wanted
+        if self.ack:                        # a body is awaited that is not here yet
+            self.ack = False
+            quick_ack(self.sock)
+        try:
+            n = self.sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out")
+        self.received += n
         return n
 
-    def phase(self, seconds, per_read, rate=0):
+    def phase(self, seconds, per_read, rate=0, ack=False):
         """From now, at most `seconds` in all (plus 1 s per `rate` bytes read, when
-        given) and `per_read` per read; seconds None: no deadline."""
+        given) and `per_read` per read; seconds None: no deadline.  `ack`: ACK
+        at once before the next read (see quick_ack)."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
-        self.per_read, self.rate, self.received = per_read, rate, 0
-        self._sock.settimeout(per_read)
-
-
-class HeadError(Exception):
-    """A request head that chatserve refuses: its status, then the connection closes."""
-
-    def __init__(self, status, message, method=""):
-        super().__init__(message)
-        self.status, self.message, self.method = status, message, method
+        self.per_read, self.rate, self.received, self.ack = per_read, rate, 0, ack
 
 
 class HeadOnly(Exception):
     """The head of a HEAD response is out: the route stops there."""
-
-
-class Headers:
-    """Request headers: case-insensitive `get()`; repeated fields joined with ", "."""
-
-    __slots__ = ("fields",)
-
-    def __init__(self, fields):
-        self.fields = fields
-
-    def get(self, name, default=None):
-        return self.fields.get(name.lower(), default)
-
-    def __contains__(self, name):
-        return name.lower() in self.fields
-
-    def items(self):
-        return self.fields.items()
-
-
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSION_RE = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
-_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f-\xff]")
-_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
-_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r\n$")
-_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?$")
-_ABSOLUTE_RE = re.compile(rb"^https?://[^/?#]*(.*)$", re.I)
-
-
-def _head_line(raw):
-    """A head line without its CRLF (or bare LF, RFC 9112 2.2); a bare CR inside is refused."""
-    if raw.endswith(b"\r\n"):
-        line = raw[:-2]
-    elif raw.endswith(b"\n"):
-        line = raw[:-1]
-    else:       # readline stopped short of its limit: the client closed mid-head; nobody to answer
-        raise ConnectionAbortedError("the client closed the connection in the middle of a request head")
-    if b"\r" in line:
-        raise HeadError(400, "a bare CR inside a request head line")
-    return line
-
-
-def parse_field_line(line):
-    """(lower-case name, value) of one header or trailer line; HeadError if malformed."""
-    if line[:1] in (b" ", b"\t"):
-        raise HeadError(400, "obsolete line folding in the request head: send each header on one line")
-    name, colon, value = line.partition(b":")
-    if not colon or not _TOKEN_RE.match(name):
-        raise HeadError(400, "malformed header line %r" % line[:60])
-    value = value.strip(b" \t")
-    if _BAD_VALUE_RE.search(value):
-        raise HeadError(400, "header %s has a control character in its value" % name.decode("ascii"))
-    return name.decode("ascii").lower(), value.decode("latin-1")
-
-
-def parse_head(first, rfile):
-    """(method, target, version, Headers) from a request head, strictly as
-    RFC 9112 says; HeadError (400, 414, 431, 505) for anything else."""
-    for _ in range(4):                  # RFC 9112 2.2: ignore empty lines before a request line
-        if first not in (b"\r\n", b"\n"):
-            break
-        first = rfile.readline(MAX_HEADER_LINE + 1)
-    if len(first) > MAX_HEADER_LINE:
-        raise HeadError(414, "the request line is longer than %d bytes" % MAX_HEADER_LINE)
-    parts = _head_line(first).split(b" ")
-    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]):
-        raise HeadError(400, "malformed request line %r: send METHOD /path HTTP/1.1" % first[:100])
-    method, target, version = parts
-    m = _VERSION_RE.match(version)
-    if not m:
-        raise HeadError(400, "malformed HTTP version %r" % version[:20])
-    if m.group(1) != b"1":
-        raise HeadError(505, "HTTP version %s is not supported; use HTTP/1.1" % version.decode("ascii"))
-    method = method.decode("ascii")
-    absolute = _ABSOLUTE_RE.match(target)       # RFC 9112 3.2.2: absolute-form must be accepted
-    if absolute:
-        target = absolute.group(1) if absolute.group(1).startswith(b"/") else b"/" + absolute.group(1)
-    if not target.startswith(b"/") or _BAD_TARGET_RE.search(target):
-        raise HeadError(400, "the request target must be a path that starts with / (no spaces or control "
-                             "characters)", method)
-    fields, total = {}, len(first)
-    while True:
-        raw = rfile.readline(MAX_HEADER_LINE + 1)
-        total += len(raw)
-        if len(raw) > MAX_HEADER_LINE or total > MAX_HEAD_BYTES:
-            raise HeadError(431, "request header fields too large (a line over %d bytes or a head over %d)"
-                            % (MAX_HEADER_LINE, MAX_HEAD_BYTES), method)
-        try:
-            line = _head_line(raw)
-            if not line:
-                break
-            if len(fields) >= MAX_HEADERS:
-                raise HeadError(431, "more than %d request header fields" % MAX_HEADERS)
-            key, text = parse_field_line(line)
-            if key == "host" and (key in fields or not _HOST_RE.match(text)):
-                raise HeadError(400, "more than one Host header" if key in fields else "invalid Host %r" % text[:60])
-        except HeadError as e:
-            e.method = method
-            raise
-        fields[key] = fields[key] + ", " + text if key in fields else text
-    if m.group(2) != b"0" and "host" not in fields:
-        raise HeadError(400, "an HTTP/1.1 request needs a Host header", method)
-    return method, target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", Headers(fields)
-
-
-def keeps_alive(version, headers):
-    """Whether the connection stays open after this request (RFC 9112 9.3)."""
-    options = [o.strip().lower() for o in (headers.get("Connection") or "").split(",")]
-    if "close" in options:
-        return False
-    return version == "HTTP/1.1" or "keep-alive" in options
 
 
 def hung_up(fd):
@@ -6287,7 +6614,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """One client connection: parse strictly, authenticate, route, answer, log.
 
     Framing is owned here and nowhere else: the head is parsed by
-    `parse_head` (RFC 9112, refusals close the connection); a body the route
+    `parse_request_head` (RFC 9112, refusals close the connection); a body the route
     did not read is discarded before the response head goes out, or the
     connection is closed; so the next request is always read from its own
     first byte."""
@@ -6300,7 +6627,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.disable_nagle_algorithm = self.server.address_family != socket.AF_UNIX
         super().setup()
-        self.reader = DeadlineReader(self.connection)
+        if not is_tls(self.connection):     # TLS sockets have one timeout, set per read
+            set_io_timeout(self.connection, self.server.app.config.request_timeout, reads=False)
+        self.reader = ClientReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.watched, self.scope = False, None
         self.app = self.server.app
@@ -6331,8 +6660,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.body_cap, self.large_permit = config.max_body_bytes, False
             self.reader.phase(config.header_timeout, config.request_timeout)
             try:
-                first = self.rfile.readline(MAX_HEADER_LINE + 1)
-                self.command, self.path, self.request_version, self.headers = parse_head(first, self.rfile)
+                self.command, self.path, self.request_version, self.headers = \
+                    parse_request_head(read_request_head(self.rfile))
                 tracker.set_idle(self, False)       # a half-sent head does not hold the drain
                 self.close_connection = not keeps_alive(self.request_version, self.headers)
                 self.body_pending = self._framing()
@@ -6475,9 +6804,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.continue_sent:
                 self.continue_sent = True
                 self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-            quick_ack(self.connection)
             config = self.app.config
-            self.reader.phase(config.request_timeout, config.request_timeout, config.min_body_rate)
+            self.reader.phase(config.request_timeout, config.request_timeout, config.min_body_rate, ack=True)
             try:
                 if self.body_length is None:
                     return self._read_chunked(cap)
@@ -6574,9 +6902,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ClientGone(str(e))
         self.bytes_sent += len(data)
 
-    def write_head(self, status, headers, body=b""):
-        """Status line, headers and (optionally) the body in one write.  A HEAD
-        request gets the head alone, then the route stops (HeadOnly)."""
+    def write_head(self, status, headers, body=b"", send=True):
+        """Status line, headers and (optionally) the body in one write (with
+        send False: returned, for the caller to send).  A HEAD request gets the
+        head alone, then the route stops (HeadOnly)."""
         self.settle_body()
         lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "")),
                  "Server: " + self.server_version, "Date: " + _DateCache.get()]
@@ -6600,6 +6929,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.response_complete()
             self.write_raw(head)
             raise HeadOnly()
+        if not send:
+            return head + body
         self.write_raw(head + body)
 
     def send_bytes(self, status, body, content_type, headers=None):
@@ -6729,19 +7060,6 @@ class ConnectionTracker:
         for sock in left:
             shutdown_socket(sock, socket.SHUT_RDWR)     # the hang-up monitor cancels their upstreams
         return len(left)
-
-
-TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)     # Linux only
-
-
-def quick_ack(sock):
-    """ACK the headers at once: a client that sends headers and body in two
-    writes with Nagle on would otherwise wait ~40 ms for our delayed ACK."""
-    if TCP_QUICKACK is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-        except (OSError, AttributeError):
-            pass
 
 
 class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -755,7 +755,7 @@ class OpenAIProviderTest(ServerTestCase):
         # The upstream forgets its keep-alive connections (a restart, an idle timeout).
         pool = self.app.engine.pool
         for stack in pool.idle.values():
-            for conn, _ in stack:
+            for conn in stack:
                 conn.sock.shutdown(socket.SHUT_RDWR)
         self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
 
@@ -4918,7 +4918,7 @@ HEALTH = response(b'{"status":"ok"}', "application/json")
 lsock = socket.socket()
 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 lsock.bind(("127.0.0.1", 0))
-lsock.listen(512)
+lsock.listen(4096)
 lsock.setblocking(False)
 print(lsock.getsockname()[1], flush=True)
 sel = selectors.DefaultSelector()
@@ -4943,15 +4943,46 @@ def answer(buf):
         del buf[:i + 4 + n]
         if head.startswith(b"get"):
             out.append(HEALTH)
+        elif b'"model":"slow"' in body:     # a 2-second stream: one event now, then one every 0.2 s
+            out.append(SLOW_HEAD + SLOW_EVENT)
+            paced.append([time.monotonic() + SLOW_GAP, key_conn[0], SLOW_EVENTS - 1])
         elif b'"stream":true' in body or b'"stream": true' in body:
             out.append(STREAM)
         else:
             out.append(PLAIN)
     return b"".join(out)
 
+SLOW_GAP, SLOW_EVENTS = 0.2, 10
+SLOW_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+_slow = b"data: " + json.dumps(chunk({"content": "tick "})).encode() + b"\n\n"
+SLOW_EVENT = b"%x\r\n%s\r\n" % (len(_slow), _slow)
+_end = b"data: " + json.dumps(chunk({}, "stop")).encode() + b"\n\ndata: [DONE]\n\n"
+SLOW_END = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_end), _end)
+paced, key_conn = [], [None]
+
+def send_paced(now):
+    """The due events of the paced streams (a few per connection are fine to block on)."""
+    for item in list(paced):
+        if item[0] > now:
+            continue
+        item[2] -= 1
+        data = SLOW_EVENT if item[2] > 0 else SLOW_EVENT + SLOW_END
+        try:
+            item[1].settimeout(5.0)
+            item[1].sendall(data)
+            item[1].setblocking(False)
+        except OSError:
+            item[2] = 0
+        if item[2] <= 0:
+            paced.remove(item)
+        else:
+            item[0] += SLOW_GAP
+
 deadline = time.monotonic() + LIFETIME
 while time.monotonic() < deadline:
-    for key, _ in sel.select(1.0):
+    if paced:
+        send_paced(time.monotonic())
+    for key, _ in sel.select(0.01 if paced else 1.0):
         if key.data is None:
             try:
                 conn, _ = lsock.accept()
@@ -4973,6 +5004,7 @@ while time.monotonic() < deadline:
             conn.close()
             continue
         buf += data
+        key_conn[0] = conn
         out = answer(buf)
         if out:
             try:
@@ -4984,6 +5016,67 @@ while time.monotonic() < deadline:
             except OSError:
                 sel.unregister(conn)
                 conn.close()
+'''
+
+# The issue's reference upstream: stdlib http.server with Nagle off, threads,
+# HTTP/1.1 keep-alive.  A streamed answer is argv[2] content events plus the
+# finish and [DONE], each written (sent) on its own, as an LLM server does.
+BENCH_STDLIB_UPSTREAM_CODE = r'''
+import http.server, json, os, sys, threading, time
+LIFETIME, EVENTS = float(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 200
+
+def chunk(delta, finish=None):
+    return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def framed(event):
+    data = b"data: " + json.dumps(event).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+PLAIN = json.dumps({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}).encode()
+TOKEN, FINISH = framed(chunk({"content": "tok "})), framed(chunk({}, "stop"))
+DONE = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+MODELS = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def answer(self, body, content_type="application/json"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.answer(MODELS)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if b'"stream":true' not in body:
+            return self.answer(PLAIN)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for _ in range(EVENTS):
+            self.wfile.write(TOKEN)
+        self.wfile.write(FINISH)
+        self.wfile.write(DONE)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+server.request_queue_size = 256
+print(server.server_address[1], flush=True)
+threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+time.sleep(LIFETIME)
+os._exit(0)
 '''
 
 # The naive server of the Nagle demonstration: stdlib http.server with Nagle
@@ -5208,9 +5301,105 @@ def seq(s):
             sock.close()
     return out
 
+def events(s):
+    """Sequential streams on one keep-alive connection for `duration` seconds: SSE events per second."""
+    addr, req = (s["host"], s["port"]), s["request"].encode("latin-1")
+    sock, out = connect(addr), {"events": 0, "streams": 0, "errors": 0}
+    t0 = perf()
+    try:
+        while perf() - t0 < s["duration"]:
+            sock.sendall(req)
+            buf, n = bytearray(), None
+            for _ in range(1000000):
+                data = sock.recv(262144)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                buf += data
+                if buf.endswith(b"0\r\n\r\n"):
+                    n = frame_end(buf)
+                    if n is not None:
+                        break
+            if n is None or n < 0 or bytes(buf[9:12]) != b"200":
+                raise ValueError("bad stream: %r" % bytes(buf[:200]))
+            out["events"] += buf.count(b"data: ")
+            out["streams"] += 1
+    except (OSError, ValueError) as e:
+        out["errors"] += 1
+        out["failure"] = "%s: %s" % (e.__class__.__name__, e)
+    finally:
+        sock.close()
+    out["elapsed"] = perf() - t0
+    out["events_per_second"] = out["events"] / out["elapsed"]
+    return out
+
+def streams(s):
+    """`count` streams at once, each on its own connection from one of `sources`
+    loopback addresses: time to the first `data:` byte and to the end, per stream."""
+    req = s["request"].encode("latin-1")
+    sel, socks = selectors.DefaultSelector(), []
+    out = {"ttfb": [], "total": [], "errors": 0, "statuses": {}}
+    t0 = perf()
+    try:
+        for i in range(s["count"]):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind(("127.0.0.%d" % (2 + i % s["sources"]), 0))
+            sock.setblocking(False)
+            try:
+                sock.connect((s["host"], s["port"]))
+            except BlockingIOError:
+                pass
+            sel.register(sock, selectors.EVENT_WRITE, [sock, bytearray(), perf(), None, False])
+        open_ = s["count"]
+        hard = perf() + s["max_seconds"]
+        while open_ and perf() < hard:
+            for key, mask in sel.select(0.5):
+                st = key.data
+                sock = st[0]
+                if mask & selectors.EVENT_WRITE and not st[4]:
+                    try:
+                        sock.sendall(req)
+                    except OSError:
+                        out["errors"] += 1
+                        sel.unregister(sock)
+                        open_ -= 1
+                        continue
+                    st[4] = True
+                    sel.modify(sock, selectors.EVENT_READ, st)
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                t = perf()
+                if data:
+                    st[1] += data
+                    if st[3] is None and st[1].find(b"data:") >= 0:
+                        st[3] = t - st[2]
+                    n = frame_end(st[1])
+                    if n is None:
+                        continue
+                status = bytes(st[1][9:12]).decode("latin-1", "replace") or "closed"
+                if status != "200" or not data:
+                    out["errors"] += 1
+                    out["statuses"][status] = out["statuses"].get(status, 0) + 1
+                else:
+                    out["ttfb"].append(st[3] if st[3] is not None else t - st[2])
+                    out["total"].append(t - st[2])
+                sel.unregister(sock)
+                open_ -= 1
+        out["errors"] += open_
+        if open_:
+            out["statuses"]["unfinished"] = open_
+    finally:
+        for sock in socks:
+            sock.close()
+    out["elapsed"] = perf() - t0
+    return out
+
 spec = json.loads(sys.argv[1])
 cpu0 = time.process_time()
-result = load(spec) if spec["mode"] == "load" else seq(spec)
+result = {"load": load, "seq": seq, "events": events, "streams": streams}[spec["mode"]](spec)
 result["cpu_seconds"] = time.process_time() - cpu0
 print(json.dumps(result))
 '''
@@ -5269,8 +5458,8 @@ def _bench_read_port(proc, timeout=10.0):
     return int(line)
 
 
-def _bench_start_helper(code, procs):
-    proc = _bench_popen([sys.executable, "-c", code, str(BENCH_HELPER_LIFETIME)],
+def _bench_start_helper(code, procs, *args):
+    proc = _bench_popen([sys.executable, "-c", code, str(BENCH_HELPER_LIFETIME)] + [str(a) for a in args],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     procs.append(proc)
     return proc, _bench_read_port(proc)
@@ -5299,16 +5488,19 @@ def _bench_health(port, connect_timeout=0.05):
         return False
 
 
-def _bench_env(upstream_port):
+def _bench_env(upstream_port, defaults=False):
+    """chatserve's environment; defaults False turns the per-client rate limit
+    off (one load generator sends thousands of requests/s)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CHATSERVE_", "CHATCLI_", "OPENAI_", "LLM_"))}
     env.update(OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % upstream_port, OPENAI_API_KEY="k",
-               LLM_PROVIDER="OPENAI", CHATCLI_RATE_LIMIT_RPS="0",        # one client, thousands of requests/s
-               CHATSERVE_DATA_DIR=os.path.join(tempfile.gettempdir(), "chatserve-bench"))
+               LLM_PROVIDER="OPENAI", CHATSERVE_DATA_DIR=os.path.join(tempfile.gettempdir(), "chatserve-bench"))
+    if not defaults:
+        env["CHATCLI_RATE_LIMIT_RPS"] = "0"
     return env
 
 
-def _bench_start_chatserve(script, upstream_port, tmpdir, procs, name="cs", max_wait=15.0):
+def _bench_start_chatserve(script, upstream_port, tmpdir, procs, name="cs", max_wait=15.0, defaults=False):
     """Start `chatserve.py serve`; (proc, port, seconds until /health answered)."""
     for attempt in range(3):         # the free port may be taken meanwhile: retry on another
         port = _bench_free_port()
@@ -5318,7 +5510,7 @@ def _bench_start_chatserve(script, upstream_port, tmpdir, procs, name="cs", max_
             proc = _bench_popen([sys.executable, script, "serve", "--port", str(port), "--metrics-port", "0",
                                  "--socket", os.path.join(tmpdir, "%s.sock" % name), "--log-level", "warning",
                                  "--drain-timeout", "2"],
-                                env=_bench_env(upstream_port), stdin=subprocess.DEVNULL,
+                                env=_bench_env(upstream_port, defaults), stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT)
         procs.append(proc)
         deadline = started + max_wait
@@ -5408,6 +5600,71 @@ def _bench_seq(port, count, stream=False, split=False, nodelay=True, warm=10, ma
     if not res["total"]:
         raise RuntimeError("sequential run on port %d got no answer: %s" % (port, res.get("failure")))
     return res
+
+
+def _bench_stream_request(port, model="m"):
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                      separators=(",", ":"))
+    return ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            "Content-Length: %d\r\n\r\n%s" % (port, len(body), body))
+
+
+def _bench_events(port, duration):
+    res = _bench_gen({"mode": "events", "host": "127.0.0.1", "port": port, "duration": duration,
+                      "request": _bench_stream_request(port)}, timeout=duration + 60)
+    if res["errors"] or not res["streams"]:
+        raise RuntimeError("stream run on port %d failed: %s" % (port, res.get("failure")))
+    return res
+
+
+def _bench_syscalls_per_event(pid, port, duration=2.0):
+    """System calls chatserve makes per streamed event (strace -c -f), or None without strace."""
+    if not shutil.which("strace"):
+        return None
+    out = os.path.join(tempfile.gettempdir(), "chatserve-bench-strace-%d.txt" % os.getpid())
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)                         # attached to every thread
+        res = _bench_events(port, duration)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    calls = None
+    try:
+        with open(out) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[-1] == "total":
+                    calls = int(parts[3])
+        os.unlink(out)
+    except (OSError, ValueError):
+        return None
+    return None if calls is None else calls / float(res["events"])
+
+
+def _bench_streams(port, count, sources):
+    return _bench_gen({"mode": "streams", "host": "127.0.0.1", "port": port, "count": count, "sources": sources,
+                       "max_seconds": 60.0, "request": _bench_stream_request(port, "slow")}, timeout=120)
+
+
+def _bench_idle_connections(pid, port, count):
+    """RSS growth (kB) of chatserve holding `count` idle keep-alive connections (each answered once)."""
+    before, socks = _bench_proc_status(pid, "VmRSS"), []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(sock)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for sock in socks:
+            if not sock.recv(4096).startswith(b"HTTP/1.1 200"):
+                raise RuntimeError("an idle-connection probe was not answered 200")
+        time.sleep(0.5)
+        after = _bench_proc_status(pid, "VmRSS")
+    finally:
+        for sock in socks:
+            sock.close()
+    return None if before is None or after is None else after - before
 
 
 def _bench_sanity(port):
@@ -5549,6 +5806,7 @@ def run_bench(out=sys.stdout, script=None, duration=BENCH_MEASURE_SECONDS) -> di
         r["nagle_ok"] = r["nagle_p50_ms_chatserve"] < 1.0
         r["nagle_ok_split_client"] = r["nagle_p50_ms_chatserve_split"] < 1.0
         r["nagle_stall_reproduced"] = max(r["nagle_p50_ms_naive_split"], r["nagle_p50_ms_naive"]) > 20.0
+        _bench_targets(r, say, script, tmpdir, procs, up_port, duration)
         r["bench_seconds"] = time.perf_counter() - t_begin
         _bench_report(r, say)
         return r
@@ -5566,6 +5824,83 @@ def run_bench(out=sys.stdout, script=None, duration=BENCH_MEASURE_SECONDS) -> di
             os.rmdir(tmpdir)
         except OSError:
             pass
+
+
+BENCH_STREAM_EVENTS = 200       # content events per stream from the stdlib upstream
+BENCH_STREAMS = 1000            # concurrent 2-second streams at default settings
+BENCH_STREAM_SOURCES = 20       # loopback source addresses they come from (50 each: within the default rate limit)
+BENCH_IDLE_CONNECTIONS = 1000
+
+
+def _bench_targets(r, say, script, tmpdir, procs, fast_port, duration):
+    """The performance issue's targets, as ratios measured in this run against
+    the issue's reference upstream (stdlib http.server, Nagle off)."""
+    std_proc, std_port = _bench_start_helper(BENCH_STDLIB_UPSTREAM_CODE, procs, BENCH_STREAM_EVENTS)
+    cs_proc, cs_port, _ = _bench_start_chatserve(script, std_port, tmpdir, procs, name="ref")
+    _bench_sanity(cs_port)
+    for conns in (1, 32):
+        for name, port, pids in (("ref_upstream", std_port, {"upstream": std_proc.pid}),
+                                 ("ref_chatserve", cs_port, {"upstream": std_proc.pid, "chatserve": cs_proc.pid})):
+            say("... %s, concurrency %d, %gs" % (name, conns, duration))
+            res = _bench_load(port, conns, pids, duration=duration)
+            r["rps_%s_c%d" % (name, conns)] = res["rps"]
+            r["cpu_us_%s_c%d" % (name, conns)] = res["cpu_us_per_request"].get("chatserve")
+    say("... streamed events/s, directly and through chatserve")
+    r["events_per_s_upstream"] = _bench_events(std_port, duration)["events_per_second"]
+    r["events_per_s_chatserve"] = _bench_events(cs_port, duration)["events_per_second"]
+    say("... system calls per streamed event (strace)")
+    r["syscalls_per_event"] = _bench_syscalls_per_event(cs_proc.pid, cs_port)
+    _bench_stop(cs_proc)
+    _bench_stop(std_proc)
+
+    say("... %d concurrent 2-second streams, chatserve at default settings" % BENCH_STREAMS)
+    cs_proc, cs_port, _ = _bench_start_chatserve(script, fast_port, tmpdir, procs, name="defaults", defaults=True)
+    res = _bench_streams(cs_port, BENCH_STREAMS, BENCH_STREAM_SOURCES)
+    r["streams_ok"], r["streams_errors"], r["streams_statuses"] = len(res["total"]), res["errors"], res["statuses"]
+    r["streams_ttfb_p50_ms"] = _bench_pct(res["ttfb"], 0.5) * 1000.0
+    r["streams_ttfb_p99_ms"] = _bench_pct(res["ttfb"], 0.99) * 1000.0
+    r["streams_total_p99_ms"] = _bench_pct(res["total"], 0.99) * 1000.0
+    r["streams_rss_peak_kb"] = _bench_proc_status(cs_proc.pid, "VmHWM")
+    time.sleep(0.5)
+    say("... %d idle keep-alive connections" % BENCH_IDLE_CONNECTIONS)
+    r["idle_connections_kb"] = _bench_idle_connections(cs_proc.pid, cs_port, BENCH_IDLE_CONNECTIONS)
+    _bench_stop(cs_proc)
+
+
+def _bench_target_rows(r):
+    """(what, measured, target, met) for each target of the performance issue."""
+    def ratio(a, b):
+        return r[a] / r[b] if r.get(a) and r.get(b) else float("nan")
+    rows = []
+    for c in (1, 32):
+        x = ratio("rps_ref_chatserve_c%d" % c, "rps_ref_upstream_c%d" % c)
+        rows.append(("requests/s vs upstream alone, c=%d" % c, "%.0f / %.0f = %.2fx" % (
+            r["rps_ref_chatserve_c%d" % c], r["rps_ref_upstream_c%d" % c], x), ">= 0.45x", x >= 0.45))
+    x = ratio("cpu_us_ref_chatserve_c32", "cpu_us_ref_chatserve_c1")
+    rows.append(("CPU per request, c=32 vs c=1", "%s / %s us = %.2fx" % (
+        "%.0f" % r["cpu_us_ref_chatserve_c32"] if r.get("cpu_us_ref_chatserve_c32") else "-",
+        "%.0f" % r["cpu_us_ref_chatserve_c1"] if r.get("cpu_us_ref_chatserve_c1") else "-", x), "<= 1.3x", x <= 1.3))
+    x = ratio("events_per_s_chatserve", "events_per_s_upstream")
+    rows.append(("streamed events/s vs direct, c=1", "%.0f / %.0f = %.2fx" % (
+        r["events_per_s_chatserve"], r["events_per_s_upstream"], x), ">= 0.8x", x >= 0.8))
+    sc = r.get("syscalls_per_event")
+    rows.append(("system calls per streamed event", "-" if sc is None else "%.2f" % sc, "<= 0.5",
+                 None if sc is None else sc <= 0.5))
+    rows.append(("%d streams at defaults: errors" % BENCH_STREAMS, "%d %s" % (
+        r["streams_errors"], r["streams_statuses"] or ""), "0", r["streams_errors"] == 0))
+    rows.append(("%d streams at defaults: p99 first event" % BENCH_STREAMS, "%.0f ms (p50 %.0f)" % (
+        r["streams_ttfb_p99_ms"], r["streams_ttfb_p50_ms"]), "< 500 ms", r["streams_ttfb_p99_ms"] < 500))
+    idle = r.get("idle_connections_kb")
+    rows.append(("%d idle keep-alive connections" % BENCH_IDLE_CONNECTIONS,
+                 "-" if idle is None else "+%.1f MB" % (idle / 1024.0), "< 40 MB",
+                 None if idle is None else idle < 40 * 1024))
+    rows.append(("idle RSS", "%.1f MB" % (r["rss_idle_kb"] / 1024.0) if r.get("rss_idle_kb") else "-", "< 30 MB",
+                 None if not r.get("rss_idle_kb") else r["rss_idle_kb"] < 30 * 1024))
+    growth = r.get("rss_growth_kb")
+    rows.append(("RSS growth after %d requests" % BENCH_MEMORY_REQUESTS,
+                 "-" if growth is None else "%+.1f MB" % (growth / 1024.0), "within 10 MB",
+                 None if growth is None else growth < 10 * 1024))
+    return rows
 
 
 def _bench_report(r, say):
@@ -5628,6 +5963,11 @@ def _bench_report(r, say):
     if not r["nagle_ok_split_client"]:
         say("  -> a client that sends headers and body in two send()s with Nagle on waits for chatserve's")
         say("     delayed ACK of the headers (http.client and curl set TCP_NODELAY and do not)")
+    say(rule)
+    say("Targets (issue 12), against a stdlib http.server upstream with Nagle off, measured in this run:")
+    for what, measured, target, met in _bench_target_rows(r):
+        say("  %-44s %-26s %-12s %s" % (what, measured, target,
+                                          "n/a" if met is None else ("met" if met else "MISSED")))
     say("(bench took %.0f s)" % r["bench_seconds"])
     say(rule)
 
