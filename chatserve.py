@@ -234,10 +234,13 @@ CONNECTION_ERRORS = (ConnectionError, socket.timeout, BlockingIOError) + ((ssl.S
 # Small helpers: JSON, SSE framing, durations, ids
 # ---------------------------------------------------------------------------
 
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def json_dumps(obj):
     """Compact JSON text, UTF-8 kept as is; never NaN or Infinity, never a lone
     surrogate (from a file name or an upstream: replaced by U+FFFD)."""
-    return clean_text(json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+    return clean_text(_JSON_ENCODER.encode(obj))
 
 
 def clean_text(text):
@@ -250,7 +253,11 @@ def clean_text(text):
 
 
 def json_bytes(obj):
-    return json_dumps(obj).encode("utf-8")
+    text = _JSON_ENCODER.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate
+        return clean_text(text).encode("utf-8")
 
 
 def _reject_constant(name):
@@ -264,9 +271,12 @@ def _finite_float(text):
     return value
 
 
+_UPSTREAM_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def json_loads_upstream(data):
     """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused (ValueError)."""
-    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    return _UPSTREAM_DECODER.decode(data)
 
 
 MAX_JSON_DEPTH = 64
@@ -357,7 +367,11 @@ def sse_frame(data, event=None):
         body = "".join("data: %s\n" % line for line in data.splitlines())
     else:
         body = "data: %s\n" % data
-    return clean_text(head + body + "\n").encode("utf-8")
+    text = head + body + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate
+        return clean_text(text).encode("utf-8")
 
 
 def sse_comment(text):
@@ -732,9 +746,9 @@ SERVE_OPTIONS = (
      "port of the Prometheus /metrics endpoint (0 disables)"),
     ("--socket", "CHATSERVE_SOCKET", "", "str",
      "control socket path (default /var/tmp/chatserve-PORT.sock, else /tmp)"),
-    ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 256, "posint",
+    ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 1024, "posint",
      "requests served at once (a connection idle or still sending its head does not count); beyond it 503"),
-    ("--max-open-connections", "CHATSERVE_MAX_OPEN_CONNECTIONS", 1024, "posint",
+    ("--max-open-connections", "CHATSERVE_MAX_OPEN_CONNECTIONS", 2048, "posint",
      "connections open at once, idle ones included; beyond it a fast 503 and close"),
     ("--header-timeout", "CHATSERVE_HEADER_TIMEOUT", 10.0, "duration",
      "the whole request head must arrive within this, from its first byte (408 beyond)"),
@@ -1680,32 +1694,56 @@ class UpstreamResponse:
         return piece
 
     def _chunk_piece(self, conn):
-        if self.crlf_due:
-            if conn.line(2, self.before_wait).rstrip(b"\r\n"):
-                raise http_client_error("a chunk that is longer than its size")
-            self.crlf_due = False
-        if not self.chunk_left:
-            if not conn.buf and not conn.fill(self.before_wait):
-                self.done = self.will_close = True      # cut between chunks: the protocol layer tells
-                return b""
-            line = conn.line(1024, self.before_wait)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise http_client_error("a malformed chunk size %r" % line[:40])
-            if size == 0:
-                for _ in range(MAX_HEADERS + 1):        # the trailer section, dropped
-                    if not conn.line(MAX_HEADER_LINE, self.before_wait).rstrip(b"\r\n"):
-                        self.done = True
-                        return b""
-                raise http_client_error("too many trailer lines")
-            self.chunk_left = size
-        if not conn.buf and not conn.fill(self.before_wait):
-            raise ConnectionResetError("the upstream closed the connection inside a chunk")
-        piece = conn.take(self.chunk_left)
-        self.chunk_left -= len(piece)
-        self.crlf_due = not self.chunk_left
-        return piece
+        """The data of every complete chunk already received (at least one
+        chunk's worth, waiting for it when nothing is): one piece per upstream read."""
+        parts = []
+        while True:
+            buf = conn.buf
+            if self.crlf_due:
+                if len(buf) < 2 and not parts:
+                    conn.line(2, self.before_wait)      # waits; ends in the CRLF or refuses
+                    self.crlf_due = False
+                elif buf[:2] == b"\r\n" or buf[:1] == b"\n":
+                    del buf[:2 if buf[:1] == b"\r" else 1]
+                    self.crlf_due = False
+                elif len(buf) >= 2:
+                    raise http_client_error("a chunk that is longer than its size")
+                else:
+                    break
+            if not self.chunk_left:
+                end = buf.find(b"\n")
+                if end < 0 and parts:
+                    break
+                if end < 0 and not buf and not conn.fill(self.before_wait):
+                    self.done = self.will_close = True      # cut between chunks: the protocol layer tells
+                    break
+                line = conn.line(1024, self.before_wait)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise http_client_error("a malformed chunk size %r" % line[:40])
+                if size == 0:
+                    self._trailers(conn)
+                    break
+                self.chunk_left = size
+            if not conn.buf:
+                if parts:
+                    break
+                if not conn.fill(self.before_wait):
+                    raise ConnectionResetError("the upstream closed the connection inside a chunk")
+            piece = conn.take(self.chunk_left)
+            self.chunk_left -= len(piece)
+            self.crlf_due = not self.chunk_left
+            parts.append(piece)
+        return b"".join(parts)
+
+    def _trailers(self, conn):
+        """The trailer section after the last chunk, dropped."""
+        for _ in range(MAX_HEADERS + 1):
+            if not conn.line(MAX_HEADER_LINE, self.before_wait).rstrip(b"\r\n"):
+                self.done = True
+                return
+        raise http_client_error("too many trailer lines")
 
     def _failed(self, e):
         self.close()
@@ -7299,6 +7337,27 @@ def rate_limited(message, wait):
     return RateLimited("%s; retry in %d s" % (message, seconds), headers={"Retry-After": str(seconds)})
 
 
+def raise_open_files_limit(needed):
+    """Every connection is a file descriptor, and so is its upstream: raise
+    the soft limit (often 1024) toward the hard one, as nginx's
+    worker_rlimit_nofile does; say so when even the hard limit is short."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("only %d open files are allowed (ulimit -n); --max-open-connections and --max-connections "
+                    "need about %d: raise the limit or lower them", soft, needed)
+
+
 class App:
     """The running server: config, engine, metrics, the three listeners."""
 
@@ -7334,6 +7393,7 @@ class App:
     def start(self):
         """Bind every listener and serve in background threads; ConfigError when one cannot."""
         c = self.config
+        raise_open_files_limit(max(c.max_open_connections, c.max_connections) + c.max_connections + 256)
         context = make_ssl_context(c.tls_cert, c.tls_key) if c.tls_cert else None
         family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
         where = "%s:%d" % (c.host, c.port)
