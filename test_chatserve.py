@@ -288,6 +288,20 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_silent(self, body):
         self.wait_for_hangup()
 
+    def scenario_burst_then_wait(self, body):
+        """Five events in one write, then nothing until the test releases the rest."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        burst = b"".join(("data: %s\n\n" % json.dumps(openai_chunk({"content": "w%d " % i}))).encode()
+                         for i in range(5))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(burst), burst))
+        self.wfile.flush()
+        self.server.release.wait(WAIT)
+        rest = ("data: %s\n\ndata: [DONE]\n\n" % json.dumps(openai_chunk(finish="stop"))).encode()
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+
     def scenario_silent_stream(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -449,6 +463,7 @@ class FakeUpstream:
         self.server.endless_delay = 0.02
         self.server.fail_next = 0
         self.server.tokens_issued = 0
+        self.server.release = threading.Event()
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -724,6 +739,160 @@ class MetricsEndpointTest(ServerTestCase):
 # ---------------------------------------------------------------------------
 # Providers: the OpenAI provider and the pooled upstream client
 # ---------------------------------------------------------------------------
+
+class OneShotServer:
+    """A loopback server that answers each connection's first request with
+    fixed raw bytes (then closes, or keeps reading for reuse); records requests."""
+
+    def __init__(self, answer, keep=False):
+        self.answer, self.keep, self.received = answer, keep, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(WAIT)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1/x" % self.sock.getsockname()[1]
+
+    def _run(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(WAIT)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            self.received.append(data)
+            conn.sendall(self.answer)
+            if self.keep:
+                try:
+                    conn.recv(65536)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(WAIT)
+
+
+class UpstreamClientTest(unittest.TestCase):
+    """The own HTTP/1.1 upstream client: framing by length, chunked (with
+    extensions, trailers, interim 1xx) and to EOF; what is refused; reuse."""
+
+    def fetch(self, answer, keep=False, method="POST", body=b"{}"):
+        server = OneShotServer(answer, keep)
+        self.addCleanup(server.close)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        resp = pool.request(method, server.url, body if method == "POST" else None, {"X-Test": "1"}, 2.0, 2.0)
+        self.addCleanup(resp.close)
+        return pool, server, resp
+
+    def test_request_head_is_one_message_with_host_length_and_identity(self):
+        pool, server, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(resp.read(), b"ok")
+        head, _, body = server.received[0].partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"POST /v1/x HTTP/1.1")
+        self.assertIn(b"Host: 127.0.0.1:%d" % server.sock.getsockname()[1], lines)
+        self.assertIn(b"Accept-Encoding: identity", lines)
+        self.assertIn(b"Content-Length: 2", lines)
+        self.assertIn(b"X-Test: 1", lines)
+        self.assertEqual(body, b"{}")
+
+    def test_chunked_with_interim_extensions_and_trailers_is_reused(self):
+        answer = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        pool, server, resp = self.fetch(answer, keep=True)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.read(), b"hello world")
+        self.assertEqual(sum(len(stack) for stack in pool.idle.values()), 1)     # back in the pool
+
+    def test_lines_split_across_chunks(self):
+        answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"7\r\ndata: a\r\n9\r\nbc\n\ndata:\r\n3\r\n d\n\r\n0\r\n\r\n")
+        _, _, resp = self.fetch(answer, keep=True)
+        self.assertEqual(list(resp.lines()), [b"data: abc", b"", b"data: d"])
+
+    def test_body_to_eof_is_read_and_not_pooled(self):
+        pool, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        self.assertEqual(resp.read(), b"all of it")
+        self.assertEqual(sum(len(stack) for stack in pool.idle.values()), 0)
+
+    def test_transfer_encoding_overrides_content_length_and_closes(self):
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        pool, _, resp = self.fetch(answer, keep=True)
+        self.assertEqual(resp.read(), b"ok")
+        self.assertEqual(sum(len(stack) for stack in pool.idle.values()), 0)
+
+    def test_obs_fold_in_a_response_is_read_as_a_space(self):
+        pool, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(resp.header("x-a"), "one two")
+
+    def test_short_body_is_an_error(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+        with self.assertRaises(cs.UpstreamError) as caught:
+            resp.read()
+        self.assertIn("closed", caught.exception.message)
+
+    def test_refused_heads(self):
+        for answer, words in ((b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
+                              (b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n", "malformed header"),
+                              (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nx", "Content-Length"),
+                              (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 1\r\n\r\nx", "gzip"),
+                              (b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n", "bare CR")):
+            with self.assertRaises(cs.UpstreamError) as caught:
+                self.fetch(answer)
+            self.assertIn(words, caught.exception.message, answer)
+            self.assertNotIsInstance(caught.exception, cs.UpstreamTimeout)
+
+    def test_bad_chunk_size_is_an_error(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n")
+        with self.assertRaises(cs.UpstreamError) as caught:
+            resp.read()
+        self.assertIn("chunk size", caught.exception.message)
+
+    def test_silent_upstream_times_out(self):
+        server = OneShotServer(b"", keep=True)
+        self.addCleanup(server.close)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        started = time.monotonic()
+        with self.assertRaises(cs.UpstreamTimeout):
+            pool.request("POST", server.url, b"{}", {}, 2.0, 0.2)
+        self.assertLess(time.monotonic() - started, WAIT)
+
+    def test_request_ids_are_version_4_uuids_without_a_system_call(self):
+        ids = {cs.new_id() for _ in range(2000)}
+        self.assertEqual(len(ids), 2000)
+        for value in list(ids)[:200]:
+            parsed = uuid.UUID(value, version=4)
+            self.assertEqual(str(parsed), value)
+            self.assertEqual((uuid.UUID(value).version, uuid.UUID(value).variant), (4, uuid.RFC_4122))
+        self.assertRegex(cs.new_id("chatcmpl-"), r"^chatcmpl-[0-9a-f]{24}$")
+
+
+@unittest.skipUnless(hasattr(cs, "raise_open_files_limit") and sys.platform.startswith("linux"), "Linux rlimits")
+class OpenFilesLimitTest(unittest.TestCase):
+    def test_soft_limit_is_raised_toward_the_hard_one(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if hard != resource.RLIM_INFINITY and hard < 300:
+            self.skipTest("hard limit too low to test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        cs.raise_open_files_limit(290)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 290)
+
+
 
 class OpenAIProviderTest(ServerTestCase):
     def test_upstream_connections_are_pooled(self):
@@ -1402,6 +1571,32 @@ class OpenAISurfaceTest(ServerTestCase):
             self.assertEqual(chunks[-1], "[DONE]")
             self.assertIn(words, chunks[-2]["error"]["message"], model)
             self.assertEqual(set(chunks[-2]["error"]), {"message", "type", "param", "code"})
+
+    def test_events_of_one_upstream_read_go_out_together_and_at_once(self):
+        self.start()
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        body = json.dumps(self.chat("burst-then-wait", stream=True)).encode()
+        raw.send(raw_request("POST", "/v1/chat/completions", body))
+        # the upstream is still paused: the first five words must already be here
+        status = int(raw._line().split(b" ", 2)[1])
+        while raw._line():
+            pass
+        chunks = []
+        while sum(c.count(b'"content":"w') for c in chunks) < 5:
+            size = int(raw._line(), 16)
+            chunks.append(raw._take(size))
+            raw._line()
+        self.assertEqual(status, 200)
+        # the role chunk and the five events of one upstream read: one HTTP chunk, one send
+        self.assertEqual(len(chunks), 1, chunks)
+        self.assertEqual(chunks[0].count(b"data: "), 6)
+        self.upstream.server.release.set()
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            raw._fill()
+            rest, raw.buf = rest + raw.buf, b""
+        self.assertIn(b"data: [DONE]", rest)
 
     def test_client_disconnect_mid_stream_closes_upstream(self):
         self.start()
