@@ -6428,8 +6428,9 @@ class SSEWriter:
     """The one SSE writer: the head, then frames.  Frames are gathered and go
     out in one send when the request's thread is about to wait (for the
     upstream, a queue, a sleep) or at the end: all the events decoded from one
-    upstream read leave together, and none waits for a later one.  Chunked on
-    HTTP/1.1 so the connection survives."""
+    upstream read leave together, and none waits for a later one.  The head
+    goes out with the first frame, at once.  Chunked on HTTP/1.1 so the
+    connection survives."""
 
     max_pending = 65536         # bytes gathered before a send regardless
 
@@ -6451,8 +6452,8 @@ class SSEWriter:
     def write(self, payload):
         self.pending.append(payload)
         self.size += len(payload)
-        if self.size >= self.max_pending or self.scope is None:
-            self.flush()
+        if self.head or self.size >= self.max_pending or self.scope is None:
+            self.flush()        # the head leaves with the first frame: coalescing never delays it
 
     def _framed(self):
         """The head (until sent) and the gathered frames, as one chunk."""
