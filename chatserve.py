@@ -66,6 +66,8 @@ Sections, in order (each uses only what is above it):
     Config            flags > environment > defaults, in one table
     Logging           text or JSON lines
     Metrics           counters, gauges, histograms, Prometheus text
+    HTTP messages     strict heads for requests and upstream responses (one
+                      parser), kernel-kept socket timeouts
     Providers         events, cancel scopes, the pooled upstream client, one
                       class per wire protocol (OpenAI, Anthropic, Gemini,
                       Ollama, StackSpot), the registry
@@ -235,6 +237,7 @@ CONNECTION_ERRORS = (ConnectionError, socket.timeout, BlockingIOError) + ((ssl.S
 # ---------------------------------------------------------------------------
 
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+encode_json_string = json.encoder.encode_basestring      # a str as a JSON string, UTF-8 kept (C)
 
 
 def json_dumps(obj):
@@ -378,27 +381,49 @@ def sse_comment(text):
     return (": %s\n\n" % text).encode("utf-8")
 
 
-def iter_sse(lines):
-    """Parse SSE from an iterator of byte lines; yield (event, data) per frame."""
+def iter_sse(pieces, limit=1024 * 1024):
+    """Parse SSE from an iterator of byte pieces split anywhere (reads or
+    lines); yield (event, data) per frame.  Lines end in LF, CRLF or CR; a
+    frame longer than `limit` bytes raises ValueError."""
+    rest = b""
+    for piece in pieces:
+        data = rest + piece if rest else piece
+        held = b""
+        if b"\r" in data:
+            if data.endswith(b"\r"):            # maybe the first half of a CRLF
+                data, held = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        frames = data.split(b"\n\n")
+        rest = frames.pop() + held
+        if len(rest) > limit:
+            raise ValueError("an event stream frame is longer than %d bytes" % limit)
+        for frame in frames:
+            if frame[:6] == b"data: " and b"\n" not in frame:     # the common frame, quickly
+                yield None, frame[6:].decode("utf-8", "replace")
+                continue
+            fields = _sse_fields(frame)
+            if fields is not None:
+                yield fields
+    fields = _sse_fields(rest.rstrip(b"\r\n").replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+    if fields is not None:
+        yield fields
+
+
+def _sse_fields(frame):
+    """(event, data) of one frame's lines, or None when it has no data."""
     event, data = None, []
-    for raw in lines:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = None, []
-        elif line.startswith(":"):
+    for raw in frame.split(b"\n"):
+        line = raw.decode("utf-8", "replace")
+        if not line or line.startswith(":"):
             continue
-        else:
-            field, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if field == "data":
-                data.append(value)
-            elif field == "event":
-                event = value
-    if data:
-        yield event, "\n".join(data)
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
+    return (event, "\n".join(data)) if data else None
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -1030,20 +1055,45 @@ def _format_value(value):
 
 
 class MetricFamily:
-    """A named metric with fixed label names; series keyed by label-value tuples."""
+    """A named metric with fixed label names; series keyed by label-value tuples.
+
+    Recording takes no lock: an update is appended to `pending` (a deque, whose
+    append is atomic) and folded into `series` under the lock at a scrape, a
+    read, or every FOLD_AT updates, so request threads never wait on each other."""
 
     kind = "untyped"
+    FOLD_AT = 4096
 
     def __init__(self, name, help_text, labels=()):
         self.name, self.help, self.labels = name, help_text, tuple(labels)
         self.series = {}
         self.lock = threading.Lock()
+        self.pending = collections.deque()
 
     def _key(self, values):
         key = tuple(str(v) for v in values)
         if key not in self.series and len(self.series) >= MAX_SERIES:
             return ("other",) * len(self.labels)   # client-chosen label values cannot grow memory
         return key
+
+    def _record(self, labels, value):
+        pending = self.pending
+        pending.append((labels, value))
+        if len(pending) >= self.FOLD_AT:
+            self.fold()
+
+    def fold(self):
+        """Apply the recorded updates to `series`."""
+        with self.lock:
+            self._fold()
+
+    def _fold(self):
+        pending, apply = self.pending, self._apply
+        for _ in range(len(pending)):
+            apply(*pending.popleft())
+
+    def _apply(self, labels, value):
+        raise NotImplementedError
 
     def _labels_text(self, key, extra=()):
         pairs = list(zip(self.labels, key)) + list(extra)
@@ -1054,6 +1104,7 @@ class MetricFamily:
     def render(self):
         lines = ["# HELP %s %s" % (self.name, self.help), "# TYPE %s %s" % (self.name, self.kind)]
         with self.lock:
+            self._fold()
             items = sorted(self.series.items())
         for key, value in items:
             lines.append("%s%s %s" % (self.name, self._labels_text(key), _format_value(value)))
@@ -1064,11 +1115,14 @@ class Counter(MetricFamily):
     kind = "counter"
 
     def inc(self, labels=(), amount=1):
-        with self.lock:
-            key = self._key(labels)
-            self.series[key] = self.series.get(key, 0) + amount
+        self._record(labels, amount)
+
+    def _apply(self, labels, amount):
+        key = self._key(labels)
+        self.series[key] = self.series.get(key, 0) + amount
 
     def value(self, labels=()):
+        self.fold()
         return self.series.get(tuple(str(v) for v in labels), 0)
 
 
@@ -1077,6 +1131,7 @@ class Gauge(Counter):
 
     def set(self, labels=(), value=0):
         with self.lock:
+            self._fold()
             self.series[self._key(labels)] = value
 
     def dec(self, labels=(), amount=1):
@@ -1091,26 +1146,30 @@ class Histogram(MetricFamily):
         self.buckets = tuple(buckets)
 
     def observe(self, labels, value):
-        with self.lock:
-            key = self._key(labels)
-            entry = self.series.get(key)
-            if entry is None:
-                entry = self.series[key] = [[0] * len(self.buckets), 0.0, 0]
-            counts = entry[0]
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-                    break
-            entry[1] += value
-            entry[2] += 1
+        self._record(labels, value)
+
+    def _apply(self, labels, value):
+        key = self._key(labels)
+        entry = self.series.get(key)
+        if entry is None:
+            entry = self.series[key] = [[0] * len(self.buckets), 0.0, 0]
+        counts = entry[0]
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+                break
+        entry[1] += value
+        entry[2] += 1
 
     def count(self, labels=()):
+        self.fold()
         entry = self.series.get(tuple(str(v) for v in labels))
         return entry[2] if entry else 0
 
     def render(self):
         lines = ["# HELP %s %s" % (self.name, self.help), "# TYPE %s histogram" % self.name]
         with self.lock:
+            self._fold()
             items = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self.series.items())
         for key, (counts, total, count) in items:
             running = 0
@@ -1772,11 +1831,10 @@ class UpstreamResponse:
         self.release()
         return b"".join(parts)
 
-    def lines(self, limit=1024 * 1024):
-        """Body lines (without their line end) as they arrive; the connection is
-        released at the end.  A silent or broken upstream raises UpstreamTimeout /
-        UpstreamError."""
-        rest = b""
+    def pieces(self):
+        """The body as it arrives, a piece per upstream read; the connection is
+        released at the end.  A silent or broken upstream raises UpstreamTimeout
+        / UpstreamError."""
         try:
             while True:
                 try:
@@ -1785,6 +1843,18 @@ class UpstreamResponse:
                     raise self._failed(e)
                 if not piece:
                     break
+                yield piece
+            if self.scope is not None:
+                self.scope.check()
+            self.release()
+        finally:
+            self.close()      # no-op after release(); drops the connection when left early
+
+    def lines(self, limit=1024 * 1024):
+        """Body lines (without their line end) as they arrive."""
+        pieces, rest = self.pieces(), b""
+        try:
+            for piece in pieces:
                 lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
                 rest = lines.pop()
                 if len(rest) > limit:
@@ -1793,11 +1863,8 @@ class UpstreamResponse:
                     yield line.rstrip(b"\r")
             if rest:
                 yield rest.rstrip(b"\r")
-            if self.scope is not None:
-                self.scope.check()
-            self.release()
         finally:
-            self.close()      # no-op after release(); drops the connection when left early
+            pieces.close()
 
     def finish(self):
         """After the protocol's own end marker: read the little that is left
@@ -2368,7 +2435,7 @@ class OpenAIProvider(Provider):
 
     def stream_events(self, resp, req):
         finished = False
-        for _event, data in iter_sse(resp.lines()):
+        for _event, data in iter_sse(resp.pieces()):
             if data.strip() == "[DONE]":
                 finished = True
                 resp.finish()
@@ -2566,7 +2633,7 @@ class AnthropicProvider(Provider):
         calls = {}              # content block index -> OpenAI tool call index
         prompt_tokens = completion_tokens = 0
         reason = None
-        for event, data in iter_sse(resp.lines()):
+        for event, data in iter_sse(resp.pieces()):
             msg = json_loads_upstream(data)
             kind = msg.get("type") or event
             if kind == "message_start":
@@ -2768,7 +2835,7 @@ class GeminiProvider(Provider):
 
     def stream_events(self, resp, req):
         state = {"calls": 0, "finish": None, "usage": None}
-        for _event, data in iter_sse(resp.lines()):
+        for _event, data in iter_sse(resp.pieces()):
             chunk = json_loads_upstream(data)
             if chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
@@ -2965,7 +3032,7 @@ class StackSpotProvider(Provider):
 
     def stream_events(self, resp, req):
         usage = None
-        for event, data in iter_sse(resp.lines()):
+        for event, data in iter_sse(resp.pieces()):
             if data.strip() == "[DONE]" or event == "done":
                 break
             chunk = json_loads_upstream(data)
@@ -3193,8 +3260,9 @@ class ProviderHealth:
             self.last_error = err.message
 
     def succeeded(self):
-        with self.lock:
-            self.failures, self.until = 0, 0.0
+        if self.failures or self.until:         # the common case, healthy, takes no lock
+            with self.lock:
+                self.failures, self.until = 0, 0.0
 
     def status(self):
         left = max(0.0, self.until - time.monotonic())
@@ -5215,11 +5283,14 @@ def openai_stream_chunks(answer, completion_id, created, include_usage):
         return out
 
     yield chunk({"role": "assistant", "content": ""})
+    # a text delta, the chunk nearly every event is, as JSON text from a template
+    text_head, text_tail = json_dumps(chunk({"content": ""})).split('"content":""')
+    text_head += '"content":'
     usage = None
     for ev in answer:
         kind = type(ev)
         if kind is TextDelta:
-            yield chunk({"content": ev.text})
+            yield text_head + encode_json_string(ev.text) + text_tail
         elif kind is ToolCallDelta:
             call = {"index": ev.index}
             if ev.id:
@@ -6764,7 +6835,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             route_name, self.render_error = route.name, route.errors
             # liveness is answered even when every slot is taken; sessions and event streams take none
             if path != "/health" and not route.long_lived:
-                if not self.server.busy_slots.acquire(blocking=False):
+                if not self.server.busy_slots.take():
                     self.close_connection = True
                     raise Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
                                       % self.server.max_busy, code="overloaded", headers={"Retry-After": "1"})
@@ -6794,7 +6865,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error_obj(ChatServeError("internal error; see the server log for request %s" % self.request_id))
         finally:
             if busy:
-                self.server.busy_slots.release()
+                self.server.busy_slots.give()
             if self.large_permit:
                 self.large_permit = False
                 self.server.large_bodies.release()
@@ -7068,12 +7139,14 @@ class ConnectionTracker:
         fn()
 
     def set_idle(self, handler, idle):
-        with self.lock:
-            entry = self.conns.get(handler.connection.fileno())
-            if entry is not None:
-                entry[1] = idle
-            if idle and self.draining:
-                raise ConnectionAbortedError("draining")
+        # No lock (twice per request): `drain` sets `draining` before it looks
+        # for idle connections, so a connection that turns idle after the look
+        # sees `draining` here.
+        entry = self.conns.get(handler.connection.fileno())
+        if entry is not None:
+            entry[1] = idle
+        if idle and self.draining:
+            raise ConnectionAbortedError("draining")
 
     def count(self):
         with self.lock:
@@ -7101,6 +7174,25 @@ class ConnectionTracker:
         return len(left)
 
 
+class Slots:
+    """A counter of free places, taken without waiting: a deque of tokens whose
+    pop and append are atomic, so the per-request path takes no lock."""
+
+    def __init__(self, size):
+        self.tokens = collections.deque([None] * size)
+
+    def take(self):
+        """Take a place; False when none is free."""
+        try:
+            self.tokens.pop()
+            return True
+        except IndexError:
+            return False
+
+    def give(self):
+        self.tokens.append(None)
+
+
 class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """Threaded HTTP server with a connection cap (fast 503 beyond it),
     per-connection TLS handshakes off the accept loop, and drain support."""
@@ -7119,15 +7211,15 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.monitor = DisconnectMonitor()
         self.large_bodies = threading.BoundedSemaphore(LARGE_BODY_PERMITS)
         self.max_busy, self.max_open = max_busy, max_open or max_busy
-        self.busy_slots = threading.BoundedSemaphore(max_busy)      # requests being served
-        self.slots = threading.BoundedSemaphore(self.max_open)      # connections open (a thread each)
-        self.reject_slots = threading.BoundedSemaphore(32)
+        self.busy_slots = Slots(max_busy)           # requests being served
+        self.slots = Slots(self.max_open)           # connections open (a thread each)
+        self.reject_slots = Slots(32)
         self.request_queue_size = max(128, min(self.max_open, 4096))  # a burst of connects waits, not resets
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            if self.reject_slots.acquire(blocking=False):
+        if not self.slots.take():
+            if self.reject_slots.take():
                 threading.Thread(target=self._reject, args=(request,), daemon=True).start()
             else:
                 self.shutdown_request(request)
@@ -7147,7 +7239,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         finally:
             self.tracker.remove(fd)
             self.shutdown_request(request)
-            self.slots.release()
+            self.slots.give()
 
     def _tls_handshake(self, sock):
         sock.settimeout(self.app.config.request_timeout)
@@ -7179,7 +7271,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             pass
         finally:
             sock.close()
-            self.reject_slots.release()
+            self.reject_slots.give()
         if self.record_metrics:
             self.app.metrics.requests.inc(("overloaded", "503"))
 
@@ -7368,9 +7460,7 @@ class App:
         self.engine = Engine(config, self.metrics)
         self.started = time.monotonic()
         self.started_wall = time.time()
-        self.requests_processed = 0
-        self.in_flight = 0
-        self.stats_lock = threading.Lock()
+        self.served = Counter("chatserve_requests_served", "Requests served (for /status).")
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.shutdown_reason = ""
@@ -7559,18 +7649,22 @@ class App:
         return self.watcher.context_for(namespace, resource) if self.watcher else ""
 
     def request_started(self):
-        with self.stats_lock:
-            self.in_flight += 1
         self.metrics.in_flight.inc()
 
     def request_finished(self, route, status, duration):
-        with self.stats_lock:
-            self.in_flight -= 1
-            self.requests_processed += 1
         m = self.metrics
         m.in_flight.dec()
         m.requests.inc((route, str(status)))
         m.request_seconds.observe((route,), duration)
+        self.served.inc()
+
+    @property
+    def in_flight(self):
+        return int(self.metrics.in_flight.value())
+
+    @property
+    def requests_processed(self):
+        return self.served.value()
 
     def status(self):
         provider = self.engine.default_provider
