@@ -274,12 +274,12 @@ def _finite_float(text):
     return value
 
 
-_UPSTREAM_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def json_loads_upstream(data):
     """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused (ValueError)."""
-    return _UPSTREAM_DECODER.decode(data)
+    return _JSON_DECODER.decode(data)
 
 
 MAX_JSON_DEPTH = 64
@@ -322,7 +322,7 @@ def json_loads_strict(data):
         raise JSONError("a number with more than 100 digits")
     del skeleton
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _JSON_DECODER.decode(text)
     except RecursionError:
         raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
     except ValueError as e:
@@ -472,10 +472,15 @@ def clean_request_id(value):
     return new_id()
 
 
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
 def upstream_request_id(value):
     """The X-Request-Id to send upstream: the request's own id when it is a
     UUID, else a new UUID: llama-cpp-python's server (and others on the same
     middleware) answer 400 to any other id."""
+    if value and _UUID_RE.match(value):         # the usual form, quickly
+        return value
     try:
         uuid.UUID(value)
         return value
@@ -496,6 +501,15 @@ def header_value(value, what):
     if _HEADER_UNSAFE_RE.search(text):
         raise ValueError("%s contains a control character (CR, LF, NUL, ...) or non-Latin-1 text" % what)
     return text
+
+
+def checked_headers(headers, what):
+    """`headers` with str values, each as `header_value` checks it (ValueError
+    naming the first bad one); one scan of all the values when all are clean."""
+    values = [str(v) for v in headers.values()]
+    if not _HEADER_UNSAFE_RE.search("".join(values)):
+        return dict(zip(headers, values))
+    return {name: header_value(value, what + name) for name, value in headers.items()}
 
 
 def shutdown_socket(sock, how=socket.SHUT_RDWR):
@@ -1313,6 +1327,7 @@ _DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
 _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?\r\n$")
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]{0,5})?$")
 _ABSOLUTE_RE = re.compile(rb"^https?://[^/?#]*(.*)$", re.I)
+_CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
 _STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?$")
 
 
@@ -1345,10 +1360,26 @@ def parse_field_line(line):
     return name.decode("ascii").lower(), value.decode("latin-1")
 
 
+_FIELD_LINES_RE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):((?:[^\x00-\x1f\x7f]|\t)*)$", re.M)
+
+
 def parse_fields(lines):
     """Header fields of a head; repeated names joined with ", " (a second Host is refused)."""
     if len(lines) > MAX_HEADERS:
         raise HeadError(431, "more than %d header fields" % MAX_HEADERS)
+    block = b"\n".join(lines)
+    if len(block) <= MAX_HEADER_LINE:           # every line short: one regex for all, when all are good
+        pairs = _FIELD_LINES_RE.findall(block)
+        if len(pairs) == len(lines):
+            fields = {}
+            for name, value in pairs:
+                key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+                if key in fields:
+                    if key == "host":
+                        raise HeadError(400, "more than one Host header")
+                    value = fields[key] + ", " + value
+                fields[key] = value
+            return fields
     fields = {}
     for line in lines:
         if len(line) > MAX_HEADER_LINE:
@@ -1448,7 +1479,10 @@ def read_request_head(rfile):
 
 def keeps_alive(version, headers):
     """Whether the connection stays open after this message (RFC 9112 9.3)."""
-    options = [o.strip().lower() for o in (headers.get("Connection") or "").split(",")]
+    connection = headers.fields.get("connection")
+    if connection is None:
+        return version == "HTTP/1.1"
+    options = [o.strip().lower() for o in connection.split(",")]
     if "close" in options:
         return False
     return version == "HTTP/1.1" or "keep-alive" in options
@@ -1534,7 +1568,7 @@ class CancelScope:
         self.lock = threading.Lock()
         self.cancelled = self.finished = False
         self.conns, self.callbacks = set(), []
-        self.event = threading.Event()
+        self.event = None                   # made on first need (see sleeper)
         self.pending_output = None          # flushes the request's coalesced output (SSEWriter)
 
     @classmethod
@@ -1559,11 +1593,21 @@ class CancelScope:
             for conn in self.conns:
                 if conn.sock is not None:
                     shutdown_socket(conn.sock)
-            callbacks = list(self.callbacks)
-        self.event.set()
+            callbacks, event = list(self.callbacks), self.event
+        if event is not None:
+            event.set()
         for fn in callbacks:
             fn()
         return True
+
+    def sleeper(self):
+        """An Event that is set when the scope is cancelled."""
+        with self.lock:
+            if self.event is None:
+                self.event = threading.Event()
+                if self.cancelled:
+                    self.event.set()
+            return self.event
 
     def finish(self):
         with self.lock:
@@ -1609,7 +1653,7 @@ def cancellable_sleep(seconds):
         time.sleep(seconds)
         return
     scope.about_to_wait()
-    if scope.event.wait(seconds):
+    if scope.sleeper().wait(seconds):
         scope.check()
 
 
@@ -1705,6 +1749,7 @@ class UpstreamResponse:
         h = self.headers
         self.will_close = not keeps_alive(version, h)
         self.chunked, self.remaining, self.chunk_left, self.crlf_due, self.done = False, None, 0, False, False
+        self.last_chunk = False
         coding, length = h.get("Transfer-Encoding"), h.get("Content-Length")
         if (h.get("Content-Encoding") or "identity").lower() != "identity":
             raise http_client_error("a %s-encoded answer, though chatserve asked for identity"
@@ -1753,47 +1798,58 @@ class UpstreamResponse:
         return piece
 
     def _chunk_piece(self, conn):
-        """The data of every complete chunk already received (at least one
-        chunk's worth, waiting for it when nothing is): one piece per upstream read."""
-        parts = []
+        """The data of every complete chunk already received, or when there is
+        none, of the next one (waiting for it): one piece per upstream read."""
         while True:
-            buf = conn.buf
-            if self.crlf_due:
-                if len(buf) < 2 and not parts:
-                    conn.line(2, self.before_wait)      # waits; ends in the CRLF or refuses
-                    self.crlf_due = False
-                elif buf[:2] == b"\r\n" or buf[:1] == b"\n":
-                    del buf[:2 if buf[:1] == b"\r" else 1]
-                    self.crlf_due = False
-                elif len(buf) >= 2:
-                    raise http_client_error("a chunk that is longer than its size")
-                else:
-                    break
-            if not self.chunk_left:
-                end = buf.find(b"\n")
-                if end < 0 and parts:
-                    break
-                if end < 0 and not buf and not conn.fill(self.before_wait):
+            data = self._scan_chunks(conn.buf)
+            if self.last_chunk:
+                self.last_chunk = False
+                self._trailers(conn)
+            if data or self.done:
+                return data
+            if not (conn.buf or self.chunk_left or self.crlf_due):
+                if not conn.fill(self.before_wait):
                     self.done = self.will_close = True      # cut between chunks: the protocol layer tells
+                    return b""
+                continue
+            if not self.chunk_left and len(conn.buf) > 1024:
+                raise http_client_error("a chunk-size line longer than 1024 bytes")
+            if not conn.fill(self.before_wait):
+                raise ConnectionResetError("the upstream closed the connection inside a chunk")
+
+    def _scan_chunks(self, buf):
+        """Consume the chunk framing in `buf` as far as it is complete; the data."""
+        parts, pos, end, match = [], 0, len(buf), _CHUNK_LINE_RE.match
+        while pos < end:
+            if self.crlf_due:
+                if buf[pos:pos + 2] == b"\r\n":
+                    pos += 2
+                elif buf[pos:pos + 1] == b"\n":
+                    pos += 1
+                elif end - pos < 2:
                     break
-                line = conn.line(1024, self.before_wait)
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise http_client_error("a malformed chunk size %r" % line[:40])
-                if size == 0:
-                    self._trailers(conn)
+                else:
+                    raise http_client_error("a chunk that is longer than its size")
+                self.crlf_due = False
+            elif not self.chunk_left:
+                m = match(buf, pos)
+                if m is None:
+                    line_end = buf.find(b"\n", pos)
+                    if line_end < 0:
+                        break                       # the size line is not all here yet
+                    raise http_client_error("a malformed chunk size %r" % bytes(buf[pos:line_end][:40]))
+                pos, size = m.end(), int(m.group(1), 16)
+                if not size:
+                    self.last_chunk = True
                     break
                 self.chunk_left = size
-            if not conn.buf:
-                if parts:
-                    break
-                if not conn.fill(self.before_wait):
-                    raise ConnectionResetError("the upstream closed the connection inside a chunk")
-            piece = conn.take(self.chunk_left)
-            self.chunk_left -= len(piece)
-            self.crlf_due = not self.chunk_left
-            parts.append(piece)
+            else:
+                take = min(self.chunk_left, end - pos)
+                parts.append(buf[pos:pos + take])
+                pos += take
+                self.chunk_left -= take
+                self.crlf_due = not self.chunk_left
+        del buf[:pos]
         return b"".join(parts)
 
     def _trailers(self, conn):
@@ -1920,6 +1976,7 @@ class UpstreamPool:
         self.idle = {}                  # key -> deque of connections (append/pop are atomic: no lock)
         self.dns = {}
         self.tls = None                 # one client TLS context, made at the first https upstream
+        self.urls = {}
 
     def resolve(self, host, port):
         now = time.monotonic()
@@ -1987,6 +2044,19 @@ class UpstreamPool:
             raise UpstreamError("cannot connect to upstream %s:%d: %s" % (host, port, _os_reason(e)))
         return UpstreamConnection(sock)
 
+    def split_url(self, url):
+        """(scheme, host, port, target) of a URL, remembered (the same few URLs come again and again)."""
+        known = self.urls.get(url)
+        if known is None:
+            parts = urllib.parse.urlsplit(url)
+            scheme = parts.scheme
+            known = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80),
+                     (parts.path or "/") + ("?" + parts.query if parts.query else ""))
+            if len(self.urls) >= 256:
+                self.urls.clear()
+            self.urls[url] = known
+        return known
+
     @staticmethod
     def request_head(method, target, host, port, scheme, headers, body):
         authority = "[%s]" % host if ":" in host else host
@@ -2001,14 +2071,10 @@ class UpstreamPool:
     def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None):
         """Send a request and wait for the response head.  A pooled connection
         the server has closed meanwhile is retried once on a new one."""
-        parts = urllib.parse.urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname
-        port = parts.port or (443 if scheme == "https" else 80)
-        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        scheme, host, port, target = self.split_url(url)
         key, scope = (scheme, host, port), CancelScope.current()
         try:
-            headers = {name: header_value(value, "the upstream header " + name)
-                       for name, value in (headers or {}).items()}
+            headers = checked_headers(headers or {}, "the upstream header ")
         except ValueError as e:
             raise BadRequest("%s; check the key or setting you sent" % e)
         message = self.request_head(method, target, host, port, scheme, headers, body) + (body or b"")
@@ -2167,10 +2233,7 @@ class EventStream:
         self.events, self.resp = events, resp
 
     def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.events)
+        return self.events          # the generator itself: no Python call per event
 
     def close(self):
         self.events.close()
@@ -2295,8 +2358,7 @@ class Provider:
     def guard(self, events):
         """A ChatServeError raised while streaming becomes the stream's Error event."""
         try:
-            for ev in events:
-                yield ev
+            yield from events
         except ChatServeError as e:
             e.message = "%s: %s" % (self.name, e.message)
             yield Error(e)
@@ -2473,21 +2535,23 @@ def openai_message_events(message, finish_reason, usage):
 
 
 def openai_chunk_events(chunk):
-    """Events for one OpenAI stream chunk."""
+    """The events of one OpenAI stream chunk, as a list."""
+    events = []
     if not isinstance(chunk, dict):
-        return
+        return events
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         if delta.get("content"):
-            yield TextDelta(delta["content"])
+            events.append(TextDelta(delta["content"]))
         for call in delta.get("tool_calls") or ():
             fn = call.get("function") or {}
-            yield ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments"))
+            events.append(ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments")))
         if choice.get("finish_reason"):
-            yield Finish(choice["finish_reason"])
+            events.append(Finish(choice["finish_reason"]))
     usage = chunk.get("usage")
     if usage:
-        yield Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        events.append(Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
+    return events
 
 
 def openai_compatible(name, base, model, key_env=None, owned_by=None):
@@ -7021,11 +7085,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                  "Server: " + self.server_version, "Date: " + _DateCache.get()]
         if self.request_id:
             lines.append("X-Request-Id: " + self.request_id)
-        for name, value in headers.items():
-            try:
-                lines.append("%s: %s" % (name, header_value(value, "response header " + name)))
-            except ValueError as e:
-                log.warning("%s; not sent (request %s)", e, self.request_id)
+        try:
+            lines.extend("%s: %s" % item for item in checked_headers(headers, "response header ").items())
+        except ValueError:
+            for name, value in headers.items():
+                try:
+                    lines.append("%s: %s" % (name, header_value(value, "response header " + name)))
+                except ValueError as e:
+                    log.warning("%s; not sent (request %s)", e, self.request_id)
         if status == 429 and "Retry-After" not in headers:
             lines.append("Retry-After: 1")  # every 429 says when to come back
         if self.close_connection or self.server.tracker.draining:

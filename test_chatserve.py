@@ -772,7 +772,11 @@ class OneShotServer:
                     return
                 data += piece
             self.received.append(data)
-            conn.sendall(self.answer)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i, piece in enumerate(self.answer if isinstance(self.answer, list) else [self.answer]):
+                if i:
+                    time.sleep(0.02)            # a separate read on the other side
+                conn.sendall(piece)
             if self.keep:
                 try:
                     conn.recv(65536)
@@ -856,10 +860,30 @@ class UpstreamClientTest(unittest.TestCase):
             self.assertNotIsInstance(caught.exception, cs.UpstreamTimeout)
 
     def test_bad_chunk_size_is_an_error(self):
-        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n")
+        for size in (b"zz", b"0x2", b"-2", b"+2", b"2_0", b""):
+            _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nxx\r\n0\r\n\r\n" % size)
+            with self.assertRaises(cs.UpstreamError) as caught:
+                resp.read()
+            self.assertIn("chunk size", caught.exception.message, size)
+
+    def test_chunk_longer_than_its_size_is_an_error(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxyz\r\n0\r\n\r\n")
         with self.assertRaises(cs.UpstreamError) as caught:
             resp.read()
-        self.assertIn("chunk size", caught.exception.message)
+        self.assertIn("longer than its size", caught.exception.message)
+
+    def test_chunk_framing_split_across_reads(self):
+        pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0", b"a\r", b"\n0123456789",
+                  b"\r", b"\n5;x=y\r\nab", b"cde\n", b"0\r\nT: v\r", b"\n\r\n"]
+        pool, _, resp = self.fetch(pieces, keep=True)
+        self.assertEqual(resp.read(), b"0123456789abcde")
+        self.assertEqual(sum(len(stack) for stack in pool.idle.values()), 1)
+
+    def test_cut_inside_a_chunk_is_an_error(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nonly")
+        with self.assertRaises(cs.UpstreamError) as caught:
+            resp.read()
+        self.assertIn("inside a chunk", caught.exception.message)
 
     def test_silent_upstream_times_out(self):
         server = OneShotServer(b"", keep=True)
