@@ -365,12 +365,12 @@ def sse_frame(data, event=None):
     """One Server-Sent Events frame; `data` is a str or a JSON-able object."""
     if not isinstance(data, str):
         data = json_dumps(data)
-    head = "event: %s\n" % event if event else ""
     if "\n" in data or "\r" in data:
-        body = "".join("data: %s\n" % line for line in data.splitlines())
+        text = "".join("data: %s\n" % line for line in data.splitlines()) + "\n"
     else:
-        body = "data: %s\n" % data
-    text = head + body + "\n"
+        text = "data: " + data + "\n\n"
+    if event:
+        text = "event: %s\n%s" % (event, text)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:                  # a lone surrogate
@@ -2498,7 +2498,7 @@ class OpenAIProvider(Provider):
     def stream_events(self, resp, req):
         finished = False
         for _event, data in iter_sse(resp.pieces()):
-            if data.strip() == "[DONE]":
+            if len(data) < 16 and data.strip() == "[DONE]":
                 finished = True
                 resp.finish()
                 break
