@@ -128,10 +128,6 @@ try:
     import ssl
 except ImportError:  # Python built without OpenSSL: TLS and https upstreams unavailable
     ssl = None
-try:
-    import yaml      # optional: PyYAML reads config files beyond chatserve's YAML subset
-except ImportError:
-    yaml = None
 
 __version__ = "0.1.0"
 
@@ -755,12 +751,14 @@ def load_config_file(path):
     try:
         return parse_yaml_subset(text)
     except YamlError as e:
-        if yaml is not None:
-            try:
-                return yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise ConfigError("%s: %s" % (path, err))
-        raise ConfigError("%s, line %s: %s" % (path, e.line, e.message))
+        try:
+            import yaml     # optional, imported only here (20 ms at every start otherwise)
+        except ImportError:
+            raise ConfigError("%s, line %s: %s" % (path, e.line, e.message))
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError("%s: %s" % (path, err))
 
 
 # ---------------------------------------------------------------------------
