@@ -380,11 +380,20 @@ def sse_comment(text):
 def iter_sse(pieces, limit=1024 * 1024):
     """Parse SSE from an iterator of byte pieces split anywhere (reads or
     lines); yield (event, data) per frame.  Lines end in LF, CRLF or CR; a
-    frame longer than `limit` bytes raises ValueError."""
-    rest = b""
+    frame longer than `limit` bytes raises ValueError.  An unfinished frame is
+    kept as parts and joined only when a piece can end it: linear however the
+    upstream splits its bytes."""
+    parts, size, last = [], 0, b""
     for piece in pieces:
-        data = rest + piece if rest else piece
-        held = b""
+        if not _may_end_frame(last + piece):
+            parts.append(piece)
+            size += len(piece)
+            last = (last + piece)[-2:]
+            if size > limit:
+                raise ValueError("an event stream frame is longer than %d bytes" % limit)
+            continue
+        parts.append(piece)
+        data, held = b"".join(parts), b""
         if b"\r" in data:
             if data.endswith(b"\r"):            # maybe the first half of a CRLF
                 data, held = data[:-1], b"\r"
@@ -393,6 +402,7 @@ def iter_sse(pieces, limit=1024 * 1024):
         rest = frames.pop() + held
         if len(rest) > limit:
             raise ValueError("an event stream frame is longer than %d bytes" % limit)
+        parts, size, last = ([rest], len(rest), rest[-2:]) if rest else ([], 0, b"")
         for frame in frames:
             if frame[:6] == b"data: " and b"\n" not in frame:     # the common frame, quickly
                 yield None, frame[6:].decode("utf-8", "replace")
@@ -400,9 +410,15 @@ def iter_sse(pieces, limit=1024 * 1024):
             fields = _sse_fields(frame)
             if fields is not None:
                 yield fields
+    rest = b"".join(parts)
     fields = _sse_fields(rest.rstrip(b"\r\n").replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
     if fields is not None:
         yield fields
+
+
+def _may_end_frame(data):
+    """Whether `data` holds an empty line's end (LF LF, CR CR, LF CR; CRLF CRLF has LF CR)."""
+    return b"\n\n" in data or b"\r\r" in data or b"\n\r" in data
 
 
 def _sse_fields(frame):
@@ -1444,20 +1460,25 @@ def parse_response_head(head):
     return int(m.group(2)), "HTTP/1." + m.group(1).decode(), Headers(parse_fields(lines[1:]))
 
 
+MAX_EMPTY_LINES = 4        # empty lines tolerated before a request line (RFC 9112 2.2)
+
+
 def read_request_head(rfile):
     """The bytes of one request head through its empty line, from a buffered
-    reader (empty lines before it dropped, RFC 9112 2.2); HeadError when too
-    large; ConnectionAbortedError when the client closes in the middle."""
-    head = bytearray()
+    reader (up to MAX_EMPTY_LINES empty lines before it dropped, RFC 9112
+    2.2); HeadError when too large; ConnectionAbortedError when the client
+    closes in the middle."""
+    head, empty = bytearray(), 0
     while True:
         chunk = rfile.peek(1)           # what is buffered (one read when nothing is)
         if not chunk:
             raise ConnectionAbortedError("the client closed the connection in the middle of a request head")
         if not head:
-            skip = len(chunk) - len(chunk.lstrip(b"\r\n"))
+            lines, skip = _leading_empty_lines(chunk)
+            empty += lines
+            if empty > MAX_EMPTY_LINES:
+                raise HeadError(400, "more than %d empty lines before the request line" % MAX_EMPTY_LINES)
             if skip:
-                if skip > 8:
-                    raise HeadError(400, "more than 4 empty lines before the request line")
                 rfile.read(skip)
                 continue
         seen = max(0, len(head) - 2)
@@ -1466,13 +1487,35 @@ def read_request_head(rfile):
         if end >= 0:
             rfile.read(len(chunk) - (len(head) - end))
             del head[end:]
-            return bytes(head)
-        rfile.read(len(chunk))
+        else:
+            rfile.read(len(chunk))
         if len(head) > MAX_HEAD_BYTES:
             line_end = head.find(b"\n", 0, MAX_HEADER_LINE + 2)
             if line_end < 0 or line_end > MAX_HEADER_LINE + 1:
                 raise HeadError(414, "the request line is longer than %d bytes" % MAX_HEADER_LINE)
             raise HeadError(431, "request header fields too large (a head over %d bytes)" % MAX_HEAD_BYTES)
+        if end >= 0:
+            lines, skip = _leading_empty_lines(head)    # a CRLF split across reads before the request line
+            empty += lines
+            if empty > MAX_EMPTY_LINES:
+                raise HeadError(400, "more than %d empty lines before the request line" % MAX_EMPTY_LINES)
+            if skip == len(head):
+                head = bytearray()
+                continue
+            return bytes(head[skip:])
+
+
+def _leading_empty_lines(data):
+    """(count, bytes) of the whole empty lines (CRLF or LF) at the start of `data`."""
+    i = lines = 0
+    while True:
+        if data[i:i + 2] == b"\r\n":
+            i += 2
+        elif data[i:i + 1] == b"\n":
+            i += 1
+        else:
+            return lines, i
+        lines += 1
 
 
 def keeps_alive(version, headers):
@@ -1495,7 +1538,8 @@ def is_tls(sock):
 
 
 def set_io_timeout(sock, seconds, reads=True, writes=True):
-    """Reads and/or writes on `sock` fail after `seconds` of waiting.  On Linux
+    """Reads and/or writes on `sock` fail after `seconds` of waiting (None:
+    never).  On Linux
     the kernel keeps the timeouts (SO_RCVTIMEO/SO_SNDTIMEO on a blocking
     socket), so no poll() runs before every recv and send; a timed-out call
     raises BlockingIOError, which `recv_some` turns into socket.timeout.  TLS
@@ -1505,8 +1549,11 @@ def set_io_timeout(sock, seconds, reads=True, writes=True):
         return
     if sock.gettimeout() is not None:
         sock.settimeout(None)
-    seconds = max(seconds, 0.001)           # a zero timeval means "never"
-    value = _TIMEVAL.pack(int(seconds), int((seconds % 1) * 1000000))
+    if seconds is None:
+        value = _TIMEVAL.pack(0, 0)          # a zero timeval: wait as long as it takes
+    else:
+        seconds = max(seconds, 0.001)
+        value = _TIMEVAL.pack(int(seconds), int((seconds % 1) * 1000000))
     if reads:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     if writes:
@@ -1567,7 +1614,7 @@ class CancelScope:
         self.cancelled = self.finished = False
         self.conns, self.callbacks = set(), []
         self.event = None                   # made on first need (see sleeper)
-        self.pending_output = None          # flushes the request's coalesced output (SSEWriter)
+        self.pending_output = None          # (thread, flush) of the request's coalesced output (SSEWriter)
 
     @classmethod
     def current(cls):
@@ -1617,9 +1664,12 @@ class CancelScope:
 
     def about_to_wait(self):
         """The request's thread is about to block (on the upstream, a queue, a
-        sleep): what it has written so far goes out first, in one send."""
-        if self.pending_output is not None:
-            self.pending_output()
+        sleep): what it has written so far goes out first, in one send.  Only
+        the thread that writes flushes (an agent job runs in the request's scope
+        on the agent's thread)."""
+        pending = self.pending_output
+        if pending is not None and pending[0] == threading.get_ident():
+            pending[1]()
 
     def track(self, conn):
         with self.lock:
@@ -1667,6 +1717,10 @@ def wait_for(events, timeout):
         return events.get(timeout=timeout)
 
 
+def http_client_error(what):
+    return UpstreamError("the upstream sent %s" % what)
+
+
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an upstream.  A request goes out
     in one send; `buf` holds what was received and not yet consumed."""
@@ -1702,10 +1756,12 @@ class UpstreamConnection:
         start = 0
         while True:
             end = self.buf.find(b"\n", start)
+            if end > limit:
+                raise http_client_error("a framing line longer than %d bytes" % limit)
             if end >= 0:
                 return self.take(end + 1)
             if len(self.buf) > limit:
-                raise HeadError(502, "a framing line longer than %d bytes" % limit)
+                raise http_client_error("a framing line longer than %d bytes" % limit)
             start = len(self.buf)
             if not self.fill(before_wait):
                 raise ConnectionResetError("the upstream closed the connection mid-answer")
@@ -1755,7 +1811,7 @@ class UpstreamResponse:
         if self.status in (204, 304):
             self.remaining = 0
         elif coding is not None:            # RFC 9112 6.3: it overrides a Content-Length
-            self.chunked = coding.replace(" ", "").lower().split(",")[-1] == "chunked"
+            self.chunked = coding.split(",")[-1].strip(" \t").lower() == "chunked"
             self.will_close = self.will_close or not self.chunked or length is not None
         elif length is not None:
             values = set(v.strip() for v in length.split(","))
@@ -1906,17 +1962,24 @@ class UpstreamResponse:
 
     def lines(self, limit=1024 * 1024):
         """Body lines (without their line end) as they arrive."""
-        pieces, rest = self.pieces(), b""
+        pieces, parts, size = self.pieces(), [], 0
         try:
             for piece in pieces:
-                lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
+                parts.append(piece)
+                size += len(piece)
+                if b"\n" not in piece:            # no line ends here: keep it, join later (linear)
+                    if size > limit:
+                        raise UpstreamError("the upstream sent a line longer than %d bytes" % limit)
+                    continue
+                lines = b"".join(parts).split(b"\n")
                 rest = lines.pop()
                 if len(rest) > limit:
                     raise UpstreamError("the upstream sent a line longer than %d bytes" % limit)
+                parts, size = ([rest], len(rest)) if rest else ([], 0)
                 for line in lines:
                     yield line.rstrip(b"\r")
-            if rest:
-                yield rest.rstrip(b"\r")
+            if parts:
+                yield b"".join(parts).rstrip(b"\r")
         finally:
             pieces.close()
 
@@ -1924,6 +1987,9 @@ class UpstreamResponse:
         """After the protocol's own end marker: read the little that is left
         (the chunked terminator) so the connection can be reused."""
         if self.conn is None:
+            return
+        if self.will_close and not self.chunked and self.remaining is None:
+            self.close()            # the body ends only when the upstream closes: do not wait for it
             return
         try:
             for _ in range(64):
@@ -1956,10 +2022,6 @@ class UpstreamResponse:
                 self.scope.untrack(conn)
 
 
-def http_client_error(what):
-    return UpstreamError("the upstream sent %s" % what)
-
-
 class UpstreamPool:
     """Keep-alive connections to upstreams, per (scheme, host, port), with a
     small DNS cache.  The one HTTP client every provider uses: requests are
@@ -1967,7 +2029,6 @@ class UpstreamPool:
 
     max_idle = 32          # idle connections kept per upstream
     idle_ttl = 30.0        # seconds an idle connection is trusted
-    recheck_after = 1.0    # an idle connection older than this is checked for the peer's close first
     dns_ttl = 60.0
 
     def __init__(self):
@@ -2009,9 +2070,8 @@ class UpstreamPool:
                 conn = stack.pop()
             except IndexError:
                 return None
-            idle = now - conn.used
-            if idle < self.recheck_after or (idle < self.idle_ttl and not _readable(conn.sock)):
-                return conn
+            if now - conn.used < self.idle_ttl and not _readable(conn.sock):
+                return conn         # nothing waiting on it: no EOF, no bytes nobody asked for
             conn.close()
         return None
 
@@ -2123,9 +2183,19 @@ class UpstreamPool:
                 stack.pop().close()
 
 
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
 def _readable(sock):
-    """True when an idle socket has data or EOF waiting: the peer closed it."""
+    """True when an idle socket has data or EOF waiting (the peer closed it,
+    or sent what nobody asked for); one system call."""
     try:
+        if _PEEK_FLAGS & ~socket.MSG_PEEK and sock.gettimeout() is None and not is_tls(sock):
+            try:
+                sock.recv(1, _PEEK_FLAGS)
+                return True
+            except BlockingIOError:
+                return False
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
@@ -5739,7 +5809,7 @@ class WebSocket:
     def start_pinger(self):
         """Reads wait for the peer as long as it takes; this thread pings it every
         ping_interval and cuts a connection whose ping went unanswered."""
-        self.h.connection.settimeout(None)
+        self.h.reader.phase(None, None)
         threading.Thread(target=self._pinger, name="ws-ping", daemon=True).start()
 
     def _pinger(self):
@@ -6580,7 +6650,7 @@ class SSEWriter:
         self.closed, self.scope, self.pending, self.size = False, handler.scope, [], 0
         self.head = handler.write_head(200, headers, send=self.scope is None) or b""
         if self.scope is not None:
-            self.scope.pending_output = self.flush      # the head goes out with the first events
+            self.scope.pending_output = (threading.get_ident(), self.flush)    # the head leaves with the first events
 
     def write(self, payload):
         self.pending.append(payload)
@@ -6653,7 +6723,7 @@ class ClientReader(io.RawIOBase):
     requests arrive whole, every read is one recv and nothing else."""
 
     def __init__(self, sock):
-        self.sock = sock
+        self.sock, self.tls = sock, is_tls(sock)
         self.deadline, self.rate, self.received, self.per_read, self.applied = None, 0, 0, None, None
         self.ack = False
 
@@ -6662,7 +6732,7 @@ class ClientReader(io.RawIOBase):
 
     def readinto(self, buffer):
         wanted = self.per_read
-        if self.deadline is not None:
+        if self.deadline is not None and wanted is not None:
             # with a rate, the deadline moves out as bytes come: `rate` bytes/s on average
             left = self.deadline + (self.received / self.rate if self.rate else 0) - time.monotonic()
             if left <= 0:
@@ -6683,10 +6753,13 @@ class ClientReader(io.RawIOBase):
 
     def phase(self, seconds, per_read, rate=0, ack=False):
         """From now, at most `seconds` in all (plus 1 s per `rate` bytes read, when
-        given) and `per_read` per read; seconds None: no deadline.  `ack`: ACK
-        at once before the next read (see quick_ack)."""
+        given) and `per_read` per read; seconds None: no deadline, per_read
+        None: no timeout.  `ack`: ACK at once before the next read (see quick_ack)."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
         self.per_read, self.rate, self.received, self.ack = per_read, rate, 0, ack
+        if self.tls and per_read != self.applied:       # also the write timeout: set it now
+            self.sock.settimeout(per_read)
+            self.applied = per_read
 
 
 class HeadOnly(Exception):
@@ -6947,6 +7020,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             with self.scope.bound():
                 route.fn(self)
+        except (ClientGone,) + CONNECTION_ERRORS:
+            self.client_left()      # a failed write saw it before the monitor did: counted once either way
+            raise
         finally:
             self.scope.finish()
 

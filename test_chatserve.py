@@ -788,6 +788,19 @@ class OneShotServer:
         self.thread.join(WAIT)
 
 
+class CoalescingOwnerTest(unittest.TestCase):
+    def test_only_the_writing_thread_flushes(self):
+        # an agent job runs in the request's scope on another thread: its upstream reads must not flush
+        scope, calls = cs.CancelScope(), []
+        scope.pending_output = (threading.get_ident(), lambda: calls.append(threading.get_ident()))
+        other = threading.Thread(target=scope.about_to_wait)
+        other.start()
+        other.join(WAIT)
+        self.assertEqual(calls, [])
+        scope.about_to_wait()
+        self.assertEqual(calls, [threading.get_ident()])
+
+
 class UpstreamClientTest(unittest.TestCase):
     """The own HTTP/1.1 upstream client: framing by length, chunked (with
     extensions, trailers, interim 1xx) and to EOF; what is refused; reuse."""
@@ -884,6 +897,61 @@ class UpstreamClientTest(unittest.TestCase):
         with self.assertRaises(cs.UpstreamError) as caught:
             resp.read()
         self.assertIn("inside a chunk", caught.exception.message)
+
+    def test_long_trailer_line_is_an_upstream_error(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: "
+                                + b"t" * (cs.MAX_HEADER_LINE + 100) + b"\r\n\r\n")
+        with self.assertRaises(cs.UpstreamError) as caught:
+            resp.read()
+        self.assertIn("longer than", caught.exception.message)
+
+    def test_transfer_coding_list_with_tabs(self):
+        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity,\tchunked\r\n\r\n"
+                                b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(resp.read(), b"hello")
+
+    def test_bytes_nobody_asked_for_retire_a_pooled_connection(self):
+        # after a whole response, the upstream sends more: the connection must not answer the next request
+        server = OneShotServer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nA1",
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nNOT-YOURS"], keep=True)
+        self.addCleanup(server.close)
+        second = OneShotServer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nB2")
+        self.addCleanup(second.close)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"A1")
+        time.sleep(0.1)                                 # the unsolicited answer arrives
+        # (the first server takes one connection: a new one goes to the second)
+        pool.dns[("127.0.0.1", server.sock.getsockname()[1])] = (time.monotonic() + 60, [
+            (socket.AF_INET, ("127.0.0.1", second.sock.getsockname()[1]))])
+        self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"B2")
+
+    def test_finish_does_not_wait_for_a_close_delimited_end(self):
+        server = OneShotServer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: [DONE]\n\n",
+                               keep=True)
+        self.addCleanup(server.close)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        resp = pool.request("POST", server.url, b"{}", {}, 2.0, WAIT)
+        for _event, data in cs.iter_sse(resp.pieces()):      # as the providers do at their end marker
+            self.assertEqual(data, "[DONE]")
+            resp.finish()
+            self.assertIsNone(resp.conn)
+            self.assertTrue(server.thread.is_alive())   # the upstream had not closed: finish did not wait for it
+            break
+
+    def test_event_streams_and_lines_parse_alike_however_split(self):
+        rng = random.Random(7)
+        stream = (b"data: a\n\ndata: b\r\n\r\nevent: e\rdata: c\r\rdata: d\n\r\n: note\ndata: e\n"
+                  b"data: f\n\ndata: g")
+        whole = list(cs.iter_sse([stream]))
+        self.assertEqual(whole, [(None, "a"), (None, "b"), ("e", "c"), (None, "d"), (None, "e\nf"), (None, "g")])
+        for _ in range(2000):
+            cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 10)))
+            pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+            self.assertEqual(list(cs.iter_sse(pieces)), whole, cuts)
+        with self.assertRaises(ValueError):
+            list(cs.iter_sse([b"data: "] + [b"x" * 16] * 70000))      # a 1 MiB frame, in small pieces
 
     def test_silent_upstream_times_out(self):
         server = OneShotServer(b"", keep=True)
@@ -3127,6 +3195,21 @@ class WebSocketLivenessTest(ServerTestCase):
             self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 0, timeout=WAIT))
 
 
+class WebSocketIdleTest(ServerTestCase):
+    def test_an_idle_session_outlives_the_request_timeout(self):
+        # the session's reads have no timeout (the pinger watches the peer): also in the kernel
+        self.start(request_timeout=0.3)
+        sock, _ = ws_open(self.app.port)
+        with sock:
+            time.sleep(0.7)
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "status"}).encode())
+            while True:
+                msg = ws_json(sock)
+                if isinstance(msg, dict):
+                    break
+            self.assertEqual(msg["type"], "COMMAND_RESULT")
+
+
 # ---------------------------------------------------------------------------
 # HTTP server: auth, limits, keep-alive, TLS, logs
 # ---------------------------------------------------------------------------
@@ -3817,6 +3900,40 @@ class StrictParsingTest(ServerTestCase):
         self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
                      b"123456", 400)
         self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n123456", 400)
+
+    def test_head_over_the_limit_in_two_reads_is_431(self):
+        self.start()
+        fields = b"".join(b"X-F%d: %s\r\n" % (n, b"v" * 1300) for n in range(95))     # about 124 KB
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"
+        raw.send(head[:65536])
+        time.sleep(0.05)
+        try:
+            raw.send(head[65536:])
+        except OSError:
+            pass                                        # refused and closed already: that is the point
+        self.assertEqual(raw.response()[0], 431)
+
+    def test_empty_lines_before_the_request_line_are_counted_across_reads(self):
+        self.start()
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        for _ in range(5):
+            raw.send(b"\r\n")
+            time.sleep(0.02)
+        try:
+            raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        except OSError:
+            pass
+        self.assertEqual(raw.response()[0], 400)
+        self.refused(b"\r\r\r\rGET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        raw.send(b"\r")                                 # a CRLF split across reads, then a request: fine
+        time.sleep(0.05)
+        raw.send(b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(raw.response()[0], 200)
 
     def test_transfer_encoding_must_end_in_chunked(self):
         self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501)
