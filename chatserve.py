@@ -1382,29 +1382,25 @@ def parse_fields(lines):
     if len(lines) > MAX_HEADERS:
         raise HeadError(431, "more than %d header fields" % MAX_HEADERS)
     block = b"\n".join(lines)
-    if len(block) <= MAX_HEADER_LINE:           # every line short: one regex for all, when all are good
-        pairs = _FIELD_LINES_RE.findall(block)
-        if len(pairs) == len(lines):
-            fields = {}
-            for name, value in pairs:
-                key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
-                if key in fields:
-                    if key == "host":
-                        raise HeadError(400, "more than one Host header")
-                    value = fields[key] + ", " + value
-                fields[key] = value
-            return fields
+    pairs = _FIELD_LINES_RE.findall(block) if len(block) <= MAX_HEADER_LINE else ()
+    if len(pairs) == len(lines):                # all good: one regex did every line
+        named = ((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")) for name, value in pairs)
+    else:                                       # line by line, to say which and why
+        named = (_field_line_within_limit(line) for line in lines)
     fields = {}
-    for line in lines:
-        if len(line) > MAX_HEADER_LINE:
-            raise HeadError(431, "a header line is longer than %d bytes" % MAX_HEADER_LINE)
-        key, value = parse_field_line(line)
+    for key, value in named:
         if key in fields:
             if key == "host":
                 raise HeadError(400, "more than one Host header")
             value = fields[key] + ", " + value
         fields[key] = value
     return fields
+
+
+def _field_line_within_limit(line):
+    if len(line) > MAX_HEADER_LINE:
+        raise HeadError(431, "a header line is longer than %d bytes" % MAX_HEADER_LINE)
+    return parse_field_line(line)
 
 
 def parse_request_head(head):

@@ -814,6 +814,13 @@ class UpstreamClientTest(unittest.TestCase):
         self.addCleanup(resp.close)
         return pool, server, resp
 
+    def read_error(self, answer):
+        """The message of the UpstreamError that reading `answer`'s body raises."""
+        _, _, resp = self.fetch(answer)
+        with self.assertRaises(cs.UpstreamError) as caught:
+            resp.read()
+        return caught.exception.message
+
     def test_request_head_is_one_message_with_host_length_and_identity(self):
         pool, server, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(resp.read(), b"ok")
@@ -856,10 +863,7 @@ class UpstreamClientTest(unittest.TestCase):
         self.assertEqual(resp.header("x-a"), "one two")
 
     def test_short_body_is_an_error(self):
-        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
-        with self.assertRaises(cs.UpstreamError) as caught:
-            resp.read()
-        self.assertIn("closed", caught.exception.message)
+        self.assertIn("closed", self.read_error(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"))
 
     def test_refused_heads(self):
         for answer, words in ((b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
@@ -874,16 +878,12 @@ class UpstreamClientTest(unittest.TestCase):
 
     def test_bad_chunk_size_is_an_error(self):
         for size in (b"zz", b"0x2", b"-2", b"+2", b"2_0", b""):
-            _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nxx\r\n0\r\n\r\n" % size)
-            with self.assertRaises(cs.UpstreamError) as caught:
-                resp.read()
-            self.assertIn("chunk size", caught.exception.message, size)
+            answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nxx\r\n0\r\n\r\n" % size
+            self.assertIn("chunk size", self.read_error(answer), size)
 
     def test_chunk_longer_than_its_size_is_an_error(self):
-        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxyz\r\n0\r\n\r\n")
-        with self.assertRaises(cs.UpstreamError) as caught:
-            resp.read()
-        self.assertIn("longer than its size", caught.exception.message)
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxyz\r\n0\r\n\r\n"
+        self.assertIn("longer than its size", self.read_error(answer))
 
     def test_chunk_framing_split_across_reads(self):
         pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0", b"a\r", b"\n0123456789",
@@ -893,17 +893,13 @@ class UpstreamClientTest(unittest.TestCase):
         self.assertEqual(sum(len(stack) for stack in pool.idle.values()), 1)
 
     def test_cut_inside_a_chunk_is_an_error(self):
-        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nonly")
-        with self.assertRaises(cs.UpstreamError) as caught:
-            resp.read()
-        self.assertIn("inside a chunk", caught.exception.message)
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nonly"
+        self.assertIn("inside a chunk", self.read_error(answer))
 
     def test_long_trailer_line_is_an_upstream_error(self):
-        _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: "
-                                + b"t" * (cs.MAX_HEADER_LINE + 100) + b"\r\n\r\n")
-        with self.assertRaises(cs.UpstreamError) as caught:
-            resp.read()
-        self.assertIn("longer than", caught.exception.message)
+        answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: "
+                  + b"t" * (cs.MAX_HEADER_LINE + 100) + b"\r\n\r\n")
+        self.assertIn("longer than", self.read_error(answer))
 
     def test_transfer_coding_list_with_tabs(self):
         _, _, resp = self.fetch(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity,\tchunked\r\n\r\n"
