@@ -2748,8 +2748,13 @@ class SandboxToolsTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, WAIT)
         with open(marker) as f:
             child = int(f.read())
-        self.assertTrue(wait_until(lambda: not os.path.exists("/proc/%d" % child)
-                                   or open("/proc/%d/stat" % child).read().split()[2] == "Z"))
+        def gone():
+            try:
+                with open("/proc/%d/stat" % child) as f:
+                    return f.read().split()[2] == "Z"
+            except OSError:
+                return True
+        self.assertTrue(wait_until(gone))
 
     def test_only_enabled_tools_are_offered_and_run(self):
         config = cs.Config(env={})
