@@ -26,6 +26,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
 
     GET  /                        a JSON index: name, version, endpoints
     GET  /health                  liveness, never needs the token
+    GET  /livez, /readyz          Kubernetes probes, never need the token
     GET  /status                  uptime, requests, providers, agent, watcher
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
     GET  /v1/models[/{id}]        models the server can answer for
@@ -40,8 +41,8 @@ Prometheus text format and `GET /healthz`.  Control socket (`--socket`,
 default /var/tmp/chatserve-PORT.sock): `GET /status`, `POST /shutdown`.
 
 Security.  chatserve binds 127.0.0.1 unless told otherwise (0.0.0.0 when it
-runs inside Kubernetes).  With `--token` every route but `GET /health` (and
-the RPC `Health`) needs `Authorization: Bearer TOKEN`, compared in constant
+runs inside Kubernetes).  With `--token` every route but the probes (`GET
+/health`, `/livez`, `/readyz`, and the RPC `Health`) needs `Authorization: Bearer TOKEN`, compared in constant
 time; wrong tokens are rate limited per address.  Use `--tls-cert/--tls-key`
 (TLS 1.2 minimum) on any network you do not trust: the bearer token travels in
 every request.  API keys come from the environment or, per request, from the
@@ -3420,6 +3421,30 @@ class Engine:
         self.health = {name: ProviderHealth(config.fallback_cooldown_base, config.fallback_cooldown_max)
                        for name in self.providers}
         self.context_source = None          # the watcher's context, when one runs
+        self.reach, self.reach_checking = {}, set()
+
+    reach_ttl = 10.0        # seconds a provider's reachability check is trusted (readiness)
+
+    def reachability(self, provider):
+        """(reachable, why not) of a provider's upstream at its last check (a
+        TCP connect), or None before the first one ends.  Never blocks: a stale
+        or missing result starts a check in the background."""
+        entry = self.reach.get(provider.name)
+        if (entry is None or time.monotonic() - entry[2] > self.reach_ttl) and provider.name not in self.reach_checking:
+            self.reach_checking.add(provider.name)
+            threading.Thread(target=self._check_reach, args=(provider,), name="reachability", daemon=True).start()
+        return entry and entry[:2]
+
+    def _check_reach(self, provider):
+        try:
+            parts = urllib.parse.urlsplit(provider.base_url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            self.pool.connect(parts.hostname, port, 2.0, provider.pinned).close()
+            result = (True, "")
+        except (OSError, ValueError) as e:
+            result = (False, _os_reason(e))
+        self.reach[provider.name] = result + (time.monotonic(),)
+        self.reach_checking.discard(provider.name)
 
     LOCAL_PROBES = (("OLLAMA", "http://localhost:11434", "/api/tags"),
                     ("OPENAI", "http://localhost:8080/v1", "/models"),
@@ -4418,6 +4443,9 @@ class Watcher:
                 "alert_count": sum(len(s.alerts) for s in self.stores) + len(self.cluster_alerts),
                 "snapshot_count": sum(len(s.snapshots) for s in self.stores),
                 "pod_count": sum(len(s["pods"]) for s in snaps)}
+
+    def first_collection_done(self):
+        return self.cycles > 0
 
     def targets_status(self):
         return [{"target": s.target.key, "kind": s.target.kind, "last_collected_unix": int(s.last_collected) or None,
@@ -6513,6 +6541,17 @@ def route_status(h):
     h.send_json(200, h.app.status())
 
 
+def route_livez(h):
+    """Kubernetes liveness: the process answers."""
+    h.send_json(200, {"status": "ok"})
+
+
+def route_readyz(h):
+    """Kubernetes readiness: 503, with what is not ready, until traffic can be served."""
+    ready, checks = h.app.readiness()
+    h.send_json(200 if ready else 503, {"status": "ready" if ready else "not_ready", "checks": checks})
+
+
 def route_control_shutdown(h):
     h.send_json(200, {"status": "shutting_down", "pid": os.getpid()})
     h.app.request_shutdown("control socket")
@@ -6531,7 +6570,7 @@ def route_healthz(h):
 # owns framing, hang-up watching, connections, TLS, the control socket
 # ---------------------------------------------------------------------------
 
-Route = collections.namedtuple("Route", "name fn auth errors surface small_body long_lived")
+Route = collections.namedtuple("Route", "name fn auth errors surface small_body long_lived probe")
 
 
 class Router:
@@ -6541,13 +6580,14 @@ class Router:
         self.exact, self.prefixes = {}, []
 
     def add(self, method, path, fn, auth=True, name=None, errors=openai_error_body, surface=None, small_body=False,
-            long_lived=False):
+            long_lived=False, probe=False):
         """`surface` names what a cancelled request counts as; such routes are
         cancelled when their client hangs up.  `small_body`: the body (or
         WebSocket message) is capped by --max-rpc-body-bytes, not --max-body-bytes.
         `long_lived`: a session or event stream, mostly idle, that holds no
-        request slot (only its connection's)."""
-        route = Route(name or path, fn, auth, errors, surface, small_body, long_lived)
+        request slot (only its connection's).  `probe`: health and readiness,
+        answered even when every slot is taken, never rate limited."""
+        route = Route(name or path, fn, auth, errors, surface, small_body, long_lived, probe)
         if path.endswith("/*"):
             prefix = path[:-1]
             for p, methods in self.prefixes:
@@ -6579,7 +6619,9 @@ class Router:
 def api_router():
     r = Router()
     r.add("GET", "/", route_index)
-    r.add("GET", "/health", route_health, auth=False)
+    r.add("GET", "/health", route_health, auth=False, probe=True)
+    r.add("GET", "/livez", route_livez, auth=False, probe=True)
+    r.add("GET", "/readyz", route_readyz, auth=False, probe=True)
     r.add("GET", "/status", route_status)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("GET", "/v1/models", route_models)
@@ -6964,8 +7006,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             route, self.route_rest = self.router.match(self.command, path)
             route_name, self.render_error = route.name, route.errors
-            # liveness is answered even when every slot is taken; sessions and event streams take none
-            if path != "/health" and not route.long_lived:
+            # probes are answered even when every slot is taken; sessions and event streams take none
+            if not route.probe and not route.long_lived:
                 if not self.server.busy_slots.take():
                     self.close_connection = True
                     raise Unavailable("server busy: %d requests in flight (--max-connections); retry shortly"
@@ -6973,7 +7015,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 busy = True
             if route.small_body:
                 self.body_cap = app.config.max_rpc_body_bytes
-            if record and route.auth is not None and path != "/health":
+            if record and not route.probe:
                 app.check_rate(self)
             if route.auth:
                 app.authorize(self)
@@ -7764,7 +7806,7 @@ class App:
                            headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
 
     def check_rate(self, h):
-        """The per-client token bucket, on every route but /health."""
+        """The per-client token bucket, on every route but the probes."""
         if self.rate_limiter is None:
             return
         ok, wait = self.rate_limiter.take(h.address_string())
@@ -7772,6 +7814,31 @@ class App:
             self.metrics.rate_limited.inc(("rate",))
             raise rate_limited("rate limit of %g requests/s (burst %d) exceeded"
                                % (self.config.rate_limit_rps, self.config.rate_limit_burst), wait)
+
+    def readiness(self):
+        """(ready, checks): not draining, the default provider has a model, is not
+        cooling down and was reachable at its last check, and a configured
+        watcher has collected once.  Each check says "ok" or why not."""
+        checks = {"draining": "ok", "provider": "ok"}
+        if self.stopping.is_set() or (self.http is not None and self.http.tracker.draining):
+            checks["draining"] = "shutting down: send traffic elsewhere"
+        provider = self.engine.default_provider
+        if provider is None:
+            checks["provider"] = "no provider is configured"
+        elif provider.model_pending:
+            checks["provider"] = "%s: no model yet; the upstream has not listed one" % provider.name
+        elif self.engine.health[provider.name].cooling():
+            checks["provider"] = "%s: cooling down after failures (%s)" % (
+                provider.name, self.engine.health[provider.name].last_error)
+        else:
+            reach = self.engine.reachability(provider)
+            if reach is None:
+                checks["provider"] = "%s: first reachability check under way" % provider.name
+            elif not reach[0]:
+                checks["provider"] = "%s: unreachable at the last check: %s" % (provider.name, reach[1])
+        if self.watcher is not None:
+            checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
+        return all(v == "ok" for v in checks.values()), checks
 
     def watcher_status(self):
         if self.watcher:

@@ -2552,7 +2552,59 @@ class MultiSummaryTest(KubectlCase):
         self.assertNotIn("api-canary", tiny)                  # then dropped from the bottom
 
 
+class ProbesTest(ServerTestCase):
+    """/livez and /readyz: open like /health, never rate limited or refused
+    for lack of a slot; /readyz says what is not ready."""
+
+    def test_open_and_ready_with_a_reachable_upstream(self):
+        app = self.start(token="t", rate_limit_rps=1, rate_limit_burst=1)
+        self.assertEqual(self.request("GET", "/livez")[:3:2], (200, {"status": "ok"}))
+        self.assertTrue(wait_until(lambda: self.request("GET", "/readyz")[0] == 200))
+        status, _, body = self.request("GET", "/readyz")
+        self.assertEqual(body, {"status": "ready", "checks": {"draining": "ok", "provider": "ok"}})
+        for _ in range(5):                                   # beyond the rate limit of 1/s, burst 1
+            self.assertEqual(self.request("GET", "/readyz")[0], 200)
+        self.assertEqual(self.request("GET", "/status")[0], 401)
+        app.stopping.set()                                   # a drain has begun: not ready at once
+        status, _, body = self.request("GET", "/readyz")
+        self.assertEqual(status, 503)
+        self.assertIn("shutting down", body["checks"]["draining"])
+        self.assertEqual(self.request("GET", "/livez")[0], 200)
+
+    def test_unreachable_provider_is_not_ready(self):
+        self.start(env={"OPENAI_BASE_URL": "http://127.0.0.1:%d/v1" % free_port(), "OPENAI_API_KEY": "k",
+                        "OPENAI_MODEL": "m"})
+        self.assertTrue(wait_until(lambda: "unreachable" in json.dumps(self.request("GET", "/readyz")[2])))
+        status, _, body = self.request("GET", "/readyz")
+        self.assertEqual((status, body["status"]), (503, "not_ready"))
+        self.assertIn("OPENAI: unreachable at the last check", body["checks"]["provider"])
+
+    def test_cooling_provider_is_not_ready(self):
+        app = self.start()
+        self.assertTrue(wait_until(lambda: self.request("GET", "/readyz")[0] == 200))
+        app.engine.health[app.engine.default].failed(cs.UpstreamError("upstream 503"))
+        status, _, body = self.request("GET", "/readyz")
+        self.assertEqual(status, 503)
+        self.assertIn("cooling down", body["checks"]["provider"])
+
+    def test_probes_are_answered_when_every_slot_is_taken(self):
+        app = self.start(max_connections=1)
+        self.assertTrue(app.http.busy_slots.take())          # the one request slot is in use
+        self.addCleanup(app.http.busy_slots.give)
+        self.assertEqual(self.request("GET", "/status")[0], 503)
+        self.assertEqual(self.request("GET", "/livez")[0], 200)
+        self.assertIn(self.request("GET", "/readyz")[0], (200, 503))
+
+
 class WatcherServerTest(KubectlCase):
+    def test_readyz_waits_for_the_first_collection(self):
+        app = self.start(kubectl=self.kubectl, watch_deployment="api", watch_namespace="prod", watch_interval=3600.0)
+        ready, checks = app.readiness()
+        if app.watcher.cycles == 0:
+            self.assertEqual(checks["watcher"], "first collection not done yet")
+            self.assertFalse(ready)
+        self.assertTrue(wait_until(lambda: app.readiness()[1]["watcher"] == "ok"))
+
     def start_watching(self, **options):
         app = self.start(kubectl=self.kubectl, watch_deployment="api", watch_namespace="prod", watch_interval=3600.0,
                          token="t", **options)
