@@ -29,6 +29,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     GET  /livez, /readyz          Kubernetes probes, never need the token
     GET  /status                  uptime, requests, providers, agent, watcher
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
+    POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
     GET  /v1/models[/{id}]        models the server can answer for
     POST /v1/messages             Anthropic Messages, for Anthropic SDK clients
     POST /rpc                     the ChatCLI gRPC service as JSON-RPC 2.0
@@ -5496,24 +5497,115 @@ def openai_context_mode(h):
     return "system"
 
 
-def route_chat_completions(h):
-    req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
+def open_openai_answer(h, req):
+    """The Engine's answer for an OpenAI-surface request: provider, the
+    client's own credentials and the context mode come from the headers."""
     req.provider = h.headers.get("X-LLM-Provider") or None
     req.credentials = header_credentials(h)
     req.context = openai_context_mode(h)
-    answer = h.app.engine.open(req)
+    return h.app.engine.open(req)
+
+
+def send_openai_stream(h, answer, chunks):
+    """OpenAI-style SSE: each chunk, then [DONE]; the upstream is closed at the end."""
+    with h.open_sse() as sse:
+        try:
+            for chunk in chunks:
+                sse.send(chunk)
+            sse.send("[DONE]")
+        finally:
+            answer.close()
+
+
+def route_chat_completions(h):
+    req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
+    answer = open_openai_answer(h, req)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     if not req.stream:
         completion = collect(answer)
         h.send_json(200, openai_completion_body(completion, answer.model, completion_id, created))
         return
-    with h.open_sse() as sse:
-        try:
-            for chunk in openai_stream_chunks(answer, completion_id, created, include_usage):
-                sse.send(chunk)
-            sse.send("[DONE]")
-        finally:
-            answer.close()
+    send_openai_stream(h, answer, openai_stream_chunks(answer, completion_id, created, include_usage))
+
+
+# -- legacy completions (POST /v1/completions): a prompt, answered through chat --
+
+LEGACY_PARAMS = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
+                 "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias")
+LEGACY_FINISH = {"length": "length", "content_filter": "content_filter"}      # anything else ends as "stop"
+
+
+def parse_openai_completion(body, request_id=""):
+    """A legacy completions request as a chat request with one user message:
+    (ChatRequest, include_usage, text to echo before the answer)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt: send one prompt as a string (several prompts in a list and token arrays are "
+                         "not supported)", param="prompt")
+    for name in ("suffix", "logprobs"):
+        if body.get(name) is not None:
+            raise BadRequest("%s: not supported here (completions are answered by chat models); remove it" % name,
+                             param=name)
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise BadRequest("%s: only 1 is supported" % name, param=name)
+    echo = body.get("echo", False)
+    if echo is not None and not isinstance(echo, bool):
+        raise BadRequest("echo: must be true or false", param="echo")
+    chat = {k: body[k] for k in LEGACY_PARAMS if k in body}
+    chat["messages"] = [{"role": "user", "content": prompt}]
+    req, include_usage = parse_openai_chat(chat, request_id)
+    return req, include_usage, prompt if echo else ""
+
+
+def legacy_chunk(base, text, finish=None):
+    out = dict(base)
+    out["choices"] = [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]
+    return out
+
+
+def legacy_completion_body(completion, model, completion_id, created, echo):
+    body = legacy_chunk({"id": completion_id, "object": "text_completion", "created": created, "model": model},
+                        echo + completion.text, LEGACY_FINISH.get(completion.finish_reason, "stop"))
+    body["usage"] = openai_usage(completion.usage) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return body
+
+
+def legacy_stream_chunks(answer, completion_id, created, include_usage, echo):
+    """text_completion chunks for an answer's events (tool calls have no legacy form)."""
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": answer.model}
+    if echo:
+        yield legacy_chunk(base, echo)
+    usage = None
+    for ev in answer:
+        kind = type(ev)
+        if kind is TextDelta:
+            yield legacy_chunk(base, ev.text)
+        elif kind is Usage:
+            usage = ev
+        elif kind is Finish:
+            yield legacy_chunk(base, "", LEGACY_FINISH.get(ev.reason, "stop"))
+        elif kind is Error:
+            yield openai_error_body(ev.error)
+            return
+    if include_usage:
+        out = dict(base, choices=[])
+        out["usage"] = openai_usage(usage) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        yield out
+
+
+def route_completions(h):
+    req, include_usage, echo = parse_openai_completion(h.read_json(), h.request_id)
+    answer = open_openai_answer(h, req)
+    completion_id, created = new_id("cmpl-"), int(time.time())
+    if not req.stream:
+        h.send_json(200, legacy_completion_body(collect(answer), answer.model, completion_id, created, echo))
+        return
+    send_openai_stream(h, answer, legacy_stream_chunks(answer, completion_id, created, include_usage, echo))
 
 
 def _model_object(entry, created):
@@ -6624,6 +6716,7 @@ def api_router():
     r.add("GET", "/readyz", route_readyz, auth=False, probe=True)
     r.add("GET", "/status", route_status)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
+    r.add("POST", "/v1/completions", route_completions, surface="openai")
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")

@@ -1546,6 +1546,51 @@ class AnthropicSurfaceTest(ServerTestCase):
 # OpenAI surface
 # ---------------------------------------------------------------------------
 
+class LegacyCompletionsTest(ServerTestCase):
+    """POST /v1/completions: one prompt, answered through chat, in the text_completion shape."""
+
+    def test_non_streamed(self):
+        self.start()
+        status, _, body = self.request("POST", "/v1/completions", {"model": "up-model", "prompt": "Say hi",
+                                                                   "max_tokens": 5, "temperature": 0.5})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["object"], "text_completion")
+        self.assertTrue(body["id"].startswith("cmpl-"))
+        self.assertEqual(body["choices"], [{"text": "Hello world", "index": 0, "logprobs": None,
+                                            "finish_reason": "stop"}])
+        self.assertEqual(body["usage"], {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12})
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["messages"], [{"role": "user", "content": "Say hi"}])
+        self.assertEqual((sent["max_tokens"], sent["temperature"]), (5, 0.5))
+        self.assertNotIn("prompt", sent)
+
+    def test_streamed_with_echo_and_usage(self):
+        self.start()
+        status, _, text = self.request("POST", "/v1/completions", {
+            "model": "up-model", "prompt": ["Say hi"], "stream": True, "echo": True,
+            "stream_options": {"include_usage": True}})
+        chunks = sse_data(text)
+        self.assertEqual(status, 200)
+        self.assertEqual(chunks[-1], "[DONE]")
+        self.assertTrue(all(c["object"] == "text_completion" for c in chunks[:-1]))
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]), "Say hiHello world")
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1], "stop")
+        self.assertEqual(chunks[-2]["choices"], [])
+        self.assertEqual(chunks[-2]["usage"]["total_tokens"], 12)
+
+    def test_refused_with_the_field_named(self):
+        self.start()
+        for body, param in (({"model": "m"}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                            ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": "a", "suffix": "z"}, "suffix"),
+                            ({"prompt": "a", "logprobs": 2}, "logprobs"), ({"prompt": "a", "n": 2}, "n"),
+                            ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": "a", "echo": "yes"}, "echo"),
+                            ({"prompt": "a", "temperature": "hot"}, "temperature")):
+            status, _, answer = self.request("POST", "/v1/completions", body)
+            self.assert_openai_error(status, answer, 400)
+            self.assertEqual(answer["error"]["param"], param, body)
+        self.assertEqual(self.upstream.requests, [])
+
+
 class OpenAISurfaceTest(ServerTestCase):
     def test_non_streamed_completion(self):
         self.start()
@@ -4854,6 +4899,14 @@ class InteropTest(SDKTestCase):
     def test_non_streamed_tool_calls(self):
         answer = self.client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "hi"}])
         self.assertEqual(answer.choices[0].message.tool_calls[0].function.name, "get_weather")
+
+    def test_legacy_completions(self):
+        answer = self.client.completions.create(model="up-model", prompt="Say hi", max_tokens=5)
+        self.assertEqual((answer.object, answer.choices[0].text), ("text_completion", "Hello world"))
+        self.assertEqual(answer.usage.total_tokens, 12)
+        text = "".join(c.choices[0].text for c in self.client.completions.create(
+            model="up-model", prompt="Say hi", stream=True) if c.choices)
+        self.assertEqual(text, "Hello world")
 
     def test_wrong_token_is_authentication_error(self):
         bad = openai.OpenAI(base_url=self.client.base_url, api_key="wrong", max_retries=0)
