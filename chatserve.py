@@ -32,6 +32,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
     GET  /v1/models[/{id}]        models the server can answer for
     POST /v1/messages             Anthropic Messages, for Anthropic SDK clients
+    POST /v1/messages/count_tokens  its input tokens (the upstream's, or an estimate)
     POST /rpc                     the ChatCLI gRPC service as JSON-RPC 2.0
     GET  /rpc/ws                  InteractiveSession over WebSocket (RFC 6455)
     POST /request, GET /updates   the agent (Shepherd's CLI server): prompts,
@@ -2745,6 +2746,19 @@ class AnthropicProvider(Provider):
 
     def send(self, req, model):
         return self.post(self.base_url + "/v1/messages", anthropic_request(req, model), self.headers(), req.stream)
+
+    def count_tokens(self, body):
+        """The upstream's count of a Messages request's input tokens."""
+        resp = self.post(self.base_url + "/v1/messages/count_tokens", body, self.headers(), False)
+        if resp.status >= 300:
+            raise self.failure(resp)
+        try:
+            count = json_loads_upstream(resp.read().decode("utf-8"))["input_tokens"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise UpstreamError("%s sent a token count this server cannot read" % self.name)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise UpstreamError("%s sent a token count that is not a whole number" % self.name)
+        return count
 
     def completion_events(self, data, req):
         events, calls = [], 0
@@ -5497,13 +5511,18 @@ def openai_context_mode(h):
     return "system"
 
 
-def open_openai_answer(h, req):
-    """The Engine's answer for an OpenAI-surface request: provider, the
-    client's own credentials and the context mode come from the headers."""
+def with_header_choices(h, req):
+    """The request with what the headers choose: provider, the client's own
+    credentials, the context mode."""
     req.provider = h.headers.get("X-LLM-Provider") or None
     req.credentials = header_credentials(h)
     req.context = openai_context_mode(h)
-    return h.app.engine.open(req)
+    return req
+
+
+def open_answer(h, req):
+    """The Engine's answer for a request of the OpenAI or Anthropic surface."""
+    return h.app.engine.open(with_header_choices(h, req))
 
 
 def send_openai_stream(h, answer, chunks):
@@ -5519,7 +5538,7 @@ def send_openai_stream(h, answer, chunks):
 
 def route_chat_completions(h):
     req, include_usage = parse_openai_chat(h.read_json(), h.request_id)
-    answer = open_openai_answer(h, req)
+    answer = open_answer(h, req)
     completion_id, created = new_id("chatcmpl-"), int(time.time())
     if not req.stream:
         completion = collect(answer)
@@ -5600,7 +5619,7 @@ def legacy_stream_chunks(answer, completion_id, created, include_usage, echo):
 
 def route_completions(h):
     req, include_usage, echo = parse_openai_completion(h.read_json(), h.request_id)
-    answer = open_openai_answer(h, req)
+    answer = open_answer(h, req)
     completion_id, created = new_id("cmpl-"), int(time.time())
     if not req.stream:
         h.send_json(200, legacy_completion_body(collect(answer), answer.model, completion_id, created, echo))
@@ -5817,10 +5836,7 @@ def route_anthropic_messages(h):
         req = parse_anthropic_request(body, h.request_id)
     except (TypeError, AttributeError, ValueError) as e:
         raise BadRequest("a field of the request has the wrong type: %s" % e)
-    req.provider = h.headers.get("X-LLM-Provider") or None
-    req.credentials = header_credentials(h)
-    req.context = openai_context_mode(h)
-    answer = h.app.engine.open(req)
+    answer = open_answer(h, req)
     message_id = new_id("msg_")
     if not req.stream:
         h.send_json(200, anthropic_message_body(collect(answer), answer.model, message_id))
@@ -5831,6 +5847,31 @@ def route_anthropic_messages(h):
                 sse.send(data, event)
         finally:
             answer.close()
+
+
+COUNT_TOKENS_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking")
+
+
+def route_anthropic_count_tokens(h):
+    """POST /v1/messages/count_tokens: the Anthropic upstream's own count when
+    it is the provider; otherwise an estimate (about 4 characters a token),
+    said so in X-Chatserve-Token-Count."""
+    body = h.read_json()
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        req = parse_anthropic_request(dict(body, max_tokens=1), h.request_id)    # validated as a message
+    except (TypeError, AttributeError, ValueError) as e:
+        raise BadRequest("a field of the request has the wrong type: %s" % e)
+    provider, model = h.app.engine.resolve(with_header_choices(h, req))
+    if isinstance(provider, AnthropicProvider):
+        h.send_json(200, {"input_tokens": provider.count_tokens(
+            dict({k: body[k] for k in COUNT_TOKENS_FIELDS if k in body}, model=model))})
+        return
+    text = "".join(message_text(m.get("content")) for m in req.messages)
+    text += json_dumps(req.params.get("tools")) if req.params.get("tools") else ""
+    h.send_json(200, {"input_tokens": max(1, (len(text) + 3) // 4)},
+                {"X-Chatserve-Token-Count": "estimate (about 4 characters a token; %s has no count)" % provider.name})
 
 
 # ---------------------------------------------------------------------------
@@ -6720,6 +6761,8 @@ def api_router():
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")
+    r.add("POST", "/v1/messages/count_tokens", route_anthropic_count_tokens, errors=anthropic_error_body,
+          surface="anthropic")
     r.add("POST", "/rpc", route_rpc, auth=False, errors=rpc_error_body, surface="rpc", small_body=True)
     r.add("GET", "/rpc/ws", route_rpc_ws, errors=rpc_error_body, surface="rpc", small_body=True, long_lived=True)
     r.add("POST", "/request", route_agent_request, errors=agent_error_body, surface="agent", small_body=True)

@@ -322,10 +322,18 @@ def sse_bytes(obj, event=None):
 class AnthropicFake:
     """Anthropic Messages, from the documented stream events."""
 
+    COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"}
+
     @staticmethod
     def handle(h, body):
         if h.headers.get("x-api-key") == "bad" :
             return h.send_body(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+        if h.path == "/v1/messages/count_tokens":        # as strict as the API: no fields beyond its schema
+            extra = sorted(set(body) - AnthropicFake.COUNT_FIELDS)
+            if extra or "model" not in body or "messages" not in body:
+                return h.send_body(400, {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": "%s: Extra inputs are not permitted" % (extra or ["model"])[0]}})
+            return h.send_body(200, {"input_tokens": 42})
         model = body["model"]
         if model == "overloaded":
             return h.send_body(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
@@ -1203,6 +1211,16 @@ class ProviderCase(ServerTestCase):
 class AnthropicProviderTest(ProviderCase):
     provider, env = "CLAUDEAI", {"ANTHROPIC_API_KEY": "sk-ant", "ANTHROPIC_BASE_URL": "URL"}
 
+    def test_count_tokens_asks_the_anthropic_upstream(self):
+        self.start_provider()
+        body = {"model": "claude-x", "system": "be brief", "messages": [{"role": "user", "content": "hi"}]}
+        status, resp, answer = self.request("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual((status, answer), (200, {"input_tokens": 42}))
+        self.assertIsNone(resp.getheader("X-Chatserve-Token-Count"))
+        sent = self.upstream.requests[-1]
+        self.assertEqual((sent["path"], sent["headers"]["x-api-key"]), ("/v1/messages/count_tokens", "sk-ant"))
+        self.assertEqual(sent["body"], body)
+
     def test_non_streamed_text_and_tools(self):
         self.start_provider()
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("claude-x"))
@@ -1589,6 +1607,22 @@ class LegacyCompletionsTest(ServerTestCase):
             self.assert_openai_error(status, answer, 400)
             self.assertEqual(answer["error"]["param"], param, body)
         self.assertEqual(self.upstream.requests, [])
+
+
+class CountTokensTest(ServerTestCase):
+    def test_estimate_when_the_provider_has_no_count(self):
+        self.start()
+        body = {"model": "up-model", "messages": [{"role": "user", "content": "x" * 40}]}
+        status, resp, answer = self.request("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual((status, answer), (200, {"input_tokens": 10}))
+        self.assertTrue(resp.getheader("X-Chatserve-Token-Count").startswith("estimate"))
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_bad_request_in_anthropic_shape(self):
+        self.start()
+        for body in ({"model": "up-model"}, {"messages": [{"role": "user", "content": "hi"}]}, []):
+            status, _, answer = self.request("POST", "/v1/messages/count_tokens", body)
+            self.assertEqual((status, answer["type"], answer["error"]["type"]), (400, "error", "invalid_request_error"))
 
 
 class OpenAISurfaceTest(ServerTestCase):
@@ -5064,6 +5098,10 @@ class AnthropicInteropTest(SDKTestCase):
         self.assertEqual(message.content[0].text, "Hello world")
         self.assertEqual(message.stop_reason, "end_turn")
         self.assertEqual(message.usage.output_tokens, 5)
+
+    def test_count_tokens(self):
+        count = self.client.messages.count_tokens(model="up-model", messages=[{"role": "user", "content": "x" * 40}])
+        self.assertEqual(count.input_tokens, 10)
 
     def test_streamed_text_and_tools(self):
         with self.client.messages.stream(model="up-model", max_tokens=50,
