@@ -30,6 +30,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     GET  /status                  uptime, requests, providers, agent, watcher
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
     POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
+    POST /v1/embeddings           embeddings (OpenAI-compatible, Ollama, Gemini)
     GET  /v1/models[/{id}]        models the server can answer for
     POST /v1/messages             Anthropic Messages, for Anthropic SDK clients
     POST /v1/messages/count_tokens  its input tokens (the upstream's, or an estimate)
@@ -2440,6 +2441,22 @@ class Provider:
         return self.pool.request("POST", url, data, headers, self.config.upstream_connect_timeout,
                                  self.config.upstream_timeout, self.pinned if url.startswith(self.base_url) else None)
 
+    def call_json(self, url, body, headers):
+        """POST a request answered at once; its JSON (ChatServeError for a non-2xx)."""
+        resp = self.post(url, body, headers, False)
+        if resp.status >= 300:
+            raise self.failure(resp)
+        try:
+            return json_loads_upstream(resp.read().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UpstreamError("%s sent an answer that is not JSON" % self.name)
+
+    def embed(self, inputs, model, dimensions=None):
+        """(vectors, prompt tokens) for a list of texts; BadRequest where the wire has none."""
+        able = [name for name, cls in PROVIDERS.items() if "embed" in cls.__dict__]
+        raise BadRequest("provider %s has no embeddings; these have: %s (OPENAI also for OpenAI-compatible "
+                         "servers)" % (self.name, ", ".join(able)), param="model", code="embeddings_unsupported")
+
     def get_json(self, url, headers=None, timeout=5.0):
         resp = self.pool.request("GET", url, None, headers or {}, min(self.config.upstream_connect_timeout, timeout),
                                  timeout)
@@ -2464,6 +2481,19 @@ class Provider:
 
 
 # -- translation helpers shared by the providers -----------------------------
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_vectors(name, vectors, count):
+    """`count` embedding vectors of numbers from an upstream, or UpstreamError."""
+    if (not isinstance(vectors, list) or len(vectors) != count
+            or not all(isinstance(v, list) and v and all(_is_number(x) for x in v) for v in vectors)):
+        raise UpstreamError("%s sent embeddings this server cannot read (expected %d vectors of numbers)"
+                            % (name, count))
+    return vectors
+
 
 def message_text(content):
     """The text of an OpenAI message content (a string or a list of parts)."""
@@ -2557,6 +2587,19 @@ class OpenAIProvider(Provider):
         if req.request_id:
             headers["X-Request-Id"] = upstream_request_id(req.request_id)
         return self.post(self.base_url + "/chat/completions", body, headers, req.stream)
+
+    def embed(self, inputs, model, dimensions=None):
+        body = {"model": model, "input": inputs, "encoding_format": "float"}
+        if dimensions:
+            body["dimensions"] = dimensions
+        answer = self.call_json(self.base_url + "/embeddings", body, self.headers())
+        try:
+            items = sorted(answer["data"], key=lambda item: item["index"])
+            vectors = [item["embedding"] for item in items]
+            tokens = (answer.get("usage") or {}).get("prompt_tokens") or 0
+        except (KeyError, TypeError, AttributeError):
+            raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
+        return checked_vectors(self.name, vectors, len(inputs)), tokens
 
     def completion_events(self, data, req):
         choice = data["choices"][0]
@@ -2749,13 +2792,8 @@ class AnthropicProvider(Provider):
 
     def count_tokens(self, body):
         """The upstream's count of a Messages request's input tokens."""
-        resp = self.post(self.base_url + "/v1/messages/count_tokens", body, self.headers(), False)
-        if resp.status >= 300:
-            raise self.failure(resp)
-        try:
-            count = json_loads_upstream(resp.read().decode("utf-8"))["input_tokens"]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            raise UpstreamError("%s sent a token count this server cannot read" % self.name)
+        answer = self.call_json(self.base_url + "/v1/messages/count_tokens", body, self.headers())
+        count = answer.get("input_tokens") if isinstance(answer, dict) else None
         if not isinstance(count, int) or isinstance(count, bool):
             raise UpstreamError("%s sent a token count that is not a whole number" % self.name)
         return count
@@ -2969,6 +3007,21 @@ class GeminiProvider(Provider):
         url = "%s/v1beta/models/%s%s" % (self.base_url, urllib.parse.quote(model, safe=""), action)
         return self.post(url, gemini_request(req), self.headers(), req.stream)
 
+    def embed(self, inputs, model, dimensions=None):
+        """batchEmbedContents; Gemini counts no tokens here, so about 4 characters a token is reported."""
+        model = model[len("models/"):] if model.startswith("models/") else model
+        requests = [{"model": "models/" + model, "content": {"parts": [{"text": text}]}} for text in inputs]
+        if dimensions:
+            for item in requests:
+                item["outputDimensionality"] = dimensions
+        url = "%s/v1beta/models/%s:batchEmbedContents" % (self.base_url, urllib.parse.quote(model, safe=""))
+        answer = self.call_json(url, {"requests": requests}, self.headers())
+        try:
+            vectors = [item["values"] for item in answer["embeddings"]]
+        except (KeyError, TypeError):
+            raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
+        return checked_vectors(self.name, vectors, len(inputs)), sum((len(t) + 3) // 4 for t in inputs)
+
     def completion_events(self, data, req):
         state = {"calls": 0, "finish": None, "usage": None}
         events = list(gemini_response_events(data, state))
@@ -3077,6 +3130,17 @@ class OllamaProvider(Provider):
 
     def send(self, req, model):
         return self.post(self.base_url + "/api/chat", ollama_request(req, model), {}, req.stream)
+
+    def embed(self, inputs, model, dimensions=None):
+        body = {"model": model, "input": inputs}
+        if dimensions:
+            body["dimensions"] = dimensions
+        answer = self.call_json(self.base_url + "/api/embed", body, {})
+        try:
+            vectors, tokens = answer["embeddings"], answer.get("prompt_eval_count") or 0
+        except (KeyError, TypeError, AttributeError):
+            raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
+        return checked_vectors(self.name, vectors, len(inputs)), tokens
 
     def completion_events(self, data, req):
         state = {"calls": 0, "done": False}
@@ -3580,6 +3644,19 @@ class Engine:
                 self.metrics.llm_retries.inc((provider.name,))
                 log.info("%s: %s; retry %d of %d in %.2fs", provider.name, e.message, attempt + 1, retries, delay)
                 cancellable_sleep(delay)
+
+    def embed(self, req):
+        """Embedding vectors for req.params["input"] (texts): (vectors, prompt tokens, model)."""
+        provider, model = self.resolve(req)
+        started = time.monotonic()
+        try:
+            vectors, tokens = provider.embed(req.params["input"], model, req.params.get("dimensions"))
+        except ChatServeError as e:
+            self._record(provider.name, model, started, e)
+            raise
+        self._record(provider.name, model, started, None)
+        self.metrics.llm_tokens.inc((provider.name, model, "prompt"), tokens)
+        return vectors, tokens, model
 
     def _instrument(self, provider, model, started, events):
         error, done = None, False
@@ -5320,10 +5397,6 @@ _NUMBER_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-
 _POSITIVE_INTS = ("max_tokens", "max_completion_tokens")
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_content_part(part, where):
     """A content part: an object with a type; text parts with text, image parts with image_url.url."""
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -5545,6 +5618,51 @@ def route_chat_completions(h):
         h.send_json(200, openai_completion_body(completion, answer.model, completion_id, created))
         return
     send_openai_stream(h, answer, openai_stream_chunks(answer, completion_id, created, include_usage))
+
+
+# -- embeddings (POST /v1/embeddings) --------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048         # OpenAI's own limit per request
+
+
+def parse_embeddings(body, request_id=""):
+    """An embeddings request: (ChatRequest carrying the texts, encoding format)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if (not isinstance(inputs, list) or not inputs or len(inputs) > MAX_EMBEDDING_INPUTS
+            or not all(isinstance(x, str) and x for x in inputs)):
+        raise BadRequest("input: send a non-empty string or a list of 1 to %d non-empty strings (token arrays are "
+                         "not supported)" % MAX_EMBEDDING_INPUTS, param="input")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("model: required, the embedding model's name", param="model")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise BadRequest("encoding_format: float or base64", param="encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
+        raise BadRequest("dimensions: a whole number of at least 1", param="dimensions")
+    req = ChatRequest([], model=model, params={"input": inputs, "dimensions": dimensions}, request_id=request_id)
+    return req, fmt
+
+
+def encode_vector(vector, fmt):
+    """float: the numbers; base64: little-endian float32s, as OpenAI sends them."""
+    if fmt == "float":
+        return vector
+    return base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
+
+
+def route_embeddings(h):
+    req, fmt = parse_embeddings(h.read_json(), h.request_id)
+    vectors, tokens, model = h.app.engine.embed(with_header_choices(h, req))
+    h.send_json(200, {"object": "list", "model": model,
+                      "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
+                               for i, v in enumerate(vectors)],
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 # -- legacy completions (POST /v1/completions): a prompt, answered through chat --
@@ -6758,6 +6876,7 @@ def api_router():
     r.add("GET", "/status", route_status)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("POST", "/v1/completions", route_completions, surface="openai")
+    r.add("POST", "/v1/embeddings", route_embeddings, surface="openai")
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")

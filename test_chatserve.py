@@ -14,6 +14,7 @@ The fake upstream is as strict as the real peers where it matters: it
 refuses a non-UUID X-Request-Id the way llama-cpp-python's server does.
 """
 
+import base64
 import collections
 import contextlib
 import http.client
@@ -133,6 +134,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             body = {"form": raw.decode()}
         with self.server.lock:
             self.server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+        if self.path.endswith("/embeddings") or self.path == "/api/embed" or self.path.endswith(":batchEmbedContents"):
+            return EmbeddingsFake.handle(self, body)
         for prefix, handler in (("/v1/messages", AnthropicFake), ("/v1beta/models/", GeminiFake),
                                 ("/api/chat", OllamaFake), ("/zup/oidc", StackSpotFake), ("/v1/agent/", StackSpotFake)):
             if self.path.startswith(prefix):
@@ -369,6 +372,44 @@ class AnthropicFake:
                         "stop_sequence": None}, "usage": {"output_tokens": 9}}),
                        ("message_stop", {"type": "message_stop"})]
         h.send_raw_stream([sse_bytes(data, name) for name, data in events], cut=model == "cut")
+
+
+def fake_vector(text):
+    return [round(len(text) / 10.0, 3), 0.5, -0.25]
+
+
+class EmbeddingsFake:
+    """OpenAI /v1/embeddings, Ollama /api/embed, Gemini batchEmbedContents: each
+    refuses what its API refuses (unknown fields, wrong input shapes)."""
+
+    @staticmethod
+    def handle(h, body):
+        def refuse(message):
+            return h.send_body(400, {"error": {"message": message, "type": "invalid_request_error"}})
+        if h.path.endswith(":batchEmbedContents"):
+            requests = body.get("requests")
+            if set(body) != {"requests"} or not isinstance(requests, list):
+                return refuse("Invalid JSON payload received.")
+            if any(set(r) - {"model", "content", "outputDimensionality", "taskType", "title"} for r in requests):
+                return refuse("Invalid JSON payload received. Unknown name")
+            return h.send_body(200, {"embeddings": [{"values": fake_vector(r["content"]["parts"][0]["text"])}
+                                                    for r in requests]})
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return refuse("'input' is invalid")
+        if h.path == "/api/embed":
+            if set(body) - {"model", "input", "truncate", "dimensions", "keep_alive", "options"}:
+                return refuse("unknown field")
+            return h.send_body(200, {"model": body["model"], "embeddings": [fake_vector(t) for t in texts],
+                                     "total_duration": 1000, "load_duration": 10, "prompt_eval_count": 3 * len(texts)})
+        if set(body) - {"model", "input", "encoding_format", "dimensions", "user"}:
+            return refuse("Unrecognized request argument supplied")
+        if body.get("encoding_format") not in (None, "float", "base64"):
+            return refuse("'encoding_format' is invalid")
+        data = [{"object": "embedding", "index": i, "embedding": fake_vector(t)} for i, t in enumerate(texts)]
+        return h.send_body(200, {"object": "list", "data": list(reversed(data)), "model": body["model"],
+                                 "usage": {"prompt_tokens": 4 * len(texts), "total_tokens": 4 * len(texts)}})
 
 
 class GeminiFake:
@@ -1563,6 +1604,50 @@ class AnthropicSurfaceTest(ServerTestCase):
 # ---------------------------------------------------------------------------
 # OpenAI surface
 # ---------------------------------------------------------------------------
+
+class EmbeddingsTest(ServerTestCase):
+    """POST /v1/embeddings through the Engine: OpenAI-compatible, Ollama and Gemini upstreams."""
+
+    def embed(self, body, headers=None):
+        return self.request("POST", "/v1/embeddings", body, headers)
+
+    def test_openai_compatible_float_and_base64(self):
+        self.start()
+        status, _, body = self.embed({"model": "emb", "input": ["abc", "abcdefghij"], "dimensions": 3})
+        self.assertEqual(status, 200, body)
+        self.assertEqual([d["index"] for d in body["data"]], [0, 1])           # in input order
+        self.assertEqual(body["data"][1]["embedding"], [1.0, 0.5, -0.25])
+        self.assertEqual((body["object"], body["model"], body["usage"]), ("list", "emb",
+                                                                          {"prompt_tokens": 8, "total_tokens": 8}))
+        self.assertEqual(self.upstream.requests[-1]["body"]["dimensions"], 3)
+        status, _, body = self.embed({"model": "emb", "input": "abcdefghij", "encoding_format": "base64"})
+        vector = struct.unpack("<3f", base64.b64decode(body["data"][0]["embedding"]))
+        self.assertEqual([round(x, 3) for x in vector], [1.0, 0.5, -0.25])
+
+    def test_ollama_and_gemini(self):
+        for env, provider in (({"OLLAMA_BASE_URL": "URL"}, "OLLAMA"), ({"GOOGLEAI_API_KEY": "g",
+                                                                         "GOOGLEAI_BASE_URL": "URL"}, "GOOGLEAI")):
+            base = self.upstream.url.rsplit("/v1", 1)[0]
+            self.start(env={k: v.replace("URL", base) for k, v in env.items()}, provider=provider)
+            status, _, body = self.embed({"model": "emb", "input": ["abcdefghij", "ab"]})
+            self.assertEqual(status, 200, body)
+            self.assertEqual([d["embedding"][0] for d in body["data"]], [1.0, 0.2])
+            self.assertGreater(body["usage"]["prompt_tokens"], 0)
+
+    def test_provider_without_embeddings_and_bad_input(self):
+        self.start(env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                   provider="CLAUDEAI")
+        status, _, body = self.embed({"model": "emb", "input": "hi"})
+        self.assert_openai_error(status, body, 400, ["CLAUDEAI has no embeddings", "OLLAMA"])
+        for bad, param in (({"input": "hi"}, "model"), ({"model": "e", "input": []}, "input"),
+                           ({"model": "e", "input": [1, 2]}, "input"), ({"model": "e", "input": ""}, "input"),
+                           ({"model": "e", "input": "hi", "encoding_format": "int8"}, "encoding_format"),
+                           ({"model": "e", "input": "hi", "dimensions": 0}, "dimensions")):
+            status, _, body = self.embed(bad)
+            self.assert_openai_error(status, body, 400)
+            self.assertEqual(body["error"]["param"], param, bad)
+        self.assertEqual(self.upstream.requests, [])
+
 
 class LegacyCompletionsTest(ServerTestCase):
     """POST /v1/completions: one prompt, answered through chat, in the text_completion shape."""
@@ -4933,6 +5018,12 @@ class InteropTest(SDKTestCase):
     def test_non_streamed_tool_calls(self):
         answer = self.client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "hi"}])
         self.assertEqual(answer.choices[0].message.tool_calls[0].function.name, "get_weather")
+
+    def test_embeddings(self):
+        answer = self.client.embeddings.create(model="emb", input=["abcdefghij", "ab"])     # the SDK asks for base64
+        self.assertEqual([round(x, 3) for x in answer.data[0].embedding], [1.0, 0.5, -0.25])
+        self.assertEqual(len(answer.data), 2)
+        self.assertEqual(answer.usage.prompt_tokens, 8)
 
     def test_legacy_completions(self):
         answer = self.client.completions.create(model="up-model", prompt="Say hi", max_tokens=5)
