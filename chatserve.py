@@ -825,6 +825,9 @@ SERVE_OPTIONS = (
      "timeout connecting to an upstream LLM"),
     ("--upstream-timeout", "CHATSERVE_UPSTREAM_TIMEOUT", 120.0, "duration",
      "timeout for an upstream's first byte and between streamed chunks"),
+    ("--model-alias", "CHATSERVE_MODEL_ALIASES", {}, "aliases",
+     "NAME=provider/model: a model name that routes to that provider and model (repeatable; "
+     "the variable takes a comma-separated list)"),
     ("--fallback-providers", "CHATCLI_FALLBACK_PROVIDERS", (), "providers",
      "providers to try, in order, when the default fails before answering (e.g. CLAUDEAI,OLLAMA)"),
     ("--fallback-max-retries", "CHATCLI_FALLBACK_MAX_RETRIES", 2, "count",
@@ -922,6 +925,18 @@ def _check_list(value):
     return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
 
 
+def _check_aliases(value):
+    """NAME=prefix/model items as {NAME: (prefix, model)}; the prefix is checked by the Engine."""
+    aliases = {}
+    for item in _check_list(value):
+        name, eq, target = item.partition("=")
+        prefix, slash, model = target.strip().partition("/")
+        if not (eq and name.strip() and slash and prefix and model.strip()):
+            raise ValueError("%r is not NAME=provider/model (e.g. fast=ollama/llama3.2)" % item)
+        aliases[name.strip()] = (prefix.strip(), model.strip())
+    return aliases
+
+
 def _check_providers(value):
     return tuple(_check_provider(name) for name in _check_list(value))
 
@@ -973,7 +988,7 @@ OPTION_KINDS = {
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
-    "list": _check_list, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
+    "list": _check_list, "aliases": _check_aliases, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -2246,7 +2261,8 @@ def upstream_failure(provider, status, data, retry_after=None):
     headers = {"Retry-After": retry_after} if retry_after else {}
     if 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
-        err = kind("%s: %s" % (provider, message), status=status, code="upstream_%d" % status,
+        err = kind("%s: %s" % (provider, message), status=status,
+                   code="model_not_found" if status == 404 else "upstream_%d" % status,
                    type="invalid_request_error" if status != 429 else None, headers=headers)
     else:
         err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,
@@ -2321,6 +2337,7 @@ class Provider:
     key_env = base_env = model_env = ""
     supports_tools = True
     discovers_model = False     # with no model configured, use the first one the upstream lists
+    prefixes = ()               # model-name prefixes (besides the lower-case name) that route here
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         self.config, self.pool, self.env = config, pool, config.env
@@ -2775,6 +2792,7 @@ class AnthropicProvider(Provider):
 
     name = "CLAUDEAI"
     owned_by = "anthropic"
+    prefixes = ("anthropic", "claude")
     key_env, base_env, model_env = "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL"
     default_base = "https://api.anthropic.com"
     default_model = "claude-sonnet-4-5"
@@ -2992,6 +3010,7 @@ class GeminiProvider(Provider):
 
     name = "GOOGLEAI"
     owned_by = "google"
+    prefixes = ("gemini", "google")
     key_env, base_env, model_env = "GOOGLEAI_API_KEY", "GOOGLEAI_BASE_URL", "GOOGLEAI_MODEL"
     default_base = "https://generativelanguage.googleapis.com"
     default_model = "gemini-2.5-flash"
@@ -3279,10 +3298,13 @@ def flatten_conversation(messages):
 
 
 PROVIDERS = collections.OrderedDict()   # name -> class, in auto-detection order
+ROUTE_PREFIXES = {}                     # "ollama", "anthropic", ... -> provider name (model "prefix/name")
 
 
 def register_provider(cls):
     PROVIDERS[cls.name] = cls
+    for prefix in (cls.name.lower(),) + tuple(cls.prefixes):
+        ROUTE_PREFIXES[prefix] = cls.name
     return cls
 
 
@@ -3501,6 +3523,31 @@ class Engine:
                        for name in self.providers}
         self.context_source = None          # the watcher's context, when one runs
         self.reach, self.reach_checking = {}, set()
+        self.routes = {}                    # model name -> (provider name, model): --model-alias
+        for alias, (prefix, model) in (config.model_alias or {}).items():
+            self.add_route(alias, prefix, model, "--model-alias %s=%s/%s" % (alias, prefix, model))
+
+    def add_route(self, alias, prefix, model, where):
+        """Route the model name `alias` to `model` on the provider `prefix` names
+        (the one routing table: aliases now, the config file's named endpoints later)."""
+        name = ROUTE_PREFIXES.get(prefix.lower())
+        if name is None:
+            raise ConfigError("%s: unknown provider %r (known: %s)" % (where, prefix, ", ".join(sorted(ROUTE_PREFIXES))))
+        if name not in self.providers:
+            raise ConfigError("%s: provider %s is not configured; set its key or remove the alias" % (where, name))
+        self.routes[alias] = (name, model)
+
+    def routed(self, model):
+        """(provider name, model) for a routed model name - an alias, or
+        `prefix/model` where the prefix names a configured provider - else
+        ("", model) unchanged (an aggregator's own "vendor/model" names pass on)."""
+        if model in self.routes:
+            return self.routes[model]
+        prefix, slash, rest = (model or "").partition("/")
+        name = ROUTE_PREFIXES.get(prefix.lower()) if slash and rest else None
+        if name is not None and name in self.providers:
+            return name, rest
+        return "", model
 
     reach_ttl = 10.0        # seconds a provider's reachability check is trusted (readiness)
 
@@ -3548,8 +3595,10 @@ class Engine:
         return self.providers.get(self.default)
 
     def resolve(self, req):
-        """The provider and model for a request: the one place that decides."""
-        name = (req.provider or self.default or "").upper()
+        """The provider and model for a request: the one place that decides.
+        An X-LLM-Provider header wins; else the model name may route (routed())."""
+        routed, model = ("", req.model) if req.provider else self.routed(req.model)
+        name = (req.provider or routed or self.default or "").upper()
         credentials = req.credentials
         if credentials is not None:
             cls = PROVIDERS.get(name)
@@ -3560,7 +3609,7 @@ class Engine:
                 pinned = check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
             provider = cls(self.config, self.pool, credentials=credentials)
             provider.pinned = pinned
-            return provider, req.model or provider.model
+            return provider, model or provider.model
         provider = self.providers.get(name)
         if provider is None:
             if not self.providers:
@@ -3571,11 +3620,11 @@ class Engine:
                 raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
             raise BadRequest("provider %s is not configured on this server (configured: %s); send your own "
                              "key to use it" % (name, ", ".join(self.providers)), param="provider")
-        if not req.model and not provider.discover_model():
+        if not model and not provider.discover_model():
             raise Unavailable("%s at %s has not listed a model yet (no model is configured): start the upstream "
                               "or set %s" % (name, provider.describe()["base_url"], provider.model_env),
                               code="no_model")
-        return provider, req.model or provider.model
+        return provider, model or provider.model
 
     def candidates(self, req):
         """(provider, model) to try in order: the chosen one, then the fallbacks."""
@@ -3686,8 +3735,13 @@ class Engine:
 
     def models(self):
         seen, out = set(), []
-        for provider in self.providers.values():
+        for alias, (name, model) in self.routes.items():
+            seen.add(alias)
+            out.append({"id": alias, "owned_by": "chatserve", "routes_to": "%s/%s" % (name.lower(), model)})
+        for name, provider in self.providers.items():
             for entry in provider.models():
+                if name != self.default:            # as a name that routes there: ollama/llama3.2
+                    entry = dict(entry, id="%s/%s" % (name.lower(), entry["id"]))
                 if entry["id"] not in seen:
                     seen.add(entry["id"])
                     out.append(entry)
@@ -5746,8 +5800,11 @@ def route_completions(h):
 
 
 def _model_object(entry, created):
-    return {"id": entry["id"], "object": "model", "created": entry.get("created", created),
-            "owned_by": entry.get("owned_by") or "chatserve"}
+    out = {"id": entry["id"], "object": "model", "created": entry.get("created", created),
+           "owned_by": entry.get("owned_by") or "chatserve"}
+    if entry.get("routes_to"):
+        out["routes_to"] = entry["routes_to"]         # an alias: the provider/model it stands for
+    return out
 
 
 def route_models(h):
@@ -8727,7 +8784,7 @@ def build_parser():
                                help=argparse.SUPPRESS)
             continue
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
-                           action="append" if kind == "list" else "store", help=help_text + shown + env)
+                           action="append" if kind in ("list", "aliases") else "store", help=help_text + shown + env)
     serve.set_defaults(func=cmd_serve)
 
     ctl = sub.add_parser("ctl", help="talk to a running server over its control socket",

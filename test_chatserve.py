@@ -1649,6 +1649,59 @@ class EmbeddingsTest(ServerTestCase):
         self.assertEqual(self.upstream.requests, [])
 
 
+class ModelRoutingTest(ServerTestCase):
+    """provider/model names and --model-alias route through Engine.resolve, the one place that decides."""
+
+    def start_two(self, **options):
+        base = self.upstream.url.rsplit("/v1", 1)[0]
+        return self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "k", "OPENAI_MODEL": "up-model",
+                               "OLLAMA_BASE_URL": base}, provider="OPENAI", **options)
+
+    def test_prefix_routes_to_a_configured_provider(self):
+        self.start_two()
+        for model, path, sent in (("ollama/llama3.2", "/api/chat", "llama3.2"),
+                                  ("OpenAI/up-model", "/v1/chat/completions", "up-model"),
+                                  ("anthropic/claude-x", "/v1/chat/completions", "anthropic/claude-x"),
+                                  ("meta-llama/llama-3-8b", "/v1/chat/completions", "meta-llama/llama-3-8b")):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(model))
+            self.assertEqual(status, 200, body)
+            self.assertEqual((self.upstream.requests[-1]["path"], self.upstream.requests[-1]["body"]["model"]),
+                             (path, sent), model)
+        # the header wins over the name
+        status, _, _ = self.request("POST", "/v1/chat/completions", self.chat("ollama/llama3.2"),
+                                    headers={"X-LLM-Provider": "OPENAI"})
+        self.assertEqual(self.upstream.requests[-1]["body"]["model"], "ollama/llama3.2")
+
+    def test_alias_and_models_listing(self):
+        self.start_two(model_alias={"fast": ("ollama", "llama3.2")})
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("fast"))
+        self.assertEqual(status, 200, body)
+        self.assertEqual((self.upstream.requests[-1]["path"], self.upstream.requests[-1]["body"]["model"]),
+                         ("/api/chat", "llama3.2"))
+        listed = self.request("GET", "/v1/models")[2]["data"]
+        self.assertEqual((listed[0]["id"], listed[0]["routes_to"]), ("fast", "ollama/llama3.2"))
+        self.assertTrue(any(m["id"].startswith("ollama/") for m in listed), listed)
+        self.assertEqual(self.request("GET", "/v1/models/fast")[0], 200)
+
+    def test_upstream_404_is_model_not_found(self):
+        self.start_two()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("ollama/missing"))
+        self.assert_openai_error(status, body, 404, ["not found"])
+        self.assertEqual(body["error"]["code"], "model_not_found")
+
+    def test_bad_aliases_are_refused_at_startup(self):
+        for value, words in (("fast", "NAME=provider/model"), ("fast=ollama", "NAME=provider/model"),
+                             ("=ollama/x", "NAME=provider/model")):
+            with self.assertRaises(cs.ConfigError) as caught:
+                cs.Config.from_sources({"model_alias": [value]}, env={})
+            self.assertIn(words, caught.exception.message)
+        for aliases, words in (({"f": ("nosuch", "x")}, "unknown provider"), ({"f": ("anthropic", "x")},
+                                                                              "CLAUDEAI is not configured")):
+            with self.assertRaises(cs.ConfigError) as caught:
+                self.start_two(model_alias=aliases)
+            self.assertIn(words, caught.exception.message)
+
+
 class LegacyCompletionsTest(ServerTestCase):
     """POST /v1/completions: one prompt, answered through chat, in the text_completion shape."""
 
