@@ -2338,6 +2338,7 @@ class Provider:
     supports_tools = True
     discovers_model = False     # with no model configured, use the first one the upstream lists
     prefixes = ()               # model-name prefixes (besides the lower-case name) that route here
+    listing_error = None        # why the last listing of the upstream's models failed, if it did
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         self.config, self.pool, self.env = config, pool, config.env
@@ -2368,9 +2369,10 @@ class Provider:
         stamp, ids = self._listed
         if ids is None or time.monotonic() - stamp > 60:
             try:
-                ids = self.listed_models()
+                ids, self.listing_error = self.listed_models(), None
             except (ChatServeError, ValueError, AttributeError, TypeError, KeyError) as e:
-                log.debug("listing the models of %s failed: %s", self.name, getattr(e, "message", e))
+                self.listing_error = str(getattr(e, "message", e))
+                log.debug("listing the models of %s failed: %s", self.name, self.listing_error)
                 ids = []
             self._listed = (time.monotonic(), ids)
         return ids
@@ -5809,7 +5811,12 @@ def _model_object(entry, created):
 
 def route_models(h):
     created = int(h.app.started_wall)
-    h.send_json(200, {"object": "list", "data": [_model_object(m, created) for m in h.app.engine.models()]})
+    engine = h.app.engine
+    body = {"object": "list", "data": [_model_object(m, created) for m in engine.models()]}
+    failed = [{"provider": name, "error": p.listing_error} for name, p in engine.providers.items() if p.listing_error]
+    if failed:
+        body["listing_errors"] = failed     # shown, never fatal: the default models are listed anyway
+    h.send_json(200, body)
 
 
 def route_model(h):

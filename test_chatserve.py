@@ -795,7 +795,7 @@ class OneShotServer:
     fixed raw bytes (then closes, or keeps reading for reuse); records requests."""
 
     def __init__(self, answer, keep=False):
-        self.answer, self.keep, self.received = answer, keep, []
+        self.answer, self.keep, self.received, self.client_closed_first = answer, keep, [], None
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -828,7 +828,7 @@ class OneShotServer:
                 conn.sendall(piece)
             if self.keep:
                 try:
-                    conn.recv(65536)
+                    self.client_closed_first = conn.recv(65536) == b""
                 except OSError:
                     pass
 
@@ -965,7 +965,8 @@ class UpstreamClientTest(unittest.TestCase):
         pool = cs.UpstreamPool()
         self.addCleanup(pool.close)
         self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"A1")
-        time.sleep(0.1)                                 # the unsolicited answer arrives
+        idle = next(iter(pool.idle.values()))[0]
+        self.assertTrue(wait_until(lambda: cs._readable(idle.sock)))    # the unsolicited answer has arrived
         # (the first server takes one connection: a new one goes to the second)
         pool.dns[("127.0.0.1", server.sock.getsockname()[1])] = (time.monotonic() + 60, [
             (socket.AF_INET, ("127.0.0.1", second.sock.getsockname()[1]))])
@@ -982,8 +983,9 @@ class UpstreamClientTest(unittest.TestCase):
             self.assertEqual(data, "[DONE]")
             resp.finish()
             self.assertIsNone(resp.conn)
-            self.assertTrue(server.thread.is_alive())   # the upstream had not closed: finish did not wait for it
             break
+        server.thread.join(WAIT)
+        self.assertTrue(server.client_closed_first)     # we closed, the upstream had not: finish did not wait
 
     def test_event_streams_and_lines_parse_alike_however_split(self):
         rng = random.Random(7)
@@ -1682,6 +1684,15 @@ class ModelRoutingTest(ServerTestCase):
         self.assertEqual((listed[0]["id"], listed[0]["routes_to"]), ("fast", "ollama/llama3.2"))
         self.assertTrue(any(m["id"].startswith("ollama/") for m in listed), listed)
         self.assertEqual(self.request("GET", "/v1/models/fast")[0], 200)
+
+    def test_a_failed_listing_is_shown_not_fatal(self):
+        self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "k", "OPENAI_MODEL": "up-model",
+                        "OLLAMA_BASE_URL": "http://127.0.0.1:%d" % free_port()}, provider="OPENAI")
+        status, _, body = self.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertIn("up-model", [m["id"] for m in body["data"]])
+        self.assertIn("ollama/", " ".join(m["id"] for m in body["data"]))          # its default model still
+        self.assertEqual(body["listing_errors"][0]["provider"], "OLLAMA")
 
     def test_upstream_404_is_model_not_found(self):
         self.start_two()
