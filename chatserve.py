@@ -2262,7 +2262,7 @@ def upstream_failure(provider, status, data, retry_after=None):
     if 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
         err = kind("%s: %s" % (provider, message), status=status,
-                   code="model_not_found" if status == 404 else "upstream_%d" % status,
+                   code="model_not_found" if status == 404 and "model" in message.lower() else "upstream_%d" % status,
                    type="invalid_request_error" if status != 429 else None, headers=headers)
     else:
         err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,
@@ -2339,6 +2339,7 @@ class Provider:
     discovers_model = False     # with no model configured, use the first one the upstream lists
     prefixes = ()               # model-name prefixes (besides the lower-case name) that route here
     listing_error = None        # why the last listing of the upstream's models failed, if it did
+    aggregates = False          # its own model names may look like "openai/gpt-4o": not routes
 
     def __init__(self, config, pool, credentials=None, base_url=None):
         self.config, self.pool, self.env = config, pool, config.env
@@ -2505,13 +2506,32 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def checked_vectors(name, vectors, count):
-    """`count` embedding vectors of numbers from an upstream, or UpstreamError."""
-    if (not isinstance(vectors, list) or len(vectors) != count
-            or not all(isinstance(v, list) and v and all(_is_number(x) for x in v) for v in vectors)):
-        raise UpstreamError("%s sent embeddings this server cannot read (expected %d vectors of numbers)"
-                            % (name, count))
-    return vectors
+    """`count` embedding vectors of one length, as floats that fit a float32
+    (base64 packs them so), from an upstream; else UpstreamError."""
+    try:
+        if not isinstance(vectors, list) or len(vectors) != count or not vectors[0]:
+            raise ValueError("not %d vectors" % count)
+        width = len(vectors[0])
+        out = []
+        for vector in vectors:
+            if not isinstance(vector, list) or len(vector) != width or not all(_is_number(x) for x in vector):
+                raise ValueError("vectors of different lengths or not of numbers")
+            floats = [float(x) for x in vector]
+            if not all(abs(x) <= FLOAT32_MAX for x in floats):
+                raise ValueError("a number beyond float32")
+            out.append(floats)
+        return out
+    except (ValueError, OverflowError, TypeError) as e:
+        raise UpstreamError("%s sent embeddings this server cannot read (%s)" % (name, e))
+
+
+def token_count(value):
+    """An upstream's token count, if it is one (a whole number, not negative); else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def message_text(content):
@@ -2589,6 +2609,7 @@ class OpenAIProvider(Provider):
         super().__init__(config, pool, credentials, base_url)
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         self.model_pending = self.model_pending and host != "api.openai.com"
+        self.aggregates = host != "api.openai.com"     # LiteLLM, OpenRouter, vLLM...: "vendor/model" names
 
     @classmethod
     def configured(cls, env):
@@ -2614,11 +2635,13 @@ class OpenAIProvider(Provider):
         answer = self.call_json(self.base_url + "/embeddings", body, self.headers())
         try:
             items = sorted(answer["data"], key=lambda item: item["index"])
+            if [item["index"] for item in items] != list(range(len(inputs))):
+                raise ValueError("indexes")
             vectors = [item["embedding"] for item in items]
-            tokens = (answer.get("usage") or {}).get("prompt_tokens") or 0
-        except (KeyError, TypeError, AttributeError):
-            raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
-        return checked_vectors(self.name, vectors, len(inputs)), tokens
+            tokens = (answer.get("usage") or {}).get("prompt_tokens")
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise UpstreamError("%s sent embeddings this server cannot read (one per input, by index)" % self.name)
+        return checked_vectors(self.name, vectors, len(inputs)), token_count(tokens)
 
     def completion_events(self, data, req):
         choice = data["choices"][0]
@@ -3158,10 +3181,10 @@ class OllamaProvider(Provider):
             body["dimensions"] = dimensions
         answer = self.call_json(self.base_url + "/api/embed", body, {})
         try:
-            vectors, tokens = answer["embeddings"], answer.get("prompt_eval_count") or 0
+            vectors, tokens = answer["embeddings"], answer.get("prompt_eval_count")
         except (KeyError, TypeError, AttributeError):
             raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
-        return checked_vectors(self.name, vectors, len(inputs)), tokens
+        return checked_vectors(self.name, vectors, len(inputs)), token_count(tokens)
 
     def completion_events(self, data, req):
         state = {"calls": 0, "done": False}
@@ -3542,14 +3565,22 @@ class Engine:
     def routed(self, model):
         """(provider name, model) for a routed model name - an alias, or
         `prefix/model` where the prefix names a configured provider - else
-        ("", model) unchanged (an aggregator's own "vendor/model" names pass on)."""
+        ("", model) unchanged.  An aggregator's own "vendor/model" names pass on
+        whole: a name the default provider lists, or a prefix naming the default
+        provider when it is a self-hosted or aggregating OpenAI-compatible
+        upstream (OpenRouter's "openai/gpt-4o", LiteLLM's names)."""
         if model in self.routes:
             return self.routes[model]
         prefix, slash, rest = (model or "").partition("/")
         name = ROUTE_PREFIXES.get(prefix.lower()) if slash and rest else None
-        if name is not None and name in self.providers:
-            return name, rest
-        return "", model
+        if name is None or name not in self.providers:
+            return "", model
+        default = self.providers.get(self.default)
+        if default is not None and model in (default._listed[1] or ()):
+            return "", model                    # the default's own name (from its cached listing)
+        if name == self.default and self.providers[name].aggregates:
+            return "", model                    # an OpenAI-compatible upstream that is not api.openai.com
+        return name, rest
 
     reach_ttl = 10.0        # seconds a provider's reachability check is trusted (readiness)
 
@@ -3571,6 +3602,8 @@ class Engine:
             result = (True, "")
         except (OSError, ValueError) as e:
             result = (False, _os_reason(e))
+            log.warning("readiness: %s at %s is unreachable: %s", provider.name, provider.describe()["base_url"],
+                        result[1])
         self.reach[provider.name] = result + (time.monotonic(),)
         self.reach_checking.discard(provider.name)
 
@@ -3715,6 +3748,7 @@ class Engine:
             for ev in events:
                 kind = type(ev)
                 if kind is Usage:
+                    ev = Usage(token_count(ev.prompt_tokens), token_count(ev.completion_tokens))
                     self.metrics.llm_tokens.inc((provider, model, "prompt"), ev.prompt_tokens)
                     self.metrics.llm_tokens.inc((provider, model, "completion"), ev.completion_tokens)
                 elif kind is Error:
@@ -8141,20 +8175,20 @@ class App:
         checks = {"draining": "ok", "provider": "ok"}
         if self.stopping.is_set() or (self.http is not None and self.http.tracker.draining):
             checks["draining"] = "shutting down: send traffic elsewhere"
+        # Fixed texts only: /readyz is open, and an upstream's error text is not for everyone
+        # (/status, behind the token, has the details).  A cooldown after failed requests does
+        # not count: one upstream blip must not take every replica out of the Service at once.
         provider = self.engine.default_provider
         if provider is None:
             checks["provider"] = "no provider is configured"
         elif provider.model_pending:
             checks["provider"] = "%s: no model yet; the upstream has not listed one" % provider.name
-        elif self.engine.health[provider.name].cooling():
-            checks["provider"] = "%s: cooling down after failures (%s)" % (
-                provider.name, self.engine.health[provider.name].last_error)
         else:
             reach = self.engine.reachability(provider)
             if reach is None:
                 checks["provider"] = "%s: first reachability check under way" % provider.name
             elif not reach[0]:
-                checks["provider"] = "%s: unreachable at the last check: %s" % (provider.name, reach[1])
+                checks["provider"] = "%s: unreachable at the last check (see /status and the log)" % provider.name
         if self.watcher is not None:
             checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
         return all(v == "ok" for v in checks.values()), checks

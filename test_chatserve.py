@@ -305,6 +305,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         rest = ("data: %s\n\ndata: [DONE]\n\n" % json.dumps(openai_chunk(finish="stop"))).encode()
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
 
+    def scenario_bad_usage(self, body):
+        self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "bad-usage",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": "7", "completion_tokens": -5, "total_tokens": [2]}})
+
+    def scenario_no_route(self, body):
+        self.send_body(404, {"detail": "Not Found"})
+
     def scenario_silent_stream(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -408,8 +417,17 @@ class EmbeddingsFake:
         if body.get("encoding_format") not in (None, "float", "base64"):
             return refuse("'encoding_format' is invalid")
         data = [{"object": "embedding", "index": i, "embedding": fake_vector(t)} for i, t in enumerate(texts)]
-        return h.send_body(200, {"object": "list", "data": list(reversed(data)), "model": body["model"],
-                                 "usage": {"prompt_tokens": 4 * len(texts), "total_tokens": 4 * len(texts)}})
+        usage = {"prompt_tokens": 4 * len(texts), "total_tokens": 4 * len(texts)}
+        model = body["model"]
+        if model == "emb-huge":
+            data[0]["embedding"] = [1e300, 0.5, 0.1]
+        elif model == "emb-dup":
+            data[-1]["index"] = 0
+        elif model == "emb-ragged":
+            data[-1]["embedding"] = [0.5]
+        elif model == "emb-bad-usage":
+            usage = {"prompt_tokens": "7", "total_tokens": -3}
+        return h.send_body(200, {"object": "list", "data": list(reversed(data)), "model": model, "usage": usage})
 
 
 class GeminiFake:
@@ -1636,6 +1654,22 @@ class EmbeddingsTest(ServerTestCase):
             self.assertEqual([d["embedding"][0] for d in body["data"]], [1.0, 0.2])
             self.assertGreater(body["usage"]["prompt_tokens"], 0)
 
+    def test_token_counts_that_are_not_counts_become_zero(self):
+        app = self.start()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("bad-usage"))
+        self.assertEqual((status, body["usage"]), (200, {"prompt_tokens": 0, "completion_tokens": 0,
+                                                         "total_tokens": 0}))
+        self.assertIn("# TYPE chatcli_llm_tokens_used_total", app.metrics.render())
+
+    def test_what_an_upstream_sends_is_checked(self):
+        app = self.start()
+        for model in ("emb-huge", "emb-dup", "emb-ragged"):
+            status, _, body = self.embed({"model": model, "input": ["a", "b"], "encoding_format": "base64"})
+            self.assert_openai_error(status, body, 502, ["cannot read"])
+        status, _, body = self.embed({"model": "emb-bad-usage", "input": ["a", "b"]})
+        self.assertEqual((status, body["usage"]), (200, {"prompt_tokens": 0, "total_tokens": 0}))
+        self.assertIn("# TYPE chatcli_llm_tokens_used_total", app.metrics.render())      # still renders
+
     def test_provider_without_embeddings_and_bad_input(self):
         self.start(env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
                    provider="CLAUDEAI")
@@ -1662,7 +1696,9 @@ class ModelRoutingTest(ServerTestCase):
     def test_prefix_routes_to_a_configured_provider(self):
         self.start_two()
         for model, path, sent in (("ollama/llama3.2", "/api/chat", "llama3.2"),
-                                  ("OpenAI/up-model", "/v1/chat/completions", "up-model"),
+                                  # the default is an OpenAI-compatible upstream (not api.openai.com), like
+                                  # OpenRouter or LiteLLM: names with its own prefix are its model names
+                                  ("openai/gpt-4o", "/v1/chat/completions", "openai/gpt-4o"),
                                   ("anthropic/claude-x", "/v1/chat/completions", "anthropic/claude-x"),
                                   ("meta-llama/llama-3-8b", "/v1/chat/completions", "meta-llama/llama-3-8b")):
             status, _, body = self.request("POST", "/v1/chat/completions", self.chat(model))
@@ -1673,6 +1709,15 @@ class ModelRoutingTest(ServerTestCase):
         status, _, _ = self.request("POST", "/v1/chat/completions", self.chat("ollama/llama3.2"),
                                     headers={"X-LLM-Provider": "OPENAI"})
         self.assertEqual(self.upstream.requests[-1]["body"]["model"], "ollama/llama3.2")
+
+    def test_own_prefix_strips_only_for_api_openai_com(self):
+        config = cs.Config(env={"OPENAI_API_KEY": "k", "OLLAMA_BASE_URL": "http://127.0.0.1:9"}, provider="OPENAI")
+        engine = cs.Engine(config, cs.Metrics())
+        self.assertEqual(engine.routed("openai/gpt-4o-mini"), ("OPENAI", "gpt-4o-mini"))
+        self.assertEqual(engine.routed("ollama/llama3.2"), ("OLLAMA", "llama3.2"))
+        self.assertEqual(engine.routed("anthropic/claude-x"), ("", "anthropic/claude-x"))     # not configured
+        engine.providers["OPENAI"]._listed = (time.monotonic(), ["ollama/listed-by-default"])
+        self.assertEqual(engine.routed("ollama/listed-by-default"), ("", "ollama/listed-by-default"))
 
     def test_alias_and_models_listing(self):
         self.start_two(model_alias={"fast": ("ollama", "llama3.2")})
@@ -1699,6 +1744,8 @@ class ModelRoutingTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("ollama/missing"))
         self.assert_openai_error(status, body, 404, ["not found"])
         self.assertEqual(body["error"]["code"], "model_not_found")
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("no-route"))   # a 404 of the path
+        self.assertEqual((status, body["error"]["code"]), (404, "upstream_404"))
 
     def test_bad_aliases_are_refused_at_startup(self):
         for value, words in (("fast", "NAME=provider/model"), ("fast=ollama", "NAME=provider/model"),
@@ -2807,13 +2854,15 @@ class ProbesTest(ServerTestCase):
         self.assertEqual((status, body["status"]), (503, "not_ready"))
         self.assertIn("OPENAI: unreachable at the last check", body["checks"]["provider"])
 
-    def test_cooling_provider_is_not_ready(self):
-        app = self.start()
+    def test_no_upstream_text_and_no_cooldown_in_readiness(self):
+        # /readyz is open: an upstream's error text (which may carry anything) is not shown there,
+        # and one failed request (a cooldown) does not take every replica out of the Service
+        app = self.start(token="t")
         self.assertTrue(wait_until(lambda: self.request("GET", "/readyz")[0] == 200))
-        app.engine.health[app.engine.default].failed(cs.UpstreamError("upstream 503"))
+        app.engine.health[app.engine.default].failed(cs.UpstreamError("upstream 500: key sk-secret"))
         status, _, body = self.request("GET", "/readyz")
-        self.assertEqual(status, 503)
-        self.assertIn("cooling down", body["checks"]["provider"])
+        self.assertEqual(status, 200)
+        self.assertNotIn("sk-secret", json.dumps(body))
 
     def test_probes_are_answered_when_every_slot_is_taken(self):
         app = self.start(max_connections=1)
