@@ -255,12 +255,16 @@ def clean_text(text):
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def json_bytes(obj):
-    text = _JSON_ENCODER.encode(obj)
+def utf8(text):
+    """`text` as UTF-8; a lone surrogate (from a file name, an upstream) becomes U+FFFD."""
     try:
         return text.encode("utf-8")
-    except UnicodeEncodeError:                  # a lone surrogate
+    except UnicodeEncodeError:
         return clean_text(text).encode("utf-8")
+
+
+def json_bytes(obj):
+    return utf8(_JSON_ENCODER.encode(obj))
 
 
 def _reject_constant(name):
@@ -364,17 +368,14 @@ def _os_reason(e):
 def sse_frame(data, event=None):
     """One Server-Sent Events frame; `data` is a str or a JSON-able object."""
     if not isinstance(data, str):
-        data = json_dumps(data)
+        data = _JSON_ENCODER.encode(data)       # made valid UTF-8 once, below
     if "\n" in data or "\r" in data:
         text = "".join("data: %s\n" % line for line in data.splitlines()) + "\n"
     else:
         text = "data: " + data + "\n\n"
     if event:
         text = "event: %s\n%s" % (event, text)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:                  # a lone surrogate
-        return clean_text(text).encode("utf-8")
+    return utf8(text)
 
 
 def sse_comment(text):
@@ -2378,6 +2379,10 @@ class Provider:
             self._listed = (time.monotonic(), ids)
         return ids
 
+    def lists(self, model):
+        """Whether the upstream's last listing (cached; never fetched here) has `model`."""
+        return model in (self._listed[1] or ())
+
     def models(self):
         """The default model, then what the upstream serves (listed at most once a minute)."""
         self.discover_model()
@@ -3576,7 +3581,7 @@ class Engine:
         if name is None or name not in self.providers:
             return "", model
         default = self.providers.get(self.default)
-        if default is not None and model in (default._listed[1] or ()):
+        if default is not None and default.lists(model):
             return "", model                    # the default's own name (from its cached listing)
         if name == self.default and self.providers[name].aggregates:
             return "", model                    # an OpenAI-compatible upstream that is not api.openai.com

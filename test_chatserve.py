@@ -553,6 +553,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def recv_head(sock, size=65536):
+    """Bytes from `sock` until a blank line ends a head (or the peer closes);
+    size 1 takes nothing after the head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(size)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
 def wait_until(predicate, timeout=WAIT, interval=0.01):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -832,12 +844,9 @@ class OneShotServer:
             return
         with conn:
             conn.settimeout(WAIT)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                piece = conn.recv(65536)
-                if not piece:
-                    return
-                data += piece
+            data = recv_head(conn)
+            if b"\r\n\r\n" not in data:
+                return
             self.received.append(data)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for i, piece in enumerate(self.answer if isinstance(self.answer, list) else [self.answer]):
@@ -2299,18 +2308,21 @@ class RateLimitTest(ServerTestCase):
 # RPC surface: InteractiveSession over WebSocket (RFC 6455)
 # ---------------------------------------------------------------------------
 
+def ws_command(sock, content):
+    """Send a COMMAND over a WebSocket session; the next message that is an object."""
+    ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": content}).encode())
+    while True:
+        msg = ws_json(sock)
+        if isinstance(msg, dict):
+            return msg
+
+
 def ws_open(port, token=None, key="dGhlIHNhbXBsZSBub25jZQ=="):
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     auth = "Authorization: Bearer %s\r\n" % token if token else ""
     sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (key, auth)).encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(1)
-        if not data:
-            break
-        head += data
-    return sock, head.decode()
+    return sock, recv_head(sock, 1).decode()
 
 
 def ws_send(sock, opcode, payload, fin=True, mask=b"\x01\x02\x03\x04"):
@@ -3506,17 +3518,9 @@ class WebSocketLivenessTest(ServerTestCase):
                 opcode, payload = ws_recv(sock)
                 self.assertEqual(opcode, cs.WS_PING)
                 ws_send(sock, cs.WS_PONG, payload)
-            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": 5}).encode())
-            while True:
-                msg = ws_json(sock)
-                if isinstance(msg, dict):
-                    break
+            msg = ws_command(sock, 5)
             self.assertEqual(msg["type"], "ERROR")            # content that is not a string: an ERROR, not a drop
-            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "status"}).encode())
-            while True:
-                msg = ws_json(sock)
-                if isinstance(msg, dict):
-                    break
+            msg = ws_command(sock, "status")
             self.assertEqual(msg["type"], "COMMAND_RESULT")
 
     def test_a_peer_that_never_answers_is_cut(self):
@@ -3532,11 +3536,7 @@ class WebSocketIdleTest(ServerTestCase):
         sock, _ = ws_open(self.app.port)
         with sock:
             time.sleep(0.7)
-            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "status"}).encode())
-            while True:
-                msg = ws_json(sock)
-                if isinstance(msg, dict):
-                    break
+            msg = ws_command(sock, "status")
             self.assertEqual(msg["type"], "COMMAND_RESULT")
 
 
