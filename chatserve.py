@@ -31,6 +31,8 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
     POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
     POST /v1/embeddings           embeddings (OpenAI-compatible, Ollama, Gemini)
+    POST /v1/responses            OpenAI Responses, streamed or not; stored ones:
+    GET, DELETE /v1/responses/{id}[/input_items]
     GET  /v1/models[/{id}]        models the server can answer for
     POST /v1/messages             Anthropic Messages, for Anthropic SDK clients
     POST /v1/messages/count_tokens  its input tokens (the upstream's, or an estimate)
@@ -76,11 +78,11 @@ Sections, in order (each uses only what is above it):
                       class per wire protocol (OpenAI, Anthropic, Gemini,
                       Ollama, StackSpot), the registry
     Engine            provider choice, context, retries, failover, discovery
-    Sessions          the SQLite session store, ChatCLI import
+    Sessions          the SQLite session and response stores, ChatCLI import
     Kubernetes watcher  kubectl, targets, alert rules, summaries
     Agent             sandboxed tools, tool-call parsing, the tool loop
-    Surfaces          OpenAI, Anthropic Messages, WebSocket, the RPC service,
-                      the agent (Shepherd), shared routes
+    Surfaces          OpenAI, OpenAI Responses, Anthropic Messages, WebSocket,
+                      the RPC service, the agent (Shepherd), shared routes
     HTTP server       routing, strict parsing, framing, hang-up watching,
                       connections, TLS, the control socket
     The running server  rate limits, App
@@ -842,7 +844,10 @@ SERVE_OPTIONS = (
      "host or CIDR a client-supplied upstream URL may point to even if private (repeatable)"),
     ("--probe-local", "CHATSERVE_PROBE_LOCAL", True, "bool",
      "with no provider configured, look for a local Ollama or OpenAI-compatible server"),
-    ("--data-dir", "CHATSERVE_DATA_DIR", "~/.chatserve", "str", "where sessions are stored (created 0700)"),
+    ("--data-dir", "CHATSERVE_DATA_DIR", "~/.chatserve", "str",
+     "where sessions and stored responses are kept (created 0700)"),
+    ("--response-retention", "CHATSERVE_RESPONSE_RETENTION", 30 * 86400.0, "duration",
+     "how long /v1/responses keeps a response stored with store: true (0: forever)"),
     ("--rate-limit-rps", "CHATCLI_RATE_LIMIT_RPS", 50.0, "rate", "requests per second per client address (0: off)"),
     ("--rate-limit-burst", "CHATCLI_RATE_LIMIT_BURST", 100, "posint", "burst allowed above the rate"),
     ("--grpc-reflection", "CHATCLI_GRPC_REFLECTION", False, "bool",
@@ -3894,6 +3899,17 @@ def private_files(db_path):
                 log.warning("cannot narrow %s: %s", path, _os_reason(e))
 
 
+def open_database(path, schema):
+    """A private SQLite file in WAL mode, autocommit (each statement its own
+    transaction), with `schema` created if missing."""
+    private_files(path)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(schema)
+    return db
+
+
 class SessionStore:
     """Named sessions in one SQLite file.  Every change is one transaction,
     so a crash at any moment leaves a session as before or as after."""
@@ -3901,12 +3917,8 @@ class SessionStore:
     def __init__(self, path):
         self.path = path
         self.lock = threading.Lock()
-        private_files(path)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS sessions (name TEXT PRIMARY KEY, data TEXT NOT NULL, "
-                        "updated REAL NOT NULL)")
+        self.db = open_database(path, "CREATE TABLE IF NOT EXISTS sessions (name TEXT PRIMARY KEY, "
+                                      "data TEXT NOT NULL, updated REAL NOT NULL)")
 
     def list(self):
         with self.lock:
@@ -3929,6 +3941,80 @@ class SessionStore:
     def delete(self, name):
         with self.lock:
             return self.db.execute("DELETE FROM sessions WHERE name = ?", (name,)).rowcount > 0
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
+MAX_RESPONSE_CHAIN = 1000         # turns a previous_response_id conversation may have
+
+
+class ResponseStore:
+    """Responses of POST /v1/responses stored with `store: true`: the public
+    object, and the items the turn was given.  A conversation is rebuilt by
+    following `previous` links (one recursive query): every turn's input
+    items, then its output.  Rows older than the retention are pruned."""
+
+    prune_every = 3600.0
+
+    def __init__(self, path, retention):
+        self.lock = threading.Lock()
+        self.retention, self.pruned = retention, 0.0
+        self.db = open_database(path, "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, previous TEXT, "
+                                      "created REAL NOT NULL, input TEXT NOT NULL, body TEXT NOT NULL)")
+
+    def save(self, response, items):
+        now = time.time()
+        row = (response["id"], response.get("previous_response_id"), now, json_dumps(items), json_dumps(response))
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO responses (id, previous, created, input, body) "
+                            "VALUES (?, ?, ?, ?, ?)", row)
+            if self.retention and now - self.pruned > self.prune_every:
+                self.pruned = now
+                self.db.execute("DELETE FROM responses WHERE created < ?", (now - self.retention,))
+
+    def _row(self, response_id, columns):
+        with self.lock:
+            row = self.db.execute("SELECT %s FROM responses WHERE id = ?" % columns, (response_id,)).fetchone()
+        if row is None:
+            raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
+        return [json.loads(value) for value in row]
+
+    def load(self, response_id):
+        return self._row(response_id, "body")[0]
+
+    def input_items(self, response_id):
+        return self._row(response_id, "input")[0]
+
+    def delete(self, response_id):
+        with self.lock:
+            if self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
+                raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
+
+    def conversation(self, response_id):
+        """The items of every turn up to and including `response_id`, oldest first."""
+        with self.lock:
+            rows = self.db.execute(
+                "WITH RECURSIVE chain(id, previous, input, body, depth) AS ("
+                " SELECT id, previous, input, body, 0 FROM responses WHERE id = ?"
+                " UNION ALL SELECT r.id, r.previous, r.input, r.body, chain.depth + 1"
+                " FROM responses r JOIN chain ON r.id = chain.previous WHERE chain.depth < ?)"
+                " SELECT id, previous, input, body FROM chain ORDER BY depth DESC",
+                (response_id, MAX_RESPONSE_CHAIN)).fetchall()
+        if not rows:
+            raise NotFound("Previous response with id %r not found." % response_id, param="previous_response_id",
+                           code="previous_response_not_found")
+        if rows[0][1] is not None:
+            raise BadRequest("the conversation of %r is longer than %d turns or an earlier response of it (%r) was "
+                             "deleted or expired; start a new conversation" % (response_id, MAX_RESPONSE_CHAIN,
+                                                                                rows[0][1]),
+                             param="previous_response_id")
+        items = []
+        for _id, _previous, given, body in rows:
+            items.extend(json.loads(given))
+            items.extend(json.loads(body).get("output") or [])
+        return items
 
     def close(self):
         with self.lock:
@@ -5869,6 +5955,497 @@ def route_model(h):
 
 
 # ---------------------------------------------------------------------------
+# Surfaces: OpenAI Responses (POST /v1/responses), stored in SQLite
+# ---------------------------------------------------------------------------
+
+RESPONSE_ROLES = ("user", "assistant", "system", "developer")
+RESPONSE_ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id",
+                   "reasoning", "service_tier", "store", "temperature", "text", "tool_choice", "tools", "top_p",
+                   "truncation", "user")
+RESPONSE_ACCEPTED = set(RESPONSE_ECHOED) | {"model", "input", "stream", "stream_options", "include",
+                                            "prompt_cache_key", "safety_identifier", "max_tool_calls",
+                                            "top_logprobs", "background"}
+RESPONSE_UNSUPPORTED = {"conversation": "continue a conversation with previous_response_id",
+                        "prompt": "stored prompt templates are not kept here; send instructions and input"}
+RESPONSE_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_RESPONSE_FINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def response_part(part, where):
+    """One content part of a message item, checked and normalized."""
+    if not isinstance(part, dict):
+        raise BadRequest("%s: must be an object with a type" % where, param=where)
+    kind = part.get("type")
+    if kind in ("input_text", "output_text"):
+        if not isinstance(part.get("text"), str):
+            raise BadRequest("%s.text: must be a string" % where, param=where + ".text")
+        return {"type": kind, "text": part["text"], "annotations": []} if kind == "output_text" \
+            else {"type": kind, "text": part["text"]}
+    if kind == "refusal":
+        if not isinstance(part.get("refusal"), str):
+            raise BadRequest("%s.refusal: must be a string" % where, param=where + ".refusal")
+        return {"type": "refusal", "refusal": part["refusal"]}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise BadRequest("%s.image_url: send the image as a URL or a data: URL (file_id is not supported "
+                             "here)" % where, param=where + ".image_url")
+        return {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
+    raise BadRequest("%s.type: %r is not supported here; use input_text, input_image or output_text"
+                     % (where, kind), param=where + ".type")
+
+
+def _item_string(item, field, where, empty=False):
+    value = item.get(field)
+    if not isinstance(value, str) or not (value or empty):
+        raise BadRequest("%s.%s: required, a string" % (where, field), param="%s.%s" % (where, field))
+    return value
+
+
+def response_input_item(item, where):
+    """An input item (a message, function_call or function_call_output),
+    normalized as it is stored; None for items to skip (reasoning)."""
+    if not isinstance(item, dict):
+        raise BadRequest("%s: must be an object (a message, function_call or function_call_output)" % where,
+                         param=where)
+    kind = item.get("type") or ("message" if "role" in item else None)
+    item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else None
+    if kind == "message":
+        role = item.get("role")
+        if role not in RESPONSE_ROLES:
+            raise BadRequest("%s.role: must be one of %s" % (where, ", ".join(RESPONSE_ROLES)), param=where + ".role")
+        content = item.get("content")
+        if isinstance(content, str):
+            parts = [response_part({"type": "output_text" if role == "assistant" else "input_text", "text": content},
+                                   where)]
+        elif isinstance(content, list):
+            parts = [response_part(p, "%s.content[%d]" % (where, j)) for j, p in enumerate(content)]
+        else:
+            raise BadRequest("%s.content: must be a string or a list of content parts" % where,
+                             param=where + ".content")
+        return {"id": item_id or new_id("msg_"), "type": "message", "role": role, "content": parts,
+                "status": "completed"}
+    if kind == "function_call":
+        return {"id": item_id or new_id("fc_"), "type": "function_call", "status": "completed",
+                "call_id": _item_string(item, "call_id", where), "name": _item_string(item, "name", where),
+                "arguments": _item_string(item, "arguments", where, empty=True)}
+    if kind == "function_call_output":
+        output = item.get("output")
+        if isinstance(output, list):
+            parts = [response_part(p, "%s.output[%d]" % (where, j)) for j, p in enumerate(output)]
+            if any(p["type"] != "input_text" for p in parts):
+                raise BadRequest("%s.output: only text parts can be a function's output here" % where,
+                                 param=where + ".output")
+            output = "".join(p["text"] for p in parts)
+        if not isinstance(output, str):
+            raise BadRequest("%s.output: required, a string (or a list of input_text parts)" % where,
+                             param=where + ".output")
+        return {"id": item_id or new_id("fco_"), "type": "function_call_output", "status": "completed",
+                "call_id": _item_string(item, "call_id", where), "output": output}
+    if kind == "reasoning":
+        return None         # an upstream's own reasoning, meaningless to another model
+    if kind == "item_reference":
+        raise BadRequest("%s: item_reference is not supported here; continue with previous_response_id" % where,
+                         param=where)
+    raise BadRequest("%s.type: %r is not supported here; send message, function_call or function_call_output "
+                     "items" % (where, kind), param=where + ".type")
+
+
+def response_input_items(value):
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise BadRequest("input: required, a string or a non-empty list of items", param="input")
+    items = (response_input_item(item, "input[%d]" % i) for i, item in enumerate(value))
+    return [item for item in items if item is not None]
+
+
+def _chat_content(item):
+    """A message item's parts as chat content: a string unless it has images."""
+    parts = item["content"]
+    if all(p["type"] != "input_image" for p in parts):
+        return "".join(p.get("text", p.get("refusal", "")) for p in parts)
+    out = []
+    for p in parts:
+        if p["type"] == "input_image":
+            image = {"url": p["image_url"]}
+            if p.get("detail") in ("low", "high", "auto"):
+                image["detail"] = p["detail"]
+            out.append({"type": "image_url", "image_url": image})
+        else:
+            out.append({"type": "text", "text": p.get("text", p.get("refusal", ""))})
+    return out
+
+
+def response_messages(items):
+    """Chat messages for a conversation's items.  Function calls join the
+    assistant message before them; each output must answer an earlier call."""
+    out, pending = [], {}          # call_id -> the call, until its output comes
+    for item in items:
+        kind = item["type"]
+        if kind == "message":
+            _check_answered(pending)
+            out.append({"role": item["role"], "content": _chat_content(item)})
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            pending[item["call_id"]] = call
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+                out[-1]["content"] = out[-1]["content"] or None
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            if pending.pop(item["call_id"], None) is None:
+                raise BadRequest("No tool call found for function call output with call_id %s." % item["call_id"],
+                                 param="input")
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    _check_answered(pending)
+    return out
+
+
+def _check_answered(pending):
+    if pending:
+        raise BadRequest("No tool output found for function call %s: send a function_call_output item for it "
+                         "first." % ", ".join(sorted(pending)), param="input")
+
+
+def response_tools(tools):
+    """Responses function tools (flat) as chat tools."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise BadRequest("tools: must be a list of function tools", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        where = "tools[%d]" % i
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise BadRequest("%s.type: only function tools are supported here (no built-in tools such as "
+                             "web_search)" % where, param=where + ".type")
+        fn = {"name": _item_string(tool, "name", where),
+              "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+        if not isinstance(fn["parameters"], dict):
+            raise BadRequest("%s.parameters: must be a JSON schema object" % where, param=where + ".parameters")
+        if isinstance(tool.get("description"), str):
+            fn["description"] = tool["description"]
+        if tool.get("strict") is not None:
+            fn["strict"] = bool(tool["strict"])
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def response_tool_choice(choice):
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise BadRequest("tool_choice: none, auto, required or {\"type\": \"function\", \"name\": ...}",
+                     param="tool_choice")
+
+
+def response_format(text):
+    """`text.format` as the chat response_format (None for plain text)."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict) or (fmt is not None and not isinstance(fmt, dict)):
+        raise BadRequest("text: must be {\"format\": {\"type\": \"text\" | \"json_object\" | \"json_schema\"}}",
+                         param="text")
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema" and isinstance(fmt.get("name"), str) and isinstance(fmt.get("schema"), dict):
+        schema = {k: fmt[k] for k in ("name", "schema", "description", "strict") if fmt.get(k) is not None}
+        return {"type": "json_schema", "json_schema": schema}
+    raise BadRequest("text.format: {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                     "\"name\": ..., \"schema\": {...}}", param="text.format")
+
+
+def check_metadata(metadata):
+    if metadata is None:
+        return
+    if (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items())):
+        raise BadRequest("metadata: at most 16 pairs of strings, keys up to 64 and values up to 512 characters",
+                         param="metadata")
+
+
+class ResponsesCall:
+    """A checked Responses request: this turn's items, the chat parameters,
+    and what the Response object echoes."""
+
+    def __init__(self, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        for name in body:
+            if name in RESPONSE_UNSUPPORTED:
+                raise BadRequest("%s: not supported here; %s" % (name, RESPONSE_UNSUPPORTED[name]), param=name)
+            if name not in RESPONSE_ACCEPTED:
+                raise BadRequest("Unknown parameter: %r." % name, param=name, code="unknown_parameter")
+        for name in ("stream", "store", "parallel_tool_calls", "background"):
+            if body.get(name) is not None and not isinstance(body[name], bool):
+                raise BadRequest("%s: must be true or false" % name, param=name)
+        if body.get("background"):
+            raise BadRequest("background: not supported here; send stream: true for a long answer",
+                             param="background")
+        if body.get("top_logprobs"):
+            raise BadRequest("top_logprobs: log probabilities are not available here", param="top_logprobs")
+        for name in ("instructions", "previous_response_id", "user", "model"):
+            if body.get(name) is not None and not (isinstance(body[name], str) and body[name].strip()):
+                raise BadRequest("%s: must be a non-empty string" % name, param=name)
+        limit = body.get("max_output_tokens")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise BadRequest("max_output_tokens: must be a whole number of at least 1", param="max_output_tokens")
+        if body.get("reasoning") is not None and not isinstance(body["reasoning"], dict):
+            raise BadRequest("reasoning: must be an object such as {\"effort\": \"low\"}", param="reasoning")
+        if body.get("truncation") not in (None, "auto", "disabled"):
+            raise BadRequest("truncation: auto or disabled", param="truncation")
+        check_metadata(body.get("metadata"))
+        self.items = response_input_items(body.get("input"))
+        self.model = body.get("model") or None
+        self.stream, self.store = bool(body.get("stream")), body.get("store") is not False
+        self.instructions, self.previous = body.get("instructions"), body.get("previous_response_id")
+        params = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
+                  "top_p": body.get("top_p"), "tools": response_tools(body.get("tools")),
+                  "tool_choice": response_tool_choice(body.get("tool_choice")),
+                  "parallel_tool_calls": body.get("parallel_tool_calls"), "user": body.get("user"),
+                  "response_format": response_format(body.get("text"))}
+        effort = (body.get("reasoning") or {}).get("effort")
+        if isinstance(effort, str) and effort:
+            params["reasoning_effort"] = effort
+        self.params = {k: v for k, v in params.items() if v is not None}
+        validate_sampling(self.params)
+        self.echo = {name: body.get(name) for name in RESPONSE_ECHOED}
+        self.echo.update(parallel_tool_calls=body.get("parallel_tool_calls", True), store=self.store,
+                         tools=body.get("tools") or [], tool_choice=body.get("tool_choice") or "auto",
+                         text=body.get("text") or {"format": {"type": "text"}},
+                         truncation=body.get("truncation") or "disabled", metadata=body.get("metadata") or {},
+                         reasoning=body.get("reasoning") or {"effort": None, "summary": None})
+
+    def chat_request(self, prior, request_id):
+        """The ChatRequest for this turn after the stored conversation `prior`."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += response_messages(prior + self.items)
+        return ChatRequest(messages, model=self.model, stream=self.stream, params=self.params,
+                           request_id=request_id, surface="openai")
+
+
+def response_usage(usage):
+    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}
+
+
+RESPONSE_ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
+
+
+class ResponseEncoder:
+    """An answer's events as the Responses stream, in the spec's order, each
+    with its sequence_number.  Items stay in `output` by output_index; the
+    text message closes when a function call starts; everything still open
+    closes at the end.  `final` is the finished Response object."""
+
+    def __init__(self, head):
+        self.head, self.seq = head, 0
+        self.output, self.calls = [], {}        # items by output_index; ToolCallDelta.index -> (index, item, args)
+        self.message = self.message_index = None
+        self.parts = []
+        self.usage = self.reason = self.error = self.final = None
+
+    def event(self, kind, **fields):
+        fields["type"], fields["sequence_number"] = kind, self.seq
+        self.seq += 1
+        return fields
+
+    def response(self, status, **fields):
+        body = dict(self.head, status=status, output=list(self.output), error=None, incomplete_details=None,
+                    usage=None, completed_at=None)
+        body.update(fields)
+        return body
+
+    def events(self, answer):
+        yield self.event("response.created", response=self.response("in_progress"))
+        yield self.event("response.in_progress", response=self.response("in_progress"))
+        for ev in answer:
+            kind = type(ev)
+            if kind is TextDelta:
+                yield from self.text(ev.text)
+            elif kind is ToolCallDelta:
+                yield from self.tool_call(ev)
+            elif kind is Usage:
+                self.usage = ev
+            elif kind is Finish:
+                self.reason = ev.reason
+            elif kind is Error:
+                yield from self.fail(ev.error)
+                return
+        yield from self.finish()
+
+    def text(self, text):
+        if self.message is None:
+            self.message_index, self.parts = len(self.output), []
+            self.message = {"id": new_id("msg_"), "type": "message", "status": "in_progress", "role": "assistant",
+                            "content": []}
+            self.output.append(self.message)
+            yield self.event("response.output_item.added", output_index=self.message_index,
+                             item=dict(self.message, content=[]))
+            yield self.event("response.content_part.added", item_id=self.message["id"],
+                             output_index=self.message_index, content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        self.parts.append(text)
+        yield self.event("response.output_text.delta", item_id=self.message["id"], output_index=self.message_index,
+                         content_index=0, delta=text, logprobs=[])
+
+    def close_message(self, status):
+        item, index, self.message = self.message, self.message_index, None
+        text = "".join(self.parts)
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        item.update(content=[part], status=status)
+        yield self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=text, logprobs=[])
+        yield self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                         part=part)
+        yield self.event("response.output_item.done", output_index=index, item=item)
+
+    def tool_call(self, ev):
+        entry = self.calls.get(ev.index)
+        if entry is None:
+            if self.message is not None:
+                yield from self.close_message("completed")
+            item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
+                    "call_id": ev.id or new_call_id(), "name": ev.name or "", "arguments": ""}
+            entry = self.calls[ev.index] = (len(self.output), item, [])
+            self.output.append(item)
+            yield self.event("response.output_item.added", output_index=entry[0], item=dict(item))
+        elif ev.name:
+            entry[1]["name"] += ev.name
+        if ev.arguments:
+            entry[2].append(ev.arguments)
+            yield self.event("response.function_call_arguments.delta", item_id=entry[1]["id"],
+                             output_index=entry[0], delta=ev.arguments)
+
+    def close_open(self, status):
+        if self.message is not None:
+            yield from self.close_message(status)
+        for index, item, args in sorted(self.calls.values(), key=lambda entry: entry[0]):
+            item.update(arguments="".join(args), status=status)
+            yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                             name=item["name"], arguments=item["arguments"])
+            yield self.event("response.output_item.done", output_index=index, item=item)
+        self.calls = {}
+
+    def finish(self):
+        incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self.reason)
+        yield from self.close_open("incomplete" if incomplete else "completed")
+        self.final = self.response("incomplete" if incomplete else "completed", usage=response_usage(self.usage),
+                                   incomplete_details={"reason": incomplete} if incomplete else None,
+                                   completed_at=None if incomplete else int(time.time()))
+        yield self.event("response.incomplete" if incomplete else "response.completed", response=self.final)
+
+    def fail(self, err):
+        self.error = err
+        yield from self.close_open("incomplete")
+        self.final = self.response("failed", usage=response_usage(self.usage), error={
+            "code": RESPONSE_ERROR_CODES.get(err.status, "server_error"), "message": err.message})
+        yield self.event("response.failed", response=self.final)
+
+
+def store_response(h, call, response):
+    """Keep a finished response (store: true) before the client can see it
+    end, so a follow-up naming it finds it.  False when the store failed."""
+    if not call.store:
+        return True
+    try:
+        h.app.responses.save(response, call.items)
+        return True
+    except (sqlite3.Error, OSError) as e:
+        log.error("storing response %s failed: %s (request %s)", response["id"], e, h.request_id)
+        return False
+
+
+def route_responses(h):
+    call = ResponsesCall(h.read_json())
+    prior = h.app.responses.conversation(call.previous) if call.previous else []
+    answer = open_answer(h, call.chat_request(prior, h.request_id))
+    head = {"id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": answer.model}
+    head.update(call.echo)
+    encoder = ResponseEncoder(head)
+    if not call.stream:
+        try:
+            for _ev in encoder.events(answer):
+                pass
+        finally:
+            answer.close()
+        if encoder.error is not None:
+            raise encoder.error
+        if not store_response(h, call, encoder.final):
+            raise ChatServeError("the response could not be stored (see the server log); send store: false "
+                                 "to get answers without storing them")
+        h.send_json(200, encoder.final)
+        return
+    with h.open_sse() as sse:
+        try:
+            for ev in encoder.events(answer):
+                if ev["type"] in _RESPONSE_FINAL and not store_response(h, call, ev["response"]):
+                    ev = encoder.event("error", code="server_error", param=None,
+                                       message="the response could not be stored (see the server log)")
+                sse.send(ev, ev["type"])
+        finally:
+            answer.close()
+
+
+def stored_response_id(h):
+    response_id, _, rest = h.route_rest.partition("/")
+    response_id = urllib.parse.unquote(response_id)
+    if not RESPONSE_ID_RE.match(response_id):
+        raise NotFound("Response with id %r not found." % response_id[:140], code="response_not_found")
+    return response_id, rest
+
+
+def route_response_get(h):
+    response_id, rest = stored_response_id(h)
+    if rest == "":
+        h.send_json(200, h.app.responses.load(response_id))
+    elif rest == "input_items":
+        h.send_json(200, input_items_page(h.app.responses.input_items(response_id), h.path.partition("?")[2]))
+    else:
+        raise NotFound("no route GET /v1/responses/%s/%s" % (response_id, rest), code="unknown_route")
+
+
+def route_response_delete(h):
+    response_id, rest = stored_response_id(h)
+    if rest:
+        raise MethodNotAllowed("DELETE is allowed on /v1/responses/{id} only", headers={"Allow": "GET, HEAD"})
+    h.app.responses.delete(response_id)
+    h.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+
+def input_items_page(items, query):
+    """A cursor page of a response's input items (order, after, limit as OpenAI's)."""
+    args = urllib.parse.parse_qs(query)
+    order = (args.get("order") or ["desc"])[-1]
+    limit = (args.get("limit") or ["20"])[-1]
+    if order not in ("asc", "desc"):
+        raise BadRequest("order: asc or desc", param="order")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise BadRequest("limit: a whole number from 1 to 100", param="limit")
+    items = items[::-1] if order == "desc" else list(items)
+    after = (args.get("after") or [None])[-1]
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise BadRequest("after: %r is not an item of this response" % after[:140], param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
+
+
+# ---------------------------------------------------------------------------
 # Surfaces: Anthropic Messages (inbound), for Anthropic SDK clients
 # ---------------------------------------------------------------------------
 
@@ -6881,9 +7458,10 @@ def route_agent_clear(h):
 
 def route_index(h):
     """GET /: what this server is and where to look, for a person with curl."""
+    routes = [(m, p) for p, methods in h.router.exact.items() for m in methods if p != "/"]
+    routes += [(m, route.name) for _prefix, methods in h.router.prefixes for m, route in methods.items()]
     h.send_json(200, {"name": "chatserve", "version": __version__,
-                      "endpoints": sorted("%s %s" % (m, p) for p, methods in h.router.exact.items() for m in methods
-                                          if p != "/") + ["GET /v1/models/{id}"],
+                      "endpoints": sorted("%s %s" % route for route in routes),
                       "docs": "python3 chatserve.py --help; README.md beside chatserve.py"})
 
 
@@ -6980,6 +7558,9 @@ def api_router():
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("POST", "/v1/completions", route_completions, surface="openai")
     r.add("POST", "/v1/embeddings", route_embeddings, surface="openai")
+    r.add("POST", "/v1/responses", route_responses, surface="openai")
+    r.add("GET", "/v1/responses/*", route_response_get, name="/v1/responses/{id}")
+    r.add("DELETE", "/v1/responses/*", route_response_delete, name="/v1/responses/{id}")
     r.add("GET", "/v1/models", route_models)
     r.add("GET", "/v1/models/*", route_model, name="/v1/models/{id}")
     r.add("POST", "/v1/messages", route_anthropic_messages, errors=anthropic_error_body, surface="anthropic")
@@ -8003,7 +8584,9 @@ class App:
         self.shutdown_reason = ""
         self.http = self.metrics_http = self.control = None
         self.threads = []
-        self.sessions = SessionStore(os.path.join(os.path.expanduser(config.data_dir), "sessions.db"))
+        data_dir = os.path.expanduser(config.data_dir)
+        self.sessions = SessionStore(os.path.join(data_dir, "sessions.db"))
+        self.responses = ResponseStore(os.path.join(data_dir, "responses.db"), config.response_retention)
         self.rate_limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) \
             if config.rate_limit_rps > 0 else None
         self.auth_failures = RateLimiter(1 / 12.0, 5)     # per address: 5 wrong tokens, then one per 12 s
@@ -8130,6 +8713,7 @@ class App:
             self.control.remove_socket()
         self.engine.close()
         self.sessions.close()
+        self.responses.close()
         self.stopped.set()
         log.info("stopped")
 
@@ -8141,6 +8725,7 @@ class App:
                 server.monitor.close()
         self.agent.stop()
         self.sessions.close()
+        self.responses.close()
         self.engine.close()
 
     # -- requests -----------------------------------------------------------

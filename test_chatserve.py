@@ -143,6 +143,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if self.server.fail_next:
             self.server.fail_next -= 1
             return self.send_body(503, {"error": {"message": "busy, try again"}}, [("Retry-After", "0")])
+        problem = tool_order_problem(body.get("messages") or [])
+        if problem:
+            return self.send_body(400, {"error": {"message": problem, "type": "invalid_request_error",
+                                                  "param": "messages", "code": None}})
         model = body.get("model", "")
         scenario = getattr(self, "scenario_" + model.replace("-", "_"), None)
         if scenario:
@@ -313,6 +317,13 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                           "finish_reason": "stop"}],
                              "usage": {"prompt_tokens": "7", "completion_tokens": -5, "total_tokens": [2]}})
 
+    def scenario_truncated(self, body):
+        if body.get("stream"):
+            return self.stream([openai_chunk({"content": "Hel"}), openai_chunk(finish="length"),
+                                openai_chunk(usage=USAGE, choices=False)])
+        self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "truncated", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hel"}, "finish_reason": "length"}], "usage": USAGE})
+
     def scenario_no_route(self, body):
         self.send_body(404, {"detail": "Not Found"})
 
@@ -327,6 +338,26 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wait_for_hangup()
 
 
+
+
+def tool_order_problem(messages):
+    """OpenAI's refusal (its own words) when tool results do not directly
+    answer an assistant message's tool_calls, or some call is unanswered."""
+    waiting = []
+    for msg in messages:
+        if msg.get("role") == "tool":
+            if msg.get("tool_call_id") not in waiting:
+                return ("Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                        "with 'tool_calls'.")
+            waiting.remove(msg["tool_call_id"])
+            continue
+        if waiting:
+            break
+        waiting = [call.get("id") for call in msg.get("tool_calls") or ()] if msg.get("role") == "assistant" else []
+    if waiting:
+        return ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                "'tool_call_id'. The following tool_call_ids did not have response messages: %s" % ", ".join(waiting))
+    return None
 
 
 def sse_bytes(obj, event=None):
@@ -1814,6 +1845,227 @@ class LegacyCompletionsTest(ServerTestCase):
             self.assert_openai_error(status, answer, 400)
             self.assertEqual(answer["error"]["param"], param, body)
         self.assertEqual(self.upstream.requests, [])
+
+
+def sse_events(text):
+    """(event name, JSON data) pairs of an SSE body."""
+    return [(event, json.loads(data)) for event, data in
+            cs.iter_sse(line + b"\n" for line in text.encode().split(b"\n"))]
+
+
+RESPONSE_TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                        "response.content_part.added", "response.output_text.delta", "response.output_text.delta",
+                        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                        "response.completed"]
+
+
+class ResponsesTest(ServerTestCase):
+    """POST /v1/responses through the Engine (streamed events in the spec's
+    order), conversations rebuilt from the response store, GET and DELETE."""
+
+    def respond(self, body, headers=None):
+        return self.request("POST", "/v1/responses", body, headers)
+
+    def stream(self, body):
+        status, resp, text = self.respond(dict(body, stream=True))
+        self.assertEqual((status, resp.getheader("Content-Type")), (200, "text/event-stream; charset=utf-8"), text)
+        events = sse_events(text)
+        self.assertEqual([e for e, _ in events], [d["type"] for _, d in events])       # event: names its data
+        self.assertEqual([d["sequence_number"] for _, d in events], list(range(len(events))))
+        return [d for _, d in events]
+
+    def test_text_answer_non_streamed(self):
+        self.start()
+        status, _, body = self.respond({"model": "up-model", "input": "hi", "instructions": "Be brief.",
+                                        "max_output_tokens": 50, "temperature": 0.2, "metadata": {"team": "sre"}})
+        self.assertEqual(status, 200, body)
+        self.assertEqual((body["object"], body["status"], body["model"], body["metadata"], body["instructions"]),
+                         ("response", "completed", "up-model", {"team": "sre"}, "Be brief."))
+        self.assertTrue(body["id"].startswith("resp_"))
+        [message] = body["output"]
+        self.assertEqual((message["type"], message["role"], message["status"]), ("message", "assistant", "completed"))
+        self.assertEqual(message["content"], [{"type": "output_text", "text": "Hello world", "annotations": [],
+                                               "logprobs": []}])
+        self.assertEqual((body["usage"]["input_tokens"], body["usage"]["output_tokens"], body["usage"]["total_tokens"]),
+                         (7, 5, 12))
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["messages"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+        self.assertEqual((sent["max_tokens"], sent["temperature"], sent["stream"]), (50, 0.2, False))
+        self.assertNotIn("metadata", sent)
+
+    def test_streamed_text_in_spec_order(self):
+        self.start()
+        events = self.stream({"model": "up-model", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "hi"}]}]})
+        self.assertEqual([e["type"] for e in events], RESPONSE_TEXT_EVENTS)
+        self.assertEqual(len({e["response"]["id"] for e in events if "response" in e}), 1)
+        self.assertEqual(events[0]["response"]["status"], "in_progress")
+        self.assertEqual("".join(e["delta"] for e in events if e["type"] == "response.output_text.delta"),
+                         "Hello world")
+        item_id = events[2]["item"]["id"]
+        self.assertEqual({e["item_id"] for e in events[3:8]}, {item_id})
+        final = events[-1]["response"]
+        self.assertEqual((final["status"], final["output"][0]["content"][0]["text"], final["usage"]["total_tokens"]),
+                         ("completed", "Hello world", 12))
+        self.assertTrue(self.upstream.requests[-1]["body"]["stream"])
+
+    def test_function_calls_then_their_outputs(self):
+        self.start()
+        tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}, "strict": False}]
+        events = self.stream({"model": "tools", "input": "weather?", "tools": tools,
+                              "tool_choice": {"type": "function", "name": "get_weather"}})
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["tools"], [{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object"}, "strict": False}}])
+        self.assertEqual(sent["tool_choice"], {"type": "function", "function": {"name": "get_weather"}})
+        kinds = [e["type"] for e in events]
+        self.assertEqual(kinds.count("response.output_item.added"), 2)
+        self.assertEqual(kinds[-5:], ["response.function_call_arguments.done", "response.output_item.done",
+                                      "response.function_call_arguments.done", "response.output_item.done",
+                                      "response.completed"])
+        final = events[-1]["response"]
+        calls = [(i["type"], i["call_id"], i["name"], i["arguments"]) for i in final["output"]]
+        self.assertEqual(calls, [("function_call", "call_a", "get_weather", '{"city": "Paris"}'),
+                                 ("function_call", "call_b", "get_time", "{}")])
+        self.assertEqual(final["tools"], tools)
+        # one output missing: refused before the upstream is asked, in OpenAI's words
+        asked = len(self.upstream.requests)
+        status, _, body = self.respond({"model": "up-model", "previous_response_id": final["id"], "input": [
+            {"type": "function_call_output", "call_id": "call_a", "output": "sunny"}]})
+        self.assert_openai_error(status, body, 400, ["No tool output found for function call call_b"])
+        self.assertEqual(len(self.upstream.requests), asked)
+        status, _, body = self.respond({"model": "up-model", "previous_response_id": final["id"], "input": [
+            {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "noon"}]}]})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_b", "content": "noon"}])
+
+    def test_output_items_sent_back_as_input(self):
+        """The SDK pattern `input += response.output`, without the store."""
+        self.start()
+        status, _, first = self.respond({"model": "up-model", "input": "hi", "store": False})
+        self.assertEqual(status, 200, first)
+        status, _, body = self.request("GET", "/v1/responses/" + first["id"])
+        self.assert_openai_error(status, body, 404, ["not found"])
+        items = [{"role": "user", "content": "hi"}] + first["output"] + [{"role": "user", "content": "again"},
+                                                                        {"type": "reasoning", "summary": []}]
+        status, _, body = self.respond({"model": "up-model", "input": items, "store": False})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world"},
+            {"role": "user", "content": "again"}])
+
+    def test_stored_conversation_get_and_delete(self):
+        self.start()
+        ids, previous = [], None
+        for text in ("one", "two", "three"):
+            status, _, body = self.respond({"model": "up-model", "input": text, "instructions": "only " + text,
+                                            "previous_response_id": previous})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(body["previous_response_id"], previous)
+            previous = body["id"]
+            ids.append(previous)
+        self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [      # instructions are not carried over
+            {"role": "system", "content": "only three"},
+            {"role": "user", "content": "one"}, {"role": "assistant", "content": "Hello world"},
+            {"role": "user", "content": "two"}, {"role": "assistant", "content": "Hello world"},
+            {"role": "user", "content": "three"}])
+        status, _, stored = self.request("GET", "/v1/responses/" + ids[2])
+        self.assertEqual((status, stored["output"][0]["content"][0]["text"]), (200, "Hello world"))
+        status, _, page = self.request("GET", "/v1/responses/%s/input_items?order=asc" % ids[2])
+        self.assertEqual((status, page["object"], page["has_more"]), (200, "list", False))
+        self.assertEqual([i["content"] for i in page["data"]], [[{"type": "input_text", "text": "three"}]])
+        status, _, body = self.request("DELETE", "/v1/responses/" + ids[1])
+        self.assertEqual((status, body), (200, {"id": ids[1], "object": "response", "deleted": True}))
+        for method in ("GET", "DELETE"):
+            status, _, body = self.request(method, "/v1/responses/" + ids[1])
+            self.assert_openai_error(status, body, 404, ["not found"])
+        status, _, body = self.respond({"model": "up-model", "input": "four", "previous_response_id": ids[2]})
+        self.assert_openai_error(status, body, 400, ["deleted or expired"])
+        status, _, body = self.respond({"model": "up-model", "input": "x", "previous_response_id": "resp_nothing"})
+        self.assert_openai_error(status, body, 404, ["Previous response"])
+        self.assertEqual(body["error"]["param"], "previous_response_id")
+
+    def test_streamed_response_is_stored_before_it_ends(self):
+        self.start()
+        events = self.stream({"model": "up-model", "input": "hi"})
+        status, _, body = self.request("GET", "/v1/responses/" + events[-1]["response"]["id"])
+        self.assertEqual((status, body), (200, events[-1]["response"]))
+
+    def test_upstream_failure_and_truncation(self):
+        self.start()
+        events = self.stream({"model": "stream-error", "input": "hi"})
+        self.assertEqual(events[-1]["type"], "response.failed")
+        self.assertIn("model overloaded", events[-1]["response"]["error"]["message"])
+        self.assertEqual(events[-1]["response"]["output"][0]["status"], "incomplete")
+        self.assertNotIn("response.completed", [e["type"] for e in events])
+        status, _, body = self.respond({"model": "server-error", "input": "hi"})
+        self.assertEqual(status, 502, body)
+        events = self.stream({"model": "truncated", "input": "hi", "max_output_tokens": 3})
+        self.assertEqual(events[-1]["type"], "response.incomplete")
+        self.assertEqual(events[-1]["response"]["incomplete_details"], {"reason": "max_output_tokens"})
+        status, _, body = self.respond({"model": "truncated", "input": "hi"})
+        self.assertEqual((status, body["status"], body["output"][0]["status"]), (200, "incomplete", "incomplete"))
+
+    def test_bad_requests_name_the_field(self):
+        self.start()
+        cases = [
+            ({"input": "hi", "foo": 1}, "foo", "Unknown parameter"),
+            ({"input": "hi", "conversation": "c"}, "conversation", "previous_response_id"),
+            ({"input": "hi", "background": True}, "background", "stream"),
+            ({"input": []}, "input", "non-empty"),
+            ({"input": [{"type": "computer_call"}]}, "input[0].type", "not supported"),
+            ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role", "user"),
+            ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+             "input[0].content[0].type", "input_text"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+             "input[0].content[0].image_url", "URL"),
+            ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input", "No tool call"),
+            ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id", "required"),
+            ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "only function tools"),
+            ({"input": "hi", "tool_choice": {"type": "mcp"}}, "tool_choice", "function"),
+            ({"input": "hi", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
+            ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "at least 1"),
+            ({"input": "hi", "temperature": 3}, "temperature", "0 to 2"),
+            ({"input": "hi", "text": {"format": {"type": "json_schema"}}}, "text.format", "schema"),
+            ({"input": "hi", "stream": "yes"}, "stream", "true or false"),
+            ({"input": "hi", "previous_response_id": 5}, "previous_response_id", "string"),
+        ]
+        for body, param, words in cases:
+            status, _, answer = self.respond(dict(body, model="up-model"))
+            self.assert_openai_error(status, answer, 400, [words])
+            self.assertEqual(answer["error"]["param"], param, body)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_json_schema_format_and_other_providers(self):
+        self.start()
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        status, _, body = self.respond({"model": "up-model", "input": "hi", "text": {"format": {
+            "type": "json_schema", "name": "thing", "schema": schema, "strict": True}}})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.requests[-1]["body"]["response_format"],
+                         {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}})
+        self.start(env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                   provider="CLAUDEAI")
+        tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+        events = self.stream({"model": "tools", "input": "hi", "instructions": "sys", "tools": tools})
+        sent = self.upstream.requests[-1]
+        self.assertEqual((sent["path"], sent["body"]["system"]), ("/v1/messages", "sys"))
+        final = events[-1]["response"]
+        self.assertEqual(events[-1]["type"], "response.completed")
+        self.assertEqual([i["type"] for i in final["output"]], ["message", "function_call", "function_call"])
+        self.assertEqual(final["output"][0]["content"][0]["text"], "Let me check.")      # closed when a call began
+        self.assertEqual((final["output"][1]["call_id"], final["output"][1]["arguments"]),
+                         ("toolu_1", '{"city": "Paris"}'))
+        kinds = [e["type"] for e in events]
+        self.assertLess(kinds.index("response.output_text.done"), kinds.index("response.function_call_arguments.delta"))
+        self.assertEqual(final["usage"]["input_tokens"], 11)
 
 
 class CountTokensTest(ServerTestCase):
@@ -4445,6 +4697,11 @@ class CancellationTest(ServerTestCase):
         self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent-stream", stream=True)))
         self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("openai",)) == 2))
 
+    def test_responses_both_modes(self):
+        app = self.hang_up_during(self.post("/v1/responses", {"model": "silent", "input": "hi"}))
+        self.hang_up_during(self.post("/v1/responses", {"model": "silent-stream", "input": "hi", "stream": True}))
+        self.assertTrue(wait_until(lambda: app.metrics.client_disconnects.value(("openai",)) == 2))
+
     def test_anthropic_both_modes(self):
         body = {"model": "silent", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         app = self.hang_up_during(self.post("/v1/messages", body))
@@ -4667,6 +4924,12 @@ class FuzzTest(ServerTestCase):
                   "params": {"issue_name": "x", "namespace": "default", "risk_score": 50}}),
         ("/rpc", {"jsonrpc": "2.0", "id": 5, "method": "GetAlerts", "params": {"namespace": "default"}}),
         ("/request", {"prompt": "hi", "max_tokens": 5}),
+        ("/v1/responses", {"model": "up-model", "instructions": "s", "max_output_tokens": 5, "metadata": {"k": "v"},
+                           "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                     {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                                     {"type": "function_call_output", "call_id": "c1", "output": "x"}],
+                           "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                           "text": {"format": {"type": "text"}}}),
     ]
 
     def setUp(self):
@@ -5147,6 +5410,63 @@ class InteropTest(SDKTestCase):
         text = "".join(c.choices[0].text for c in self.client.completions.create(
             model="up-model", prompt="Say hi", stream=True) if c.choices)
         self.assertEqual(text, "Hello world")
+
+    def strict_client(self):
+        """Validates every field the SDK's types require (off by default in the SDK)."""
+        return openai.OpenAI(base_url=self.client.base_url, api_key="tok", max_retries=0, timeout=WAIT,
+                             _strict_response_validation=True)
+
+    def test_responses_create_follow_up_retrieve_delete(self):
+        client = self.strict_client()
+        first = client.responses.create(model="up-model", input="hi", instructions="Be brief.", metadata={"k": "v"},
+                                        max_output_tokens=50, temperature=0.2)
+        self.assertEqual((first.output_text, first.status, first.usage.total_tokens), ("Hello world", "completed", 12))
+        self.assertEqual(first.metadata, {"k": "v"})
+        second = client.responses.create(model="up-model", input="again", previous_response_id=first.id)
+        self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world"},
+            {"role": "user", "content": "again"}])
+        self.assertEqual(client.responses.retrieve(second.id).output_text, "Hello world")
+        items = client.responses.input_items.list(second.id)
+        self.assertEqual([item.content[0].text for item in items.data], ["again"])
+        client.responses.delete(second.id)
+        with self.assertRaises(openai.NotFoundError):
+            client.responses.retrieve(second.id)
+        with self.assertRaises(openai.BadRequestError) as ctx:
+            client.responses.create(model="up-model", input="hi", tools=[{"type": "web_search"}])
+        self.assertEqual(ctx.exception.param, "tools[0].type")
+
+    def test_responses_stream_helper(self):
+        with self.strict_client().responses.stream(model="up-model", input="hi") as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_response()
+        self.assertEqual(kinds, RESPONSE_TEXT_EVENTS)
+        self.assertEqual((final.output_text, final.usage.output_tokens), ("Hello world", 5))
+        raw = list(self.client.responses.create(model="up-model", input="hi", stream=True))
+        self.assertEqual([event.sequence_number for event in raw], list(range(len(raw))))
+        self.assertEqual("".join(e.delta for e in raw if e.type == "response.output_text.delta"), "Hello world")
+
+    def test_responses_function_calls_and_outputs(self):
+        client = self.strict_client()
+        tools = [{"type": "function", "name": "get_weather", "strict": True, "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": False}}]
+        with client.responses.stream(model="tools", input="weather?", tools=tools) as stream:
+            deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+            final = stream.get_final_response()
+        self.assertTrue(deltas)
+        calls = [item for item in final.output if item.type == "function_call"]
+        self.assertEqual([(c.call_id, c.name) for c in calls], [("call_a", "get_weather"), ("call_b", "get_time")])
+        self.assertEqual(calls[0].parsed_arguments, {"city": "Paris"})       # strict: the SDK parsed the JSON
+        outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "sunny"} for c in calls]
+        answer = client.responses.create(model="up-model", previous_response_id=final.id, input=outputs)
+        self.assertEqual(answer.output_text, "Hello world")
+        # the other common pattern: the whole conversation as input, output items included as they came
+        conversation = [{"role": "user", "content": "weather?"}] + final.output + outputs
+        answer = client.responses.create(model="up-model", input=conversation, store=False)
+        self.assertEqual(answer.output_text, "Hello world")
+        self.assertEqual([m["role"] for m in self.upstream.requests[-1]["body"]["messages"]],
+                         ["user", "assistant", "tool", "tool"])
 
     def test_wrong_token_is_authentication_error(self):
         bad = openai.OpenAI(base_url=self.client.base_url, api_key="wrong", max_retries=0)
