@@ -95,6 +95,7 @@ import base64
 import calendar
 import collections
 import contextlib
+import difflib
 import email.utils
 import fnmatch
 import hashlib
@@ -467,6 +468,16 @@ def parse_duration(text):
     return total
 
 
+def current_month(now=None):
+    """The UTC calendar month, YYYY-MM: what a monthly budget counts."""
+    return time.strftime("%Y-%m", time.gmtime(now))
+
+
+def next_month_start(now=None):
+    year, month = time.gmtime(now)[:2]
+    return "%04d-%02d-01" % (year + month // 12, month % 12 + 1)
+
+
 _UUID4_CLEAR = ~((0xf000 << 64) | (0xc000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
@@ -774,14 +785,15 @@ def load_config_file(path):
     try:
         return parse_yaml_subset(text)
     except YamlError as e:
-        try:
-            import yaml     # optional, imported only here (20 ms at every start otherwise)
-        except ImportError:
-            raise ConfigError("%s, line %s: %s" % (path, e.line, e.message))
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError("%s: %s" % (path, err))
+        subset_error = ConfigError("%s:%s: %s" % (path, e.line, e.message))
+    try:
+        import yaml     # optional, imported only here (20 ms at every start otherwise)
+    except ImportError:
+        raise subset_error
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise subset_error          # the subset reader's words: path:line
 
 
 # ---------------------------------------------------------------------------
@@ -794,6 +806,11 @@ LOG_FORMATS = ("text", "json")
 # (flag, environment variable, default, kind, help).  One table serves argparse,
 # the environment and validation, so a setting cannot drift between them.
 SERVE_OPTIONS = (
+    ("--config", "CHATSERVE_CONFIG", "", "file",
+     "config file (YAML or JSON): settings by flag name, providers, aliases, fallbacks, keys; "
+     "flags and the environment win over it; re-read on SIGHUP or ctl reload"),
+    ("--keys-file", "CHATSERVE_KEYS_FILE", "", "file",
+     "named client keys (YAML or JSON, a keys section as in --config), besides --token; re-read on reload"),
     ("--host", "CHATCLI_BIND_ADDRESS", None, "host",
      "address to bind (default 127.0.0.1; 0.0.0.0 when KUBERNETES_SERVICE_HOST is set)"),
     ("--port", "CHATCLI_SERVER_PORT", DEFAULT_PORT, "port", "port of the API"),
@@ -912,11 +929,16 @@ def _check_choice(choices):
     return check
 
 
+PROVIDER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+
 def _check_provider(value):
-    name = str(value).strip().upper()
-    if name and name not in PROVIDERS:
-        raise ValueError("unknown provider %r (known: %s)" % (value, ", ".join(sorted(PROVIDERS))))
-    return name
+    """A provider's name, upper-cased; whether it exists is Config.validate's question
+    (the config file's named endpoints are providers too)."""
+    name = str(value).strip()
+    if name and not PROVIDER_NAME_RE.match(name):
+        raise ValueError("%r is not a provider name (letters, digits, '_', '.', '-')" % value)
+    return name.upper()
 
 
 def _check_count(value):
@@ -998,43 +1020,257 @@ OPTION_KINDS = {
 }
 
 
+# -- the config file: settings by flag name, and the sections flags cannot say --
+
+SECRET_SETTINGS = ("token",)
+FILE_SECTIONS = {"providers": None, "aliases": "model_alias", "fallbacks": "fallback_providers", "keys": None}
+ENDPOINT_FIELDS = ("type", "base_url", "api_key", "model")
+KEY_FIELDS = ("hash", "rate_limit_rps", "rate_limit_burst", "models", "monthly_token_budget")
+
+# A provider the config file names: a built-in one configured there, or another
+# endpoint of a built-in protocol under its own name ("local" -> LOCAL).
+Endpoint = collections.namedtuple("Endpoint", "name type base_url api_key model where")
+
+# A named client key: only its SHA-256 is kept; limits, allowed models, budget.
+ClientKey = collections.namedtuple("ClientKey", "name digest rate_limit_rps rate_limit_burst models "
+                                                "monthly_token_budget")
+
+
+def _file_name(key):
+    return str(key).strip().lower().replace("-", "_")
+
+
+def key_digest(secret):
+    """The stored form of a client key."""
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class ConfigFile:
+    """A config file read once: serve settings by flag name (`max-connections`
+    or `max_connections`), `providers`, `aliases`, `fallbacks` and `keys`.
+    Every problem is a ConfigError that starts with path:line.  Secrets may be
+    references, `env:VAR` or `file:/path`, resolved here."""
+
+    def __init__(self, path, env):
+        self.path, self.env = path, env
+        data = load_config_file(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("%s:1: the file must be a mapping of settings (key: value)" % path)
+        self.data = data
+        self.inline_secrets = []            # where a secret is written in the file itself
+
+    def where(self, key, mapping=None):
+        lines = getattr(mapping if mapping is not None else self.data, "lines", None) or {}
+        return "%s:%s" % (self.path, lines[key]) if key in lines else self.path
+
+    def error(self, key, message, mapping=None):
+        return ConfigError("%s: %s" % (self.where(key, mapping), message))
+
+    def secret(self, value, key, mapping=None):
+        """A secret's value: `env:VAR`, `file:/path` or (warned about) inline."""
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, env:VAR or file:/path", mapping)
+        kind, _, ref = value.partition(":")
+        if kind == "env" and ref:
+            if not self.env.get(ref):
+                raise self.error(key, "env:%s: the variable is not set" % ref, mapping)
+            return self.env[ref]
+        if kind == "file" and ref:
+            try:
+                with open(os.path.expanduser(ref), encoding="utf-8") as f:
+                    return f.read().strip()
+            except OSError as e:
+                raise self.error(key, "file:%s: cannot read: %s" % (ref, _os_reason(e)), mapping)
+        self.inline_secrets.append(self.where(key, mapping))
+        return value
+
+    def settings(self):
+        """{dest: (raw value, where)} of the serve settings the file gives."""
+        known = {_option_dest(flag) for flag, *_rest in SERVE_OPTIONS} - {"config"}
+        out = {}
+        for key, value in self.data.items():
+            name = _file_name(key)
+            if name in FILE_SECTIONS:
+                if FILE_SECTIONS[name] and value is not None:
+                    out[FILE_SECTIONS[name]] = (self._section_value(name, key, value), self.where(key))
+                continue
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known | set(FILE_SECTIONS)), 1)
+                raise self.error(key, "unknown setting %r%s" % (key, " (did you mean %r?)" % close[0].replace("_", "-")
+                                                                 if close else ""))
+            if name in SECRET_SETTINGS:
+                value = self.secret(value, key)
+            out[name] = (value, self.where(key))
+        return out
+
+    def _section_value(self, name, key, value):
+        if name == "aliases":
+            if not isinstance(value, dict):
+                raise self.error(key, "aliases: a mapping of NAME: provider/model")
+            return ["%s=%s" % (alias, target) for alias, target in value.items()]
+        if not isinstance(value, (list, str)):
+            raise self.error(key, "fallbacks: a list of provider names")
+        return value
+
+    def _entries(self, section):
+        """The (name, fields, where) of a section that maps names to mappings."""
+        key = next((k for k in self.data if _file_name(k) == section), None)
+        value = self.data.get(key) if key is not None else None
+        if value is None:
+            return []
+        if not isinstance(value, dict):
+            raise self.error(key, "%s: a mapping of names to their settings" % section)
+        out = []
+        for name, fields in value.items():
+            fields = fields if fields is not None else YamlMap()
+            if not isinstance(fields, dict):
+                raise self.error(name, "%s %r: a mapping of its settings" % (section, name), value)
+            out.append((str(name), fields, self.where(name, value)))
+        return out
+
+    def _fields(self, fields, allowed, what):
+        clean = {}
+        for key, value in fields.items():
+            name = _file_name(key)
+            if name not in allowed:
+                raise self.error(key, "%s: unknown field %r (known: %s)" % (what, key, ", ".join(allowed)), fields)
+            clean[name] = (value, key)
+        return clean
+
+    def endpoints(self):
+        """Named endpoints, in file order."""
+        out = collections.OrderedDict()
+        for name, fields, where in self._entries("providers"):
+            if not PROVIDER_NAME_RE.match(name):
+                raise ConfigError("%s: %r is not a provider name (letters, digits, '_', '.', '-')" % (where, name))
+            f = self._fields(fields, ENDPOINT_FIELDS, "provider %s" % name)
+            kind = str((f.get("type") or (name,))[0]).lower()
+            if kind not in ROUTE_PREFIXES:
+                raise ConfigError("%s: provider %s: type %r is not a protocol chatserve speaks (%s)" % (
+                    self.where(f["type"][1], fields) if "type" in f else where, name, kind,
+                    "openai, anthropic, gemini, ollama, or another of " + ", ".join(sorted(ROUTE_PREFIXES))))
+            base = f.get("base_url", (None,))[0]
+            if base is not None and not (isinstance(base, str) and re.match(r"^https?://[^\s/]+", base)):
+                raise ConfigError("%s: provider %s: base-url must be an http:// or https:// URL"
+                                  % (self.where(f["base_url"][1], fields), name))
+            key = self.secret(f["api_key"][0], f["api_key"][1], fields) if "api_key" in f else ""
+            model = f.get("model", (None,))[0]
+            protocol = ROUTE_PREFIXES[kind]
+            # "anthropic:", "ollama:" ... configure the built-in provider; other names are endpoints of their own
+            ident = protocol if ROUTE_PREFIXES.get(name.lower()) == protocol else name.upper()
+            out[ident] = Endpoint(ident, protocol, base, key, str(model) if model is not None else None, where)
+        return out
+
+    def keys(self):
+        out = []
+        for name, fields, where in self._entries("keys"):
+            f = {k: v for k, (v, _key) in self._fields(fields, KEY_FIELDS, "key %s" % name).items()}
+            out.append(checked_client_key(name, f, where))
+        return out
+
+
+def checked_client_key(name, fields, where):
+    """A ClientKey from a keys section entry; ConfigError names where it is wrong."""
+    def bad(message):
+        return ConfigError("%s: key %s: %s" % (where, name, message))
+    if not PROVIDER_NAME_RE.match(name):
+        raise bad("the name may have letters, digits, '_', '.', '-' only (it is a metrics label)")
+    digest = fields.get("hash")
+    if not (isinstance(digest, str) and re.match(r"^sha256:[0-9a-f]{64}$", digest)):
+        raise bad("hash: sha256: and 64 hex digits; make one with: chatserve.py keys new %s" % name)
+    try:
+        rps = _check_rate(fields.get("rate_limit_rps") or 0)
+        burst = _check_posint(fields.get("rate_limit_burst") or max(1, int(rps * 2)))
+        budget = _check_count(fields.get("monthly_token_budget") or 0)
+    except (ValueError, TypeError) as e:
+        raise bad(str(e))
+    models = fields.get("models") or ()
+    if isinstance(models, str):
+        models = [models]
+    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) and m for m in models):
+        raise bad("models: a list of model names or patterns (fast, ollama/*)")
+    return ClientKey(name, digest, rps, burst, tuple(models), budget)
+
+
+def load_keys_file(path, env):
+    """The keys of a --keys-file: a keys section alone, or a whole config file's."""
+    return ConfigFile(path, env).keys()
+
+
 class Config:
     """Every serve setting, resolved once.  `env` is the environment the
-    providers read their keys from (os.environ unless a test passes one)."""
+    providers read their keys from (os.environ unless a test passes one).
+    `sources` says where each value came from; `endpoints` and `keys` are the
+    config file's named providers and client keys."""
 
     def __init__(self, env=None, **values):
         self.env = dict(os.environ if env is None else env)
         for flag, _var, default, _kind, _help in SERVE_OPTIONS:
             setattr(self, _option_dest(flag), default)
+        self.sources, self.endpoints, self.keys, self.flags, self.inline_secrets = {}, {}, [], {}, []
         self.__dict__.update(values)
         if self.host is None:
             self.host = "0.0.0.0" if self.env.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
 
     @classmethod
     def from_sources(cls, flags, env=None):
-        """Resolve every option: a flag given wins over the environment, which wins over the default."""
+        """Resolve every option: a flag given wins over the environment, which
+        wins over the config file, which wins over the default."""
         env = dict(os.environ if env is None else env)
-        values = {}
+        path = flags.get("config") or env.get("CHATSERVE_CONFIG") or ""
+        file = ConfigFile(path, env) if path else None
+        in_file = file.settings() if file else {}
+        values, sources = {}, {}
         for flag, var, default, kind, _help in SERVE_OPTIONS:
             dest = _option_dest(flag)
-            raw, source = flags.get(dest), flag
+            raw, source = flags.get(dest), "flag " + flag
             if raw is None and var and env.get(var, "") != "":
-                raw, source = env[var], var
+                raw, source = env[var], "env " + var
+            if raw is None and dest in in_file:
+                raw, source = in_file[dest][0], in_file[dest][1]
+            sources[dest] = source if raw is not None else "default"
             if raw is None:
                 values[dest] = default
                 continue
             try:
                 values[dest] = OPTION_KINDS[kind](raw)
             except (ValueError, TypeError) as e:
-                detail = str(e) if not isinstance(e, TypeError) else "bad value %r" % raw
+                detail = str(e) if not isinstance(e, TypeError) else "bad value %r" % (raw,)
                 if "invalid literal" in detail:
-                    detail = "%r is not a whole number" % raw
-                raise ConfigError("%s: %s" % (source, detail))
+                    detail = "%r is not a whole number" % (raw,)
+                raise ConfigError("%s: %s" % (source.split(" ", 1)[-1], detail))
         config = cls(env=env, **values)
+        config.sources, config.flags = sources, dict(flags)
+        if file:
+            config.endpoints, config.keys, config.inline_secrets = file.endpoints(), file.keys(), file.inline_secrets
+        if config.keys_file:
+            config.keys = config.keys + load_keys_file(config.keys_file, env)
         config.validate()
         return config
 
     def validate(self):
+        known = set(PROVIDERS) | set(self.endpoints)
+        canonical = lambda n: n if n in known else ROUTE_PREFIXES.get(n.lower(), n)     # ANTHROPIC -> CLAUDEAI
+        self.provider = canonical(self.provider) if self.provider else self.provider
+        self.fallback_providers = tuple(canonical(n) for n in self.fallback_providers)
+        for source, names in (("--provider", [self.provider] if self.provider else []),
+                              ("--fallback-providers", self.fallback_providers)):
+            for name in names:
+                if name not in known:
+                    raise ConfigError("%s: unknown provider %r (known: %s)" % (
+                        self.sources.get(_option_dest(source), source).split(" ", 1)[-1], name,
+                        ", ".join(sorted(known))))
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ConfigError("client keys: a name is used twice (%s)" % ", ".join(
+                sorted(n for n in set(names) if names.count(n) > 1)))
+        digests = [k.digest for k in self.keys]
+        if len(set(digests)) != len(digests):
+            raise ConfigError("client keys: two keys have the same hash")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_cert and ssl is None:
@@ -1301,6 +1537,9 @@ class Metrics:
         self.agent_trims = f(Counter("chatserve_agent_context_trims_total", "Times the agent conversation was trimmed to --agent-max-context."))
         self.client_disconnects = f(Counter("chatserve_client_disconnects_total", "Requests whose client hung up before the answer was complete, by surface.", ("surface",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
+        self.key_requests = f(Counter("chatserve_key_requests_total", "Requests made with a named client key.", ("key",)))
+        self.key_errors = f(Counter("chatserve_key_errors_total", "Requests with a named client key answered 4xx/5xx.", ("key",)))
+        self.key_tokens = f(Counter("chatserve_key_tokens_total", "Tokens used with a named client key, by type (prompt, completion).", ("key", "type")))
         self.llm_retries = f(Counter("chatcli_llm_retries_total", "Upstream retries before the first byte, by provider.", ("provider",)))
         self.llm_fallbacks = f(Counter("chatcli_llm_fallbacks_total", "Fallbacks from one provider to the next.", ("from_provider", "to_provider")))
         self.in_flight.set((), 0)
@@ -1636,6 +1875,7 @@ class CancelScope:
         self.conns, self.callbacks = set(), []
         self.event = None                   # made on first need (see sleeper)
         self.pending_output = None          # (thread, flush) of the request's coalesced output (SSEWriter)
+        self.client_key = None              # the named key the request came with (its limits and usage)
 
     @classmethod
     def current(cls):
@@ -1707,6 +1947,12 @@ class CancelScope:
                 self.callbacks.append(fn)
                 return
         fn()
+
+
+def current_client_key():
+    """The named client key of the request this thread works for, or None."""
+    scope = CancelScope.current()
+    return scope.client_key if scope is not None else None
 
 
 def check_cancelled():
@@ -2347,17 +2593,25 @@ class Provider:
     listing_error = None        # why the last listing of the upstream's models failed, if it did
     aggregates = False          # its own model names may look like "openai/gpt-4o": not routes
 
-    def __init__(self, config, pool, credentials=None, base_url=None):
-        self.config, self.pool, self.env = config, pool, config.env
+    def __init__(self, config, pool, credentials=None, base_url=None, endpoint=None):
+        """`endpoint`: the config file's entry.  For a built-in provider the
+        environment's variables win over it; another endpoint of this protocol
+        (its own name) reads none of them."""
+        builtin = endpoint is None or endpoint.name == self.name
+        if endpoint is not None:
+            self.name = endpoint.name
+        self.config, self.pool, self.env = config, pool, config.env if builtin else {}
         creds = credentials or Credentials()
         self.client_credentials = credentials is not None
         self.base_url = (base_url or creds.settings.get("base_url") or self.env.get(self.base_env)
-                         or self.default_base).rstrip("/")
-        self.api_key = creds.api_key if credentials is not None else self.env.get(self.key_env, "")
+                         or (endpoint and endpoint.base_url) or self.default_base).rstrip("/")
+        self.api_key = creds.api_key if credentials is not None else (
+            self.env.get(self.key_env) or (endpoint and endpoint.api_key) or "")
         self.scheme = creds.scheme
         self.settings = creds.settings
         self.pinned = None                  # set by the Engine for a client-supplied base URL
-        configured = config.model if config.provider == self.name and config.model else self.env.get(self.model_env)
+        configured = config.model if config.provider == self.name and config.model else (
+            self.env.get(self.model_env) or (endpoint and endpoint.model))
         self.model = configured or self.default_model
         self.model_pending = not configured and credentials is None and self.discovers_model
         self._listed = (0.0, None)
@@ -2615,8 +2869,8 @@ class OpenAIProvider(Provider):
     default_model = "gpt-4o-mini"
     discovers_model = True      # a local server (llama.cpp, vLLM, LM Studio) serves its own models
 
-    def __init__(self, config, pool, credentials=None, base_url=None):
-        super().__init__(config, pool, credentials, base_url)
+    def __init__(self, config, pool, credentials=None, base_url=None, endpoint=None):
+        super().__init__(config, pool, credentials, base_url, endpoint)
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         self.model_pending = self.model_pending and host != "api.openai.com"
         self.aggregates = host != "api.openai.com"     # LiteLLM, OpenRouter, vLLM...: "vendor/model" names
@@ -3544,9 +3798,13 @@ class Engine:
         self.pool = pool or UpstreamPool()
         self.allowed = parse_allowed_upstreams(config.allow_upstream)
         self.providers = collections.OrderedDict()
+        self.prefixes = dict(ROUTE_PREFIXES)    # model-name prefix -> provider; the config file's names too
         for name, cls in PROVIDERS.items():
-            if name == config.provider or cls.configured(config.env):
+            if (name == config.provider or cls.configured(config.env)) and name not in config.endpoints:
                 self.providers[name] = cls(config, self.pool)
+        for name, endpoint in config.endpoints.items():
+            self.providers[name] = PROVIDERS[endpoint.type](config, self.pool, endpoint=endpoint)
+            self.prefixes[name.lower()] = name
         if not self.providers and config.probe_local:
             self.probe_local()
         self.default = config.provider or next(iter(self.providers), "")
@@ -3557,6 +3815,7 @@ class Engine:
         self.health = {name: ProviderHealth(config.fallback_cooldown_base, config.fallback_cooldown_max)
                        for name in self.providers}
         self.context_source = None          # the watcher's context, when one runs
+        self.key_usage = None               # KeyUsage: named client keys' budgets and usage
         self.reach, self.reach_checking = {}, set()
         self.routes = {}                    # model name -> (provider name, model): --model-alias
         for alias, (prefix, model) in (config.model_alias or {}).items():
@@ -3565,9 +3824,9 @@ class Engine:
     def add_route(self, alias, prefix, model, where):
         """Route the model name `alias` to `model` on the provider `prefix` names
         (the one routing table: aliases now, the config file's named endpoints later)."""
-        name = ROUTE_PREFIXES.get(prefix.lower())
+        name = self.prefixes.get(prefix.lower())
         if name is None:
-            raise ConfigError("%s: unknown provider %r (known: %s)" % (where, prefix, ", ".join(sorted(ROUTE_PREFIXES))))
+            raise ConfigError("%s: unknown provider %r (known: %s)" % (where, prefix, ", ".join(sorted(self.prefixes))))
         if name not in self.providers:
             raise ConfigError("%s: provider %s is not configured; set its key or remove the alias" % (where, name))
         self.routes[alias] = (name, model)
@@ -3582,13 +3841,13 @@ class Engine:
         if model in self.routes:
             return self.routes[model]
         prefix, slash, rest = (model or "").partition("/")
-        name = ROUTE_PREFIXES.get(prefix.lower()) if slash and rest else None
+        name = self.prefixes.get(prefix.lower()) if slash and rest else None
         if name is None or name not in self.providers:
             return "", model
         default = self.providers.get(self.default)
         if default is not None and default.lists(model):
             return "", model                    # the default's own name (from its cached listing)
-        if name == self.default and self.providers[name].aggregates:
+        if name == self.default and self.providers[name].aggregates and prefix.lower() in ROUTE_PREFIXES:
             return "", model                    # an OpenAI-compatible upstream that is not api.openai.com
         return name, rest
 
@@ -3654,7 +3913,7 @@ class Engine:
                 pinned = check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
             provider = cls(self.config, self.pool, credentials=credentials)
             provider.pinned = pinned
-            return provider, model or provider.model
+            return self.admitted(req.model, provider, model or provider.model)
         provider = self.providers.get(name)
         if provider is None:
             if not self.providers:
@@ -3669,7 +3928,29 @@ class Engine:
             raise Unavailable("%s at %s has not listed a model yet (no model is configured): start the upstream "
                               "or set %s" % (name, provider.describe()["base_url"], provider.model_env),
                               code="no_model")
-        return provider, model or provider.model
+        return self.admitted(req.model, provider, model or provider.model)
+
+    def admitted(self, asked, provider, model):
+        """(provider, model) if the request's client key may use them and has
+        budget left; PermissionDenied or a 429 that says why otherwise."""
+        key = current_client_key()
+        if key is None:
+            return provider, model
+        if key.models:
+            names = {asked or "", model} | {"%s/%s" % (prefix, model) for prefix, name in self.prefixes.items()
+                                           if name == provider.name}
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in key.models):
+                raise PermissionDenied("key %s may not use model %s (allowed: %s)"
+                                       % (key.name, asked or "%s/%s" % (provider.name.lower(), model),
+                                          ", ".join(key.models)), param="model", code="model_not_allowed")
+        if key.monthly_token_budget and self.key_usage is not None:
+            used = self.key_usage.tokens(key.name)
+            if used >= key.monthly_token_budget:
+                raise ChatServeError("key %s has used %d of its %d tokens this month; the budget renews on %s "
+                                     "(UTC)" % (key.name, used, key.monthly_token_budget, next_month_start()),
+                                     status=429, type="insufficient_quota", code="budget_exceeded",
+                                     headers={"x-should-retry": "false"})
+        return provider, model
 
     def candidates(self, req):
         """(provider, model) to try in order: the chosen one, then the fallbacks."""
@@ -3729,7 +4010,8 @@ class Engine:
             started = time.monotonic()
             try:
                 events = provider.open(req, model)
-                return Answer(provider.name, model, self._instrument(provider.name, model, started, events), events)
+                instrumented = self._instrument(provider.name, model, started, events, current_client_key())
+                return Answer(provider.name, model, instrumented, events)
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
                 delay = retry_delay(e, attempt, self.config.retry_backoff) if getattr(e, "retryable", False) else None
@@ -3750,9 +4032,16 @@ class Engine:
             raise
         self._record(provider.name, model, started, None)
         self.metrics.llm_tokens.inc((provider.name, model, "prompt"), tokens)
+        self.count_key_tokens(current_client_key(), tokens, 0)
         return vectors, tokens, model
 
-    def _instrument(self, provider, model, started, events):
+    def count_key_tokens(self, key, prompt, completion):
+        if key is not None and self.key_usage is not None:
+            self.key_usage.add(key.name, prompt=prompt, completion=completion)
+            self.metrics.key_tokens.inc((key.name, "prompt"), prompt)
+            self.metrics.key_tokens.inc((key.name, "completion"), completion)
+
+    def _instrument(self, provider, model, started, events, key=None):
         error, done = None, False
         try:
             for ev in events:
@@ -3761,6 +4050,7 @@ class Engine:
                     ev = Usage(token_count(ev.prompt_tokens), token_count(ev.completion_tokens))
                     self.metrics.llm_tokens.inc((provider, model, "prompt"), ev.prompt_tokens)
                     self.metrics.llm_tokens.inc((provider, model, "completion"), ev.completion_tokens)
+                    self.count_key_tokens(key, ev.prompt_tokens, ev.completion_tokens)
                 elif kind is Error:
                     error = ev.error
                 yield ev
@@ -4021,6 +4311,71 @@ class ResponseStore:
             self.db.close()
 
 
+class KeyUsage:
+    """Named client keys' use per UTC month: requests, prompt and completion
+    tokens, errors.  Counted in memory; added to SQLite (usage.db) at most once
+    a second and at shutdown, so a request costs no disk write of its own."""
+
+    flush_every = 1.0
+    COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+
+    def __init__(self, path):
+        self.lock = threading.Lock()
+        self.db = open_database(path, "CREATE TABLE IF NOT EXISTS usage (key TEXT NOT NULL, month TEXT NOT NULL, "
+                                      "requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
+                                      "completion_tokens INTEGER NOT NULL, errors INTEGER NOT NULL, "
+                                      "PRIMARY KEY (key, month))")
+        self.totals, self.pending, self.flushed = {}, {}, time.monotonic()
+
+    def _total(self, entry):
+        """This month's totals of a key (read from the file once)."""
+        total = self.totals.get(entry)
+        if total is None:
+            row = self.db.execute("SELECT requests, prompt_tokens, completion_tokens, errors FROM usage "
+                                  "WHERE key = ? AND month = ?", entry).fetchone()
+            total = self.totals[entry] = list(row or (0, 0, 0, 0))
+        return total
+
+    def add(self, key, requests=0, prompt=0, completion=0, errors=0):
+        entry, delta = (key, current_month()), (requests, prompt, completion, errors)
+        with self.lock:
+            total, pending = self._total(entry), self.pending.setdefault(entry, [0, 0, 0, 0])
+            for i, n in enumerate(delta):
+                total[i] += n
+                pending[i] += n
+            due = time.monotonic() - self.flushed >= self.flush_every
+        if due:
+            self.flush()
+
+    def tokens(self, key):
+        with self.lock:
+            total = self._total((key, current_month()))
+            return total[1] + total[2]
+
+    def flush(self):
+        with self.lock:
+            pending, self.pending, self.flushed = self.pending, {}, time.monotonic()
+            if pending:
+                self.db.executemany(
+                    "INSERT INTO usage (key, month, requests, prompt_tokens, completion_tokens, errors) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key, month) DO UPDATE SET "
+                    + ", ".join("%s = %s + excluded.%s" % (col, col, col) for col in self.COLUMNS),
+                    [entry + tuple(counts) for entry, counts in pending.items()])
+
+    def report(self, month=None):
+        """[{key, month, requests, ...}] of a month (this one by default)."""
+        self.flush()
+        with self.lock:
+            rows = self.db.execute("SELECT key, month, requests, prompt_tokens, completion_tokens, errors FROM usage "
+                                   "WHERE month = ? ORDER BY key", (month or current_month(),)).fetchall()
+        return [dict(zip(("key", "month") + self.COLUMNS, row)) for row in rows]
+
+    def close(self):
+        self.flush()
+        with self.lock:
+            self.db.close()
+
+
 def import_chatcli_sessions(store, directory):
     """Import ChatCLI's ~/.chatcli/sessions/*.json; returns (imported, [(file, reason)])."""
     imported, skipped = [], []
@@ -4072,7 +4427,7 @@ class WatchSettings:
 
 def _where(path, data, key):
     line = (getattr(data, "lines", None) or {}).get(key)
-    return "%s, line %d" % (path, line) if line else path
+    return "%s:%d" % (path, line) if line else path
 
 
 def parse_watch_config(path, defaults):
@@ -7489,6 +7844,20 @@ def route_control_shutdown(h):
     h.app.request_shutdown("control socket")
 
 
+def route_control_reload(h):
+    """POST /reload: re-read the config file; 200 with what needs a restart, or 400 with why not."""
+    try:
+        restart_needed = h.app.reload("ctl reload")
+    except ConfigError as e:
+        h.send_json(400, {"status": "not_reloaded", "error": e.message})
+        return
+    h.send_json(200, {"status": "reloaded", "restart_needed": restart_needed})
+
+
+def route_control_usage(h):
+    h.send_json(200, h.app.usage_report())
+
+
 def route_metrics(h):
     h.send_bytes(200, h.app.metrics.render().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
@@ -7579,6 +7948,8 @@ def control_router():
     r = Router()
     r.add("GET", "/status", route_status, auth=False)
     r.add("POST", "/shutdown", route_control_shutdown, auth=False)
+    r.add("POST", "/reload", route_control_reload, auth=False)
+    r.add("GET", "/usage", route_control_usage, auth=False)
     return r
 
 
@@ -7877,7 +8248,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
-            self.render_error, self.route_label, self.scope = openai_error_body, None, None
+            self.render_error, self.route_label, self.scope, self.client_key = openai_error_body, None, None, None
             self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
             self.body_cap, self.large_permit = config.max_body_bytes, False
             self.reader.phase(config.header_timeout, config.request_timeout)
@@ -7987,6 +8358,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             duration = time.monotonic() - started
             if record:
                 app.request_finished(route_name, self.status_sent, duration)
+            if self.client_key is not None:
+                app.key_request_done(self.client_key, self.status_sent)
             self.log_access(path, duration)
 
     def run_cancellable(self, route):
@@ -7994,6 +8367,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.watched:
             self.watched = self.server.monitor.watch(self)
         self.scope, self.surface = CancelScope(), route.surface
+        self.scope.client_key = self.client_key
         try:
             with self.scope.bound():
                 route.fn(self)
@@ -8543,6 +8917,19 @@ class RateLimiter:
         return tokens < 1, (1 - tokens) / self.rate
 
 
+class KeyRing:
+    """The named client keys, found by their SHA-256, each with its own rate limit."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.by_digest = {k.digest: k for k in self.keys}
+        self.limiters = {k.name: RateLimiter(k.rate_limit_rps, k.rate_limit_burst)
+                         for k in self.keys if k.rate_limit_rps > 0}
+
+    def find(self, secret):
+        return self.by_digest.get(key_digest(secret)) if secret and self.by_digest else None
+
+
 def rate_limited(message, wait):
     seconds = max(1, int(wait + 0.999))
     return RateLimited("%s; retry in %d s" % (message, seconds), headers={"Retry-After": str(seconds)})
@@ -8587,6 +8974,10 @@ class App:
         data_dir = os.path.expanduser(config.data_dir)
         self.sessions = SessionStore(os.path.join(data_dir, "sessions.db"))
         self.responses = ResponseStore(os.path.join(data_dir, "responses.db"), config.response_retention)
+        self.key_usage = KeyUsage(os.path.join(data_dir, "usage.db"))
+        self.keys = KeyRing(config.keys)
+        self.engine.key_usage = self.key_usage
+        self.reload_lock = threading.Lock()
         self.rate_limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) \
             if config.rate_limit_rps > 0 else None
         self.auth_failures = RateLimiter(1 / 12.0, 5)     # per address: 5 wrong tokens, then one per 12 s
@@ -8679,6 +9070,8 @@ class App:
         handler = lambda signum, frame: self.request_shutdown(signal.Signals(signum).name)
         signal.signal(signal.SIGTERM, handler)   # before start(): a signal right after bind is graceful too
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+            target=self.reload_quietly, args=("SIGHUP",), name="reload", daemon=True).start())
         self.start()
         release_free_memory()
         while not self.stopping.wait(3600):
@@ -8714,6 +9107,7 @@ class App:
         self.engine.close()
         self.sessions.close()
         self.responses.close()
+        self.key_usage.close()
         self.stopped.set()
         log.info("stopped")
 
@@ -8726,19 +9120,34 @@ class App:
         self.agent.stop()
         self.sessions.close()
         self.responses.close()
+        self.key_usage.close()
         self.engine.close()
 
     # -- requests -----------------------------------------------------------
 
     def authorize(self, h):
-        token = self.config.token
-        if not token:
+        """The server's token, or a named client key (then its rate limit)."""
+        token, keys = self.config.token, self.keys
+        if not token and not keys.keys:
             return
         scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer":
             given = h.headers.get("x-api-key") or ""     # how Anthropic SDK clients send the token
-        if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
+        given = given.strip()
+        if token and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8")):
             return                  # the right token is never refused for others' failures
+        key = keys.find(given)
+        if key is not None:
+            h.client_key = key
+            if h.scope is not None:
+                h.scope.client_key = key        # /rpc authorizes inside its route, in the request's scope
+            limiter = keys.limiters.get(key.name)
+            ok, wait = limiter.take(key.name) if limiter else (True, 0)
+            if not ok:
+                self.metrics.rate_limited.inc(("key",))
+                raise rate_limited("key %s is over its rate limit of %g requests/s (burst %d)"
+                                   % (key.name, key.rate_limit_rps, key.rate_limit_burst), wait)
+            return
         address = h.address_string()
         blocked, wait = self.auth_failures.empty(address)
         if blocked:
@@ -8747,6 +9156,71 @@ class App:
         self.auth_failures.take(address)
         raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
                            headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
+
+    def key_request_done(self, key, status):
+        error = status >= 400
+        self.key_usage.add(key.name, requests=1, errors=int(error))
+        self.metrics.key_requests.inc((key.name,))
+        if error:
+            self.metrics.key_errors.inc((key.name,))
+
+    def usage_report(self):
+        """This month's use of every configured key (and of keys no longer configured)."""
+        rows = {row["key"]: row for row in self.key_usage.report()}
+        keys = []
+        for key in self.keys.keys:
+            row = rows.pop(key.name, None) or dict.fromkeys(KeyUsage.COLUMNS, 0)
+            keys.append(dict(row, key=key.name, monthly_token_budget=key.monthly_token_budget or None,
+                             rate_limit_rps=key.rate_limit_rps or None, models=list(key.models) or None))
+        keys += [dict(row, configured=False) for row in rows.values()]
+        return {"month": current_month(), "renews": next_month_start(), "keys": keys}
+
+    # -- reload ----------------------------------------------------------------
+
+    RESTART_SETTINGS = ("config", "host", "port", "tls_cert", "tls_key", "metrics_port", "socket", "max_connections",
+                        "max_open_connections", "data_dir", "response_retention", "workspace", "allow_write",
+                        "allow_commands", "tool_output_bytes", "agent_max_steps", "agent_queue", "agent_max_context",
+                        "agent_session", "watch_config", "watch_deployment", "watch_namespace", "watch_interval",
+                        "watch_window", "watch_max_log_lines", "watch_kubeconfig", "watch_context", "kubectl",
+                        "log_format", "probe_local")
+
+    def reload(self, why):
+        """Re-read the config file and keys file and apply them: providers,
+        aliases, fallbacks, tokens, keys, limits, timeouts.  Connections stay;
+        a request in flight finishes on what it started with.  A bad file
+        changes nothing (ConfigError).  Returns the settings that changed but
+        need a restart."""
+        with self.reload_lock:
+            old = self.config
+            try:
+                new = Config.from_sources(old.flags, old.env)
+                engine = Engine(new, self.metrics, pool=self.engine.pool)
+            except ConfigError as e:
+                log.error("%s: the config was not reloaded, the running one stays: %s", why, e.message)
+                raise
+            restart = [d for d in self.RESTART_SETTINGS if getattr(new, d) != getattr(old, d)]
+            for dest in self.RESTART_SETTINGS:
+                setattr(new, dest, getattr(old, dest))
+            engine.context_source, engine.key_usage = self.engine.context_source, self.key_usage
+            self.engine, self.config, self.keys = engine, new, KeyRing(new.keys)
+            if (new.rate_limit_rps, new.rate_limit_burst) != (old.rate_limit_rps, old.rate_limit_burst):
+                self.rate_limiter = RateLimiter(new.rate_limit_rps, new.rate_limit_burst) \
+                    if new.rate_limit_rps > 0 else None
+            log.setLevel(new.log_level.upper())
+            provider = engine.default_provider
+            self.metrics.info_labels = (__version__, provider.name if provider else "",
+                                        provider.model if provider else "")
+            if any(p.model_pending for p in engine.providers.values()):
+                threading.Thread(target=self._discover_models, name="model-discovery", daemon=True).start()
+            log.info("%s: config reloaded (%d provider(s), %d key(s))%s", why, len(engine.providers), len(new.keys),
+                     "; restart to apply: " + ", ".join("--" + d.replace("_", "-") for d in restart) if restart else "")
+            return ["--" + d.replace("_", "-") for d in restart]
+
+    def reload_quietly(self, why):
+        try:
+            self.reload(why)
+        except ConfigError:
+            pass            # logged
 
     def check_rate(self, h):
         """The per-client token bucket, on every route but the probes."""
@@ -8881,22 +9355,50 @@ def cmd_ctl(args):
             print("no running chatserve found at %s" % where, file=sys.stderr)
             return 1
         path = alive[0]
-    method, target = ("GET", "/status") if args.action == "status" else ("POST", "/shutdown")
+    method, target = CTL_ACTIONS[args.action]
     try:
         status, body = control_request(path, method, target, timeout=args.timeout)
     except (OSError, http.client.HTTPException) as e:
         print("no running chatserve found at %s (%s)" % (path, _os_reason(e)), file=sys.stderr)
         return 1
     if status != 200:
-        print("chatserve at %s answered %d: %s" % (path, status, json_dumps(body)), file=sys.stderr)
+        detail = body.get("error") if isinstance(body, dict) and body.get("error") else json_dumps(body)
+        print("chatserve at %s: %s failed: %s" % (path, args.action, detail), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
     elif args.action == "status":
         print(format_status(body))
+    elif args.action == "usage":
+        print(format_usage(body))
+    elif args.action == "reload":
+        needed = body.get("restart_needed") or []
+        print("reloaded" + ("; restart to apply: %s" % ", ".join(needed) if needed else ""))
     else:
         print("chatserve (pid %s) is shutting down" % body.get("pid", "?"))
     return 0
+
+
+CTL_ACTIONS = {"status": ("GET", "/status"), "shutdown": ("POST", "/shutdown"), "reload": ("POST", "/reload"),
+               "usage": ("GET", "/usage")}
+
+
+def format_usage(report):
+    """ctl usage: one line per key, this month."""
+    rows = [("key", "requests", "prompt", "completion", "errors", "budget", "left")]
+    for k in report.get("keys") or ():
+        budget = k.get("monthly_token_budget")
+        used = k["prompt_tokens"] + k["completion_tokens"]
+        rows.append((k["key"] + ("" if k.get("configured", True) else " (removed)"), k["requests"],
+                     k["prompt_tokens"], k["completion_tokens"], k["errors"], budget or "-",
+                     max(0, budget - used) if budget else "-"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["month %s (renews %s)" % (report.get("month"), report.get("renews"))]
+    lines += ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    if len(rows) == 1:
+        lines.append("no named keys are configured (a keys section in --config, or --keys-file)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -9394,14 +9896,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-def build_parser():
-    parser = ArgumentParser(prog="chatserve.py", description="One well-guarded door to the LLMs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    sub.required = True
-
-    serve = sub.add_parser("serve", help="run the server",
-                           description="Run the server. Every flag has an environment variable; "
-                                       "a flag wins over the environment, which wins over the default.")
+def add_serve_options(serve):
+    """Every serve setting as a flag (serve, config show/check)."""
     for flag, var, default, kind, help_text in SERVE_OPTIONS:
         shown = " (default %s)" % (default,)
         env = " [env %s]" % var if var else ""
@@ -9416,11 +9912,38 @@ def build_parser():
             continue
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
                            action="append" if kind in ("list", "aliases") else "store", help=help_text + shown + env)
+
+
+def build_parser():
+    parser = ArgumentParser(prog="chatserve.py", description="One well-guarded door to the LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the server",
+                           description="Run the server. Every flag has an environment variable; a flag wins over "
+                                       "the environment, which wins over the config file, then the default.")
+    add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="show the resolved configuration or check it",
+                            description="show: every setting, its value (secrets redacted) and where it came from. "
+                                        "check: exit 2 with file:line on the first problem. Takes every serve flag.")
+    config.add_argument("action", choices=("show", "check"))
+    config.add_argument("--json", dest="as_json", action="store_true", help="print JSON (show)")
+    add_serve_options(config)
+    config.set_defaults(func=cmd_config)
+
+    keys = sub.add_parser("keys", help="make a named client key",
+                          description="new NAME: a random key and the line its config entry needs (the key is "
+                                      "shown once, only its hash is stored). hash: the hash of a key read from stdin.")
+    keys.add_argument("action", choices=("new", "hash"))
+    keys.add_argument("name", nargs="?", default="", help="the key's name (new)")
+    keys.set_defaults(func=cmd_keys)
 
     ctl = sub.add_parser("ctl", help="talk to a running server over its control socket",
                          description="Query or stop a running chatserve through its Unix control socket.")
-    ctl.add_argument("action", choices=("status", "shutdown"), help="status or shutdown")
+    ctl.add_argument("action", choices=("status", "shutdown", "reload", "usage"),
+                     help="status, shutdown, reload (re-read the config file) or usage (named keys this month)")
     ctl.add_argument("--socket", help="control socket path (default: found from --port, or the only one running)")
     ctl.add_argument("--port", type=int, help="port of the server whose socket to use")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
@@ -9462,6 +9985,72 @@ def build_parser():
     version.set_defaults(func=lambda args: print("chatserve %s (Python %s)" % (
         __version__, ".".join(map(str, sys.version_info[:3])))) or 0)
     return parser
+
+
+def _config_flags(args):
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "action", "as_json")}
+
+
+def cmd_config(args):
+    """config show | check: the resolved configuration, or its problems (exit 2)."""
+    config = Config.from_sources(_config_flags(args))
+    Engine(config, Metrics(), pool=UpstreamPool()).close() if args.action == "check" else None
+    if args.action == "check":
+        for where in config.inline_secrets:
+            print("%s: warning: a secret is written in the file; use env:VAR or file:/path" % where,
+                  file=sys.stderr)
+        print("ok: %s (%d settings from the file, %d provider(s), %d alias(es), %d key(s))" % (
+            config.config or "no config file", sum(1 for s in config.sources.values() if s.startswith(
+                config.config + ":") or s == config.config) if config.config else 0,
+            len(config.endpoints), len(config.model_alias), len(config.keys)))
+        return 0
+    shown = config_report(config)
+    if args.as_json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    width = max(len(s["setting"]) for s in shown["settings"])
+    for s in shown["settings"]:
+        print("%-*s  %-28s  %s" % (width, s["setting"], s["value"], s["source"]))
+    for section in ("providers", "keys"):
+        for entry in shown[section]:
+            print("%s %s" % (section[:-1], "  ".join("%s=%s" % item for item in entry.items())))
+    return 0
+
+
+def config_report(config):
+    """Every setting with its value (secrets redacted) and source; the file's providers and keys."""
+    def shown(dest, value):
+        if dest in SECRET_SETTINGS:
+            return "(set)" if value else "(none)"
+        if isinstance(value, dict):
+            return ", ".join("%s=%s/%s" % (k, p, m) for k, (p, m) in value.items()) or "(none)"
+        if isinstance(value, (list, tuple)):
+            return ", ".join(map(str, value)) or "(none)"
+        return "(none)" if value in (None, "") else str(value)
+    settings = [{"setting": flag, "value": shown(_option_dest(flag), getattr(config, _option_dest(flag))),
+                 "source": config.sources.get(_option_dest(flag), "default")} for flag, *_rest in SERVE_OPTIONS]
+    providers = [{"name": e.name, "type": e.type, "base_url": e.base_url or "(default)",
+                  "api_key": "(set)" if e.api_key else "(none)", "model": e.model or "(default)", "source": e.where}
+                 for e in config.endpoints.values()]
+    keys = [{"name": k.name, "rate_limit_rps": k.rate_limit_rps or "-", "models": ",".join(k.models) or "*",
+             "monthly_token_budget": k.monthly_token_budget or "-"} for k in config.keys]
+    return {"settings": settings, "providers": providers, "keys": keys}
+
+
+def cmd_keys(args):
+    if args.action == "hash":
+        secret = sys.stdin.readline().strip()
+        if not secret:
+            raise ConfigError("keys hash: write the key on standard input")
+        print(key_digest(secret))
+        return 0
+    if not PROVIDER_NAME_RE.match(args.name or ""):
+        raise ConfigError("keys new NAME: a name of letters, digits, '_', '.', '-' (it shows in metrics)")
+    secret = "cs-" + base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")
+    print("key for %s (shown once; only its hash is kept):\n  %s\n" % (args.name, secret))
+    print("add to the keys section of your config file (or --keys-file):\nkeys:\n  %s:\n    hash: %s"
+          % (args.name, key_digest(secret)))
+    return 0
 
 
 def cmd_serve(args):

@@ -781,6 +781,99 @@ class ConfigTest(unittest.TestCase):
 # Metrics
 # ---------------------------------------------------------------------------
 
+ALICE_SECRET = "cs-alice-secret"
+BOB_SECRET = "cs-bob-secret"
+
+
+class ConfigFileTest(unittest.TestCase):
+    """--config: settings by flag name, providers, aliases, fallbacks, keys;
+    flags > environment > file > defaults; every problem names file:line."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def write(self, text, name="chatserve.yaml"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def load(self, text, flags=None, env=None, name="chatserve.yaml"):
+        return cs.Config.from_sources(dict(flags or {}, config=self.write(text, name)), env=env or {})
+
+    def test_precedence_and_sources(self):
+        key_file = self.write("llama-secret\n", "llama.key")
+        config = self.load("port: 50999\ntoken: env:T\nrate-limit-rps: 20\nrate_limit_burst: 7\n"
+                           "providers:\n  local:\n    type: openai\n    base-url: http://gpu1:8080/v1\n"
+                           "    api-key: file:%s\n    model: gemma\n"
+                           "aliases:\n  fast: local/gemma\nfallbacks: [ollama]\n" % key_file,
+                           flags={"rate_limit_rps": "5"}, env={"T": "s3", "CHATCLI_SERVER_PORT": "51000"})
+        path = config.config
+        self.assertEqual((config.port, config.sources["port"]), (51000, "env CHATCLI_SERVER_PORT"))
+        self.assertEqual((config.rate_limit_rps, config.sources["rate_limit_rps"]), (5.0, "flag --rate-limit-rps"))
+        self.assertEqual((config.token, config.sources["token"]), ("s3", path + ":2"))
+        self.assertEqual((config.rate_limit_burst, config.sources["rate_limit_burst"]), (7, path + ":4"))
+        self.assertEqual(config.sources["max_connections"], "default")
+        self.assertEqual(config.model_alias, {"fast": ("local", "gemma")})
+        self.assertEqual(config.fallback_providers, ("OLLAMA",))
+        self.assertEqual(config.endpoints["LOCAL"][1:5], ("OPENAI", "http://gpu1:8080/v1", "llama-secret", "gemma"))
+        engine = cs.Engine(config, cs.Metrics())
+        self.addCleanup(engine.close)
+        local = engine.providers["LOCAL"]
+        self.assertEqual((local.base_url, local.api_key, local.model), ("http://gpu1:8080/v1", "llama-secret", "gemma"))
+        self.assertEqual(engine.routed("fast"), ("LOCAL", "gemma"))
+        self.assertEqual(engine.routed("local/other"), ("LOCAL", "other"))
+
+    def test_a_builtin_provider_in_the_file_yields_to_its_environment(self):
+        config = self.load("providers:\n  ollama:\n    base-url: http://file:11434\n    model: qwen3\n"
+                           "  gemini:\n    api-key: g-file\n", env={"OLLAMA_BASE_URL": "http://env:11434"})
+        engine = cs.Engine(config, cs.Metrics())
+        self.addCleanup(engine.close)
+        self.assertEqual(sorted(engine.providers), ["GOOGLEAI", "OLLAMA"])
+        self.assertEqual((engine.providers["OLLAMA"].base_url, engine.providers["OLLAMA"].model),
+                         ("http://env:11434", "qwen3"))
+        self.assertEqual(engine.providers["GOOGLEAI"].api_key, "g-file")
+
+    def test_another_endpoint_reads_none_of_the_builtins_variables(self):
+        config = self.load("providers:\n  vllm:\n    type: openai\n    base-url: http://vllm:8000/v1\n",
+                           env={"OPENAI_API_KEY": "sk-openai", "OPENAI_MODEL": "gpt-x"})
+        engine = cs.Engine(config, cs.Metrics())
+        self.addCleanup(engine.close)
+        vllm = engine.providers["VLLM"]
+        self.assertEqual((vllm.api_key, vllm.model_pending), ("", True))     # asks vLLM for its model
+        self.assertEqual(engine.providers["OPENAI"].api_key, "sk-openai")
+
+    def test_problems_name_the_file_and_line(self):
+        cases = [
+            ("port: 1\nprot: 2\n", ":2: unknown setting 'prot' (did you mean 'port'?)"),
+            ("port: 99999\n", ":1: 99999 is not a port number"),
+            ("token: env:NOPE\n", ":1: env:NOPE: the variable is not set"),
+            ("token: file:/nonexistent/x\n", ":1: file:/nonexistent/x: cannot read"),
+            ("providers:\n  x:\n    type: telepathy\n", ":3: provider x: type 'telepathy'"),
+            ("providers:\n  x:\n    type: openai\n    base-url: ftp://x\n", ":4: provider x: base-url"),
+            ("providers:\n  x:\n    modle: m\n", ":3: provider x: unknown field 'modle'"),
+            ("keys:\n  alice:\n    hash: abc\n", ":2: key alice: hash: sha256:"),
+            ("fallbacks: [nobody]\n", ":1: unknown provider 'NOBODY'"),
+            ("aliases:\n  fast: nowhere\n", ":1: 'fast=nowhere' is not NAME=provider/model"),
+            ("port: 1\n\tx: 2\n", ":2: tabs are not allowed"),
+        ]
+        for text, expected in cases:
+            with self.assertRaises(cs.ConfigError, msg=text) as ctx:
+                self.load(text)
+            self.assertIn(expected, ctx.exception.message, text)
+            self.assertIn(os.path.join(self.tmp, "chatserve.yaml"), ctx.exception.message)
+
+    def test_json_and_a_keys_file(self):
+        keys = self.write("keys:\n  alice:\n    hash: %s\n    models: [fast, 'ollama/*']\n"
+                          "    monthly-token-budget: 100\n" % cs.key_digest(ALICE_SECRET), "keys.yaml")
+        config = self.load('{"port": 50111, "keys-file": "%s"}' % keys, name="chatserve.json")
+        self.assertEqual(config.port, 50111)
+        [alice] = config.keys
+        self.assertEqual((alice.name, alice.models, alice.monthly_token_budget), ("alice", ("fast", "ollama/*"), 100))
+        self.assertNotIn(ALICE_SECRET, repr(config.keys))          # only the hash is kept
+
+
 class MetricsTest(unittest.TestCase):
     def test_text_format_counters_histograms_and_escaping(self):
         c = cs.Counter("x_total", "Things.", ("a",))
@@ -2606,6 +2699,58 @@ def ws_json(sock):
     return json.loads(payload) if opcode == cs.WS_TEXT else (opcode, payload)
 
 
+class ClientKeysTest(ServerTestCase):
+    """Named client keys: each its own rate limit, allowed models and monthly
+    budget; usage per key in SQLite and metrics, names only."""
+
+    def keys(self):
+        return [cs.checked_client_key("alice", {"hash": cs.key_digest(ALICE_SECRET), "models": ["up-model", "fast"],
+                                                "monthly_token_budget": 20}, "test"),
+                cs.checked_client_key("bob", {"hash": cs.key_digest(BOB_SECRET), "rate_limit_rps": 0.01,
+                                              "rate_limit_burst": 1}, "test")]
+
+    def chat_as(self, secret, model="up-model"):
+        return self.request("POST", "/v1/chat/completions", self.chat(model),
+                            {"Authorization": "Bearer " + secret})
+
+    def test_limits_models_budget_and_usage(self):
+        app = self.start(token="admin", keys=self.keys(), model_alias={"fast": ("openai", "up-model")})
+        self.assertEqual(self.chat_as(ALICE_SECRET)[0], 200)
+        self.assertEqual(self.chat_as(ALICE_SECRET, "fast")[0], 200)            # 24 tokens now, over 20
+        status, resp, body = self.chat_as(ALICE_SECRET)
+        self.assert_openai_error(status, body, 429, ["alice has used 24 of its 20 tokens this month", "renews on"])
+        self.assertEqual((body["error"]["code"], resp.getheader("x-should-retry")), ("budget_exceeded", "false"))
+        status, _, body = self.chat_as(ALICE_SECRET, "openai/other")
+        self.assert_openai_error(status, body, 403, ["key alice may not use model openai/other"])
+        self.assertEqual(self.chat_as(BOB_SECRET)[0], 200)
+        status, _, body = self.chat_as(BOB_SECRET)
+        self.assert_openai_error(status, body, 429, ["key bob is over its rate limit"])
+        self.assertEqual(self.chat_as("cs-nobody")[0], 401)
+        self.assertEqual(self.chat_as("admin")[0], 200)                         # the token has no key limits
+        report = {k["key"]: k for k in app.usage_report()["keys"]}
+        self.assertEqual({f: report["alice"][f] for f in ("requests", "prompt_tokens", "completion_tokens", "errors")},
+                         {"requests": 4, "prompt_tokens": 14, "completion_tokens": 10, "errors": 2})
+        self.assertEqual((report["bob"]["requests"], report["bob"]["errors"]), (2, 1))
+        metrics = app.metrics.render()
+        self.assertIn('chatserve_key_tokens_total{key="alice",type="prompt"} 14', metrics)
+        self.assertIn('chatserve_key_requests_total{key="bob"} 2', metrics)
+        self.assertNotIn("secret", metrics)
+        app.stop()
+        usage = cs.KeyUsage(os.path.join(self.tmp, "data", "usage.db"))     # what the file kept
+        self.addCleanup(usage.close)
+        self.assertEqual(usage.tokens("alice"), 24)
+
+    def test_keys_alone_require_a_key_and_every_surface_counts(self):
+        app = self.start(keys=self.keys())
+        self.assertEqual(self.request("GET", "/v1/models")[0], 401)
+        status, _, body = rpc(self, "SendPrompt", {"prompt": "hi"}, headers={"Authorization": "Bearer " + ALICE_SECRET})
+        self.assertNotIn("error", body)
+        status, _, body = self.request("POST", "/v1/embeddings", {"model": "emb", "input": "abcdefgh"},
+                                       {"Authorization": "Bearer " + ALICE_SECRET})
+        self.assert_openai_error(status, body, 403, ["may not use model emb"])
+        self.assertEqual(app.key_usage.tokens("alice"), 12)
+
+
 class WebSocketSessionTest(ServerTestCase):
     def setUp(self):
         super().setUp()
@@ -2928,12 +3073,12 @@ class YamlReaderTest(unittest.TestCase):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp, True)
         defaults = cs.WatchSettings([])
-        cases = [("interval: 30s\ntargets:\n  - deployment: a\n    namspace: x\n", "line 4", "unknown key 'namspace'"),
-                 ("interval: soon\ntargets:\n  - deployment: a\n", "line 1", "not a duration"),
-                 ("targets: []\n", "line 1", "at least one"), ("targets:\n  - namespace: x\n", "targets[0]", "deployment is required"),
-                 ("targets:\n  - deployment: a\n    kind: Pod\n", "line 3", "kind 'Pod'"),
-                 ("colour: red\ntargets:\n  - deployment: a\n", "line 1", "unknown key 'colour'"),
-                 ("targets:\n  - deployment: a\n   bad: indent\n", "line 3", "")]     # PyYAML, when present, words it its way
+        cases = [("interval: 30s\ntargets:\n  - deployment: a\n    namspace: x\n", ":4:", "unknown key 'namspace'"),
+                 ("interval: soon\ntargets:\n  - deployment: a\n", ":1:", "not a duration"),
+                 ("targets: []\n", ":1:", "at least one"), ("targets:\n  - namespace: x\n", "targets[0]", "deployment is required"),
+                 ("targets:\n  - deployment: a\n    kind: Pod\n", ":3:", "kind 'Pod'"),
+                 ("colour: red\ntargets:\n  - deployment: a\n", ":1:", "unknown key 'colour'"),
+                 ("targets:\n  - deployment: a\n   bad: indent\n", ":3:", "")]     # PyYAML, when present, words it its way
         for i, (text, where, words) in enumerate(cases):
             path = os.path.join(tmp, "t%d.yaml" % i)
             with open(path, "w") as f:
@@ -2958,7 +3103,7 @@ class YamlReaderTest(unittest.TestCase):
         out = run_cli("serve", "--watch-config", path, "--metrics-port", "0", "--port", str(free_port()),
                       env={"CHATSERVE_DATA_DIR": tmp})
         self.assertEqual(out.returncode, 2)
-        self.assertIn("line 3: metricsPort 'many' is not a port", out.stderr)
+        self.assertIn(":3: metricsPort 'many' is not a port", out.stderr)
 
 
 class WatcherCollectionTest(KubectlCase):
@@ -5264,8 +5409,10 @@ class CommandLineTest(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             s.listen(1)
+            data = tempfile.mkdtemp(prefix="chatserve-test-")
+            self.addCleanup(shutil.rmtree, data, True)
             out = run_cli("serve", "--port", str(s.getsockname()[1]), "--metrics-port", "0",
-                          env={"CHATSERVE_DATA_DIR": tempfile.gettempdir()})
+                          env={"CHATSERVE_DATA_DIR": data})
         self.assertEqual(out.returncode, 2)
         self.assertIn("cannot listen on 127.0.0.1:", out.stderr)
 
