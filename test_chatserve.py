@@ -2751,6 +2751,58 @@ class ClientKeysTest(ServerTestCase):
         self.assertEqual(app.key_usage.tokens("alice"), 12)
 
 
+class ReloadTest(ServerTestCase):
+    """SIGHUP / ctl reload re-read the config file: new providers, aliases and
+    keys apply at once, connections stay, a bad file changes nothing."""
+
+    def start_with_file(self, text):
+        self.path = os.path.join(self.tmp, "chatserve.yaml")
+        self.rewrite(text)
+        config = cs.Config.from_sources({"config": self.path}, env={"OPENAI_BASE_URL": self.upstream.url})
+        for name, value in dict(port=0, metrics_port=0, socket=os.path.join(self.tmp, "ctl.sock"), drain_timeout=2.0,
+                                probe_local=False, data_dir=os.path.join(self.tmp, "data")).items():
+            setattr(config, name, value)
+        app = cs.App(config).start()
+        self.addCleanup(app.stop)
+        self.app = app
+        return app
+
+    def rewrite(self, text):
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def test_reload_applies_live_and_keeps_connections(self):
+        app = self.start_with_file("rate-limit-rps: 0\naliases:\n  fast: openai/up-model\n")
+        conn = self.conn()
+        conn.request("POST", "/v1/chat/completions", json.dumps(self.chat("fast")), {"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().read() and self.upstream.requests[-1]["body"]["model"], "up-model")
+        self.rewrite("rate-limit-rps: 0\nmax-connections: 7\naliases:\n  quick: openai/other-model\n"
+                     "keys:\n  alice:\n    hash: %s\n" % cs.key_digest(ALICE_SECRET))
+        restart = app.reload("test")
+        self.assertIn("--max-connections", restart)                             # said, not applied
+        self.assertNotIn("--rate-limit-rps", restart)
+        self.assertEqual(app.config.max_connections, 1024)
+        conn.request("POST", "/v1/chat/completions", json.dumps(self.chat("quick")),
+                     {"Content-Type": "application/json", "Authorization": "Bearer " + ALICE_SECRET})
+        resp = conn.getresponse()                                               # the same connection
+        self.assertEqual((resp.status, resp.read() and self.upstream.requests[-1]["body"]["model"]),
+                         (200, "other-model"))
+        conn.close()
+        self.assertEqual(self.request("GET", "/v1/models")[0], 401)            # keys now: a key is needed
+
+    def test_a_bad_file_keeps_the_running_config(self):
+        app = self.start_with_file("aliases:\n  fast: openai/up-model\n")
+        self.rewrite("aliases:\n  fast: openai/up-model\nprot: 1\n")
+        with self.assertRaises(cs.ConfigError) as ctx:
+            app.reload("test")
+        self.assertIn("chatserve.yaml:3: unknown setting 'prot'", ctx.exception.message)
+        status, body = cs.control_request(app.config.socket_path, "POST", "/reload")
+        self.assertEqual((status, body["status"]), (400, "not_reloaded"))
+        self.assertIn(":3: unknown setting", body["error"])
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat("fast"))[0], 200)
+        self.assertEqual(self.upstream.requests[-1]["body"]["model"], "up-model")
+
+
 class WebSocketSessionTest(ServerTestCase):
     def setUp(self):
         super().setUp()
@@ -5335,6 +5387,84 @@ def serve_process(test, *args, env=None, default_socket=False):
 def run_cli(*args, env=None, timeout=WAIT):
     return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
+
+
+class ConfigCommandsTest(ServerTestCase):
+    """config show/check, keys new/hash, ctl reload/usage and SIGHUP, from the command line."""
+
+    def write(self, text, name="chatserve.yaml"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_config_show_and_check(self):
+        path = self.write("port: 50999\ntoken: env:SERVE_TOKEN\nproviders:\n  local:\n    type: openai\n"
+                          "    base-url: http://gpu:8080/v1\n    api-key: inline-key-123\n")
+        env = {"SERVE_TOKEN": "tok-secret-456"}
+        out = run_cli("config", "show", "--config", path, "--rate-limit-rps", "3", "--json", env=env)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        shown = json.loads(out.stdout)
+        settings = {s["setting"]: s for s in shown["settings"]}
+        self.assertEqual((settings["--port"]["value"], settings["--port"]["source"]), ("50999", path + ":1"))
+        self.assertEqual(settings["--rate-limit-rps"]["source"], "flag --rate-limit-rps")
+        self.assertEqual(settings["--token"]["value"], "(set)")
+        self.assertEqual(shown["providers"][0]["api_key"], "(set)")
+        self.assertNotIn("tok-secret-456", out.stdout)
+        self.assertNotIn("inline-key-123", out.stdout)
+        out = run_cli("config", "check", "--config", path, env=env)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("ok: %s" % path, out.stdout)
+        self.assertIn("%s:7: warning: a secret is written in the file" % path, out.stderr)
+        out = run_cli("config", "check", "--config", path)                    # SERVE_TOKEN unset
+        self.assertEqual((out.returncode, out.stderr.strip()),
+                         (2, "chatserve: %s:2: env:SERVE_TOKEN: the variable is not set" % path))
+        out = run_cli("config", "check", "--config", self.write("aliases:\n  fast: nobody/m\n", "bad.yaml"))
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("unknown provider 'nobody'", out.stderr)
+
+    def test_keys_new_and_hash(self):
+        out = run_cli("keys", "new", "alice")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        secret = re.search(r"(?m)^  (cs-\S+)$", out.stdout).group(1)
+        self.assertIn("hash: " + cs.key_digest(secret), out.stdout)
+        out = subprocess.run([sys.executable, SCRIPT, "keys", "hash"], input=secret + "\n", capture_output=True,
+                             text=True, timeout=WAIT)
+        self.assertEqual(out.stdout.strip(), cs.key_digest(secret))
+        self.assertEqual(run_cli("keys", "new", "bad name").returncode, 2)
+
+    def test_ctl_usage_reload_and_sighup(self):
+        path = self.write("keys:\n  alice:\n    hash: %s\n    monthly-token-budget: 1000\n" % cs.key_digest(ALICE_SECRET))
+        proc, port, sock = serve_process(self, "--config", path, "--rate-limit-rps", "0")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        conn.request("POST", "/v1/chat/completions", json.dumps(self.chat()),
+                     {"Authorization": "Bearer " + ALICE_SECRET, "Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        out = run_cli("ctl", "usage", "--socket", sock)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertRegex(out.stdout, r"(?m)^alice\s+1\s+7\s+5\s+0\s+1000\s+988$")
+        self.write("aliases:\n  fast: openai/up-model\n")                   # no keys any more
+        out = run_cli("ctl", "reload", "--socket", sock)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "reloaded"), out.stderr)
+        self.assertIn("alice (removed)", run_cli("ctl", "usage", "--socket", sock).stdout)
+        self.write("aliases:\n  fast: openai/up-model\n  quick: openai/q-model\n")
+        proc.send_signal(signal.SIGHUP)
+
+        def quick_routes():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+            c.request("POST", "/v1/chat/completions", json.dumps(self.chat("quick")), {"Content-Type": "application/json"})
+            ok = c.getresponse().status == 200 and self.upstream.requests[-1]["body"]["model"] == "q-model"
+            c.close()
+            return ok
+        if not wait_until(quick_routes):
+            proc.terminate()
+            self.fail(proc.stderr.read().decode()[-3000:])
+        self.write("prot: 1\n")
+        out = run_cli("ctl", "reload", "--socket", sock)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("unknown setting 'prot'", out.stderr)
+        self.assertTrue(quick_routes())                                         # the running config stayed
 
 
 class CtlTest(ServerTestCase):
