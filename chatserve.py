@@ -2885,6 +2885,8 @@ class OpenAIProvider(Provider):
     def send(self, req, model):
         body = dict(req.params)
         body.update(model=model, messages=req.messages, stream=bool(req.stream))
+        if not self.aggregates and "max_tokens" in body and "max_completion_tokens" not in body:
+            body["max_completion_tokens"] = body.pop("max_tokens")     # api.openai.com: reasoning models refuse max_tokens
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         headers = self.headers()
@@ -2940,14 +2942,34 @@ def openai_message_events(message, finish_reason, usage):
     """Events for one whole OpenAI assistant message."""
     events = []
     if message.get("content"):
-        events.append(TextDelta(message["content"]))
+        events.append(TextDelta(_upstream_str(message["content"], "content")))
     for i, call in enumerate(message.get("tool_calls") or []):
-        fn = call.get("function") or {}
-        events.append(ToolCallDelta(i, call.get("id"), fn.get("name"), fn.get("arguments") or ""))
+        events.append(openai_call_delta(call, i))
     if usage:
         events.append(Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
     events.append(Finish(finish_reason or "stop"))
     return events
+
+
+def _upstream_str(value, what):
+    if not isinstance(value, str):
+        raise UpstreamError("the upstream sent a %s that is not a string" % what)
+    return value
+
+
+def openai_call_delta(call, index=None):
+    """A tool call (whole or a stream delta) as a ToolCallDelta, its fields checked."""
+    if not isinstance(call, dict):
+        raise UpstreamError("the upstream sent a tool call that is not an object")
+    fn = call.get("function") or {}
+    index = call.get("index", 0) if index is None else index
+    if not isinstance(fn, dict) or not isinstance(index, int) or isinstance(index, bool):
+        raise UpstreamError("the upstream sent a tool call this server cannot read")
+    ident, name, arguments = call.get("id"), fn.get("name"), fn.get("arguments")
+    for value, what in ((ident, "tool call id"), (name, "function name"), (arguments, "function arguments")):
+        if value is not None:
+            _upstream_str(value, what)
+    return ToolCallDelta(index, ident, name, arguments)
 
 
 def openai_chunk_events(chunk):
@@ -2958,10 +2980,9 @@ def openai_chunk_events(chunk):
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         if delta.get("content"):
-            events.append(TextDelta(delta["content"]))
+            events.append(TextDelta(_upstream_str(delta["content"], "content")))
         for call in delta.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            events.append(ToolCallDelta(call.get("index", 0), call.get("id"), fn.get("name"), fn.get("arguments")))
+            events.append(openai_call_delta(call))
         if choice.get("finish_reason"):
             events.append(Finish(choice["finish_reason"]))
     usage = chunk.get("usage")
@@ -4240,68 +4261,100 @@ class SessionStore:
 MAX_RESPONSE_CHAIN = 1000         # turns a previous_response_id conversation may have
 
 
+def store_failure(what, error):
+    """A storage error as the client sees it: busy (503, retry) or a failure a retry cannot fix."""
+    log.error("%s failed: %s", what, error)
+    if "locked" in str(error) or "busy" in str(error):
+        return Unavailable("the response store is busy (%s); retry shortly" % what, headers={"Retry-After": "1"})
+    return ChatServeError("the response store failed (%s); see the server log" % what,
+                          headers={"x-should-retry": "false"})
+
+
 class ResponseStore:
     """Responses of POST /v1/responses stored with `store: true`: the public
-    object, and the items the turn was given.  A conversation is rebuilt by
-    following `previous` links (one recursive query): every turn's input
-    items, then its output.  Rows older than the retention are pruned."""
+    object, and the items the turn was given, each row with its owner (the
+    named client key, "" for the server's token) and size.  A conversation is
+    rebuilt by following `previous` links in one recursive query, refused
+    before anything is read when it is over `max_bytes`.  Rows past the
+    retention are neither served nor kept."""
 
-    prune_every = 3600.0
-
-    def __init__(self, path, retention):
+    def __init__(self, path, retention, max_bytes):
         self.lock = threading.Lock()
-        self.retention, self.pruned = retention, 0.0
+        self.retention, self.max_bytes, self.pruned = retention, max_bytes, 0.0
+        self.prune_every = min(3600.0, retention / 10.0) if retention else 3600.0
         self.db = open_database(path, "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, previous TEXT, "
-                                      "created REAL NOT NULL, input TEXT NOT NULL, body TEXT NOT NULL)")
+                                      "created REAL NOT NULL, input TEXT NOT NULL, body TEXT NOT NULL, "
+                                      "owner TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL DEFAULT 0)")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(responses)")}
+        for column in ("owner TEXT NOT NULL DEFAULT ''", "size INTEGER NOT NULL DEFAULT 0"):
+            if column.split()[0] not in columns:        # a file from before owners and sizes
+                self.db.execute("ALTER TABLE responses ADD COLUMN " + column)
 
-    def save(self, response, items):
-        now = time.time()
-        row = (response["id"], response.get("previous_response_id"), now, json_dumps(items), json_dumps(response))
+    def _query(self, what, sql, args, many=True):
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO responses (id, previous, created, input, body) "
-                            "VALUES (?, ?, ?, ?, ?)", row)
-            if self.retention and now - self.pruned > self.prune_every:
-                self.pruned = now
-                self.db.execute("DELETE FROM responses WHERE created < ?", (now - self.retention,))
+            try:
+                cursor = self.db.execute(sql, args)
+                return cursor.fetchall() if many else cursor.rowcount
+            except sqlite3.Error as e:
+                raise store_failure(what, e)
 
-    def _row(self, response_id, columns):
-        with self.lock:
-            row = self.db.execute("SELECT %s FROM responses WHERE id = ?" % columns, (response_id,)).fetchone()
-        if row is None:
-            raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
-        return [json.loads(value) for value in row]
+    def _oldest(self):
+        return time.time() - self.retention if self.retention else 0.0
 
-    def load(self, response_id):
-        return self._row(response_id, "body")[0]
+    def save(self, response, items, owner):
+        now, given, body = time.time(), json_dumps(items), json_dumps(response)
+        self._query("storing a response", "INSERT OR REPLACE INTO responses (id, previous, created, input, body, "
+                    "owner, size) VALUES (?, ?, ?, ?, ?, ?, ?)", (response["id"], response.get("previous_response_id"),
+                                                                  now, given, body, owner, len(given) + len(body)))
+        if self.retention and now - self.pruned > self.prune_every:
+            self.pruned = now
+            self._query("pruning responses", "DELETE FROM responses WHERE created < ?", (self._oldest(),), many=False)
 
-    def input_items(self, response_id):
-        return self._row(response_id, "input")[0]
-
-    def delete(self, response_id):
-        with self.lock:
-            if self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
-                raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
-
-    def conversation(self, response_id):
-        """The items of every turn up to and including `response_id`, oldest first."""
-        with self.lock:
-            rows = self.db.execute(
-                "WITH RECURSIVE chain(id, previous, input, body, depth) AS ("
-                " SELECT id, previous, input, body, 0 FROM responses WHERE id = ?"
-                " UNION ALL SELECT r.id, r.previous, r.input, r.body, chain.depth + 1"
-                " FROM responses r JOIN chain ON r.id = chain.previous WHERE chain.depth < ?)"
-                " SELECT id, previous, input, body FROM chain ORDER BY depth DESC",
-                (response_id, MAX_RESPONSE_CHAIN)).fetchall()
+    def _column(self, response_id, column, owner):
+        rows = self._query("reading a response", "SELECT %s FROM responses WHERE id = ? AND owner = ? AND created >= ?"
+                           % column, (response_id, owner, self._oldest()))
         if not rows:
+            raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
+        return json.loads(rows[0][0])
+
+    def load(self, response_id, owner):
+        return self._column(response_id, "body", owner)
+
+    def input_items(self, response_id, owner):
+        return self._column(response_id, "input", owner)
+
+    def delete(self, response_id, owner):
+        if not self._query("deleting a response", "DELETE FROM responses WHERE id = ? AND owner = ? AND created >= ?",
+                           (response_id, owner, self._oldest()), many=False):
+            raise NotFound("Response with id %r not found." % response_id, code="response_not_found")
+
+    _CHAIN = ("WITH RECURSIVE chain(id, previous, size, depth) AS ("
+              " SELECT id, previous, size, 0 FROM responses WHERE id = ? AND owner = ? AND created >= ?"
+              " UNION ALL SELECT r.id, r.previous, r.size, chain.depth + 1 FROM responses r JOIN chain"
+              " ON r.id = chain.previous WHERE r.owner = ? AND r.created >= ? AND chain.depth < ?) ")
+
+    def conversation(self, response_id, owner):
+        """The items of every turn up to and including `response_id`, oldest first."""
+        args = (response_id, owner, self._oldest(), owner, self._oldest(), MAX_RESPONSE_CHAIN)
+        links = self._query("reading a conversation", self._CHAIN + "SELECT id, previous, size FROM chain "
+                            "ORDER BY depth DESC", args)
+        if not links:
             raise NotFound("Previous response with id %r not found." % response_id, param="previous_response_id",
                            code="previous_response_not_found")
-        if rows[0][1] is not None:
+        if links[0][1] is not None:
             raise BadRequest("the conversation of %r is longer than %d turns or an earlier response of it (%r) was "
                              "deleted or expired; start a new conversation" % (response_id, MAX_RESPONSE_CHAIN,
-                                                                                rows[0][1]),
+                                                                                links[0][1]),
                              param="previous_response_id")
+        size = sum(link[2] for link in links)
+        if size > self.max_bytes:
+            raise BadRequest("the conversation of %r holds %d bytes, over the %d this server rebuilds (twice "
+                             "--max-body-bytes); start a new conversation" % (response_id, size, self.max_bytes),
+                             param="previous_response_id")
+        rows = self._query("reading a conversation", self._CHAIN + "SELECT r.input, r.body FROM chain JOIN responses r "
+                           "ON r.id = chain.id ORDER BY chain.depth DESC", args)
         items = []
-        for _id, _previous, given, body in rows:
+        for given, body in rows:
             items.extend(json.loads(given))
             items.extend(json.loads(body).get("output") or [])
         return items
@@ -6381,9 +6434,15 @@ def response_input_item(item, where):
         return {"id": item_id or new_id("msg_"), "type": "message", "role": role, "content": parts,
                 "status": "completed"}
     if kind == "function_call":
+        arguments = _item_string(item, "arguments", where, empty=True)
+        try:
+            json_loads_strict(arguments or "{}")
+        except ValueError:
+            raise BadRequest("%s.arguments: must be JSON text (the model's arguments as it sent them)" % where,
+                             param=where + ".arguments")
         return {"id": item_id or new_id("fc_"), "type": "function_call", "status": "completed",
                 "call_id": _item_string(item, "call_id", where), "name": _item_string(item, "name", where),
-                "arguments": _item_string(item, "arguments", where, empty=True)}
+                "arguments": arguments}
     if kind == "function_call_output":
         output = item.get("output")
         if isinstance(output, list):
@@ -6415,6 +6474,19 @@ def response_input_items(value):
     return [item for item in items if item is not None]
 
 
+def check_unique_items(items):
+    """OpenAI's refusal of an item id, or a function call's call_id, given twice."""
+    seen = set()
+    for item in items:
+        for ident in (item["id"], "call:" + item["call_id"] if item["type"] == "function_call" else None):
+            if ident is None:
+                continue
+            if ident in seen:
+                raise BadRequest("Duplicate item found with id %s. Remove duplicate items from your input and try "
+                                 "again." % ident.replace("call:", "", 1), param="input")
+            seen.add(ident)
+
+
 def _chat_content(item):
     """A message item's parts as chat content: a string unless it has images."""
     parts = item["content"]
@@ -6438,12 +6510,21 @@ def response_messages(items):
     out, pending = [], {}          # call_id -> the call, until its output comes
     for item in items:
         kind = item["type"]
-        if kind == "message":
+        calling = bool(out) and out[-1]["role"] == "assistant" and bool(out[-1].get("tool_calls"))
+        if kind == "message" and item["role"] == "assistant" and calling and isinstance(out[-1]["content"], (str, type(None))):
+            out[-1]["content"] = (out[-1]["content"] or "") + message_text(_chat_content(item))     # text after a call
+        elif kind == "message":
             _check_answered(pending)
             out.append({"role": item["role"], "content": _chat_content(item)})
         elif kind == "function_call":
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if pending and not calling:
+                raise BadRequest("input: function call %s comes after outputs while %s still wait for theirs; send "
+                                 "every output of a turn before its next function call"
+                                 % (item["call_id"], ", ".join(sorted(pending))), param="input")
+            arguments = item["arguments"]
+            if item.get("status") == "incomplete":
+                arguments = arguments if _is_json_text(arguments) else "{}"     # cut off mid-call (stored)
+            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": arguments}}
             pending[item["call_id"]] = call
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
@@ -6457,6 +6538,14 @@ def response_messages(items):
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
     _check_answered(pending)
     return out
+
+
+def _is_json_text(text):
+    try:
+        json_loads_strict(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _check_answered(pending):
@@ -6563,11 +6652,13 @@ class ResponsesCall:
         self.model = body.get("model") or None
         self.stream, self.store = bool(body.get("stream")), body.get("store") is not False
         self.instructions, self.previous = body.get("instructions"), body.get("previous_response_id")
+        tools = response_tools(body.get("tools"))
         params = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
-                  "top_p": body.get("top_p"), "tools": response_tools(body.get("tools")),
-                  "tool_choice": response_tool_choice(body.get("tool_choice")),
-                  "parallel_tool_calls": body.get("parallel_tool_calls"), "user": body.get("user"),
+                  "top_p": body.get("top_p"), "tools": tools, "user": body.get("user"),
                   "response_format": response_format(body.get("text"))}
+        choice = response_tool_choice(body.get("tool_choice"))
+        if tools:       # chat refuses both without tools
+            params.update(tool_choice=choice, parallel_tool_calls=body.get("parallel_tool_calls"))
         effort = (body.get("reasoning") or {}).get("effort")
         if isinstance(effort, str) and effort:
             params["reasoning_effort"] = effort
@@ -6582,6 +6673,7 @@ class ResponsesCall:
 
     def chat_request(self, prior, request_id):
         """The ChatRequest for this turn after the stored conversation `prior`."""
+        check_unique_items(prior + self.items)
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         messages += response_messages(prior + self.items)
         return ChatRequest(messages, model=self.model, stream=self.stream, params=self.params,
@@ -6607,6 +6699,7 @@ class ResponseEncoder:
     def __init__(self, head):
         self.head, self.seq = head, 0
         self.output, self.calls = [], {}        # items by output_index; ToolCallDelta.index -> (index, item, args)
+        self.call_ids = set()
         self.message = self.message_index = None
         self.parts = []
         self.usage = self.reason = self.error = self.final = None
@@ -6671,8 +6764,10 @@ class ResponseEncoder:
         if entry is None:
             if self.message is not None:
                 yield from self.close_message("completed")
+            call_id = ev.id if ev.id and ev.id not in self.call_ids else new_call_id()     # unique in a response
+            self.call_ids.add(call_id)
             item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
-                    "call_id": ev.id or new_call_id(), "name": ev.name or "", "arguments": ""}
+                    "call_id": call_id, "name": ev.name or "", "arguments": ""}
             entry = self.calls[ev.index] = (len(self.output), item, [])
             self.output.append(item)
             yield self.event("response.output_item.added", output_index=entry[0], item=dict(item))
@@ -6709,24 +6804,30 @@ class ResponseEncoder:
         yield self.event("response.failed", response=self.final)
 
 
+def response_owner(h):
+    """Whose stored responses a request sees: its named key's, else the server token's ("")."""
+    return h.client_key.name if h.client_key is not None else ""
+
+
 def store_response(h, call, response):
     """Keep a finished response (store: true) before the client can see it
     end, so a follow-up naming it finds it.  False when the store failed."""
     if not call.store:
         return True
     try:
-        h.app.responses.save(response, call.items)
+        h.app.responses.save(response, call.items, response_owner(h))
         return True
-    except (sqlite3.Error, OSError) as e:
-        log.error("storing response %s failed: %s (request %s)", response["id"], e, h.request_id)
-        return False
+    except ChatServeError:
+        return False            # logged
 
 
 def route_responses(h):
     call = ResponsesCall(h.read_json())
-    prior = h.app.responses.conversation(call.previous) if call.previous else []
+    prior = h.app.responses.conversation(call.previous, response_owner(h)) if call.previous else []
     answer = open_answer(h, call.chat_request(prior, h.request_id))
-    head = {"id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": answer.model}
+    # the id is what a stored conversation is found by: unguessable (not `random`)
+    head = {"id": "resp_" + os.urandom(12).hex(), "object": "response", "created_at": int(time.time()),
+            "model": answer.model}
     head.update(call.echo)
     encoder = ResponseEncoder(head)
     if not call.stream:
@@ -6739,7 +6840,7 @@ def route_responses(h):
             raise encoder.error
         if not store_response(h, call, encoder.final):
             raise ChatServeError("the response could not be stored (see the server log); send store: false "
-                                 "to get answers without storing them")
+                                 "to get answers without storing them", headers={"x-should-retry": "false"})
         h.send_json(200, encoder.final)
         return
     with h.open_sse() as sse:
@@ -6763,10 +6864,14 @@ def stored_response_id(h):
 
 def route_response_get(h):
     response_id, rest = stored_response_id(h)
+    query = urllib.parse.parse_qs(h.path.partition("?")[2])
     if rest == "":
-        h.send_json(200, h.app.responses.load(response_id))
+        if (query.get("stream") or ["false"])[-1].lower() not in ("false", "0"):
+            raise BadRequest("stream: replaying a stored response as events is not supported here; GET it without "
+                             "stream", param="stream")
+        h.send_json(200, h.app.responses.load(response_id, response_owner(h)))
     elif rest == "input_items":
-        h.send_json(200, input_items_page(h.app.responses.input_items(response_id), h.path.partition("?")[2]))
+        h.send_json(200, input_items_page(h.app.responses.input_items(response_id, response_owner(h)), query))
     else:
         raise NotFound("no route GET /v1/responses/%s/%s" % (response_id, rest), code="unknown_route")
 
@@ -6775,18 +6880,17 @@ def route_response_delete(h):
     response_id, rest = stored_response_id(h)
     if rest:
         raise MethodNotAllowed("DELETE is allowed on /v1/responses/{id} only", headers={"Allow": "GET, HEAD"})
-    h.app.responses.delete(response_id)
+    h.app.responses.delete(response_id, response_owner(h))
     h.send_json(200, {"id": response_id, "object": "response", "deleted": True})
 
 
-def input_items_page(items, query):
+def input_items_page(items, args):
     """A cursor page of a response's input items (order, after, limit as OpenAI's)."""
-    args = urllib.parse.parse_qs(query)
     order = (args.get("order") or ["desc"])[-1]
     limit = (args.get("limit") or ["20"])[-1]
     if order not in ("asc", "desc"):
         raise BadRequest("order: asc or desc", param="order")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    if not re.match(r"^[0-9]{1,3}$", limit) or not 1 <= int(limit) <= 100:
         raise BadRequest("limit: a whole number from 1 to 100", param="limit")
     items = items[::-1] if order == "desc" else list(items)
     after = (args.get("after") or [None])[-1]
@@ -8973,7 +9077,8 @@ class App:
         self.threads = []
         data_dir = os.path.expanduser(config.data_dir)
         self.sessions = SessionStore(os.path.join(data_dir, "sessions.db"))
-        self.responses = ResponseStore(os.path.join(data_dir, "responses.db"), config.response_retention)
+        self.responses = ResponseStore(os.path.join(data_dir, "responses.db"), config.response_retention,
+                                       2 * config.max_body_bytes)
         self.key_usage = KeyUsage(os.path.join(data_dir, "usage.db"))
         self.keys = KeyRing(config.keys)
         self.engine.key_usage = self.key_usage

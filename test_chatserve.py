@@ -324,6 +324,19 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "truncated", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "Hel"}, "finish_reason": "length"}], "usage": USAGE})
 
+    def scenario_text_call_text(self, body):
+        """Text, a call, a second call reusing the first's id, more text."""
+        call = lambda i: {"tool_calls": [{"index": i, "id": "call_same", "type": "function",
+                                          "function": {"name": "f", "arguments": "{}"}}]}
+        self.stream([openai_chunk({"content": "Before."}), openai_chunk(call(0)), openai_chunk(call(1)),
+                     openai_chunk({"content": "After."}), openai_chunk(finish="tool_calls")])
+
+    def scenario_int_content(self, body):
+        if body.get("stream"):
+            return self.stream([openai_chunk({"content": 5}), openai_chunk(finish="stop")])
+        self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "int-content", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": 5}, "finish_reason": "stop"}]})
+
     def scenario_no_route(self, body):
         self.send_body(404, {"detail": "Not Found"})
 
@@ -1404,6 +1417,18 @@ class ProviderCase(ServerTestCase):
         return calls
 
 
+class OpenAIMaxTokensTest(ServerTestCase):
+    def test_api_openai_com_gets_max_completion_tokens(self):
+        """Reasoning models at api.openai.com refuse max_tokens; other servers keep it."""
+        app = self.start()
+        self.request("POST", "/v1/chat/completions", self.chat(max_tokens=9))
+        self.assertEqual(self.upstream.requests[-1]["body"]["max_tokens"], 9)
+        app.engine.default_provider.aggregates = False      # as for https://api.openai.com/v1
+        self.request("POST", "/v1/responses", {"model": "up-model", "input": "hi", "max_output_tokens": 9})
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual((sent["max_completion_tokens"], "max_tokens" in sent), (9, False))
+
+
 class AnthropicProviderTest(ProviderCase):
     provider, env = "CLAUDEAI", {"ANTHROPIC_API_KEY": "sk-ant", "ANTHROPIC_BASE_URL": "URL"}
 
@@ -2135,6 +2160,85 @@ class ResponsesTest(ServerTestCase):
             self.assert_openai_error(status, answer, 400, [words])
             self.assertEqual(answer["error"]["param"], param, body)
         self.assertEqual(self.upstream.requests, [])
+
+    def test_stored_responses_belong_to_their_key(self):
+        keys = [cs.checked_client_key(name, {"hash": cs.key_digest(secret)}, "test")
+                for name, secret in (("alice", ALICE_SECRET), ("bob", BOB_SECRET))]
+        self.start(token="admin", keys=keys)
+        as_ = lambda secret: {"Authorization": "Bearer " + secret}
+        status, _, body = self.respond({"model": "up-model", "input": "alice's secret"}, as_(ALICE_SECRET))
+        rid = body["id"]
+        for method, path in (("GET", rid), ("GET", rid + "/input_items"), ("DELETE", rid)):
+            for secret in (BOB_SECRET, "admin"):
+                status, _, body = self.request(method, "/v1/responses/" + path, None, as_(secret))
+                self.assert_openai_error(status, body, 404, ["not found"])
+        status, _, body = self.respond({"model": "up-model", "input": "what did she say?", "previous_response_id": rid},
+                                       as_(BOB_SECRET))
+        self.assert_openai_error(status, body, 404, ["Previous response"])
+        self.assertEqual(self.request("GET", "/v1/responses/" + rid, None, as_(ALICE_SECRET))[0], 200)
+
+    def test_ids_are_not_from_the_random_module(self):
+        self.start()
+        ids = []
+        for _ in range(2):
+            random.seed(7)
+            ids.append(self.respond({"model": "up-model", "input": "hi", "store": False})[2]["id"])
+        self.assertNotEqual(ids[0], ids[1])
+
+    def test_text_after_a_call_and_repeated_call_ids_still_continue(self):
+        self.start()
+        events = self.stream({"model": "text-call-text", "input": "hi"})
+        final = events[-1]["response"]
+        self.assertEqual([i["type"] for i in final["output"]], ["message", "function_call", "function_call", "message"])
+        call_ids = [i["call_id"] for i in final["output"] if i["type"] == "function_call"]
+        self.assertEqual((call_ids[0], len(set(call_ids))), ("call_same", 2))     # the repeat got its own id
+        status, _, body = self.respond({"model": "up-model", "previous_response_id": final["id"], "input": [
+            {"type": "function_call_output", "call_id": i, "output": "ok"} for i in call_ids]})
+        self.assertEqual(status, 200, body)
+        sent = self.upstream.requests[-1]["body"]["messages"]
+        self.assertEqual((sent[1]["content"], len(sent[1]["tool_calls"])), ("Before.After.", 2))
+
+    def test_order_duplicates_and_arguments_of_input_items(self):
+        self.start()
+        call = lambda i, args="{}": {"type": "function_call", "call_id": i, "name": "f", "arguments": args}
+        out = lambda i: {"type": "function_call_output", "call_id": i, "output": "x"}
+        user = {"role": "user", "content": "hi"}
+        cases = [([user, call("A"), call("B"), out("A"), call("C"), out("B"), out("C")], "input",
+                  "function call C comes after outputs while B still wait"),
+                 ([user, call("A"), call("A"), out("A")], "input", "Duplicate item found with id A"),
+                 ([dict(user, id="m1"), dict(user, id="m1")], "input", "Duplicate item found with id m1"),
+                 ([user, call("A", "not json"), out("A")], "input[1].arguments", "JSON text")]
+        for items, param, words in cases:
+            status, _, body = self.respond({"model": "up-model", "input": items})
+            self.assert_openai_error(status, body, 400, [words])
+            self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.upstream.requests, [])
+        status, _, body = self.respond({"model": "up-model", "input": "hi", "parallel_tool_calls": False,
+                                        "tool_choice": "none"})
+        self.assertEqual(status, 200, body)
+        self.assertFalse({"parallel_tool_calls", "tool_choice"} & set(self.upstream.requests[-1]["body"]))
+
+    def test_retention_size_cap_and_queries(self):
+        self.start(response_retention=0.3, max_body_bytes=4096)
+        status, _, first = self.respond({"model": "up-model", "input": "x" * 3500})
+        status, _, second = self.respond({"model": "up-model", "input": "y" * 3500, "previous_response_id": first["id"]})
+        self.assertEqual(status, 200, second)
+        status, _, body = self.respond({"model": "up-model", "input": "z", "previous_response_id": second["id"]})
+        self.assert_openai_error(status, body, 400, ["over the 8192 this server rebuilds"])
+        for query, param in (("/input_items?limit=%C2%B2", "limit"), ("?stream=true", "stream")):
+            status, _, body = self.request("GET", "/v1/responses/" + first["id"] + query)
+            self.assert_openai_error(status, body, 400)
+            self.assertEqual(body["error"]["param"], param)
+        self.assertTrue(wait_until(lambda: self.request("GET", "/v1/responses/" + first["id"])[0] == 404))
+
+    def test_upstream_values_of_the_wrong_type(self):
+        self.start()
+        status, _, body = self.respond({"model": "int-content", "input": "hi"})
+        self.assert_openai_error(status, body, 502, ["not a string"])
+        events = self.stream({"model": "int-content", "input": "hi"})
+        self.assertEqual(events[-1]["type"], "response.failed")
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("int-content"))
+        self.assert_openai_error(status, body, 502, ["not a string"])
 
     def test_json_schema_format_and_other_providers(self):
         self.start()
