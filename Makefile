@@ -31,6 +31,10 @@ fuzz:
 bench:
 	$(PYTHON) test_chatserve.py bench
 
+# The README's flag reference, from the argparse definitions (a test checks it is current).
+docs:
+	$(PYTHON) test_chatserve.py docs
+
 run:
 	$(PYTHON) chatserve.py serve
 

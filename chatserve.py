@@ -665,6 +665,10 @@ def _yaml_scalar(text, no):
         if not text.endswith("]"):
             raise YamlError("a flow list must end with ]", no)
         return _yaml_split_flow(text[1:-1], no)
+    if text == "{}":
+        empty = YamlMap()
+        empty.lines = {}
+        return empty
     if text[0] in "{&*!|>%@`":
         raise YamlError("%r is outside the YAML subset chatserve reads (flow maps, anchors, tags, block "
                         "scalars); write it as plain block mappings and lists" % text[:20], no)
@@ -826,9 +830,11 @@ SERVE_OPTIONS = (
     ("--socket", "CHATSERVE_SOCKET", "", "str",
      "control socket path (default /var/tmp/chatserve-PORT.sock, else /tmp)"),
     ("--max-connections", "CHATSERVE_MAX_CONNECTIONS", 1024, "posint",
-     "requests served at once (a connection idle or still sending its head does not count); beyond it 503"),
+     "requests served at once (a connection idle or still sending its head does not count); beyond it 503 with "
+     "Retry-After; the probes are always answered"),
     ("--max-open-connections", "CHATSERVE_MAX_OPEN_CONNECTIONS", 2048, "posint",
-     "connections open at once, idle ones included; beyond it a fast 503 and close"),
+     "connections open at once, idle ones included (a thread each); beyond it a fast 503 and close; the open-files "
+     "limit is raised to fit at start"),
     ("--header-timeout", "CHATSERVE_HEADER_TIMEOUT", 10.0, "duration",
      "the whole request head must arrive within this, from its first byte (408 beyond)"),
     ("--min-body-rate", "CHATSERVE_MIN_BODY_RATE", 1024, "posint",

@@ -14,6 +14,7 @@ The fake upstream is as strict as the real peers where it matters: it
 refuses a non-UUID X-Request-Id the way llama-cpp-python's server does.
 """
 
+import argparse
 import base64
 import collections
 import contextlib
@@ -5686,7 +5687,9 @@ class CommandLineTest(unittest.TestCase):
         for block in text.split("```")[1::2]:
             joined = block.replace("\\\n", " ")
             for line in joined.splitlines():
-                line = line.split(" #", 1)[0].strip()
+                line = line.split(" #", 1)[0].strip().rstrip("&").strip()
+                line = re.sub(r"^([A-Z_]+=\S+\s+)+", "", line)                  # VAR=value python3 ...
+                line = re.sub(r"^python3 \S*/chatserve\.py ", "python3 chatserve.py ", line)
                 if line.startswith("python3 chatserve.py ") or line.startswith("python3 -m chatserve "):
                     commands.append(line)
         self.assertGreater(len(commands), 5)
@@ -5709,11 +5712,152 @@ class CommandLineTest(unittest.TestCase):
                     flags[name] = path
             if flags.get("workspace"):
                 flags["workspace"] = work
+            flags["config"] = None          # the README's config files are RecipesTest's
             try:
                 cs.Config.from_sources(flags, env={})
             except cs.ConfigError as e:
                 self.fail("README command is refused: %s: %s" % (command, e.message))
 
+
+
+def readme_text():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_block(first_line, text=None):
+    """The fenced block of the README whose first line is `first_line`."""
+    for block in (text or readme_text()).split("```")[1::2]:
+        body = block.split("\n", 1)[1] if "\n" in block else ""
+        if body.startswith(first_line):
+            return body
+    raise AssertionError("no README block starts with %r" % first_line)
+
+
+def heading_slug(title):
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+class RecipesTest(unittest.TestCase):
+    """The README's recipes against the code: the flag reference is current,
+    the config files check, the manifests match the defaults, the systemd
+    unit and the nginx file pass their tools' checks (where installed)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.readme = readme_text()
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_flag_reference_is_current(self):
+        self.assertEqual(readme_with_flags(self.readme), self.readme, "run make docs")
+
+    def test_contents_links_resolve(self):
+        slugs = {heading_slug(t) for t in re.findall(r"(?m)^#{2,3} (.+)$", self.readme)}
+        contents = self.readme[self.readme.index("## Contents"):self.readme.index("## Quick start")]
+        for anchor in re.findall(r"\]\(#([^)]+)\)", contents):
+            self.assertIn(anchor, slugs)
+
+    def check_config(self, text, credentials=()):
+        """A README config file, its file: credentials made here, through config check and the Engine."""
+        for name in credentials:
+            self.write(name, "secret-" + name)
+            text = text.replace("/run/credentials/chatserve.service/" + name, os.path.join(self.tmp, name))
+        config = cs.Config.from_sources({"config": self.write("chatserve.yaml", text)},
+                                        env={"ANTHROPIC_API_KEY": "sk-ant"})
+        cs.Engine(config, cs.Metrics()).close()
+        return config
+
+    def test_config_file_example(self):
+        config = self.check_config(readme_block("# /etc/chatserve/chatserve.yaml\nhost: 0.0.0.0\ntoken: file:"
+                                                "/run/credentials/chatserve.service/token\nrate-limit-rps"), ["token"])
+        self.assertEqual((config.provider, sorted(config.endpoints), len(config.keys)), ("LOCAL", ["CLAUDEAI", "LOCAL"], 1))
+
+    def test_systemd_unit(self):
+        unit = readme_block("# /etc/systemd/system/chatserve.service")
+        settings = collections.defaultdict(list)
+        for line in unit.splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                settings[key].append(value)
+        for key, value in (("DynamicUser", "yes"), ("ProtectSystem", "strict"), ("StateDirectory", "chatserve"),
+                           ("RuntimeDirectory", "chatserve"), ("ExecReload", "/bin/kill -HUP $MAINPID")):
+            self.assertEqual(settings[key], [value])
+        argv = shlex.split(settings["ExecStart"][0])
+        args = cs.build_parser().parse_args(argv[2:])
+        self.assertEqual((args.command, args.data_dir, os.path.dirname(args.socket)),
+                         ("serve", "/var/lib/chatserve", "/run/chatserve"))
+        self.assertGreater(float(settings["TimeoutStopSec"][0]), dict(
+            (f, d) for f, _v, d, _k, _h in cs.SERVE_OPTIONS)["--drain-timeout"])
+        credentials = [c.split(":", 1)[0] for c in settings["LoadCredential"]]
+        config_text = readme_block("# /etc/chatserve/chatserve.yaml\nhost: 0.0.0.0\ntoken: file:"
+                                   "/run/credentials/chatserve.service/token\nproviders")
+        self.assertEqual(sorted(credentials), sorted(re.findall(r"/run/credentials/chatserve\.service/([\w-]+)",
+                                                               config_text)))
+        self.check_config(config_text, credentials)
+        if shutil.which("systemd-analyze"):
+            path = self.write("chatserve.service", unit)
+            out = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=WAIT)
+            problems = [line for line in out.stderr.splitlines() if "chatserve.service" in line]    # it exits 0 anyway
+            self.assertEqual(problems, [], out.stderr)
+
+    def manifests(self):
+        text = readme_block("apiVersion: v1\nkind: ServiceAccount")
+        return {doc["kind"]: doc for doc in (cs.parse_yaml_subset(part) for part in text.split("\n---\n"))}
+
+    def test_kubernetes_manifests_match_the_code(self):
+        docs = self.manifests()
+        self.assertEqual(sorted(docs), ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"])
+        pod = docs["Deployment"]["spec"]["template"]
+        [container] = pod["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        self.assertEqual(ports, {"http": cs.DEFAULT_PORT, "metrics": cs.DEFAULT_METRICS_PORT})
+        self.assertEqual((container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]),
+                         ("/livez", "/readyz"))
+        self.assertEqual({container["livenessProbe"]["httpGet"]["port"], container["readinessProbe"]["httpGet"]["port"]},
+                         {"http"})
+        drain = dict((f, d) for f, _v, d, _k, _h in cs.SERVE_OPTIONS)["--drain-timeout"]
+        self.assertGreater(pod["spec"]["terminationGracePeriodSeconds"], drain)
+        args = cs.build_parser().parse_args(container["args"])
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        self.assertIn(args.data_dir, mounts)
+        self.assertIn(os.path.dirname(args.socket), mounts)
+        known = {var for _f, var, _d, _k, _h in cs.SERVE_OPTIONS} | {cls.key_env for cls in cs.PROVIDERS.values()}
+        self.assertLessEqual({e["name"] for e in container["env"]}, known)
+        service = docs["Service"]["spec"]
+        self.assertEqual(service["clusterIP"], "None")                          # headless: clients see every pod
+        self.assertEqual(service["selector"], pod["metadata"]["labels"])
+        self.assertEqual({p["port"]: p["targetPort"] for p in service["ports"]},
+                         {cs.DEFAULT_PORT: "http", cs.DEFAULT_METRICS_PORT: "metrics"})
+        self.assertEqual(docs["ClusterRoleBinding"]["subjects"][0]["name"], pod["spec"]["serviceAccountName"])
+        granted = {r for rule in docs["ClusterRole"]["rules"] for r in rule["resources"]}
+        for resource in ("pods", "pods/log", "pods/proxy", "events", "nodes", "deployments", "statefulsets",
+                         "daemonsets", "jobs", "cronjobs", "horizontalpodautoscalers"):
+            self.assertIn(resource, granted)             # what the watcher's kubectl calls read
+        dockerfile = readme_block("FROM python:")
+        entry = json.loads(re.search(r"ENTRYPOINT (\[.*\])", dockerfile).group(1))
+        self.assertEqual(entry[-1], "/app/chatserve.py")
+
+    def test_nginx_config(self):
+        conf = readme_block("# /etc/nginx/conf.d/chatserve.conf")
+        self.assertIn("proxy_buffering off;", conf)
+        limit = re.search(r"client_max_body_size (\d+)m;", conf).group(1)
+        self.assertEqual(int(limit) * 1024 * 1024, dict((f, d) for f, _v, d, _k, _h in cs.SERVE_OPTIONS)["--max-body-bytes"])
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if not nginx:
+            self.skipTest("nginx not installed: only the fields were checked")
+        cert = self.write("cert.pem", TEST_CERT)
+        key = self.write("key.pem", TEST_KEY)
+        conf = conf.replace("/etc/nginx/tls/llm.pem", cert).replace("/etc/nginx/tls/llm.key", key)
+        main = self.write("nginx.conf", "pid %s/nginx.pid;\nerror_log %s/error.log;\nevents {}\nhttp {\n"
+                          "access_log off;\n%s\n}\n" % (self.tmp, self.tmp, conf))
+        out = subprocess.run([nginx, "-t", "-p", self.tmp, "-c", main], capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(out.returncode, 0, out.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -7488,8 +7632,57 @@ def _bench_report(r, say):
     say(rule)
 
 
+# ---------------------------------------------------------------------------
+# The README's flag reference (make docs)
+# ---------------------------------------------------------------------------
+
+FLAGS_BEGIN = "<!-- flag reference: made by `make docs` from the argparse definitions; do not edit by hand -->"
+FLAGS_END = "<!-- end of the flag reference -->"
+
+
+def _doc_default(default, kind):
+    if kind == "bool":
+        return "on" if default else "off"
+    if default in (None, "", (), {}):
+        return "none" if default is not None else "127.0.0.1 (0.0.0.0 in Kubernetes)"
+    if kind == "duration":
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if default >= size and default % size == 0:
+                return "%d%s" % (default // size, unit)
+        return "%gs" % default
+    return str(default)
+
+
+def flag_reference():
+    """The serve flags as a Markdown table, from the parser itself: every flag it accepts, none it does not."""
+    parser = cs.build_parser()
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    options = {cs._option_dest(flag): (var, default, kind, text) for flag, var, default, kind, text in cs.SERVE_OPTIONS}
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for action in serve._actions:
+        if not action.option_strings or action.dest == "help" or action.help == argparse.SUPPRESS:
+            continue
+        var, default, kind, text = options[action.dest]
+        flag = action.option_strings[0]
+        shown = "`%s` / `%s`" % (flag, cs.negated_flag(flag)) if kind == "bool" else "`%s`" % flag
+        rows.append("| %s | `%s` | %s | %s |" % (shown, var, _doc_default(default, kind), text.replace("|", "\\|")))
+    return "\n".join(rows)
+
+
+def readme_with_flags(readme):
+    start, end = readme.index(FLAGS_BEGIN) + len(FLAGS_BEGIN), readme.index(FLAGS_END)
+    return readme[:start] + "\n\n" + flag_reference() + "\n\n" + readme[end:]
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         run_bench()
+    elif sys.argv[1:2] == ["docs"]:
+        path = os.path.join(HERE, "README.md")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(readme_with_flags(text))
+        print("README.md: flag reference regenerated")
     else:
         unittest.main()
