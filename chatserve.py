@@ -97,6 +97,7 @@ import base64
 import calendar
 import collections
 import contextlib
+import datetime
 import difflib
 import email.utils
 import fnmatch
@@ -4461,7 +4462,12 @@ def import_chatcli_sessions(store, directory):
 
 WATCH_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet", "job": "Job",
                "cronjob": "CronJob"}
-WATCH_FILE_KEYS = ("interval", "window", "maxLogLines", "maxContextChars", "targets")
+WATCH_FILE_KEYS = ("interval", "window", "maxLogLines", "maxContextChars", "pendingAfter", "cronJobGrace", "targets")
+# What one collection lists: (kubectl's resource name, short name, kind).  One call lists them all.
+WATCH_RESOURCES = (("deployments", "deploy", "Deployment"), ("statefulsets", "sts", "StatefulSet"),
+                   ("daemonsets", "ds", "DaemonSet"), ("jobs", "job", "Job"), ("cronjobs", "cronjob", "CronJob"),
+                   ("pods", "pods", "Pod"), ("horizontalpodautoscalers", "hpa", "HorizontalPodAutoscaler"),
+                   ("persistentvolumeclaims", "pvc", "PersistentVolumeClaim"))
 WATCH_TARGET_KEYS = ("deployment", "namespace", "kind", "metricsPort", "metricsPath", "metricsFilter")
 ERROR_LOG_WORDS = ("error", "fatal", "panic", "exception", "oomkilled")
 
@@ -4481,9 +4487,12 @@ class WatchTarget:
 
 
 class WatchSettings:
-    def __init__(self, targets, interval=30.0, window=7200.0, max_log_lines=100, max_context_chars=32000):
+    def __init__(self, targets, interval=30.0, window=7200.0, max_log_lines=100, max_context_chars=32000,
+                 pending_after=300.0, cron_grace=300.0):
         self.targets, self.interval, self.window = targets, interval, window
         self.max_log_lines, self.max_context_chars = max_log_lines, max_context_chars
+        self.pending_after = pending_after      # a pod or PVC Pending longer than this is an alert
+        self.cron_grace = cron_grace            # a CronJob run later than this (without startingDeadlineSeconds) is missed
 
 
 def _where(path, data, key):
@@ -4514,7 +4523,9 @@ def parse_watch_config(path, defaults):
                                                          "duration (30s, 2m, 1h)" if kind == "duration" else "positive whole number"))
 
     settings = WatchSettings([], number("interval", defaults.interval, "duration"), number("window", defaults.window, "duration"),
-                             number("maxLogLines", defaults.max_log_lines, "int"), number("maxContextChars", 32000, "int"))
+                             number("maxLogLines", defaults.max_log_lines, "int"), number("maxContextChars", 32000, "int"),
+                             number("pendingAfter", defaults.pending_after, "duration"),
+                             number("cronJobGrace", defaults.cron_grace, "duration"))
     targets = data.get("targets")
     if not isinstance(targets, list) or not targets:
         raise ConfigError("%s: targets: a list of at least one {deployment, namespace} is required" % _where(path, data, "targets"))
@@ -4599,8 +4610,25 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
     return proc.returncode, bytes(out), bytes(err)
 
 
+_KUBECTL_ERROR_RE = re.compile(r'^Error from server \((\w+)\): (?:([a-z0-9]+)(?:\.[\w.-]+)? is forbidden: )?(.*)$')
+
+
+def kubectl_errors(stderr, resources):
+    """{resource: message} from kubectl's stderr: `Error from server (Forbidden): deployments.apps is
+    forbidden: ...` names its resource; any other error is every resource's."""
+    errors = {}
+    for line in stderr.strip().splitlines():
+        m = _KUBECTL_ERROR_RE.match(line.strip())
+        if m and m.group(2) in resources:
+            errors[m.group(2)] = line.strip()
+        elif line.strip() and not line.startswith(("Warning:", "W1", "I1")):
+            errors.update((r, line.strip()) for r in resources if r not in errors)
+    return errors
+
+
 class Kubectl:
-    """kubectl with the configured kubeconfig and context, a timeout and an output cap."""
+    """kubectl with the configured kubeconfig and context, a timeout (also
+    given to kubectl as --request-timeout) and an output cap."""
 
     timeout = 20.0
     max_bytes = 32 * 1024 * 1024
@@ -4608,17 +4636,46 @@ class Kubectl:
     def __init__(self, path="kubectl", kubeconfig="", context=""):
         self.path, self.kubeconfig, self.context = path, kubeconfig, context
 
-    def run(self, *args):
-        argv = [self.path] + list(args)
+    def call(self, *args):
+        """(exit code, stdout, stderr) as text."""
+        argv = [self.path] + list(args) + ["--request-timeout=%ds" % max(1, int(self.timeout))]
         if self.kubeconfig:
             argv += ["--kubeconfig", self.kubeconfig]
         if self.context:
             argv += ["--context", self.context]
-        code, out, err = run_capped(argv, self.timeout, self.max_bytes)
+        code, out, err = run_capped(argv, self.timeout + 1, self.max_bytes)
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def run(self, *args):
+        code, out, err = self.call(*args)
         if code != 0:
-            message = err.decode("utf-8", "replace").strip().splitlines()
+            message = err.strip().splitlines()
             raise UpstreamError("kubectl %s: %s" % (" ".join(args[:2]), message[-1] if message else "exit %d" % code))
-        return out.decode("utf-8", "replace")
+        return out
+
+    def get(self, resources, namespace=None):
+        """(items, {resource: error}) of `kubectl get r1,r2 -o json` in a namespace or all of them.
+        kubectl prints what it could list and exits 1 when a resource is forbidden:
+        that is a partial result, not a failure."""
+        code, out, err = self.call("get", ",".join(resources), *(("-n", namespace) if namespace else ("-A",)),
+                                   "-o", "json")
+        try:
+            data = json.loads(out) if out.strip() else None
+        except ValueError:
+            data = None
+        errors = kubectl_errors(err, resources) if code != 0 else {}
+        if code != 0 and not errors:
+            errors = dict.fromkeys(resources, "kubectl get: exit %d" % code)
+        items = data.get("items") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            if code == 0:
+                raise UpstreamError("kubectl get %s printed something that is not a JSON list" % ",".join(resources))
+            if errors and all(e.startswith("Error from server") for e in errors.values()) \
+                    and len(errors) == len(resources):
+                return [], errors           # the API server refused each kind: an answer per kind
+            lines = err.strip().splitlines()
+            raise UpstreamError("kubectl get %s: %s" % (",".join(resources), lines[-1] if lines else "exit %d" % code))
+        return [i for i in items if isinstance(i, dict) and isinstance(i.get("metadata"), dict)], errors
 
     def json(self, *args):
         try:
@@ -4643,22 +4700,28 @@ def selector_matches(selector, labels):
 
 
 def pod_status(pod):
-    status, spec = pod.get("status") or {}, pod.get("spec") or {}
+    status, spec, meta = pod.get("status") or {}, pod.get("spec") or {}, pod["metadata"]
     containers = status.get("containerStatuses") or []
-    info = {"name": pod["metadata"]["name"], "phase": status.get("phase", "Unknown"),
+    scheduled = next((cond for cond in status.get("conditions") or () if cond.get("type") == "PodScheduled"), {})
+    info = {"name": meta["name"], "uid": meta.get("uid") or meta["name"], "phase": status.get("phase", "Unknown"),
+            "created": parse_k8s_time(meta.get("creationTimestamp")),
+            "unschedulable": scheduled.get("message") or scheduled.get("reason") or "unschedulable"
+            if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable" else None,
+            "claims": [v["persistentVolumeClaim"].get("claimName") for v in spec.get("volumes") or ()
+                       if isinstance(v.get("persistentVolumeClaim"), dict)],
             "restarts": sum(c.get("restartCount", 0) for c in containers),
             "ready_count": sum(1 for c in containers if c.get("ready")),
             "container_count": len(spec.get("containers") or containers), "last_terminated": None, "waiting": None,
             "node": spec.get("nodeName", ""), "cpu": "", "mem": ""}
     info["ready"] = info["container_count"] > 0 and info["ready_count"] == info["container_count"]
     for c in containers:
-        terminated = (c.get("lastState") or {}).get("terminated")
+        terminated = (c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated")
         if terminated:
             info["last_terminated"] = {"reason": terminated.get("reason", ""), "exit_code": terminated.get("exitCode", 0),
                                        "finished_at": terminated.get("finishedAt", "")}
         waiting = (c.get("state") or {}).get("waiting")
         if waiting and waiting.get("reason"):
-            info["waiting"] = waiting["reason"]
+            info["waiting"], info["waiting_message"] = waiting["reason"], waiting.get("message", "")
     return info
 
 
@@ -4680,8 +4743,25 @@ def workload_status(obj):
                    active=status.get("active", 0))
     elif kind == "CronJob":
         out.update(desired=0, ready=0, suspend=bool(spec.get("suspend")), schedule=spec.get("schedule", ""),
-                   last_schedule=status.get("lastScheduleTime", ""))
+                   time_zone=spec.get("timeZone"), starting_deadline=spec.get("startingDeadlineSeconds"),
+                   last_schedule=status.get("lastScheduleTime", ""),
+                   created=parse_k8s_time(obj["metadata"].get("creationTimestamp")))
+    if kind == "Deployment":
+        stuck = [cond for cond in status.get("conditions") or () if cond.get("type") == "Progressing"
+                 and cond.get("status") == "False" and cond.get("reason") == "ProgressDeadlineExceeded"]
+        out["stuck"] = stuck[0].get("message") or "ProgressDeadlineExceeded" if stuck else None
     return out
+
+
+def job_status(job):
+    """A Job as a CronJob's run: when it started, whether it succeeded or failed."""
+    status, meta = job.get("status") or {}, job["metadata"]
+    failed = any(cond.get("type") == "Failed" and cond.get("status") == "True" for cond in status.get("conditions") or ())
+    complete = any(cond.get("type") == "Complete" and cond.get("status") == "True"
+                   for cond in status.get("conditions") or ())
+    return {"name": meta["name"], "started": parse_k8s_time(status.get("startTime") or meta.get("creationTimestamp")) or 0,
+            "succeeded": complete or (bool(status.get("succeeded")) and not failed and not status.get("active")),
+            "failed": failed or (bool(status.get("failed")) and not status.get("active") and not status.get("succeeded"))}
 
 
 def parse_k8s_time(text):
@@ -4689,6 +4769,102 @@ def parse_k8s_time(text):
         return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
     except (ValueError, TypeError):
         return None
+
+
+# -- cron schedules (CronJob.spec.schedule), for CronJobMissed ------------------
+
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+               "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+CRON_NAMES = ({}, {}, {}, {m: i + 1 for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                                            "sep", "oct", "nov", "dec"))},
+              {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))})
+CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+
+
+def _cron_value(text, field):
+    value = CRON_NAMES[field].get(text.lower())
+    if value is None:
+        if not text.isdigit():
+            raise ValueError("%r is not a number%s" % (text, " or a name" if CRON_NAMES[field] else ""))
+        value = int(text)
+    low, high = CRON_RANGES[field]
+    if not low <= value <= high:
+        raise ValueError("%d is outside %d-%d" % (value, low, high))
+    return value
+
+
+def _cron_field(text, field):
+    """The set of values of one field: lists, ranges, steps, names, * and ?."""
+    low, high = CRON_RANGES[field]
+    values = set()
+    for item in text.split(","):
+        body, _, step = item.partition("/")
+        step = int(step) if step.isdigit() and int(step) > 0 else (1 if not _ else None)
+        if step is None:
+            raise ValueError("%r has a bad step" % item)
+        if body in ("*", "?"):
+            start, end = low, high
+        elif "-" in body:
+            start, end = (_cron_value(part, field) for part in body.split("-", 1))
+        else:
+            start = _cron_value(body, field)
+            end = high if _ else start
+        if start > end:
+            raise ValueError("%r is an empty range" % item)
+        values.update(range(start, end + 1, step))
+    if field == 4 and 7 in values:
+        values = (values - {7}) | {0}                # 7 is Sunday too
+    return values
+
+
+class CronSchedule:
+    """A standard 5-field cron schedule (what Kubernetes accepts), optionally
+    with CRON_TZ= or the CronJob's timeZone."""
+
+    def __init__(self, expr, tz_name=None):
+        expr = expr.strip()
+        m = re.match(r"^(?:CRON_)?TZ=(\S+)\s+(.*)$", expr)
+        if m:
+            tz_name, expr = m.group(1), m.group(2)
+        fields = CRON_MACROS.get(expr.lower(), expr).split()
+        if len(fields) != 5:
+            raise ValueError("%r is not a 5-field cron schedule (minute hour day-of-month month day-of-week)" % expr)
+        self.minutes, self.hours, self.days, self.months, self.weekdays = (
+            _cron_field(text, i) for i, text in enumerate(fields))
+        self.any_day, self.any_weekday = fields[2] in ("*", "?"), fields[4] in ("*", "?")
+        self.tz = cron_timezone(tz_name)
+
+    def _day_matches(self, day):
+        dom, dow = day.day in self.days, (day.weekday() + 1) % 7 in self.weekdays
+        if self.any_day or self.any_weekday:            # cron: both restricted means either may match
+            return dom and dow
+        return dom or dow
+
+    def previous(self, before):
+        """The last time at or before `before` (Unix seconds) the schedule fires, or None within 5 years."""
+        local = datetime.datetime.fromtimestamp(before, self.tz)
+        day = local.date()
+        for _ in range(366 * 5):
+            if day.month in self.months and self._day_matches(day):
+                for hour in sorted(self.hours, reverse=True):
+                    for minute in sorted(self.minutes, reverse=True):
+                        stamp = datetime.datetime(day.year, day.month, day.day, hour, minute, tzinfo=self.tz).timestamp()
+                        if stamp <= before:
+                            return stamp
+            day -= datetime.timedelta(days=1)
+        return None
+
+
+def cron_timezone(name):
+    """A tzinfo for a CronJob's timeZone; UTC when none, unknown, or zoneinfo is missing (Python 3.8)."""
+    if not name:
+        return datetime.timezone.utc
+    try:
+        import zoneinfo                 # Python 3.9+
+        return zoneinfo.ZoneInfo(name)
+    except (ImportError, ValueError, KeyError, OSError):
+        log.warning("watcher: time zone %r is not available here; reading the schedule in UTC", name)
+        return datetime.timezone.utc
 
 
 def node_alerts(nodes):
@@ -4705,35 +4881,100 @@ def node_alerts(nodes):
     return alerts
 
 
-def detect_alerts(snapshot, now=None):
-    """(type, severity, message, object) for a snapshot, with ChatCLI's rules."""
-    now = now or time.time()
-    alerts = []
-    for pod in snapshot["pods"]:
-        name = pod["name"]
-        if pod["restarts"] > 5:
-            alerts.append(("HighRestartCount", "CRITICAL", "Pod %s has %d restarts" % (name, pod["restarts"]), name))
-        term = pod["last_terminated"]
-        if term and term["reason"] == "OOMKilled":
-            alerts.append(("OOMKilled", "CRITICAL", "Pod %s was OOMKilled (exit code %s)" % (name, term["exit_code"]), name))
-        if pod["waiting"] == "CrashLoopBackOff":
-            alerts.append(("CrashLoopBackOff", "CRITICAL", "Pod %s is in CrashLoopBackOff" % name, name))
-        if pod["phase"] == "Running" and not pod["ready"]:
-            alerts.append(("PodNotReady", "WARNING", "Pod %s is running but not ready (%d/%d containers)"
-                           % (name, pod["ready_count"], pod["container_count"]), name))
+WAITING_ALERTS = {"CrashLoopBackOff": ("CrashLoopBackOff", "is in CrashLoopBackOff"),
+                  "ImagePullBackOff": ("ImagePullBackOff", "cannot pull its image (ImagePullBackOff)"),
+                  "ErrImagePull": ("ImagePullBackOff", "cannot pull its image (ErrImagePull)"),
+                  "InvalidImageName": ("ImagePullBackOff", "has an invalid image name"),
+                  "CreateContainerConfigError": ("CreateContainerConfigError",
+                                                 "cannot start: its config is wrong (CreateContainerConfigError)")}
+
+
+def pod_alerts(pod, now, settings):
+    name, alerts = pod["name"], []
+    if pod["restarts"] > 5:
+        alerts.append(("HighRestartCount", "CRITICAL", "Pod %s has %d restarts" % (name, pod["restarts"]), name))
+    term = pod["last_terminated"]
+    if term and term["reason"] == "OOMKilled":
+        alerts.append(("OOMKilled", "CRITICAL", "Pod %s was OOMKilled (exit code %s)" % (name, term["exit_code"]), name))
+    if pod["waiting"] in WAITING_ALERTS:
+        kind, what = WAITING_ALERTS[pod["waiting"]]
+        detail = (": " + pod.get("waiting_message", "")[:200]) if pod.get("waiting_message") else ""
+        alerts.append((kind, "CRITICAL", "Pod %s %s%s" % (name, what, detail), name))
+    pending_for = now - pod["created"] if pod["phase"] == "Pending" and pod.get("created") else 0
+    if pending_for > settings.pending_after and pod["waiting"] not in WAITING_ALERTS:
+        if pod.get("unschedulable"):
+            alerts.append(("PodUnschedulable", "WARNING", "Pod %s cannot be scheduled for %s: %s"
+                           % (name, _age(pending_for), pod["unschedulable"][:200]), name))
+        else:
+            alerts.append(("PodPending", "WARNING", "Pod %s is Pending for %s" % (name, _age(pending_for)), name))
+    if pod["phase"] == "Running" and not pod["ready"]:
+        alerts.append(("PodNotReady", "WARNING", "Pod %s is running but not ready (%d/%d containers)"
+                       % (name, pod["ready_count"], pod["container_count"]), name))
+    return alerts
+
+
+def workload_alerts(w, jobs, now, settings):
+    obj, alerts = "%s/%s" % (w["kind"], w["name"]), []
+    if w["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and w["ready"] < w["desired"]:
+        unit = "nodes" if w["kind"] == "DaemonSet" else "replicas"
+        alerts.append(("DeploymentFailing", "WARNING", "%s %s has %d/%d %s ready" % (w["kind"], w["name"], w["ready"],
+                                                                                     w["desired"], unit), obj))
+    if w.get("stuck"):
+        alerts.append(("DeploymentStuck", "CRITICAL", "Deployment %s is not progressing (ProgressDeadlineExceeded): %s"
+                       % (w["name"], w["stuck"][:200]), obj))
+    if w["kind"] == "Job" and w.get("failed"):
+        alerts.append(("JobFailed", "CRITICAL", "Job %s has %d failed pod(s)" % (w["name"], w["failed"]), obj))
+    if w["kind"] == "CronJob":
+        finished = sorted((j for j in jobs if j["succeeded"] or j["failed"]), key=lambda j: j["started"])
+        if finished and finished[-1]["failed"]:         # a newer successful run clears it
+            alerts.append(("JobFailed", "CRITICAL", "Job %s of CronJob %s failed" % (finished[-1]["name"], w["name"]),
+                           "Job/" + finished[-1]["name"]))
+        missed = cron_missed(w, jobs, now, settings)
+        if missed:
+            alerts.append(("CronJobMissed", "WARNING", missed, obj))
+    return alerts
+
+
+def cron_missed(w, jobs, now, settings):
+    """Why a CronJob missed its last expected run, or None: the run its
+    schedule asked for is older than its startingDeadlineSeconds (else the
+    grace) and neither lastScheduleTime nor a Job started at or after it."""
+    if w["suspend"]:
+        return None
+    try:
+        schedule = CronSchedule(w["schedule"], w.get("time_zone"))
+    except ValueError as e:
+        return "CronJob %s has a schedule this watcher cannot read (%s): %s" % (w["name"], w["schedule"], e)
+    grace = w.get("starting_deadline") if isinstance(w.get("starting_deadline"), int) else settings.cron_grace
+    expected = schedule.previous(now)
+    if expected is not None and now - expected <= grace:
+        expected = schedule.previous(expected - 60)      # the newest run may still start: judge the one before
+    if expected is None or (w.get("created") or 0) > expected:
+        return None
+    last = max([parse_k8s_time(w["last_schedule"]) or 0] + [j["started"] for j in jobs])
+    if last >= expected - 1:
+        return None
+    return "CronJob %s did not run at %s UTC (schedule %r; last run %s)" % (
+        w["name"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(expected)), w["schedule"],
+        time.strftime("%Y-%m-%d %H:%M", time.gmtime(last)) + " UTC" if last else "never")
+
+
+def detect_alerts(snapshot, now=None, settings=None):
+    """(type, severity, message, object) for a snapshot: ChatCLI's rules and
+    the broken-deploy, scheduling, storage, autoscaling and CronJob ones."""
+    now, settings = now or time.time(), settings or WatchSettings([])
+    alerts = [a for pod in snapshot["pods"] for a in pod_alerts(pod, now, settings)]
     w = snapshot.get("workload")
     if w:
-        obj = "%s/%s" % (w["kind"], w["name"])
-        if w["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and w["ready"] < w["desired"]:
-            unit = "nodes" if w["kind"] == "DaemonSet" else "replicas"
-            alerts.append(("DeploymentFailing", "WARNING", "%s %s has %d/%d %s ready" % (w["kind"], w["name"], w["ready"],
-                                                                                         w["desired"], unit), obj))
-        if w["kind"] == "Job" and w.get("failed"):
-            alerts.append(("JobFailed", "CRITICAL", "Job %s has %d failed pod(s)" % (w["name"], w["failed"]), obj))
-        if w["kind"] == "CronJob" and not w["suspend"]:
-            last = parse_k8s_time(w["last_schedule"])
-            if last is None or now - last > 7200:
-                alerts.append(("CronJobMissed", "WARNING", "CronJob %s has not run for over 2h" % w["name"], obj))
+        alerts += workload_alerts(w, snapshot.get("jobs") or [], now, settings)
+    for pvc in snapshot.get("pvcs") or ():
+        if pvc["phase"] == "Pending" and pvc.get("created") and now - pvc["created"] > settings.pending_after:
+            alerts.append(("PVCPending", "WARNING", "PersistentVolumeClaim %s is Pending for %s"
+                           % (pvc["name"], _age(now - pvc["created"])), "PersistentVolumeClaim/" + pvc["name"]))
+    for hpa in snapshot.get("hpa") or ():
+        if hpa["max"] and hpa["current"] >= hpa["max"] and (hpa["desired"] > hpa["max"] or hpa.get("limited")):
+            alerts.append(("HPAMaxedOut", "WARNING", "HPA %s is at its maximum of %d replicas and wants more"
+                           % (hpa["name"], hpa["max"]), "HorizontalPodAutoscaler/" + hpa["name"]))
     return alerts
 
 
@@ -4772,20 +5013,37 @@ class TargetStore:
     error log lines, events, metrics, active alerts."""
 
     def __init__(self, target, settings):
-        self.target = target
+        self.target, self.settings = target, settings
         keep = max(10, int(settings.window / max(settings.interval, 0.001)) + 1)
         self.snapshots = collections.deque(maxlen=keep)
         self.error_logs = collections.deque(maxlen=max(10, settings.max_log_lines * 10))
         self.seen_logs = collections.deque(maxlen=5000)
         self.events, self.metrics, self.alerts = [], {}, collections.OrderedDict()
-        self.last_collected, self.last_error, self.lock = 0.0, "", threading.Lock()
+        self.errors = collections.OrderedDict()     # source (a resource, events, nodes...) -> its last error
+        self.log_state = {}                         # pod uid -> (restarts, state) when its logs were last read
+        self.last_collected, self.last_success, self.lock = 0.0, 0.0, threading.Lock()
+
+    @property
+    def last_error(self):
+        return "; ".join("%s: %s" % item for item in self.errors.items())
+
+    def failed(self, source, message):
+        self.errors[source] = message
+
+    def succeeded(self, source):
+        self.errors.pop(source, None)
+
+    def stale(self, now=None):
+        """No successful collection for 3 intervals (or never, once one was tried)."""
+        now = now or time.time()
+        return bool(self.last_collected) and now - (self.last_success or 0) > 3 * self.settings.interval
 
     def add_snapshot(self, snapshot, now):
         """Store it and recompute the alerts; returns the alerts that are new."""
         with self.lock:
             self.snapshots.append(snapshot)
-            self.alerts, new = merge_alerts(self.alerts, detect_alerts(snapshot, now), now)
-            self.last_collected, self.last_error = now, ""
+            self.alerts, new = merge_alerts(self.alerts, detect_alerts(snapshot, now, self.settings), now)
+            self.last_collected = self.last_success = now
         return new
 
     def add_logs(self, pod, text):
@@ -4801,11 +5059,17 @@ class TargetStore:
         return self.snapshots[-1] if self.snapshots else None
 
     def restart_trend(self):
+        """(restarts of today's pods, restarts within the window): each pod
+        counts from its first sighting, so a replaced pod starts a new counter."""
         if not self.snapshots:
             return 0, 0
-        total = sum(p["restarts"] for p in self.snapshots[-1]["pods"])
-        first = sum(p["restarts"] for p in self.snapshots[0]["pods"])
-        return total, total - first
+        first_seen = {}
+        for snap in self.snapshots:
+            for p in snap["pods"]:
+                first_seen.setdefault(p["uid"], 0 if snap is not self.snapshots[0] else p["restarts"])
+        latest = self.snapshots[-1]["pods"]
+        total = sum(p["restarts"] for p in latest)
+        return total, sum(max(0, p["restarts"] - first_seen.get(p["uid"], 0)) for p in latest)
 
     def score(self):
         """2 with a CRITICAL alert, 1 with warnings, unready replicas or error logs, 0 healthy."""
@@ -4844,8 +5108,11 @@ def summarize_target(store, now=None):
     if snap is None:
         return head + ("Collection failed: %s\n" % store.last_error if store.last_error else "No data collected yet\n")
     out = [head, "Collected at: %s\n" % time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap["time"]))]
+    if store.stale(now):
+        out.append("STALE: no successful collection since %s (%s ago); what follows may no longer be true\n"
+                   % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.last_success)), _age(now - store.last_success)))
     if store.last_error:
-        out.append("Last collection failed: %s\n" % store.last_error)
+        out.append("Collection errors: %s\n" % store.last_error)
     w = snap.get("workload")
     if w:
         out.append("\n## %s Status\n" % w["kind"])
@@ -4894,8 +5161,9 @@ def status_line(store):
         return "%s: %s" % (t.key, "collection failed: %s" % store.last_error if store.last_error else "no data yet")
     w = snap.get("workload") or {"ready": 0, "desired": 0}
     health = {2: "critical", 1: "degraded"}.get(store.score(), "healthy")
-    return "%s: %d/%d ready | %s | %d alerts | %d snapshots collected" % (
-        t.key, w["ready"], w["desired"], health, len(store.alerts), len(store.snapshots))
+    return "%s: %d/%d ready | %s | %d alerts | %d snapshots collected%s%s" % (
+        t.key, w["ready"], w["desired"], health, len(store.alerts), len(store.snapshots),
+        " | STALE" if store.stale() else "", " | errors: %s" % ", ".join(store.errors) if store.errors else "")
 
 
 def summarize_targets(stores, max_chars=32000):
@@ -4910,14 +5178,17 @@ def summarize_targets(stores, max_chars=32000):
     texts = [summarize_target(s) + "\n" if s.score() >= 1 else None for s in ranked]
     compact = ["- " + status_line(s) + "\n" for s in ranked]
 
+    troubled = [s.score() >= 1 for s in ranked]
+
     def render():
-        detailed = [t for t in texts if t]
-        brief = [c for t, c in zip(texts, compact) if t is None and c]
+        # a cut shortens a troubled target to its line; it never moves it under "Healthy"
+        attention = [t or c for t, c, bad in zip(texts, compact, troubled) if bad and (t or c)]
+        healthy = [c for c, bad in zip(compact, troubled) if not bad and c]
         out = header
-        if detailed:
-            out += "--- Targets Requiring Attention ---\n\n" + "".join(detailed)
-        if brief:
-            out += "--- Healthy Targets ---\n" + "".join(brief)
+        if attention:
+            out += "--- Targets Requiring Attention ---\n\n" + "".join(attention)
+        if healthy:
+            out += "--- Healthy Targets ---\n" + "".join(healthy)
         return out
 
     for i in reversed(range(len(ranked))):      # over budget: shorten from the bottom...
@@ -4931,6 +5202,39 @@ def summarize_targets(stores, max_chars=32000):
     return render()[:max_chars]
 
 
+def hpa_status(h):
+    spec, status = h.get("spec") or {}, h.get("status") or {}
+    limited = any(cond.get("type") == "ScalingLimited" and cond.get("status") == "True"
+                  and cond.get("reason") == "TooManyReplicas" for cond in status.get("conditions") or ())
+    return {"name": h["metadata"]["name"], "current": status.get("currentReplicas", 0),
+            "desired": status.get("desiredReplicas", 0), "min": spec.get("minReplicas", 1),
+            "max": spec.get("maxReplicas", 0), "limited": limited}
+
+
+def run_parallel(calls, width=8):
+    """{key: fn(*args) or the exception it raised} for {key: (fn, *args)}, `width` at a time."""
+    results, lock, pending = {}, threading.Lock(), list(calls.items())
+
+    def worker():
+        while True:
+            with lock:
+                if not pending:
+                    return
+                key, (fn, *args) = pending.pop(0)
+            try:
+                value = fn(*args)
+            except Exception as e:          # a failed call is a result, reported on its targets
+                value = e if isinstance(e, ChatServeError) else UpstreamError("%s: %s" % (type(e).__name__, e))
+            with lock:
+                results[key] = value
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(width, len(calls)))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
 class Watcher:
     """The background thread that collects every interval, keeps the stores and
     answers for GetWatcherStatus, GetAlerts and the prompt context."""
@@ -4941,6 +5245,8 @@ class Watcher:
         self.settings, self.kubectl, self.metrics = settings, kubectl, metrics
         self.stores = [TargetStore(t, settings) for t in settings.targets]
         self.cluster_alerts = collections.OrderedDict()      # node problems, once for the whole cluster
+        self.nodes, self.cluster_scope = [], True           # cluster_scope: may list across namespaces
+        self.metrics_api_checked, self.has_metrics_api = -1e9, False
         self.stop_event = threading.Event()
         self.thread = None
         self.cycles = 0
@@ -4965,75 +5271,119 @@ class Watcher:
 
     # -- collection ----------------------------------------------------------
 
+    metrics_api_every = 300.0       # seconds between checks whether the metrics API (kubectl top) exists
+
     def collect_once(self, now=None):
+        """One cycle, O(namespaces + kinds) kubectl calls, never O(pods): every
+        resource of every target in one `get` (all namespaces at once when
+        there are more than two), events, nodes, `top` only where the metrics
+        API exists; in parallel, each within about one interval.  Logs only of
+        troubled pods whose state changed, in one bounded pool."""
         now = now or time.time()
-        nodes, node_error = [], ""
-        try:
-            nodes = self.kubectl.json("get", "nodes", "-o", "json").get("items", [])
-            self.cluster_alerts, new = merge_alerts(self.cluster_alerts, node_alerts(nodes), now)
-            for alert in new:
-                self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
-        except ChatServeError as e:
-            node_error = e.message
-        by_namespace = collections.OrderedDict()
+        self.kubectl.timeout = max(1.0, min(self.settings.interval, 20.0))
+        namespaces = sorted({s.target.namespace for s in self.stores})
+        scopes = [None] if len(namespaces) > 2 and self.cluster_scope else namespaces
+        resources = [r for r, _short, _kind in WATCH_RESOURCES]
+        calls = {("get", ns): (self.kubectl.get, resources, ns) for ns in scopes}
+        calls.update({("events", ns): (self.kubectl.get, ["events"], ns) for ns in scopes})
+        calls["nodes"] = (self.kubectl.get, ["nodes"], None)
+        if self.metrics_api(now):
+            calls.update({("top", ns): (self._top, ns) for ns in scopes})
+        results = run_parallel(calls)
+        got_all = results.get(("get", None))
+        if isinstance(got_all, tuple) and all("at the cluster scope" in got_all[1].get(r, "") for r in resources):
+            self.cluster_scope = False      # only namespaced permissions: list per namespace from now on
+            log.info("watcher: no permission to list across namespaces; listing per namespace")
+            return self.collect_once(now)
+        self._apply_nodes(results["nodes"], now)
+        troubled = []
         for store in self.stores:
-            by_namespace.setdefault(store.target.namespace, []).append(store)
-        for namespace, stores in by_namespace.items():
-            self._collect_namespace(namespace, stores, nodes, now)
-        if node_error:
-            log.debug("watcher: nodes: %s", node_error)
+            ns = None if scopes == [None] else store.target.namespace
+            troubled += self._collect_target(store, results[("get", ns)], results[("events", ns)],
+                                             results.get(("top", ns)), now)
+        self._logs(troubled)
         self.cycles += 1
 
-    def _collect_namespace(self, namespace, stores, nodes, now):
-        started = time.monotonic()
-        try:
-            items = self.kubectl.json("get", "deploy,sts,ds,job,cronjob,pods,hpa", "-n", namespace, "-o", "json").get("items", [])
-        except ChatServeError as e:
-            for store in stores:
-                self._failed(store, "resources", e.message)
-            return
-        try:
-            events = self.kubectl.json("get", "events", "-n", namespace, "-o", "json").get("items", [])
-        except ChatServeError as e:
-            events = []
-            for store in stores:
-                self._failed(store, "events", e.message)
-        usage = self._top(namespace)
-        for store in stores:
-            self._collect_target(store, items, events, nodes, usage, now)
-            self.metrics.watch_duration.observe((store.target.key,), time.monotonic() - started)
+    def metrics_api(self, now):
+        """Whether the cluster serves the metrics API (metrics-server), asked again every few minutes."""
+        if now - self.metrics_api_checked > self.metrics_api_every:
+            self.metrics_api_checked = now
+            try:
+                self.has_metrics_api = "metrics.k8s.io/" in self.kubectl.run("api-versions")
+            except ChatServeError:
+                self.has_metrics_api = False
+        return self.has_metrics_api
 
-    def _failed(self, store, source, message):
-        store.last_error = message
-        self.metrics.watch_errors.inc((store.target.key, source))
-        log.warning("watcher: %s: %s", store.target.key, message)
+    def _apply_nodes(self, result, now):
+        if isinstance(result, Exception) or result[1]:
+            message = str(getattr(result, "message", result)) if isinstance(result, Exception) else result[1]["nodes"]
+            for store in self.stores:
+                store.failed("nodes", message)
+            self.nodes = []
+            return
+        self.nodes = result[0]
+        for store in self.stores:
+            store.succeeded("nodes")
+        self.cluster_alerts, new = merge_alerts(self.cluster_alerts, node_alerts(self.nodes), now)
+        for alert in new:
+            self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
 
     def _top(self, namespace):
-        """{pod: (cpu, mem)} from kubectl top, or {} when there is no metrics server."""
-        try:
-            text = self.kubectl.run("top", "pods", "-n", namespace, "--no-headers")
-        except ChatServeError:
-            return {}              # no metrics-server is normal
+        """{(namespace, pod): (cpu, mem)} from kubectl top."""
+        text = self.kubectl.run("top", "pods", *(("-n", namespace) if namespace else ("-A",)), "--no-headers")
         usage = {}
         for line in text.splitlines():
             parts = line.split()
-            if len(parts) >= 3:
-                usage[parts[0]] = (parts[1], parts[2])
+            if namespace and len(parts) >= 3:
+                usage[(namespace, parts[0])] = (parts[1], parts[2])
+            elif not namespace and len(parts) >= 4:
+                usage[(parts[0], parts[1])] = (parts[2], parts[3])
         return usage
 
-    def _collect_target(self, store, items, events, nodes, usage, now):
-        t = store.target
+    def _note(self, store, source, result):
+        """The items of a call for this target; its errors recorded per source until that source succeeds."""
+        if isinstance(result, Exception):
+            for src in source:
+                store.failed(src, str(getattr(result, "message", result)))
+                self.metrics.watch_errors.inc((store.target.key, src))
+            return None
+        items, errors = result
+        for src in source:
+            if src in errors:
+                store.failed(src, errors[src])
+                self.metrics.watch_errors.inc((store.target.key, src))
+            else:
+                store.succeeded(src)
+        if all(src in errors for src in source):
+            return None                     # nothing could be read: no snapshot is made up from it
+        ns = store.target.namespace
+        return [i for i in items if i["metadata"].get("namespace", ns) == ns]
+
+    def _collect_target(self, store, got, events, usage, now):
+        """Update one target from the cycle's results; the (store, pod) pairs whose logs to read."""
+        t, started = store.target, time.monotonic()
+        store.last_collected = now
+        items = self._note(store, [r for r, _s, _k in WATCH_RESOURCES], got)
+        events = self._note(store, ["events"], events) or []
+        if isinstance(usage, Exception):
+            usage = {}
+        if items is None:
+            return []
         workload = next((i for i in items if i.get("kind") == t.kind and i["metadata"]["name"] == t.name), None)
         pods = [i for i in items if i.get("kind") == "Pod" and self._owns(t, workload, items, i)]
         snapshot = {"time": now, "workload": workload_status(workload) if workload else None,
-                    "pods": [pod_status(p) for p in pods], "nodes": nodes,
-                    "hpa": [{"name": h["metadata"]["name"], "current": (h.get("status") or {}).get("currentReplicas", 0),
-                             "desired": (h.get("status") or {}).get("desiredReplicas", 0),
-                             "min": (h.get("spec") or {}).get("minReplicas", 1), "max": (h.get("spec") or {}).get("maxReplicas", 0)}
-                            for h in items if h.get("kind") == "HorizontalPodAutoscaler"
+                    "pods": [pod_status(p) for p in pods], "nodes": self.nodes,
+                    "jobs": [job_status(j) for j in items if j.get("kind") == "Job" and t.kind == "CronJob" and any(
+                        ref.get("kind") == "CronJob" and ref.get("name") == t.name
+                        for ref in j["metadata"].get("ownerReferences") or ())],
+                    "hpa": [hpa_status(h) for h in items if h.get("kind") == "HorizontalPodAutoscaler"
                             and ((h.get("spec") or {}).get("scaleTargetRef") or {}).get("name") == t.name]}
+        claims = {claim for p in snapshot["pods"] for claim in p["claims"]}
+        snapshot["pvcs"] = [{"name": v["metadata"]["name"], "phase": (v.get("status") or {}).get("phase", ""),
+                             "created": parse_k8s_time(v["metadata"].get("creationTimestamp"))}
+                            for v in items if v.get("kind") == "PersistentVolumeClaim" and v["metadata"]["name"] in claims]
         for p in snapshot["pods"]:
-            p["cpu"], p["mem"] = usage.get(p["name"], ("", ""))
+            p["cpu"], p["mem"] = (usage or {}).get((t.namespace, p["name"]), ("", ""))
         names = {p["name"] for p in snapshot["pods"]} | {t.name}
         store.events = sorted(({"type": e.get("type", ""), "reason": e.get("reason", ""), "message": e.get("message", ""),
                                 "object": "%s/%s" % ((e.get("involvedObject") or {}).get("kind", ""),
@@ -5041,14 +5391,27 @@ class Watcher:
                                 "time": parse_k8s_time(e.get("lastTimestamp") or (e.get("metadata") or {}).get("creationTimestamp")) or now}
                                for e in events if (e.get("involvedObject") or {}).get("name") in names),
                               key=lambda e: e["time"])
-        self._logs(store, [p["name"] for p in snapshot["pods"]])
         if t.metrics_port:
             self._app_metrics(store, [p["name"] for p in snapshot["pods"] if p["phase"] == "Running"])
         for alert in store.add_snapshot(snapshot, now):
             self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
         if workload is None:
-            self._failed(store, "resources", "%s %s not found in namespace %s" % (t.kind, t.name, t.namespace))
+            store.failed("target", "%s %s not found in namespace %s" % (t.kind, t.name, t.namespace))
+        else:
+            store.succeeded("target")
         self._record_gauges(store)
+        self.metrics.watch_duration.observe((t.key,), time.monotonic() - started)
+        return [(store, p) for p in snapshot["pods"] if self._logs_due(store, p)]
+
+    @staticmethod
+    def _logs_due(store, pod):
+        """A troubled pod whose restarts or state changed since its logs were last read."""
+        state = (pod["restarts"], pod["waiting"], pod["phase"], pod["ready"])
+        troubled = not pod["ready"] or pod["waiting"] or pod["restarts"] or pod["phase"] not in ("Running", "Succeeded")
+        if not troubled or store.log_state.get(pod["uid"]) == state:
+            return False
+        store.log_state[pod["uid"]] = state
+        return True
 
     @staticmethod
     def _owns(target, workload, items, pod):
@@ -5064,24 +5427,19 @@ class Watcher:
             return labels.get("job-name") in jobs
         return selector_matches((workload.get("spec") or {}).get("selector"), labels)
 
-    def _logs(self, store, pods):
-        def fetch(pod):
+    def _logs(self, wanted):
+        """Logs of (store, pod) pairs, all targets together, `log_parallelism` at a time."""
+        def fetch(store, pod):
             try:
-                return pod, self.kubectl.run("logs", pod, "-n", store.target.namespace, "--tail",
-                                             str(self.settings.max_log_lines), "--timestamps", "--all-containers")
-            except ChatServeError as e:
+                return self.kubectl.run("logs", pod["name"], "-n", store.target.namespace, "--tail",
+                                        str(self.settings.max_log_lines), "--timestamps", "--all-containers")
+            except ChatServeError:
                 self.metrics.watch_errors.inc((store.target.key, "logs"))
-                return pod, ""
-        threads, results = [], []
-        for batch_start in range(0, len(pods), self.log_parallelism):
-            batch = pods[batch_start:batch_start + self.log_parallelism]
-            threads = [threading.Thread(target=lambda p=p: results.append(fetch(p))) for p in batch]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(Kubectl.timeout + 5)
-        for pod, text in results:
-            store.add_logs(pod, text)
+                return ""
+        calls = {i: (fetch, store, pod) for i, (store, pod) in enumerate(wanted)}
+        for i, text in run_parallel(calls, self.log_parallelism).items():
+            if isinstance(text, str):
+                wanted[i][0].add_logs(wanted[i][1]["name"], text)
 
     def _app_metrics(self, store, pods):
         t = store.target
@@ -5111,12 +5469,15 @@ class Watcher:
 
     def alerts(self, namespace="", deployment=""):
         """Active alerts; cluster (node) alerts only when no namespace filter is given."""
-        groups = [("", "", self.cluster_alerts)] if not namespace and not deployment else []
-        groups += [(s.target.namespace, s.target.name, s.alerts) for s in self.stores
+        now = time.time()
+        nodes_stale = any("nodes" in s.errors for s in self.stores)
+        groups = [("", "", self.cluster_alerts, nodes_stale)] if not namespace and not deployment else []
+        groups += [(s.target.namespace, s.target.name, s.alerts, s.stale(now)) for s in self.stores
                    if (not namespace or s.target.namespace == namespace) and (not deployment or s.target.name == deployment)]
+        # stale: from the last successful collection, which is too old to be current
         return [{"type": a["type"], "severity": a["severity"].lower(), "message": a["message"], "object": a["object"],
-                 "namespace": ns, "deployment": name, "timestamp_unix": int(a["timestamp"])}
-                for ns, name, alerts in groups for a in alerts.values()]
+                 "namespace": ns, "deployment": name, "timestamp_unix": int(a["timestamp"]), "stale": stale}
+                for ns, name, alerts, stale in groups for a in alerts.values()]
 
     def status(self):
         single = len(self.stores) == 1
@@ -5127,19 +5488,24 @@ class Watcher:
             counts[s.score()] += 1
         summary = status_line(self.stores[0]) if single else "Watching %d targets: %d healthy, %d warning, %d critical" % (
             len(self.stores), counts[0], counts[1], counts[2])
+        stale = [s.target.key for s in self.stores if s.stale()]
+        if stale:
+            summary += " | STALE: %s (no successful collection for 3 intervals)" % ", ".join(stale)
         return {"active": True, "deployment": target.name if single else "%d targets" % len(self.stores),
                 "namespace": target.namespace if single else "multi", "status_summary": summary,
                 "alert_count": sum(len(s.alerts) for s in self.stores) + len(self.cluster_alerts),
                 "snapshot_count": sum(len(s.snapshots) for s in self.stores),
-                "pod_count": sum(len(s["pods"]) for s in snaps)}
+                "pod_count": sum(len(s["pods"]) for s in snaps), "targets": self.targets_status()}
 
     def first_collection_done(self):
         return self.cycles > 0
 
     def targets_status(self):
+        now = time.time()
         return [{"target": s.target.key, "kind": s.target.kind, "last_collected_unix": int(s.last_collected) or None,
-                 "last_error": s.last_error or None, "alerts": len(s.alerts), "snapshots": len(s.snapshots)}
-                for s in self.stores]
+                 "last_success_unix": int(s.last_success) or None, "stale": s.stale(now),
+                 "last_error": s.last_error or None, "errors": dict(s.errors), "alerts": len(s.alerts),
+                 "snapshots": len(s.snapshots)} for s in self.stores]
 
 
 # ---------------------------------------------------------------------------
@@ -7595,7 +7961,11 @@ def parse_analysis(text):
         confidence = min(1.0, max(0.0, float(data.get("confidence", 0.5))))
     except (TypeError, ValueError):
         confidence = 0.5
-    recommendations = [str(r) for r in data.get("recommendations") or [] if isinstance(r, (str, int, float))]
+    recommendations = data.get("recommendations") or []
+    if isinstance(recommendations, (str, int, float)):
+        recommendations = [recommendations]          # one recommendation, not its characters
+    recommendations = [str(r) for r in recommendations if isinstance(r, (str, int, float))] \
+        if isinstance(recommendations, list) else []
     actions = []
     for entry in data.get("actions") or data.get("suggested_actions") or []:
         if isinstance(entry, dict) and entry.get("action") in ANALYZE_ACTIONS:

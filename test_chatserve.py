@@ -16,6 +16,7 @@ refuses a non-UUID X-Request-Id the way llama-cpp-python's server does.
 
 import argparse
 import base64
+import calendar
 import collections
 import contextlib
 import hashlib
@@ -2883,11 +2884,11 @@ class ReloadTest(ServerTestCase):
             f.write(text)
 
     def test_reload_applies_live_and_keeps_connections(self):
-        app = self.start_with_file("rate-limit-rps: 0\naliases:\n  fast: openai/up-model\n")
+        app = self.start_with_file("log-level: error\nrate-limit-rps: 0\naliases:\n  fast: openai/up-model\n")
         conn = self.conn()
         conn.request("POST", "/v1/chat/completions", json.dumps(self.chat("fast")), {"Content-Type": "application/json"})
         self.assertEqual(conn.getresponse().read() and self.upstream.requests[-1]["body"]["model"], "up-model")
-        self.rewrite("rate-limit-rps: 0\nmax-connections: 7\naliases:\n  quick: openai/other-model\n"
+        self.rewrite("log-level: error\nrate-limit-rps: 0\nmax-connections: 7\naliases:\n  quick: openai/other-model\n"
                      "keys:\n  alice:\n    hash: %s\n" % cs.key_digest(ALICE_SECRET))
         restart = app.reload("test")
         self.assertIn("--max-connections", restart)                             # said, not applied
@@ -2902,14 +2903,14 @@ class ReloadTest(ServerTestCase):
         self.assertEqual(self.request("GET", "/v1/models")[0], 401)            # keys now: a key is needed
 
     def test_a_bad_file_keeps_the_running_config(self):
-        app = self.start_with_file("aliases:\n  fast: openai/up-model\n")
-        self.rewrite("aliases:\n  fast: openai/up-model\nprot: 1\n")
+        app = self.start_with_file("log-level: error\naliases:\n  fast: openai/up-model\n")
+        self.rewrite("log-level: error\naliases:\n  fast: openai/up-model\nprot: 1\n")
         with self.assertRaises(cs.ConfigError) as ctx:
             app.reload("test")
-        self.assertIn("chatserve.yaml:3: unknown setting 'prot'", ctx.exception.message)
+        self.assertIn("chatserve.yaml:4: unknown setting 'prot'", ctx.exception.message)
         status, body = cs.control_request(app.config.socket_path, "POST", "/reload")
         self.assertEqual((status, body["status"]), (400, "not_reloaded"))
-        self.assertIn(":3: unknown setting", body["error"])
+        self.assertIn(":4: unknown setting", body["error"])
         self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat("fast"))[0], 200)
         self.assertEqual(self.upstream.requests[-1]["body"]["model"], "up-model")
 
@@ -3095,6 +3096,64 @@ class ConnectTest(ServerTestCase):
 
 FAKE_KUBECTL = r"""#!%s
 import json, os, sys, time
+
+# kubectl's resource names, short names and kinds (kubectl api-resources)
+RESOURCES = {"deployments": ("deploy", "Deployment", "apps"), "statefulsets": ("sts", "StatefulSet", "apps"),
+             "daemonsets": ("ds", "DaemonSet", "apps"), "jobs": ("job", "Job", "batch"),
+             "cronjobs": ("cronjob", "CronJob", "batch"), "pods": ("po", "Pod", ""),
+             "horizontalpodautoscalers": ("hpa", "HorizontalPodAutoscaler", "autoscaling"),
+             "persistentvolumeclaims": ("pvc", "PersistentVolumeClaim", ""), "events": ("ev", "Event", ""),
+             "nodes": ("no", "Node", "")}
+ALIASES = dict((alias, name) for name, (short, kind, group) in RESOURCES.items()
+               for alias in (name, short, name.rstrip("s"), kind.lower()))
+
+
+def cluster(state, clean):
+    # A small API server behind kubectl, with kubectl's own words for what goes wrong.
+    def fail(text, code=1):
+        sys.stderr.write(text + "\n")
+        sys.exit(code)
+    if state.get("down"):
+        fail("The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?")
+    if clean == ["api-versions"]:
+        sys.stdout.write("apps/v1\nautoscaling/v2\nbatch/v1\n%%sv1\n" %% (
+            "metrics.k8s.io/v1beta1\n" if state.get("metrics_api") else ""))
+        sys.exit(0)
+    if clean[:2] == ["top", "pods"]:
+        if not state.get("metrics_api"):
+            fail("error: Metrics API not available")
+        sys.stdout.write(state.get("top", ""))
+        sys.exit(0)
+    if clean[:1] == ["logs"]:
+        sys.stdout.write(state.get("logs", {}).get(clean[1], ""))
+        sys.exit(0)
+    if clean[:2] == ["get", "--raw"]:
+        sys.stdout.write(state.get("raw", {}).get(clean[2], ""))
+        sys.exit(0)
+    namespace = clean[clean.index("-n") + 1] if "-n" in clean else None
+    names = [ALIASES[r] for r in clean[1].split(",")]
+    if any(n in state.get("hang", ()) for n in names):
+        time.sleep(60)
+    items, errors = [], []
+    for name in names:
+        short, kind, group = RESOURCES[name]
+        forbidden = state.get("forbidden", {}).get(name)
+        if forbidden == "all" or (forbidden == "cluster" and namespace is None):
+            errors.append('Error from server (Forbidden): %%s%%s is forbidden: User "limited" cannot list resource "%%s" '
+                          'in API group "%%s" %%s' %% (name, "." + group if group else "", name, group,
+                                                     'in the namespace "%%s"' %% namespace if namespace and name != "nodes"
+                                                     else "at the cluster scope"))
+            continue
+        items += [o for o in state["objects"] if o["kind"] == kind and (
+            namespace is None or name == "nodes" or o["metadata"].get("namespace") == namespace)]
+    if items or not errors:
+        sys.stdout.write(json.dumps({"apiVersion": "v1", "items": items, "kind": "List",
+                                     "metadata": {"resourceVersion": ""}}, indent=4) + "\n")
+    if errors:
+        fail("\n".join(errors))
+    sys.exit(0)
+
+
 args = sys.argv[1:]
 with open(os.environ["FAKE_KUBECTL_LOG"], "a") as log:
     log.write(json.dumps(args) + "\n")
@@ -3104,10 +3163,12 @@ for a in args:
         skip = False
     elif a in ("--kubeconfig", "--context"):
         skip = True
-    else:
+    elif not a.startswith("--request-timeout="):
         clean.append(a)
 with open(os.environ["FAKE_KUBECTL_FIXTURES"]) as f:
     fixtures = json.load(f)
+if "cluster" in fixtures:
+    cluster(fixtures["cluster"], clean)
 key = " ".join(clean)
 entry = fixtures.get(key)
 if entry is None and clean[:1] == ["logs"]:
@@ -3137,8 +3198,15 @@ def k8s_list(items):
     return {"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}}
 
 
+def k8s_time(offset=0.0):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + offset))
+
+
+WATCH_GET = "get %s -n prod -o json" % ",".join(r for r, _s, _k in cs.WATCH_RESOURCES)
+
+
 def prod_fixtures(healthy=False):
-    """A namespace as `kubectl get ... -o json` shows it, with one problem per alert rule."""
+    """A namespace as kubectl shows it (the fake kubectl's cluster), with one problem per alert rule."""
     api = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api", "namespace": "prod"},
            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}}, "strategy": {"type": "RollingUpdate"}},
            "status": {"replicas": 2, "readyReplicas": 2 if healthy else 1, "updatedReplicas": 2, "availableReplicas": 1,
@@ -3153,26 +3221,28 @@ def prod_fixtures(healthy=False):
             k8s_pod("api-canary-1", {"app": "api-canary"}, restarts=40)]       # a name prefix, not a member
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "migrate", "namespace": "prod"},
            "spec": {"completions": 1}, "status": {"failed": 0 if healthy else 2, "succeeded": 1 if healthy else 0}}
-    cron = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly", "namespace": "prod"},
-            "spec": {"schedule": "0 3 * * *", "suspend": False},
-            "status": {"lastScheduleTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (60 if healthy else 90000)))}}
-    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "api"},
+    due = time.gmtime(time.time() - 7200)                  # the schedule's last run was due two hours ago
+    cron = {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly", "namespace": "prod",
+                                                                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"schedule": "%d %d * * *" % (due.tm_min, due.tm_hour), "suspend": False},
+            "status": {"lastScheduleTime": k8s_time(-7170 if healthy else -93600)}}
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "api", "namespace": "prod"},
            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "api"}, "minReplicas": 2, "maxReplicas": 6},
            "status": {"currentReplicas": 2, "desiredReplicas": 2}}
     event = {"kind": "Event", "type": "Warning", "reason": "BackOff", "message": "Back-off restarting failed container",
+             "metadata": {"name": "api-7d9f-b.1", "namespace": "prod"},
              "involvedObject": {"kind": "Pod", "name": "api-7d9f-b"}, "lastTimestamp": "2026-11-22T10:01:00Z"}
     node_conditions = [{"type": "Ready", "status": "True"}, {"type": "MemoryPressure", "status": "False"}] if healthy else \
         [{"type": "Ready", "status": "False", "reason": "KubeletNotReady"}, {"type": "MemoryPressure", "status": "True"}]
-    nodes = k8s_list([{"kind": "Node", "metadata": {"name": "node1"}, "status": {"conditions": node_conditions}}])
-    return {"get deploy,sts,ds,job,cronjob,pods,hpa -n prod -o json": {"stdout": k8s_list([api, canary, job, cron, hpa] + pods)},
-            "get events -n prod -o json": {"stdout": k8s_list([] if healthy else [event])},
-            "get nodes -o json": {"stdout": nodes},
-            "top pods -n prod --no-headers": {"stdout": "api-7d9f-a   12m   85Mi\napi-7d9f-b   3m   40Mi\n"},
-            "logs api-7d9f-a": {"stdout": "2026-11-22T10:00:00Z INFO started\n" + ("" if healthy else
-                                          "2026-11-22T10:00:01Z ERROR connection refused to db:5432\n")},
-            "get --raw /api/v1/namespaces/prod/pods/api-7d9f-a:9090/proxy/metrics": {"stdout":
+    node = {"kind": "Node", "metadata": {"name": "node1"}, "status": {"conditions": node_conditions}}
+    return {"cluster": {
+        "objects": [api, canary, job, cron, hpa] + pods + ([] if healthy else [event]) + [node],
+        "metrics_api": True, "top": "api-7d9f-a   12m   85Mi\napi-7d9f-b   3m   40Mi\n",
+        "logs": {"api-7d9f-a": "2026-11-22T10:00:00Z INFO started\n" + ("" if healthy else
+                                "2026-11-22T10:00:01Z ERROR connection refused to db:5432\n")},
+        "raw": {"/api/v1/namespaces/prod/pods/api-7d9f-a:9090/proxy/metrics":
                 "# HELP http_requests_total Requests.\n# TYPE http_requests_total counter\n"
-                'http_requests_total{code="200"} 1027\nhttp_requests_total{code="500"} 3\ngo_goroutines 42\n'}}
+                'http_requests_total{code="200"} 1027\nhttp_requests_total{code="500"} 3\ngo_goroutines 42\n'}}}
 
 
 class KubectlCase(ServerTestCase):
@@ -3290,14 +3360,20 @@ class WatcherCollectionTest(KubectlCase):
         w = self.watcher([cs.WatchTarget("api", "prod"), cs.WatchTarget("migrate", "prod", "Job")])
         w.collect_once()
         calls = self.calls()
-        gets = [c for c in calls if c[:2] == ["get", "deploy,sts,ds,job,cronjob,pods,hpa"]]
+        gets = [c for c in calls if c[:2] == WATCH_GET.split()[:2]]
         self.assertEqual(len(gets), 1)                       # one per namespace, not per target or pod
         self.assertEqual(sum(c[:2] == ["get", "events"] for c in calls), 1)
         self.assertTrue(all(c[-4:] == ["--kubeconfig", "/tmp/kubeconfig", "--context", "ctx-1"] for c in calls))
+        self.assertTrue(all(c[-5].startswith("--request-timeout=") for c in calls))
         logs = [c for c in calls if c[0] == "logs"]
-        self.assertEqual(sorted(c[1] for c in logs), ["api-7d9f-a", "api-7d9f-b"])
+        self.assertEqual(sorted(c[1] for c in logs), ["api-7d9f-a", "api-7d9f-b"])     # troubled pods only
         self.assertIn("--all-containers", logs[0])
         self.assertEqual(logs[0][logs[0].index("--tail") + 1], "100")
+        before = len(self.calls())
+        w.collect_once()
+        again = self.calls()[before:]
+        self.assertEqual([c[0] for c in again if c[0] == "logs"], [])      # nothing changed: no logs read again
+        self.assertEqual(len(again), 4)                      # get, events, nodes, top: api-versions is remembered
 
     def test_store_logs_usage_metrics_and_summary(self):
         w = self.watcher()
@@ -3326,41 +3402,116 @@ class WatcherCollectionTest(KubectlCase):
         self.assertEqual(w.stores[0].alerts, {})
         self.assertEqual(w.stores[0].score(), 1)             # the error log line is still within the window
 
-    def test_failures_are_recorded_never_raised(self):
+    def test_a_forbidden_kind_costs_that_kind_only_until_it_is_allowed(self):
         fixtures = prod_fixtures()
-        fixtures["get deploy,sts,ds,job,cronjob,pods,hpa -n prod -o json"] = {
-            "stderr": 'Error from server (Forbidden): pods is forbidden: User "x" cannot list resource "pods"\n', "exit": 1}
+        fixtures["cluster"]["forbidden"] = {"horizontalpodautoscalers": "all", "events": "all", "nodes": "all"}
         self.fixtures(fixtures)
         w = self.watcher()
         w.collect_once()
-        self.assertIn("Forbidden", w.stores[0].last_error)
-        self.assertEqual(w.metrics.watch_errors.value(("prod/api", "resources")), 1)
-        self.assertIn("Collection failed: kubectl get deploy,sts,ds,job,cronjob,pods,hpa: Error from server (Forbidden)", w.context())
-        fixtures = prod_fixtures()
-        del fixtures["get deploy,sts,ds,job,cronjob,pods,hpa -n prod -o json"]
-        fixtures["get deploy,sts,ds,job,cronjob,pods,hpa -n staging -o json"] = {"stdout": k8s_list([])}
+        store = w.stores[0]
+        self.assertEqual(sorted(store.errors), ["events", "horizontalpodautoscalers", "nodes"])
+        self.assertIn('Error from server (Forbidden): horizontalpodautoscalers.autoscaling is forbidden: User "limited" '
+                      'cannot list resource "horizontalpodautoscalers"', store.errors["horizontalpodautoscalers"])
+        self.assertIn("CrashLoopBackOff", {a["type"] for a in store.alerts.values()})    # the rest was used
+        self.assertEqual(store.score(), 2)
+        self.assertEqual(w.metrics.watch_errors.value(("prod/api", "events")), 1)
+        self.assertIn("events: Error from server (Forbidden): events is forbidden", w.context())
+        status = w.status()["targets"][0]
+        self.assertEqual(sorted(status["errors"]), ["events", "horizontalpodautoscalers", "nodes"])
+        fixtures["cluster"]["forbidden"] = {"events": "all"}
         self.fixtures(fixtures)
+        w.collect_once()
+        self.assertEqual(sorted(store.errors), ["events"])          # the others came back; events still says why
+        healthy = prod_fixtures(healthy=True)
+        healthy["cluster"]["forbidden"] = {"events": "all"}
+        self.fixtures(healthy)
+        w.collect_once()
+        self.assertEqual(store.alerts, {})
+        self.assertEqual(store.score(), 1)                    # never "healthy" while a kind cannot be read
+        self.fixtures(prod_fixtures())
         w = self.watcher([cs.WatchTarget("gone", "staging")])
         w.collect_once()
         self.assertIn("Deployment gone not found in namespace staging", w.stores[0].last_error)
 
-    def test_hang_huge_output_and_missing_kubectl(self):
+    def test_namespaced_permissions_fall_back_to_one_call_per_namespace(self):
         fixtures = prod_fixtures()
-        fixtures["get nodes -o json"] = {"sleep": 30}
-        fixtures["get deploy,sts,ds,job,cronjob,pods,hpa -n prod -o json"] = {"stdout": "", "repeat": 200}
+        objects = fixtures["cluster"]["objects"]
+        for ns in ("a", "b"):
+            objects += [dict(o, metadata=dict(o["metadata"], namespace=ns)) for o in objects
+                        if o["metadata"].get("namespace") == "prod" and o["kind"] == "Deployment"]
+        fixtures["cluster"]["forbidden"] = {r: "cluster" for r, _s, _k in cs.WATCH_RESOURCES}
+        fixtures["cluster"]["forbidden"]["events"] = "cluster"
         self.fixtures(fixtures)
-        original = (cs.Kubectl.timeout, cs.Kubectl.max_bytes)
-        cs.Kubectl.timeout, cs.Kubectl.max_bytes = 0.5, 1024 * 1024
-        self.addCleanup(setattr, cs.Kubectl, "timeout", original[0])
-        self.addCleanup(setattr, cs.Kubectl, "max_bytes", original[1])
-        w = self.watcher()
+        w = self.watcher([cs.WatchTarget("api", ns) for ns in ("prod", "a", "b")])
+        w.collect_once()
+        self.assertFalse(w.cluster_scope)
+        self.assertEqual([s.errors for s in w.stores], [{}, {}, {}])
+        self.assertEqual([s.latest["workload"]["name"] for s in w.stores], ["api"] * 3)
+
+    def test_flat_load_twenty_targets_in_ten_namespaces(self):
+        """Calls per cycle are O(namespaces + kinds): 20 healthy targets in 10 namespaces, 4 calls."""
+        objects = []
+        for i in range(20):
+            ns = "ns%d" % (i % 10)
+            labels = {"app": "svc%d" % i}
+            objects.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "svc%d" % i, "namespace": ns},
+                            "spec": {"replicas": 2, "selector": {"matchLabels": labels}}, "status": {"readyReplicas": 2}})
+            for j in range(2):
+                pod = k8s_pod("svc%d-%d" % (i, j), labels)
+                pod["metadata"]["namespace"] = ns
+                objects.append(pod)
+        self.fixtures({"cluster": {"objects": objects + [{"kind": "Node", "metadata": {"name": "n"}, "status": {}}]}})
+        w = self.watcher([cs.WatchTarget("svc%d" % i, "ns%d" % (i % 10)) for i in range(20)])
+        w.collect_once()
+        calls = self.calls()
+        self.assertLess(len(calls), 12)
+        self.assertEqual(sorted(c[0] + " " + c[1] for c in calls),
+                         sorted(["api-versions --request-timeout=20s", "get events", "get nodes", " ".join(WATCH_GET.split()[:2])]))
+        self.assertTrue(all(s.latest and len(s.latest["pods"]) == 2 and not s.errors for s in w.stores))
+        self.assertFalse([c for c in calls if c[0] in ("top", "logs")])     # no metrics API, nothing in trouble
+
+    def test_outages_are_reported_per_target_and_alerts_go_stale(self):
+        w = self.watcher(interval=1.0)
+        w.collect_once()
+        store = w.stores[0]
+        self.assertFalse(store.stale())
+        fixtures = prod_fixtures()
+        fixtures["cluster"]["down"] = True
+        self.fixtures(fixtures)
+        w.collect_once()
+        self.assertIn("The connection to the server 127.0.0.1:6443 was refused", store.errors["pods"])
+        self.assertEqual(len(store.snapshots), 1)               # nothing new was made up from a failure
+        store.last_success -= 5                                 # as if 5 intervals went by like that
+        self.assertTrue(store.stale())
+        alerts = [a for a in w.alerts() if a["namespace"] == "prod"]
+        self.assertTrue(alerts and all(a["stale"] for a in alerts))
+        self.assertIn("STALE: prod/api", w.status()["status_summary"])
+        status = w.targets_status()[0]
+        self.assertEqual((status["stale"], bool(status["last_success_unix"])), (True, True))
+        fixtures["cluster"] = dict(fixtures["cluster"], down=False, hang=["pods"])
+        self.fixtures(fixtures)
+        original = cs.Kubectl.timeout
+        self.addCleanup(setattr, cs.Kubectl, "timeout", original)
+        w = self.watcher(interval=1.0)
+        started = time.monotonic()
+        w.collect_once()
+        self.assertLess(time.monotonic() - started, 8)       # a hanging API server: reported within about an interval
+        self.assertIn("timed out", w.stores[0].errors["pods"])
+        self.assertNotIn("nodes", w.stores[0].errors)         # the other calls were not held up
+
+    def test_hang_huge_output_and_missing_kubectl(self):
+        self.fixtures({WATCH_GET: {"stdout": "", "repeat": 200}, "get nodes -A -o json": {"sleep": 30}})
+        original = cs.Kubectl.max_bytes
+        cs.Kubectl.max_bytes = 1024 * 1024
+        self.addCleanup(setattr, cs.Kubectl, "max_bytes", original)
+        w = self.watcher(interval=0.5)
         started = time.monotonic()
         w.collect_once()
         self.assertLess(time.monotonic() - started, WAIT)
         self.assertIn("printed more than 1048576 bytes", w.stores[0].last_error)
         with self.assertRaises(cs.UpstreamError) as ctx:
-            w.kubectl.run("get", "nodes", "-o", "json")
-        self.assertIn("timed out after 0.5s", ctx.exception.message)
+            w.kubectl.run("get", "nodes", "-A", "-o", "json")
+        self.assertIn("timed out after 2s", ctx.exception.message)
         w = cs.Watcher(cs.WatchSettings([cs.WatchTarget("api", "prod")]), cs.Kubectl(os.path.join(self.tmp, "nope")), cs.Metrics())
         w.collect_once()
         self.assertIn("cannot run", w.stores[0].last_error)
@@ -3374,10 +3525,142 @@ class WatcherCollectionTest(KubectlCase):
         self.assertEqual(len(w.stores[0].snapshots), min(w.cycles, w.stores[0].snapshots.maxlen) or len(w.stores[0].snapshots))
 
 
+class WatchRulesTest(unittest.TestCase):
+    """Each rule on and off, from objects shaped like `kubectl get -o json`."""
+
+    now = calendar.timegm(time.strptime("2026-11-29T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+
+    def types(self, snapshot, **settings):
+        return {a[0] for a in cs.detect_alerts(snapshot, self.now, cs.WatchSettings([], **settings))}
+
+    def pod(self, waiting=None, message="", phase="Running", age=60, conditions=(), claims=(), ready=True):
+        pod = k8s_pod("p", {"app": "x"}, ready=ready, waiting=waiting, phase=phase)
+        pod["metadata"]["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.now - age))
+        if waiting:
+            pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = message
+        pod["status"]["conditions"] = list(conditions)
+        pod["spec"]["volumes"] = [{"name": c, "persistentVolumeClaim": {"claimName": c}} for c in claims]
+        return cs.pod_status(pod)
+
+    def test_broken_deploy_symptoms(self):
+        for waiting, kind in (("ImagePullBackOff", "ImagePullBackOff"), ("ErrImagePull", "ImagePullBackOff"),
+                              ("CreateContainerConfigError", "CreateContainerConfigError"),
+                              ("CrashLoopBackOff", "CrashLoopBackOff")):
+            on = self.pod(waiting, 'Back-off pulling image "registry/app:v9"', ready=False)
+            self.assertIn(kind, self.types({"pods": [on]}), waiting)
+        self.assertEqual(self.types({"pods": [self.pod()]}), set())
+        term = self.pod()
+        term["last_terminated"] = {"reason": "OOMKilled", "exit_code": 137, "finished_at": ""}
+        self.assertIn("OOMKilled", self.types({"pods": [term]}))
+
+    def test_pending_and_unschedulable_after_the_threshold(self):
+        unschedulable = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                          "message": "0/3 nodes are available: 3 Insufficient memory."}]
+        self.assertEqual(self.types({"pods": [self.pod(phase="Pending", age=600, conditions=unschedulable)]}),
+                         {"PodUnschedulable"})
+        self.assertEqual(self.types({"pods": [self.pod(phase="Pending", age=60, conditions=unschedulable)]}), set())
+        self.assertEqual(self.types({"pods": [self.pod(phase="Pending", age=600, conditions=unschedulable)]},
+                                    pending_after=3600.0), set())             # the threshold is configurable
+        self.assertEqual(self.types({"pods": [self.pod(phase="Pending", age=600)]}), {"PodPending"})
+        alerts = cs.detect_alerts({"pods": [self.pod(phase="Pending", age=600, conditions=unschedulable)]}, self.now)
+        self.assertIn("Insufficient memory", alerts[0][2])
+
+    def test_stuck_rollout_pending_claims_and_a_maxed_out_hpa(self):
+        stuck = {"kind": "Deployment", "metadata": {"name": "api"}, "spec": {"replicas": 2},
+                 "status": {"readyReplicas": 2, "conditions": [
+                     {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                      "message": 'ReplicaSet "api-5d" has timed out progressing.'}]}}
+        self.assertEqual(self.types({"pods": [], "workload": cs.workload_status(stuck)}), {"DeploymentStuck"})
+        stuck["status"]["conditions"][0].update(status="True", reason="NewReplicaSetAvailable")
+        self.assertEqual(self.types({"pods": [], "workload": cs.workload_status(stuck)}), set())
+        pvc = {"name": "data-db-0", "phase": "Pending", "created": self.now - 900}
+        self.assertEqual(self.types({"pods": [], "pvcs": [pvc]}), {"PVCPending"})
+        self.assertEqual(self.types({"pods": [], "pvcs": [dict(pvc, phase="Bound")]}), set())
+        hpa = {"metadata": {"name": "api"}, "spec": {"minReplicas": 2, "maxReplicas": 6},
+               "status": {"currentReplicas": 6, "desiredReplicas": 6, "conditions": [
+                   {"type": "ScalingLimited", "status": "True", "reason": "TooManyReplicas"}]}}
+        self.assertEqual(self.types({"pods": [], "hpa": [cs.hpa_status(hpa)]}), {"HPAMaxedOut"})
+        hpa["status"]["conditions"][0]["status"] = "False"
+        self.assertEqual(self.types({"pods": [], "hpa": [cs.hpa_status(hpa)]}), set())
+
+    def cron(self, schedule, last, **spec):
+        obj = {"kind": "CronJob", "metadata": {"name": "nightly", "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": dict({"schedule": schedule, "suspend": False}, **spec),
+               "status": {"lastScheduleTime": last} if last else {}}
+        return cs.workload_status(obj)
+
+    def test_cronjob_missed_by_its_schedule(self):
+        self.assertIn("CronJobMissed", self.types({"pods": [], "workload": self.cron("0 3 * * *", "2026-11-28T03:00:00Z")}))
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("0 3 * * *", "2026-11-29T03:00:05Z")}), set())
+        weekly = self.cron("0 3 * * mon", "2026-11-23T03:00:00Z")          # Monday; today is Sunday
+        self.assertEqual(self.types({"pods": [], "workload": weekly}), set())   # the old 2-hour rule said missed
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("58 11 * * *", "2026-11-28T11:58:00Z")}),
+                         set())                                                 # 2 minutes late: within the grace
+        self.assertIn("CronJobMissed", self.types({"pods": [], "workload": self.cron(
+            "58 11 * * *", "2026-11-28T11:58:00Z", startingDeadlineSeconds=60)}))
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("0 3 * * *", None, suspend=True)}), set())
+        self.assertIn("CronJobMissed", self.types({"pods": [], "workload": self.cron("@hourly", "2026-11-29T10:00:00Z")}))
+        berlin = self.cron("0 3 * * *", "2026-11-29T02:00:00Z", timeZone="Europe/Berlin")   # 03:00 in Berlin
+        if sys.version_info >= (3, 9):
+            self.assertEqual(self.types({"pods": [], "workload": berlin}), set())
+        job = {"name": "nightly-1", "started": calendar.timegm(time.strptime("2026-11-29T03:00:02Z", "%Y-%m-%dT%H:%M:%SZ")),
+               "succeeded": True, "failed": False}
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("0 3 * * *", None), "jobs": [job]}), set())
+        self.assertIn("schedule this watcher cannot read", cs.detect_alerts(
+            {"pods": [], "workload": self.cron("0 25 * * *", None)}, self.now)[0][2])
+
+    def test_job_failed_clears_after_a_newer_success(self):
+        failed = {"name": "nightly-1", "started": self.now - 7200, "succeeded": False, "failed": True}
+        ok = {"name": "nightly-2", "started": self.now - 3600, "succeeded": True, "failed": False}
+        recent = "2026-11-29T03:00:00Z"
+        self.assertIn("JobFailed", self.types({"pods": [], "workload": self.cron("0 3 * * *", recent), "jobs": [failed]}))
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("0 3 * * *", recent), "jobs": [failed, ok]}), set())
+        running = {"kind": "Job", "metadata": {"name": "j"}, "status": {"active": 1, "failed": 1}}
+        self.assertEqual(cs.job_status(running)["failed"], False)            # still retrying
+
+    def test_cron_syntax(self):
+        at = calendar.timegm(time.strptime("2026-11-29T01:52:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        cases = {"*/15 * * * *": "2026-11-29 01:45", "0 9 * * mon-fri": "2026-11-27 09:00",
+                 "30 2 1 * *": "2026-11-01 02:30", "0 0 13 * 5": "2026-11-27 00:00", "0 12 * JAN,jul sun": "2026-07-26 12:00",
+                 "5 4 * * 7": "2026-11-22 04:05", "@daily": "2026-11-29 00:00", "0 0-6/2 * * *": "2026-11-29 00:00"}
+        for expr, expected in cases.items():
+            self.assertEqual(time.strftime("%Y-%m-%d %H:%M", time.gmtime(cs.CronSchedule(expr).previous(at))), expected, expr)
+        for bad in ("* * * *", "61 * * * *", "a * * * *", "*/0 * * * *", "5-1 * * * *"):
+            with self.assertRaises(ValueError):
+                cs.CronSchedule(bad)
+
+    def test_restart_delta_never_negative_when_pods_are_replaced(self):
+        store = cs.TargetStore(cs.WatchTarget("api", "prod"), cs.WatchSettings([]))
+        old = k8s_pod("api-old", {"app": "api"}, restarts=9)
+        old["metadata"]["uid"] = "u-old"
+        new = k8s_pod("api-new", {"app": "api"}, restarts=2)
+        new["metadata"]["uid"] = "u-new"
+        store.add_snapshot({"time": 1, "pods": [cs.pod_status(old)]}, self.now)
+        store.add_snapshot({"time": 2, "pods": [cs.pod_status(new)]}, self.now)
+        self.assertEqual(store.restart_trend(), (2, 2))           # 9 -> 2 was a new pod, not -7 restarts
+
+    def test_a_budget_cut_never_calls_a_troubled_target_healthy(self):
+        stores = []
+        for name, critical in (("bad", True), ("fine", False)):
+            store = cs.TargetStore(cs.WatchTarget(name, "prod"), cs.WatchSettings([]))
+            pod = k8s_pod(name + "-1", {"app": name}, ready=not critical, waiting="CrashLoopBackOff" if critical else None)
+            store.add_snapshot({"time": 1, "pods": [cs.pod_status(pod)], "workload": None}, self.now)
+            stores.append(store)
+        text = cs.summarize_targets(stores, max_chars=400)
+        healthy = text.split("--- Healthy Targets ---")[-1] if "--- Healthy Targets ---" in text else ""
+        self.assertNotIn("prod/bad", healthy)
+        self.assertIn("--- Targets Requiring Attention ---", text)
+        self.assertIn("prod/bad", text)
+
+    def test_recommendations_as_one_string(self):
+        _a, _c, recommendations, _x = cs.parse_analysis('{"analysis": "x", "recommendations": "Raise the memory limit"}')
+        self.assertEqual(recommendations, ["Raise the memory limit"])
+
+
 class MultiSummaryTest(KubectlCase):
     def test_troubled_first_in_full_healthy_in_a_line_and_the_budget(self):
         fixtures = prod_fixtures()
-        fixtures["get deploy,sts,ds,job,cronjob,pods,hpa -n prod -o json"]["stdout"]["items"][1]["status"]["readyReplicas"] = 1
+        fixtures["cluster"]["objects"][1]["status"]["readyReplicas"] = 1
         self.fixtures(fixtures)
         targets = [cs.WatchTarget("api-canary", "prod"), cs.WatchTarget("api", "prod"), cs.WatchTarget("nightly", "prod", "CronJob")]
         w = self.watcher(targets)
