@@ -4462,7 +4462,8 @@ def import_chatcli_sessions(store, directory):
 
 WATCH_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet", "job": "Job",
                "cronjob": "CronJob"}
-WATCH_FILE_KEYS = ("interval", "window", "maxLogLines", "maxContextChars", "pendingAfter", "cronJobGrace", "targets")
+WATCH_FILE_KEYS = ("interval", "window", "maxLogLines", "maxContextChars", "pendingAfter", "cronJobGrace",
+                   "restartThreshold", "targets")
 # What one collection lists: (kubectl's resource name, short name, kind).  One call lists them all.
 WATCH_RESOURCES = (("deployments", "deploy", "Deployment"), ("statefulsets", "sts", "StatefulSet"),
                    ("daemonsets", "ds", "DaemonSet"), ("jobs", "job", "Job"), ("cronjobs", "cronjob", "CronJob"),
@@ -4488,11 +4489,12 @@ class WatchTarget:
 
 class WatchSettings:
     def __init__(self, targets, interval=30.0, window=7200.0, max_log_lines=100, max_context_chars=32000,
-                 pending_after=300.0, cron_grace=300.0):
+                 pending_after=300.0, cron_grace=300.0, restart_threshold=5):
         self.targets, self.interval, self.window = targets, interval, window
         self.max_log_lines, self.max_context_chars = max_log_lines, max_context_chars
         self.pending_after = pending_after      # a pod or PVC Pending longer than this is an alert
         self.cron_grace = cron_grace            # a CronJob run later than this (without startingDeadlineSeconds) is missed
+        self.restart_threshold = restart_threshold  # more restarts than this is HighRestartCount
 
 
 def _where(path, data, key):
@@ -4525,7 +4527,8 @@ def parse_watch_config(path, defaults):
     settings = WatchSettings([], number("interval", defaults.interval, "duration"), number("window", defaults.window, "duration"),
                              number("maxLogLines", defaults.max_log_lines, "int"), number("maxContextChars", 32000, "int"),
                              number("pendingAfter", defaults.pending_after, "duration"),
-                             number("cronJobGrace", defaults.cron_grace, "duration"))
+                             number("cronJobGrace", defaults.cron_grace, "duration"),
+                             number("restartThreshold", defaults.restart_threshold, "int"))
     targets = data.get("targets")
     if not isinstance(targets, list) or not targets:
         raise ConfigError("%s: targets: a list of at least one {deployment, namespace} is required" % _where(path, data, "targets"))
@@ -4643,7 +4646,13 @@ class Kubectl:
             argv += ["--kubeconfig", self.kubeconfig]
         if self.context:
             argv += ["--context", self.context]
-        code, out, err = run_capped(argv, self.timeout + 1, self.max_bytes)
+        try:
+            code, out, err = run_capped(argv, self.timeout + 0.5, self.max_bytes)
+        except UpstreamError as e:
+            if "timed out" in e.message:
+                raise UpstreamError("kubectl %s: no answer within %gs (is the API server down or hanging?)"
+                                    % (args[0], self.timeout + 0.5))
+            raise
         return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def run(self, *args):
@@ -4891,7 +4900,7 @@ WAITING_ALERTS = {"CrashLoopBackOff": ("CrashLoopBackOff", "is in CrashLoopBackO
 
 def pod_alerts(pod, now, settings):
     name, alerts = pod["name"], []
-    if pod["restarts"] > 5:
+    if pod["restarts"] > settings.restart_threshold:
         alerts.append(("HighRestartCount", "CRITICAL", "Pod %s has %d restarts" % (name, pod["restarts"]), name))
     term = pod["last_terminated"]
     if term and term["reason"] == "OOMKilled":
@@ -5287,9 +5296,14 @@ class Watcher:
         calls = {("get", ns): (self.kubectl.get, resources, ns) for ns in scopes}
         calls.update({("events", ns): (self.kubectl.get, ["events"], ns) for ns in scopes})
         calls["nodes"] = (self.kubectl.get, ["nodes"], None)
-        if self.metrics_api(now):
+        if self.has_metrics_api:
             calls.update({("top", ns): (self._top, ns) for ns in scopes})
+        if now - self.metrics_api_checked > self.metrics_api_every:     # answered for the next cycles
+            self.metrics_api_checked = now
+            calls["api-versions"] = (self.kubectl.run, "api-versions")
         results = run_parallel(calls)
+        if "api-versions" in results and not isinstance(results["api-versions"], Exception):
+            self.has_metrics_api = "metrics.k8s.io/" in results["api-versions"]
         got_all = results.get(("get", None))
         if isinstance(got_all, tuple) and all("at the cluster scope" in got_all[1].get(r, "") for r in resources):
             self.cluster_scope = False      # only namespaced permissions: list per namespace from now on
@@ -5303,16 +5317,6 @@ class Watcher:
                                              results.get(("top", ns)), now)
         self._logs(troubled)
         self.cycles += 1
-
-    def metrics_api(self, now):
-        """Whether the cluster serves the metrics API (metrics-server), asked again every few minutes."""
-        if now - self.metrics_api_checked > self.metrics_api_every:
-            self.metrics_api_checked = now
-            try:
-                self.has_metrics_api = "metrics.k8s.io/" in self.kubectl.run("api-versions")
-            except ChatServeError:
-                self.has_metrics_api = False
-        return self.has_metrics_api
 
     def _apply_nodes(self, result, now):
         if isinstance(result, Exception) or result[1]:
