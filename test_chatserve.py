@@ -3115,6 +3115,9 @@ def cluster(state, clean):
         sys.exit(code)
     if state.get("down"):
         fail("The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?")
+    if state.get("timeout"):        # kubectl's own --request-timeout ran out (seen against a stopped kube-apiserver)
+        fail("Unable to connect to the server: net/http: request canceled while waiting for connection "
+             "(Client.Timeout exceeded while awaiting headers)")
     if clean == ["api-versions"]:
         sys.stdout.write("apps/v1\nautoscaling/v2\nbatch/v1\n%%sv1\n" %% (
             "metrics.k8s.io/v1beta1\n" if state.get("metrics_api") else ""))
@@ -3489,7 +3492,11 @@ class WatcherCollectionTest(KubectlCase):
         self.assertIn("STALE: prod/api", w.status()["status_summary"])
         status = w.targets_status()[0]
         self.assertEqual((status["stale"], bool(status["last_success_unix"])), (True, True))
-        fixtures["cluster"] = dict(fixtures["cluster"], down=False, hang=["pods"])
+        fixtures["cluster"] = dict(fixtures["cluster"], down=False, timeout=True)
+        self.fixtures(fixtures)
+        w.collect_once()
+        self.assertIn("Client.Timeout exceeded while awaiting headers", store.errors["events"])
+        fixtures["cluster"] = dict(fixtures["cluster"], timeout=False, hang=["pods"])
         self.fixtures(fixtures)
         original = cs.Kubectl.timeout
         self.addCleanup(setattr, cs.Kubectl, "timeout", original)
