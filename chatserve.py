@@ -671,8 +671,8 @@ def _yaml_scalar(text, no):
         empty.lines = {}
         return empty
     if text[0] in "{&*!|>%@`":
-        raise YamlError("%r is outside the YAML subset chatserve reads (flow maps, anchors, tags, block "
-                        "scalars); write it as plain block mappings and lists" % text[:20], no)
+        raise YamlError("a value starting with %r is outside the YAML subset chatserve reads (flow maps, anchors, "
+                        "tags, block scalars); write it as plain block mappings and lists, or quote it" % text[0], no)
     if text[0] == '"':
         if len(text) < 2 or not text.endswith('"'):
             raise YamlError("unterminated double-quoted string", no)
@@ -705,7 +705,7 @@ def _yaml_key(text, no):
         return text[1:end], text[end + 2:].strip()
     key, sep, rest = text.partition(":")
     if not sep or (rest and rest[0] != " ") or not key.strip():
-        raise YamlError("expected 'key: value' or '- item', found %r" % text[:40], no)
+        raise YamlError("expected 'key: value' (a space after the colon) or '- item'", no)
     return key.strip(), rest.strip()
 
 
@@ -778,29 +778,29 @@ def parse_yaml_subset(text):
 
 
 def load_config_file(path):
-    """A JSON or YAML file as data; PyYAML when it is importable, else the subset reader."""
+    """A JSON or YAML-subset file as data."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
-    except OSError as e:
-        raise ConfigError("%s: cannot read: %s" % (path, _os_reason(e)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: cannot read: %s" % (path, getattr(e, "strerror", None) or e))
     if text.lstrip().startswith("{"):
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_pairs)
         except ValueError as e:
             raise ConfigError("%s: not valid JSON: %s" % (path, e))
-    try:
+    try:       # one reader, so a file means the same everywhere (PyYAML or not)
         return parse_yaml_subset(text)
     except YamlError as e:
-        subset_error = ConfigError("%s:%s: %s" % (path, e.line, e.message))
-    try:
-        import yaml     # optional, imported only here (20 ms at every start otherwise)
-    except ImportError:
-        raise subset_error
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise subset_error          # the subset reader's words: path:line
+        raise ConfigError("%s:%s: %s" % (path, e.line, e.message))
+
+
+def _unique_pairs(pairs):
+    keys = [k for k, _v in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ValueError("duplicate key %r" % k)
+    return dict(pairs)
 
 
 # ---------------------------------------------------------------------------
@@ -908,14 +908,21 @@ def _option_dest(flag):
 
 
 def _check_port(value, allow_zero=False):
-    port = int(value)
+    port = _whole(value)
     if not (0 if allow_zero else 1) <= port <= 65535:
         raise ValueError("%s is not a port number (%s-65535)" % (value, 0 if allow_zero else 1))
     return port
 
 
+def _whole(value):
+    """An int from an int or digits, never from a bool or a fraction (file values are typed)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("%r is not a whole number" % (value,))
+    return int(value)
+
+
 def _check_posint(value):
-    n = int(value)
+    n = _whole(value)
     if n < 1:
         raise ValueError("%s must be 1 or more" % value)
     return n
@@ -951,7 +958,7 @@ def _check_provider(value):
 
 
 def _check_count(value):
-    n = int(value)
+    n = _whole(value)
     if n < 0:
         raise ValueError("%s must be 0 or more" % value)
     return n
@@ -996,6 +1003,8 @@ def negated_flag(flag):
 
 def _check_rate(value):
     rate = float(value)
+    if rate != rate or rate in (float("inf"), float("-inf")) or isinstance(value, bool):
+        raise ValueError("%r is not a number of requests per second" % (value,))
     if rate < 0:
         raise ValueError("%s must be 0 (off) or more" % value)
     return rate
@@ -1014,7 +1023,11 @@ def _check_session(value):
 
 
 def _check_duration(value):
+    if isinstance(value, bool):
+        raise ValueError("%r is not a duration" % (value,))
     seconds = parse_duration(value)
+    if seconds != seconds or seconds == float("inf"):
+        raise ValueError("%r is not a duration" % (value,))
     if seconds < 0:
         raise ValueError("%s must not be negative" % value)
     return seconds
@@ -1054,6 +1067,36 @@ def key_digest(secret):
     return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def url_problem(url):
+    """Why an upstream URL is unusable, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url if isinstance(url, str) else "")
+        port = parts.port
+    except ValueError as e:
+        return "is not a URL (%s)" % e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username or parts.password:
+        return "must not carry user:password@ (it would be printed and never sent); use api-key"
+    if port == 0:
+        return "has port 0"
+    return None
+
+
+def read_secret_file(path, limit=65536):
+    """A secret file's text: a regular file (never a FIFO or a device), at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError("larger than %d bytes: not a secret" % limit)
+    return data.decode("utf-8", "replace").strip()
+
+
 class ConfigFile:
     """A config file read once: serve settings by flag name (`max-connections`
     or `max_connections`), `providers`, `aliases`, `fallbacks` and `keys`.
@@ -1090,10 +1133,13 @@ class ConfigFile:
             return self.env[ref]
         if kind == "file" and ref:
             try:
-                with open(os.path.expanduser(ref), encoding="utf-8") as f:
-                    return f.read().strip()
-            except OSError as e:
-                raise self.error(key, "file:%s: cannot read: %s" % (ref, _os_reason(e)), mapping)
+                text = read_secret_file(os.path.expanduser(ref))
+            except (OSError, ValueError) as e:
+                raise self.error(key, "file:%s: cannot read: %s" % (ref, getattr(e, "strerror", None) or e), mapping)
+            if not text:
+                raise self.error(key, "file:%s is empty (caught mid-write? replace it atomically: write a "
+                                      "new file, then mv)" % ref, mapping)
+            return text
         self.inline_secrets.append(self.where(key, mapping))
         return value
 
@@ -1163,14 +1209,19 @@ class ConfigFile:
                     self.where(f["type"][1], fields) if "type" in f else where, name, kind,
                     "openai, anthropic, gemini, ollama, or another of " + ", ".join(sorted(ROUTE_PREFIXES))))
             base = f.get("base_url", (None,))[0]
-            if base is not None and not (isinstance(base, str) and re.match(r"^https?://[^\s/]+", base)):
-                raise ConfigError("%s: provider %s: base-url must be an http:// or https:// URL"
-                                  % (self.where(f["base_url"][1], fields), name))
+            if base is not None:
+                problem = url_problem(base)
+                if problem:
+                    raise ConfigError("%s: provider %s: base-url %s" % (self.where(f["base_url"][1], fields), name,
+                                                                        problem))
             key = self.secret(f["api_key"][0], f["api_key"][1], fields) if "api_key" in f else ""
             model = f.get("model", (None,))[0]
             protocol = ROUTE_PREFIXES[kind]
             # "anthropic:", "ollama:" ... configure the built-in provider; other names are endpoints of their own
             ident = protocol if ROUTE_PREFIXES.get(name.lower()) == protocol else name.upper()
+            if ident in out:
+                raise ConfigError("%s: provider %s: %s (%s) already names that provider (names ignore case)"
+                                  % (where, name, out[ident].where, ident))
             out[ident] = Endpoint(ident, protocol, base, key, str(model) if model is not None else None, where)
         return out
 
@@ -1195,7 +1246,7 @@ def checked_client_key(name, fields, where):
         rps = _check_rate(fields.get("rate_limit_rps") or 0)
         burst = _check_posint(fields.get("rate_limit_burst") or max(1, int(rps * 2)))
         budget = _check_count(fields.get("monthly_token_budget") or 0)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise bad(str(e))
     models = fields.get("models") or ()
     if isinstance(models, str):
@@ -1257,7 +1308,11 @@ class Config:
         if file:
             config.endpoints, config.keys, config.inline_secrets = file.endpoints(), file.keys(), file.inline_secrets
         if config.keys_file:
-            config.keys = config.keys + load_keys_file(config.keys_file, env)
+            from_file = load_keys_file(config.keys_file, env)
+            if not from_file:
+                raise ConfigError("%s: no keys in it (empty, or caught mid-write?): with --keys-file there must be "
+                                  "at least one" % config.keys_file)
+            config.keys = config.keys + from_file
         config.validate()
         return config
 
@@ -1956,6 +2011,10 @@ class CancelScope:
                 self.callbacks.append(fn)
                 return
         fn()
+
+
+def key_allows_name(key, name):
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in key.models)
 
 
 def current_client_key():
@@ -2813,7 +2872,8 @@ def message_text(content):
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "".join(p["text"] for p in content
+                   if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
 
 
 def content_parts(content):
@@ -3943,7 +4003,7 @@ class Engine:
                 pinned = check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
             provider = cls(self.config, self.pool, credentials=credentials)
             provider.pinned = pinned
-            return self.admitted(req.model, provider, model or provider.model)
+            return self.admitted(req.model, provider, model or provider.model, as_asked=False)
         provider = self.providers.get(name)
         if provider is None:
             if not self.providers:
@@ -3958,17 +4018,25 @@ class Engine:
             raise Unavailable("%s at %s has not listed a model yet (no model is configured): start the upstream "
                               "or set %s" % (name, provider.describe()["base_url"], provider.model_env),
                               code="no_model")
-        return self.admitted(req.model, provider, model or provider.model)
+        as_asked = not req.provider and (req.model in self.routes or (not routed and model == req.model))
+        return self.admitted(req.model, provider, model or provider.model, as_asked,
+                             default=not req.provider and provider.name == self.default)
 
-    def admitted(self, asked, provider, model):
+    def admitted(self, asked, provider, model, as_asked=True, default=False):
         """(provider, model) if the request's client key may use them and has
-        budget left; PermissionDenied or a 429 that says why otherwise."""
+        budget left; PermissionDenied or a 429 that says why otherwise.  The
+        patterns are matched against provider/model as sent, and against the
+        name asked for only when that name decided the route (an alias, or a
+        plain name the default provider gets as is)."""
         key = current_client_key()
         if key is None:
             return provider, model
         if key.models:
-            names = {asked or "", model} | {"%s/%s" % (prefix, model) for prefix, name in self.prefixes.items()
-                                           if name == provider.name}
+            names = {"%s/%s" % (prefix, model) for prefix, name in self.prefixes.items() if name == provider.name}
+            if as_asked and asked:
+                names.add(asked)
+            if default and model not in self.routes:
+                names.add(model)            # the default provider's model by its plain name, when that is no alias
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in key.models):
                 raise PermissionDenied("key %s may not use model %s (allowed: %s)"
                                        % (key.name, asked or "%s/%s" % (provider.name.lower(), model),
@@ -3987,7 +4055,12 @@ class Engine:
         provider, model = self.resolve(req)
         if req.credentials is not None or req.provider:
             return [(provider, model)]
-        chain = [(provider, model)] + [(self.providers[n], self.providers[n].model) for n in self.fallbacks]
+        chain = [(provider, model)]
+        for name in self.fallbacks:
+            try:            # a fallback the request's key may not use is skipped
+                chain.append(self.admitted("", self.providers[name], self.providers[name].model, as_asked=False))
+            except ChatServeError:
+                continue
         ready = [c for c in chain if not self.health[c[0].name].cooling()]
         return ready or chain
 
@@ -4040,7 +4113,9 @@ class Engine:
             started = time.monotonic()
             try:
                 events = provider.open(req, model)
-                instrumented = self._instrument(provider.name, model, started, events, current_client_key())
+                prompt_chars = sum(len(message_text(m.get("content"))) for m in req.messages)
+                instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
+                                                prompt_chars)
                 return Answer(provider.name, model, instrumented, events)
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
@@ -4071,16 +4146,18 @@ class Engine:
             self.metrics.key_tokens.inc((key.name, "prompt"), prompt)
             self.metrics.key_tokens.inc((key.name, "completion"), completion)
 
-    def _instrument(self, provider, model, started, events, key=None):
-        error, done = None, False
+    def _instrument(self, provider, model, started, events, key=None, prompt_chars=0):
+        """The events, recorded: one charge per answer, the last usage the
+        upstream reported (it may repeat a running total), else, for an answer
+        cut short or an upstream that reports none, about 4 characters a token."""
+        error, done, usage, text_chars = None, False, None, 0
         try:
             for ev in events:
                 kind = type(ev)
-                if kind is Usage:
-                    ev = Usage(token_count(ev.prompt_tokens), token_count(ev.completion_tokens))
-                    self.metrics.llm_tokens.inc((provider, model, "prompt"), ev.prompt_tokens)
-                    self.metrics.llm_tokens.inc((provider, model, "completion"), ev.completion_tokens)
-                    self.count_key_tokens(key, ev.prompt_tokens, ev.completion_tokens)
+                if kind is TextDelta:
+                    text_chars += len(ev.text)
+                elif kind is Usage:
+                    ev = usage = Usage(token_count(ev.prompt_tokens), token_count(ev.completion_tokens))
                 elif kind is Error:
                     error = ev.error
                 yield ev
@@ -4089,6 +4166,11 @@ class Engine:
             close = getattr(events, "close", None)
             if close:
                 close()
+            if usage is None:
+                usage = Usage((prompt_chars + 3) // 4, (text_chars + 3) // 4)
+            self.metrics.llm_tokens.inc((provider, model, "prompt"), usage.prompt_tokens)
+            self.metrics.llm_tokens.inc((provider, model, "completion"), usage.completion_tokens)
+            self.count_key_tokens(key, usage.prompt_tokens, usage.completion_tokens)
             self._record(provider, model, started, error, cancelled=not done and error is None)
 
     def _record(self, provider, model, started, error, cancelled=False):
@@ -4375,8 +4457,10 @@ class ResponseStore:
 
 class KeyUsage:
     """Named client keys' use per UTC month: requests, prompt and completion
-    tokens, errors.  Counted in memory; added to SQLite (usage.db) at most once
-    a second and at shutdown, so a request costs no disk write of its own."""
+    tokens, errors.  Counted in memory (this month's totals are read once, at
+    start); a background thread adds what is new to SQLite (usage.db) every
+    second and at shutdown, so a request never waits on the file, and a
+    failed write is kept and tried again."""
 
     flush_every = 1.0
     COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "errors")
@@ -4387,54 +4471,63 @@ class KeyUsage:
                                       "requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
                                       "completion_tokens INTEGER NOT NULL, errors INTEGER NOT NULL, "
                                       "PRIMARY KEY (key, month))")
-        self.totals, self.pending, self.flushed = {}, {}, time.monotonic()
-
-    def _total(self, entry):
-        """This month's totals of a key (read from the file once)."""
-        total = self.totals.get(entry)
-        if total is None:
-            row = self.db.execute("SELECT requests, prompt_tokens, completion_tokens, errors FROM usage "
-                                  "WHERE key = ? AND month = ?", entry).fetchone()
-            total = self.totals[entry] = list(row or (0, 0, 0, 0))
-        return total
+        month = current_month()
+        self.totals = {(row[0], month): list(row[1:]) for row in self.db.execute(
+            "SELECT key, requests, prompt_tokens, completion_tokens, errors FROM usage WHERE month = ?", (month,))}
+        self.pending, self.db_lock, self.stopped = {}, threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._flusher, name="usage-flush", daemon=True)
+        self.thread.start()
 
     def add(self, key, requests=0, prompt=0, completion=0, errors=0):
         entry, delta = (key, current_month()), (requests, prompt, completion, errors)
         with self.lock:
-            total, pending = self._total(entry), self.pending.setdefault(entry, [0, 0, 0, 0])
+            total, pending = self.totals.setdefault(entry, [0, 0, 0, 0]), self.pending.setdefault(entry, [0, 0, 0, 0])
             for i, n in enumerate(delta):
                 total[i] += n
                 pending[i] += n
-            due = time.monotonic() - self.flushed >= self.flush_every
-        if due:
-            self.flush()
 
     def tokens(self, key):
         with self.lock:
-            total = self._total((key, current_month()))
+            total = self.totals.get((key, current_month())) or (0, 0, 0, 0)
             return total[1] + total[2]
 
+    def _flusher(self):
+        while not self.stopped.wait(self.flush_every):
+            self.flush()
+
     def flush(self):
+        """Write what is new; on failure keep it for the next try."""
         with self.lock:
-            pending, self.pending, self.flushed = self.pending, {}, time.monotonic()
-            if pending:
+            pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        try:
+            with self.db_lock:
                 self.db.executemany(
                     "INSERT INTO usage (key, month, requests, prompt_tokens, completion_tokens, errors) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key, month) DO UPDATE SET "
                     + ", ".join("%s = %s + excluded.%s" % (col, col, col) for col in self.COLUMNS),
                     [entry + tuple(counts) for entry, counts in pending.items()])
+        except sqlite3.Error as e:
+            log.warning("usage.db: could not write key usage (%s); kept for the next try", e)
+            with self.lock:
+                for entry, counts in pending.items():
+                    kept = self.pending.setdefault(entry, [0, 0, 0, 0])
+                    for i, n in enumerate(counts):
+                        kept[i] += n
 
     def report(self, month=None):
-        """[{key, month, requests, ...}] of a month (this one by default)."""
-        self.flush()
+        """[{key, month, requests, ...}] of a month (this one by default), from memory for this month."""
+        month = month or current_month()
         with self.lock:
-            rows = self.db.execute("SELECT key, month, requests, prompt_tokens, completion_tokens, errors FROM usage "
-                                   "WHERE month = ? ORDER BY key", (month or current_month(),)).fetchall()
-        return [dict(zip(("key", "month") + self.COLUMNS, row)) for row in rows]
+            return [dict(zip(("key", "month") + self.COLUMNS, (key, m) + tuple(counts)))
+                    for (key, m), counts in sorted(self.totals.items()) if m == month]
 
     def close(self):
+        self.stopped.set()
+        self.thread.join(5)
         self.flush()
-        with self.lock:
+        with self.db_lock:
             self.db.close()
 
 
@@ -6723,7 +6816,9 @@ def _model_object(entry, created):
 def route_models(h):
     created = int(h.app.started_wall)
     engine = h.app.engine
-    body = {"object": "list", "data": [_model_object(m, created) for m in engine.models()]}
+    key = h.client_key
+    body = {"object": "list", "data": [_model_object(m, created) for m in engine.models()
+                                       if key is None or not key.models or key_allows_name(key, m["id"])]}
     failed = [{"provider": name, "error": p.listing_error} for name, p in engine.providers.items() if p.listing_error]
     if failed:
         body["listing_errors"] = failed     # shown, never fatal: the default models are listed anyway
@@ -7301,7 +7396,9 @@ def anthropic_error_body(err):
 def _anthropic_part(block, where):
     kind = block.get("type")
     if kind == "text":
-        return {"type": "text", "text": block.get("text") or ""}
+        if not isinstance(block.get("text"), str):
+            raise BadRequest("%s.text: must be a string" % where, param=where + ".text")
+        return {"type": "text", "text": block["text"]}
     if kind == "image":
         source = block.get("source") or {}
         url = source.get("url") if source.get("type") == "url" else \
@@ -7858,12 +7955,19 @@ def stream_prompt_results(answer):
 
 @rpc_method("ListSessions")
 def rpc_list_sessions(app, h, params):
-    return {"sessions": app.sessions.list()}
+    owner = session_owner(h)
+    return {"sessions": [n[len(owner):] for n in app.sessions.list() if n.startswith(owner) and (owner or "~" not in n)]}
+
+
+def session_owner(h):
+    """The prefix a named key's sessions are stored under ("~alice~"); "" for the
+    server's token.  '~' cannot occur in a session name, so no name can forge it."""
+    return "~%s~" % h.client_key.name if h.client_key is not None else ""
 
 
 @rpc_method("LoadSession", (("name", "string"),))
 def rpc_load_session(app, h, params):
-    data = app.sessions.load(check_session_name(Params(params).str("name")))
+    data = app.sessions.load(session_owner(h) + check_session_name(Params(params).str("name")))
     app.metrics.session_ops.inc(("load",))
     return {"messages": [{k: m[k] for k in ("role", "content") if k in m} for m in data["chat_history"]],
             "session_data": data}
@@ -7874,7 +7978,8 @@ def rpc_save_session(app, h, params):
     p = Params(params)
     name = check_session_name(p.str("name"))
     data = p.p.get("session_data") or p.list("messages")
-    app.sessions.save(name, normalize_session(data, "session_data" if p.p.get("session_data") else "messages"))
+    app.sessions.save(session_owner(h) + name, normalize_session(data, "session_data" if p.p.get("session_data")
+                                                                  else "messages"))
     app.metrics.session_ops.inc(("save",))
     return {"success": True}
 
@@ -7882,7 +7987,7 @@ def rpc_save_session(app, h, params):
 @rpc_method("DeleteSession", (("name", "string"),))
 def rpc_delete_session(app, h, params):
     name = check_session_name(Params(params).str("name"))
-    if not app.sessions.delete(name):
+    if not app.sessions.delete(session_owner(h) + name):
         raise NotFound("session %r not found" % name, code="session_not_found")
     app.metrics.session_ops.inc(("delete",))
     return {"success": True}
@@ -8173,6 +8278,15 @@ def session_answer(h, ws, history, content, metadata):
     if not content.strip():
         ws.send_text(session_message("ERROR", "USER_INPUT needs content"))
         return
+    if h.client_key is not None:
+        try:
+            h.app.admit_key_again(h)         # revoked or changed by a reload; its rate per prompt
+        except ChatServeError as e:
+            ws.send_text(session_message("ERROR", e.message, code=e.grpc_status))
+            if isinstance(e, Unauthorized):
+                ws.close(1008, "key revoked")          # policy violation
+                raise WebSocketClosed("the key was revoked")
+            return
     params = {"prompt": content, "history": history, "provider": metadata.get("provider"),
               "model": metadata.get("model"), "client_api_key": metadata.get("client_api_key")}
     try:
@@ -8221,13 +8335,22 @@ def parse_agent_request(data):
     return prompt, bool(body.get("stream")), bool(body.get("async")), max_tokens
 
 
+def agent_for_token_only(h):
+    if h.client_key is not None:
+        raise PermissionDenied("the agent is for the server's token: its tools run on this host and its "
+                               "conversation is shared; named keys (%s) cannot use it" % h.client_key.name)
+
+
 def route_agent_request(h):
+    agent_for_token_only(h)
     app = h.app
     if app.stopping.is_set():
         raise Unavailable("the server is shutting down and takes no new prompts")
     prompt, stream, is_async, max_tokens = parse_agent_request(h.read_body())
     if is_async:
-        position = app.agent.submit(prompt, max_tokens)
+        scope = CancelScope()
+        scope.client_key = h.client_key         # limits and usage follow the job onto the agent's thread
+        position = app.agent.submit(prompt, max_tokens, None, scope)
         h.send_json(200, {"success": True, "queued": True, "queue_position": position})
         return
     listener = queue.Queue()
@@ -8262,6 +8385,7 @@ def agent_events(listener):
 
 
 def route_agent_updates(h):
+    agent_for_token_only(h)
     agent = h.app.agent
     client_id = h.headers.get("X-Client-ID") or ""
     if not _CLIENT_ID_RE.match(client_id):
@@ -8285,10 +8409,12 @@ def route_agent_updates(h):
 
 
 def route_agent_session(h):
+    agent_for_token_only(h)
     h.send_json(200, h.app.agent.session())
 
 
 def route_agent_clear(h):
+    agent_for_token_only(h)
     h.app.agent.clear()
     h.send_json(200, {"success": True})
 
@@ -8470,6 +8596,8 @@ async function refreshStatus() {
                 ["providers", (s.available_providers || []).join(", ") || "none"],
                 ["requests", s.requests_processed], ["in flight", s.in_flight]];
   for (const [k, v] of rows) { add(dl, "dt", k); add(dl, "dd", String(v)); }
+  watching = s.watcher !== null && s.watcher !== undefined;
+  if (!watching) $("watch-summary").textContent = "no watcher is configured on this server";
   const body = $("targets");
   body.replaceChildren();
   for (const t of s.watcher || []) {
@@ -8490,8 +8618,9 @@ async function refreshWatcher() {
   }
   if (st.active && !alerts.length) add(list, "li", "no alerts", "info");
 }
+let watching = true;            // the server has a watcher (its /status says)
 async function refresh() {
-  try { await refreshStatus(); await refreshWatcher(); }
+  try { await refreshStatus(); if (watching) await refreshWatcher(); }
   catch (e) { if (!(e instanceof Refused)) $("conn").textContent = "error: " + e.message; }
 }
 async function loadModels() {
@@ -8569,7 +8698,7 @@ async function start() {
   loadModels().catch((e) => { $("conn").textContent = "models: " + e.message; });
   refresh();
   clearInterval(timer);
-  timer = setInterval(refresh, 2000);
+  timer = setInterval(refresh, 5000);     // each poll spends the signed-in key's rate: not too often
 }
 
 $("login").addEventListener("submit", (ev) => {
@@ -8579,7 +8708,11 @@ $("login").addEventListener("submit", (ev) => {
   $("token").value = "";
   start();
 });
-$("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); token = ""; showLogin(""); });
+$("logout").addEventListener("click", () => {
+  if (following) following.abort();
+  if (running) running.abort();
+  sessionStorage.removeItem(KEY); token = ""; showLogin("");
+});
 $("chat-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const prompt = $("prompt").value.trim();
@@ -8635,7 +8768,10 @@ def route_health(h):
 
 
 def route_status(h):
-    h.send_json(200, h.app.status())
+    status = h.app.status()
+    if h.client_key is not None:
+        status.pop("current_request", None)     # another client's prompt
+    h.send_json(200, status)
 
 
 def route_livez(h):
@@ -9741,6 +9877,14 @@ class KeyRing:
         return self.by_digest.get(key_digest(secret)) if secret and self.by_digest else None
 
 
+def presented_token(h):
+    """The bearer token (or Anthropic clients' x-api-key) of a request."""
+    scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = h.headers.get("x-api-key") or ""
+    return given.strip()
+
+
 def rate_limited(message, wait):
     seconds = max(1, int(wait + 0.999))
     return RateLimited("%s; retry in %d s" % (message, seconds), headers={"Retry-After": str(seconds)})
@@ -9942,10 +10086,7 @@ class App:
         token, keys = self.config.token, self.keys
         if not token and not keys.keys:
             return
-        scheme, _, given = (h.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer":
-            given = h.headers.get("x-api-key") or ""     # how Anthropic SDK clients send the token
-        given = given.strip()
+        given = presented_token(h)
         if token and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8")):
             return                  # the right token is never refused for others' failures
         key = keys.find(given)
@@ -9968,6 +10109,21 @@ class App:
         self.auth_failures.take(address)
         raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
                            headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
+
+    def admit_key_again(self, h):
+        """A long-lived session's next prompt: its key as configured now (401 if
+        a reload removed it), its rate limit spent, counted as a request."""
+        key = self.keys.by_digest.get(h.client_key.digest)
+        if key is None or key.name != h.client_key.name:
+            raise Unauthorized("key %s is no longer configured on this server" % h.client_key.name)
+        h.client_key = key
+        if h.scope is not None:
+            h.scope.client_key = key
+        limiter = self.keys.limiters.get(key.name)
+        ok, wait = limiter.take(key.name) if limiter else (True, 0)
+        if not ok:
+            raise rate_limited("key %s is over its rate limit of %g requests/s" % (key.name, key.rate_limit_rps), wait)
+        self.key_request_done(key, 200)
 
     def key_request_done(self, key, status):
         error = status >= 400
@@ -10010,6 +10166,12 @@ class App:
             except ConfigError as e:
                 log.error("%s: the config was not reloaded, the running one stays: %s", why, e.message)
                 raise
+            except Exception as e:          # whatever it is, the running config stays
+                log.exception("%s: the config was not reloaded", why)
+                raise ConfigError("%s: the config was not reloaded: %s: %s" % (why, type(e).__name__, e))
+            if (old.token or old.keys) and not (new.token or new.keys):
+                raise ConfigError("%s: the new config has no token and no keys: it would open this server to "
+                                  "anyone; not reloaded (restart to run without auth)" % why)
             restart = [d for d in self.RESTART_SETTINGS if getattr(new, d) != getattr(old, d)]
             for dest in self.RESTART_SETTINGS:
                 setattr(new, dest, getattr(old, dest))
@@ -10035,10 +10197,12 @@ class App:
             pass            # logged
 
     def check_rate(self, h):
-        """The per-client token bucket, on every route but the probes."""
+        """The per-client token bucket, on every route but the probes: a named
+        key has its own (behind a proxy every client shares one address)."""
         if self.rate_limiter is None:
             return
-        ok, wait = self.rate_limiter.take(h.address_string())
+        key = self.keys.find(presented_token(h)) if self.keys.keys else None
+        ok, wait = self.rate_limiter.take("key:" + key.name if key is not None else h.address_string())
         if not ok:
             self.metrics.rate_limited.inc(("rate",))
             raise rate_limited("rate limit of %g requests/s (burst %d) exceeded"
@@ -10175,6 +10339,7 @@ def cmd_ctl(args):
         return 1
     if status != 200:
         detail = body.get("error") if isinstance(body, dict) and body.get("error") else json_dumps(body)
+        detail = detail.get("message", detail) if isinstance(detail, dict) else detail
         print("chatserve at %s: %s failed: %s" % (path, args.action, detail), file=sys.stderr)
         return 1
     if args.json:
@@ -10726,6 +10891,13 @@ def add_serve_options(serve):
                            action="append" if kind in ("list", "aliases") else "store", help=help_text + shown + env)
 
 
+def positive_seconds(text):
+    value = float(text)
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError("%s is not a number of seconds above 0" % text)
+    return value
+
+
 def build_parser():
     parser = ArgumentParser(prog="chatserve.py", description="One well-guarded door to the LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -10759,7 +10931,7 @@ def build_parser():
     ctl.add_argument("--socket", help="control socket path (default: found from --port, or the only one running)")
     ctl.add_argument("--port", type=int, help="port of the server whose socket to use")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
-    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    ctl.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds to wait (default 5)")
     ctl.set_defaults(func=cmd_ctl)
 
     connect = sub.add_parser("connect", help="interactive client for a remote chatserve",
@@ -10903,6 +11075,8 @@ def run_as_module():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"] and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload asked for while starting must not kill it
     if sys.argv[1:2] == ["serve"] and __spec__ is None and sys.executable:     # a script, not -m
         run_as_module()
     sys.exit(main())

@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -326,6 +327,13 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                 openai_chunk(usage=USAGE, choices=False)])
         self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "truncated", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "Hel"}, "finish_reason": "length"}], "usage": USAGE})
+
+    def scenario_running_usage(self, body):
+        """Usage on every chunk as a running total (vLLM's continuous_usage_stats)."""
+        chunks = [openai_chunk({"content": w}) for w in ("a ", "b ", "c")] + [openai_chunk(finish="stop")]
+        for i, chunk in enumerate(chunks):
+            chunk["usage"] = {"prompt_tokens": 7, "completion_tokens": i + 1, "total_tokens": 8 + i}
+        self.stream(chunks)
 
     def scenario_paced(self, body):
         """Three words a third of a second apart: a stream a person can watch arrive."""
@@ -884,6 +892,34 @@ class ConfigFileTest(unittest.TestCase):
                 self.load(text)
             self.assertIn(expected, ctx.exception.message, text)
             self.assertIn(os.path.join(self.tmp, "chatserve.yaml"), ctx.exception.message)
+
+    def test_files_that_would_surprise(self):
+        fifo = os.path.join(self.tmp, "fifo")
+        os.mkfifo(fifo)
+        empty = self.write("", "empty-token")
+        cases = [("token: file:%s\n" % empty, "is empty"), ("token: file:%s\n" % fifo, "not a regular file"),
+                 ("rate-limit-rps: inf\n", "not a number"), ("max-connections: true\n", "not a whole number"),
+                 ("port: 8080.9\n", "not a whole number"),
+                 ("providers:\n  x:\n    type: openai\n    base-url: 'http://[::1/v1'\n", "is not a URL"),
+                 ("providers:\n  x:\n    type: openai\n    base-url: http://gpu:99999/v1\n", "is not a URL"),
+                 ("providers:\n  x:\n    type: openai\n    base-url: http://u:pa55@gpu/v1\n", "user:password"),
+                 ("providers:\n  local:\n    type: openai\n  Local:\n    type: ollama\n", "names ignore case"),
+                 ("keys:\n  a:\n    hash: x\n    rate-limit-rps: inf\n", "key a:"),
+                 ("aliases: {fast: x}\n", "outside the YAML subset"),
+                 ("token:sk-live-4f9a8b7c6d5e\n", "a space after the colon")]
+        for text, words in cases:
+            with self.assertRaises(cs.ConfigError, msg=text) as ctx:
+                self.load(text)
+            self.assertIn(words, ctx.exception.message, text)
+            self.assertNotIn("pa55", ctx.exception.message)
+            self.assertNotIn("sk-live", ctx.exception.message)             # errors never quote a value
+        with self.assertRaises(cs.ConfigError) as ctx:
+            self.load('{"port": 1, "port": 2}', name="dup.json")
+        self.assertIn("duplicate key 'port'", ctx.exception.message)
+        self.assertEqual(self.load("\ufeffport: 50111\n").port, 50111)       # a BOM is not part of the first key
+        with self.assertRaises(cs.ConfigError) as ctx:
+            self.load("port: 1\n", flags={"keys_file": self.write("", "keys.yaml")})
+        self.assertIn("no keys in it", ctx.exception.message)
 
     def test_json_and_a_keys_file(self):
         keys = self.write("keys:\n  alice:\n    hash: %s\n    models: [fast, 'ollama/*']\n"
@@ -2913,6 +2949,95 @@ class ReloadTest(ServerTestCase):
         self.assertIn(":4: unknown setting", body["error"])
         self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat("fast"))[0], 200)
         self.assertEqual(self.upstream.requests[-1]["body"]["model"], "up-model")
+
+
+class KeyHardeningTest(ServerTestCase):
+    """What an attacker's review of the keys found, each fixed: agent, sessions,
+    status and models per key; fallbacks and headers cannot widen a key's
+    models; every answer is charged once, cut short or not; revoked keys stop
+    on open sessions; usage reaches the file without another request."""
+
+    def key(self, name, secret, **fields):
+        return cs.checked_client_key(name, dict({"hash": cs.key_digest(secret)}, **fields), "test")
+
+    def as_(self, secret):
+        return {"Authorization": "Bearer " + secret}
+
+    def test_keys_are_not_tenants_of_each_other(self):
+        self.start(token="admin", keys=[self.key("alice", ALICE_SECRET), self.key("bob", BOB_SECRET, models=["fast"])],
+                   model_alias={"fast": ("openai", "up-model"), "secret-proj": ("openai", "org/other-model")})
+        for path, body in (("/request", {"prompt": "read hello.txt", "async": True}), ("/session", None), ("/clear", {})):
+            status, _, answer = self.request("POST" if body is not None else "GET", path, body, self.as_(ALICE_SECRET))
+            self.assertEqual(status, 403, (path, answer))
+        rpc(self, "SaveSession", {"name": "notes", "messages": [{"role": "user", "content": "alice's"}]},
+            headers=self.as_(ALICE_SECRET))
+        self.assertEqual(rpc(self, "ListSessions", headers=self.as_(BOB_SECRET))[2]["result"]["sessions"], [])
+        self.assertIn("error", rpc(self, "LoadSession", {"name": "notes"}, headers=self.as_(BOB_SECRET))[2])
+        self.assertEqual(rpc(self, "ListSessions", headers=self.as_(ALICE_SECRET))[2]["result"]["sessions"], ["notes"])
+        self.assertEqual(rpc(self, "ListSessions", headers=self.as_("admin"))[2]["result"]["sessions"], [])
+        self.assertNotIn("current_request", self.request("GET", "/status", None, self.as_(BOB_SECRET))[2])
+        listed = [m["id"] for m in self.request("GET", "/v1/models", None, self.as_(BOB_SECRET))[2]["data"]]
+        self.assertEqual(listed, ["fast"])
+
+    def test_fallbacks_and_headers_cannot_widen_the_models(self):
+        env = {"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "sk", "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0],
+               "OLLAMA_MODEL": "forbidden-big-model"}
+        self.start(env=env, provider="OPENAI", fallback_providers=("OLLAMA",), fallback_max_retries=0,
+                   keys=[self.key("alice", ALICE_SECRET, models=["openai/*", "gpt-4o"])],
+                   model_alias={"gpt-4o": ("ollama", "llama3.2")})
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("server-error"), self.as_(ALICE_SECRET))
+        self.assertEqual(status, 502, body)                                     # the fallback was not tried
+        self.assertFalse([r for r in self.upstream.requests if r["path"] == "/api/chat"])
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("gpt-4o"),
+                                       dict(self.as_(ALICE_SECRET), **{"X-LLM-Provider": "OLLAMA"}))
+        self.assert_openai_error(status, body, 403, ["may not use model gpt-4o"])
+
+    def test_every_answer_is_charged_once(self):
+        app = self.start(keys=[self.key("alice", ALICE_SECRET)])
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("running-usage", stream=True,
+                                       stream_options={"include_usage": True}), self.as_(ALICE_SECRET))
+        self.assertEqual(body.rstrip().split("data: ")[-2].count('"total_tokens": 11') +
+                         body.count('"total_tokens":11'), 1)                    # told 7 + 4, once
+        self.assertEqual(app.key_usage.tokens("alice"), 11)                     # charged what was told
+        before = app.key_usage.tokens("alice")
+        self.request("POST", "/v1/chat/completions", self.chat("paced", stream=True), self.as_(ALICE_SECRET))
+        self.assertGreater(app.key_usage.tokens("alice"), before)               # no usage reported: estimated
+        before = app.key_usage.tokens("alice")
+        client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        client.sendall(raw_request("POST", "/v1/chat/completions", json.dumps(self.chat("silent-stream", stream=True)).encode(),
+                                   [("Authorization", "Bearer " + ALICE_SECRET)]))
+        self.assertTrue(wait_until(lambda: any(r["body"].get("model") == "silent-stream" for r in self.upstream.requests)))
+        client.close()                                                          # cut short: still charged
+        self.assertTrue(wait_until(lambda: app.key_usage.tokens("alice") > before))
+        usage = cs.KeyUsage.__new__(cs.KeyUsage)
+        self.assertTrue(wait_until(lambda: sqlite3.connect(os.path.join(self.tmp, "data", "usage.db")).execute(
+            "SELECT requests FROM usage WHERE key = 'alice'").fetchone() == (3,)))   # written with no further request
+
+    def test_a_revoked_key_stops_on_an_open_websocket_and_each_prompt_spends_its_rate(self):
+        app = self.start(keys=[self.key("alice", ALICE_SECRET, rate_limit_rps=0.01, rate_limit_burst=3)])
+        sock, _ = ws_open(app.port, token=ALICE_SECRET)
+
+        def ask():
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "hi"}).encode())
+            while True:
+                msg = ws_json(sock)
+                if not isinstance(msg, dict) or msg["type"] == "ERROR" or msg["metadata"].get("partial") == "false":
+                    return msg
+        replies = [ask() for _ in range(3)]
+        self.assertEqual([r["type"] for r in replies], ["ASSISTANT_RESPONSE", "ASSISTANT_RESPONSE", "ERROR"])
+        self.assertIn("over its rate limit", replies[-1]["content"])          # the upgrade spent one
+        app.keys = cs.KeyRing([self.key("bob", BOB_SECRET)])                    # as a reload that removes alice
+        self.assertIn("no longer configured", ask()["content"])
+        self.assertEqual(ws_json(sock)[0], cs.WS_CLOSE)
+        sock.close()
+
+    def test_a_key_has_its_own_bucket_behind_a_proxy(self):
+        self.start(rate_limit_rps=0.01, rate_limit_burst=2,
+                   keys=[self.key("alice", ALICE_SECRET), self.key("bob", BOB_SECRET)])
+        for _ in range(2):
+            self.assertEqual(self.request("GET", "/v1/models", None, self.as_(ALICE_SECRET))[0], 200)
+        self.assertEqual(self.request("GET", "/v1/models", None, self.as_(ALICE_SECRET))[0], 429)
+        self.assertEqual(self.request("GET", "/v1/models", None, self.as_(BOB_SECRET))[0], 200)   # same address
 
 
 class WebSocketSessionTest(ServerTestCase):
@@ -5825,6 +5950,27 @@ class ConfigCommandsTest(ServerTestCase):
         self.assertEqual(out.returncode, 2)
         self.assertIn("unknown provider 'nobody'", out.stderr)
 
+    def test_a_reload_asked_for_while_starting_does_not_kill_it(self):
+        port = free_port()
+        env = dict(os.environ, OPENAI_BASE_URL=self.upstream.url, CHATSERVE_DATA_DIR=os.path.join(self.tmp, "data"))
+        sock = os.path.join(self.tmp, "early.sock")
+        proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", str(port), "--metrics-port", "0",
+                                 "--socket", sock], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(WAIT)))
+        def ignoring_sighup():      # SIG_IGN is set before the module's heavy start, inherited across the re-exec
+            try:
+                with open("/proc/%d/status" % proc.pid) as f:
+                    return int(re.search(r"SigIgn:\s*([0-9a-f]+)", f.read()).group(1), 16) & 1     # SIGHUP is 1
+            except (OSError, AttributeError):
+                return False
+        if not os.path.exists("/proc/self/status"):
+            self.skipTest("no /proc to see the signal mask")
+        self.assertTrue(wait_until(ignoring_sighup, interval=0.002))
+        proc.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_until(lambda: os.path.exists(sock) or proc.poll() is not None))
+        self.assertIsNone(proc.poll())
+        self.assertEqual(run_cli("ctl", "status", "--socket", sock, "--timeout", "-1").returncode, 2)
+
     def test_keys_new_and_hash(self):
         out = run_cli("keys", "new", "alice")
         self.assertEqual(out.returncode, 0, out.stderr)
@@ -5846,16 +5992,22 @@ class ConfigCommandsTest(ServerTestCase):
         out = run_cli("ctl", "usage", "--socket", sock)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertRegex(out.stdout, r"(?m)^alice\s+1\s+7\s+5\s+0\s+1000\s+988$")
-        self.write("aliases:\n  fast: openai/up-model\n")                   # no keys any more
+        self.write("aliases:\n  fast: openai/up-model\n")                   # no keys: it would open the server
+        out = run_cli("ctl", "reload", "--socket", sock)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("would open this server to anyone", out.stderr)
+        bob = "keys:\n  bob:\n    hash: %s\n" % cs.key_digest(BOB_SECRET)
+        self.write("aliases:\n  fast: openai/up-model\n" + bob)           # alice revoked, bob added
         out = run_cli("ctl", "reload", "--socket", sock)
         self.assertEqual((out.returncode, out.stdout.strip()), (0, "reloaded"), out.stderr)
         self.assertIn("alice (removed)", run_cli("ctl", "usage", "--socket", sock).stdout)
-        self.write("aliases:\n  fast: openai/up-model\n  quick: openai/q-model\n")
+        self.write("aliases:\n  fast: openai/up-model\n  quick: openai/q-model\n" + bob)
         proc.send_signal(signal.SIGHUP)
 
         def quick_routes():
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-            c.request("POST", "/v1/chat/completions", json.dumps(self.chat("quick")), {"Content-Type": "application/json"})
+            c.request("POST", "/v1/chat/completions", json.dumps(self.chat("quick")),
+                      {"Content-Type": "application/json", "Authorization": "Bearer " + BOB_SECRET})
             ok = c.getresponse().status == 200 and self.upstream.requests[-1]["body"]["model"] == "q-model"
             c.close()
             return ok
@@ -6077,12 +6229,14 @@ class RecipesTest(unittest.TestCase):
                 key, _, value = line.partition("=")
                 settings[key].append(value)
         for key, value in (("DynamicUser", "yes"), ("ProtectSystem", "strict"), ("StateDirectory", "chatserve"),
-                           ("RuntimeDirectory", "chatserve"), ("ExecReload", "/bin/kill -HUP $MAINPID")):
+                           ("RuntimeDirectory", "chatserve")):
             self.assertEqual(settings[key], [value])
         argv = shlex.split(settings["ExecStart"][0])
         args = cs.build_parser().parse_args(argv[2:])
         self.assertEqual((args.command, args.data_dir, os.path.dirname(args.socket)),
                          ("serve", "/var/lib/chatserve", "/run/chatserve"))
+        reload = cs.build_parser().parse_args(shlex.split(settings["ExecReload"][0])[2:])
+        self.assertEqual((reload.command, reload.action, reload.socket), ("ctl", "reload", args.socket))
         self.assertGreater(float(settings["TimeoutStopSec"][0]), dict(
             (f, d) for f, _v, d, _k, _h in cs.SERVE_OPTIONS)["--drain-timeout"])
         credentials = [c.split(":", 1)[0] for c in settings["LoadCredential"]]
