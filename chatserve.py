@@ -9642,6 +9642,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
     access_log = True
     record_metrics = True
+    poll_interval = 0.1         # how soon serve_forever notices shutdown()
 
     def __init__(self, app, address, router, max_busy, ssl_context=None, family=socket.AF_INET, max_open=None):
         self.address_family = family
@@ -9972,7 +9973,8 @@ class App:
             raise ConfigError("cannot listen on %s: %s" % (where, _os_reason(e)))
         for server in (self.http, self.metrics_http, self.control):
             if server is not None:
-                t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+                t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": server.poll_interval},
+                                     daemon=True)
                 t.start()
                 self.threads.append(t)
         if self.watcher:

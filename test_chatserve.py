@@ -593,7 +593,7 @@ class FakeUpstream:
         self.server.fail_next = 0
         self.server.tokens_issued = 0
         self.server.release = threading.Event()
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
 
     @property
@@ -625,6 +625,9 @@ def recv_head(sock, size=65536):
             break
         data += piece
     return data
+
+
+cs.ChatHTTPServer.poll_interval = 0.01      # servers stop at once: hundreds are started and stopped here
 
 
 def wait_until(predicate, timeout=WAIT, interval=0.01):
