@@ -110,6 +110,7 @@ import ipaddress
 import json
 import logging
 import glob
+import gzip
 import os
 import queue
 import random
@@ -659,6 +660,34 @@ def _yaml_split_flow(inner, no):
     return [_yaml_scalar(item.strip(), no) for item in items]
 
 
+def _yaml_flow_map(inner, no):
+    """{a: 1, b: "x"}: one level of scalars (kubeconfigs are written so)."""
+    out = YamlMap()
+    out.lines = {}
+    parts, current, quote = [], "", None
+    for ch in inner:
+        if quote:
+            current += ch
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote, current = ch, current + ch
+        elif ch == ",":
+            parts.append(current)
+            current = ""
+        elif ch in "[]{}":
+            raise YamlError("nested flow collections are not supported", no)
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current)
+    for part in parts:
+        key, rest = _yaml_key(part.strip(), no)
+        if key in out:
+            raise YamlError("duplicate key %r" % key, no)
+        out[key], out.lines[key] = _yaml_scalar(rest, no), no
+    return out
+
+
 def _yaml_scalar(text, no):
     if not text:
         return None
@@ -666,10 +695,8 @@ def _yaml_scalar(text, no):
         if not text.endswith("]"):
             raise YamlError("a flow list must end with ]", no)
         return _yaml_split_flow(text[1:-1], no)
-    if text == "{}":
-        empty = YamlMap()
-        empty.lines = {}
-        return empty
+    if text[0] == "{" and text.endswith("}"):
+        return _yaml_flow_map(text[1:-1], no)
     if text[0] in "{&*!|>%@`":
         raise YamlError("a value starting with %r is outside the YAML subset chatserve reads (flow maps, anchors, "
                         "tags, block scalars); write it as plain block mappings and lists, or quote it" % text[0], no)
@@ -870,6 +897,12 @@ SERVE_OPTIONS = (
      "host or CIDR a client-supplied upstream URL may point to even if private (repeatable)"),
     ("--probe-local", "CHATSERVE_PROBE_LOCAL", True, "bool",
      "with no provider configured, look for a local Ollama or OpenAI-compatible server"),
+    ("--session-store", "CHATSERVE_SESSION_STORE", "sqlite", "sessionstore",
+     "where sessions live: sqlite (in --data-dir) or kubernetes (Secrets, shared by every replica)"),
+    ("--k8s-namespace", "CHATSERVE_K8S_NAMESPACE", "", "str",
+     "namespace of the shared state (default: the pod's own, or the kubeconfig context's)"),
+    ("--kubeconfig", "KUBECONFIG", "", "str",
+     "kubeconfig for the Kubernetes API client (shared state; default: in-cluster service account)"),
     ("--data-dir", "CHATSERVE_DATA_DIR", "~/.chatserve", "str",
      "where sessions and stored responses are kept (created 0700)"),
     ("--response-retention", "CHATSERVE_RESPONSE_RETENTION", 30 * 86400.0, "duration",
@@ -1038,6 +1071,7 @@ OPTION_KINDS = {
     "posint": _check_posint, "file": _check_file, "duration": _check_duration,
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
+    "sessionstore": _check_choice(("sqlite", "kubernetes")),
     "list": _check_list, "aliases": _check_aliases, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
@@ -1601,6 +1635,7 @@ class Metrics:
         self.agent_trims = f(Counter("chatserve_agent_context_trims_total", "Times the agent conversation was trimmed to --agent-max-context."))
         self.client_disconnects = f(Counter("chatserve_client_disconnects_total", "Requests whose client hung up before the answer was complete, by surface.", ("surface",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
+        self.kube_requests = f(Counter("chatserve_kube_api_requests_total", "Kubernetes API calls, by verb and answer code.", ("verb", "code")))
         self.key_requests = f(Counter("chatserve_key_requests_total", "Requests made with a named client key.", ("key",)))
         self.key_errors = f(Counter("chatserve_key_errors_total", "Requests with a named client key answered 4xx/5xx.", ("key",)))
         self.key_tokens = f(Counter("chatserve_key_tokens_total", "Tokens used with a named client key, by type (prompt, completion).", ("key", "type")))
@@ -4546,6 +4581,303 @@ def import_chatcli_sessions(store, directory):
         except (ValueError, OSError, ChatServeError) as e:
             skipped.append((entry, getattr(e, "message", None) or str(e)))
     return imported, skipped
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes API: a stdlib client, sessions shared by replicas as Secrets
+# ---------------------------------------------------------------------------
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+K8S_STATUS_ERRORS = {400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+                     422: BadRequest, 429: RateLimited}
+
+
+def kubeconfig_settings(path, context_name=""):
+    """(server, CA PEM text or None, verify, token, client cert PEM, key PEM, namespace) of a kubeconfig's context."""
+    data = load_config_file(path)
+
+    def named(section, name):
+        for entry in (data or {}).get(section) or ():
+            if isinstance(entry, dict) and entry.get("name") == name:
+                return entry.get(section[:-1]) or {}
+        raise ConfigError("%s: no %s named %r" % (path, section[:-1], name))
+    context = named("contexts", context_name or (data or {}).get("current-context") or "")
+    cluster, user = named("clusters", context.get("cluster")), named("users", context.get("user"))
+
+    def pem(field):
+        if cluster.get(field + "-data") or user.get(field + "-data"):
+            return base64.b64decode(cluster.get(field + "-data") or user.get(field + "-data")).decode("ascii")
+        source = cluster.get(field) or user.get(field)
+        if source:
+            with open(os.path.join(os.path.dirname(path), os.path.expanduser(source)), encoding="ascii") as f:
+                return f.read()
+        return None
+    try:
+        token = user.get("token") or (read_secret_file(user["tokenFile"]) if user.get("tokenFile") else None)
+        return (cluster.get("server") or "", pem("certificate-authority"), not cluster.get("insecure-skip-tls-verify"),
+                token, pem("client-certificate"), pem("client-key"), context.get("namespace") or "default")
+    except (OSError, ValueError) as e:
+        raise ConfigError("%s: %s" % (path, getattr(e, "strerror", None) or e))
+
+
+class KubeClient:
+    """The Kubernetes API with the standard library.  In a pod: the service
+    account (its token file re-read when it changes, as kubelet rotates it)
+    and the CA at SERVICE_ACCOUNT_DIR; else a kubeconfig (server, CA data or
+    file, bearer token or client certificate).  Keep-alive connections, a
+    timeout per call, and the API's Status answers as chatserve errors that
+    say which verb and resource were refused."""
+
+    timeout = 10.0
+
+    def __init__(self, server, ca_pem=None, verify=True, token=None, token_file=None, cert_pem=None, key_pem=None,
+                 namespace="default", metrics=None):
+        parts = urllib.parse.urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("Kubernetes API server %r is not an http(s) URL" % server)
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.namespace, self.metrics = namespace, metrics
+        self.token, self.token_file, self.token_stamp = token, token_file, None
+        self.context = None
+        if self.scheme == "https":
+            self.context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+            if not verify:
+                self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
+            if cert_pem and key_pem:
+                self._load_client_cert(cert_pem, key_pem)
+        self.idle, self.lock = [], threading.Lock()
+
+    def _load_client_cert(self, cert_pem, key_pem):
+        """ssl loads a certificate only from a file: a private one, removed at once."""
+        fd, path = tempfile.mkstemp(prefix="chatserve-kube-", suffix=".pem")
+        try:
+            os.write(fd, (cert_pem.rstrip("\n") + "\n" + key_pem).encode("ascii"))
+            os.close(fd)
+            self.context.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+
+    @classmethod
+    def from_environment(cls, kubeconfig="", env=None, metrics=None):
+        env = os.environ if env is None else env
+        path = kubeconfig or env.get("KUBECONFIG", "").split(os.pathsep)[0]
+        if path:
+            server, ca, verify, token, cert, key, namespace = kubeconfig_settings(path)
+            return cls(server, ca, verify, token, None, cert, key, namespace, metrics)
+        if env.get("KUBERNETES_SERVICE_HOST"):
+            host, port = env["KUBERNETES_SERVICE_HOST"], env.get("KUBERNETES_SERVICE_PORT", "443")
+            with open(os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), encoding="ascii") as f:
+                ca = f.read()
+            try:
+                with open(os.path.join(SERVICE_ACCOUNT_DIR, "namespace"), encoding="ascii") as f:
+                    namespace = f.read().strip()
+            except OSError:
+                namespace = "default"
+            return cls("https://%s:%s" % ("[%s]" % host if ":" in host else host, port), ca,
+                       token_file=os.path.join(SERVICE_ACCOUNT_DIR, "token"), namespace=namespace, metrics=metrics)
+        raise ConfigError("no Kubernetes API to use: not in a pod and no --kubeconfig or KUBECONFIG")
+
+    def _bearer(self):
+        if self.token_file:
+            try:
+                stamp = os.stat(self.token_file).st_mtime_ns
+                if stamp != self.token_stamp:           # rotated by the kubelet: read it again
+                    self.token, self.token_stamp = read_secret_file(self.token_file), stamp
+            except (OSError, ValueError) as e:
+                raise Unavailable("cannot read the service account token %s: %s" % (self.token_file, e))
+        return self.token
+
+    def _connection(self):
+        with self.lock:
+            if self.idle:
+                return self.idle.pop(), True
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context), False
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+
+    def request(self, method, path, body=None, query=None):
+        """The API's JSON answer; ChatServeError for a Status error or no answer."""
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"Accept": "application/json"}
+        token = self._bearer()
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json_bytes(body), "application/json"
+        for attempt in (0, 1):
+            conn, reused = self._connection()
+            try:
+                conn.request(method, target, data, headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                if reused and attempt == 0:
+                    continue                    # a kept-alive connection the server closed meanwhile
+                self._count(method, "error")
+                raise Unavailable("Kubernetes API %s:%d did not answer %s %s: %s"
+                                  % (self.host, self.port, method, path, _os_reason(e)))
+            with self.lock:
+                self.idle.append(conn)
+            self._count(method, str(resp.status))
+            return self._answer(method, path, resp, raw)
+
+    def _count(self, verb, code):
+        if self.metrics is not None:
+            self.metrics.kube_requests.inc((verb, code))
+
+    @staticmethod
+    def _answer(method, path, resp, raw):
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = {}
+        if 200 <= resp.status < 300:
+            return answer
+        message = answer.get("message") if isinstance(answer, dict) else None
+        message = "Kubernetes API: %s" % (message or "%s %s answered %d" % (method, path, resp.status))
+        cls = K8S_STATUS_ERRORS.get(resp.status)
+        if cls is RateLimited:
+            raise RateLimited(message, headers={"Retry-After": resp.getheader("Retry-After") or "1"})
+        if cls is not None:
+            raise cls(message, code=str((answer or {}).get("reason") or "kubernetes").lower())
+        raise UpstreamError(message, status=502 if resp.status != 410 else 410)
+
+    def close(self):
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+SESSION_SECRET_KEY = "session.json.gz"
+SESSION_LABELS = {"app.kubernetes.io/managed-by": "chatserve", "chatserve.io/kind": "session"}
+MAX_SECRET_BYTES = 1000000          # the API server refuses Secrets over 1 MiB in all
+
+
+def session_object_name(name):
+    """A session name as a Secret's name: DNS-1123, unique (a hash of the
+    exact name, since case and '_' do not survive), readable."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:200] or "session"
+    return "chatserve-session-%s-%s" % (slug, hashlib.sha256(name.encode("utf-8")).hexdigest()[:10])
+
+
+class KubernetesSessionStore:
+    """Sessions as Secrets, so every replica sees the same ones: one Secret
+    per session (labelled, the name in an annotation), its gzipped JSON under
+    one key.  A save replaces with the resourceVersion it read: when another
+    replica saved in between (409), the two are merged if one history
+    continues the other, and the client is told of a conflict otherwise, so
+    no acknowledged save is lost silently."""
+
+    ready_ttl = 10.0
+
+    def __init__(self, client, namespace=None):
+        self.client, self.namespace = client, namespace or client.namespace
+        self.base = "/api/v1/namespaces/%s/secrets" % self.namespace
+        self.ready_state, self.ready_checking = None, False       # (ok text, when)
+
+    def readiness(self):
+        """"ok" if the API answered a list at the last check (refreshed in the
+        background at most every 10 s, so a probe never waits), else why not."""
+        state = self.ready_state
+        if (state is None or time.monotonic() - state[1] > self.ready_ttl) and not self.ready_checking:
+            self.ready_checking = True
+            threading.Thread(target=self._check_ready, name="sessions-ready", daemon=True).start()
+        return state[0] if state else "first check of the Kubernetes session store under way"
+
+    def _check_ready(self):
+        try:
+            self.client.request("GET", self.base, query={"labelSelector": "app.kubernetes.io/managed-by=chatserve",
+                                                         "limit": "1"})
+            result = "ok"
+        except ChatServeError as e:
+            result = "the Kubernetes session store does not answer (see /status and the log)"
+            log.warning("sessions: %s", e.message)
+        self.ready_state, self.ready_checking = (result, time.monotonic()), False
+
+    def list(self):
+        names, query = [], {"labelSelector": ",".join("%s=%s" % item for item in SESSION_LABELS.items()),
+                            "limit": "500"}
+        while True:
+            page = self.client.request("GET", self.base, query=query)
+            names += [((item.get("metadata") or {}).get("annotations") or {}).get("chatserve.io/session-name")
+                      for item in page.get("items") or ()]
+            more = (page.get("metadata") or {}).get("continue")
+            if not more:
+                return sorted(n for n in names if n)
+            query = dict(query, **{"continue": more})
+
+    def _get(self, name):
+        try:
+            return self.client.request("GET", "%s/%s" % (self.base, session_object_name(name)))
+        except NotFound:
+            return None
+
+    @staticmethod
+    def _decode(secret):
+        return json.loads(gzip.decompress(base64.b64decode(secret["data"][SESSION_SECRET_KEY])))
+
+    def load(self, name):
+        secret = self._get(name)
+        if secret is None:
+            raise NotFound("session %r not found" % name, code="session_not_found")
+        return normalize_session(self._decode(secret))
+
+    def _object(self, name, data, version=None):
+        packed = base64.b64encode(gzip.compress(json_bytes(data), 6)).decode("ascii")
+        if len(packed) > MAX_SECRET_BYTES:
+            raise PayloadTooLarge("session %r is %d bytes compressed, over the %d a Kubernetes Secret holds; "
+                                  "start a new session or summarize this one" % (name, len(packed), MAX_SECRET_BYTES))
+        meta = {"name": session_object_name(name), "labels": dict(SESSION_LABELS),
+                "annotations": {"chatserve.io/session-name": name}}
+        if version:
+            meta["resourceVersion"] = version
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+                "data": {SESSION_SECRET_KEY: packed}}
+
+    def save(self, name, data):
+        data = normalize_session(data)
+        for _ in range(5):
+            current = self._get(name)
+            if current is not None:
+                data = merged_session(name, normalize_session(self._decode(current)), data)
+                if data is None:
+                    return                  # what we save is already part of the stored session
+            try:
+                if current is None:
+                    self.client.request("POST", self.base, self._object(name, data))
+                else:
+                    self.client.request("PUT", "%s/%s" % (self.base, session_object_name(name)),
+                                        self._object(name, data, current["metadata"].get("resourceVersion")))
+                return
+            except Conflict:
+                continue                    # another replica saved in between: read again, merge
+        raise Conflict("session %r keeps changing on other replicas; load it and save again" % name)
+
+    def delete(self, name):
+        try:
+            self.client.request("DELETE", "%s/%s" % (self.base, session_object_name(name)))
+            return True
+        except NotFound:
+            return False
+
+    def close(self):
+        self.client.close()
+
+
+def merged_session(name, stored, ours):
+    """The session to write over `stored`, or None when `stored` already holds
+    all of ours.  A history that continues the other wins; two that diverged
+    are a conflict for the client to settle (load, then save again)."""
+    mine, theirs = ours.get("chat_history") or [], stored.get("chat_history") or []
+    if mine[:len(theirs)] == theirs:
+        return ours                         # ours continues what is stored (the usual case)
+    if theirs[:len(mine)] == mine:
+        return None                         # a later save already continued ours
+    raise Conflict("session %r was changed by another replica since it was loaded; load it and save again" % name,
+                   code="session_conflict")
 
 
 # ---------------------------------------------------------------------------
@@ -9928,7 +10260,9 @@ class App:
         self.http = self.metrics_http = self.control = None
         self.threads = []
         data_dir = os.path.expanduser(config.data_dir)
-        self.sessions = SessionStore(os.path.join(data_dir, "sessions.db"))
+        self.sessions = SessionStore(os.path.join(data_dir, "sessions.db")) if config.session_store == "sqlite" \
+            else KubernetesSessionStore(KubeClient.from_environment(config.kubeconfig, config.env, self.metrics),
+                                        config.k8s_namespace or None)
         self.responses = ResponseStore(os.path.join(data_dir, "responses.db"), config.response_retention,
                                        2 * config.max_body_bytes)
         self.key_usage = KeyUsage(os.path.join(data_dir, "usage.db"))
@@ -10152,7 +10486,7 @@ class App:
                         "allow_commands", "tool_output_bytes", "agent_max_steps", "agent_queue", "agent_max_context",
                         "agent_session", "watch_config", "watch_deployment", "watch_namespace", "watch_interval",
                         "watch_window", "watch_max_log_lines", "watch_kubeconfig", "watch_context", "kubectl",
-                        "log_format", "probe_local")
+                        "log_format", "probe_local", "session_store", "k8s_namespace", "kubeconfig")
 
     def reload(self, why):
         """Re-read the config file and keys file and apply them: providers,
@@ -10233,6 +10567,8 @@ class App:
                 checks["provider"] = "%s: unreachable at the last check (see /status and the log)" % provider.name
         if self.watcher is not None:
             checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
+        if isinstance(self.sessions, KubernetesSessionStore):
+            checks["sessions"] = self.sessions.readiness()
         return all(v == "ok" for v in checks.values()), checks
 
     def watcher_status(self):

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import logging
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -2602,6 +2604,254 @@ class SessionStoreTest(unittest.TestCase):
 # ---------------------------------------------------------------------------
 # RPC surface: JSON-RPC 2.0, StreamPrompt, sessions, validation, rate limits
 # ---------------------------------------------------------------------------
+
+class FakeKubeAPI:
+    """A Kubernetes API server on loopback, the subset chatserve uses: Secrets
+    (get, list by label selector with paging, create, replace with
+    resourceVersion, delete), answering with the API's own Status objects
+    (403, 404, 409, 410, 429 with Retry-After)."""
+
+    def __init__(self, page=2):
+        self.objects, self.version, self.lock, self.page = {}, 100, threading.Lock(), page
+        self.forbidden, self.throttle, self.calls = set(), 0, []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                api.handle(self, "GET")
+
+            def do_POST(self):
+                api.handle(self, "POST")
+
+            def do_PUT(self):
+                api.handle(self, "PUT")
+
+            def do_DELETE(self):
+                api.handle(self, "DELETE")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def status(h, code, reason, message, headers=()):
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": message, "reason": reason, "code": code}).encode()
+        h.send_response(code)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def handle(self, h, method):
+        parts = urllib.parse.urlsplit(h.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        m = re.match(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+))?$", parts.path)
+        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"null")
+        with self.lock:
+            self.calls.append((method, parts.path))
+            if self.throttle:
+                self.throttle -= 1
+                return self.status(h, 429, "TooManyRequests", "the server has received too many requests", [("Retry-After", "0")])
+        if not m:
+            return self.status(h, 404, "NotFound", "the server could not find the requested resource")
+        ns, name = m.group(1), m.group(2)
+        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "DELETE": "delete"}[method]
+        if verb in self.forbidden:
+            return self.status(h, 403, "Forbidden", 'secrets is forbidden: User "system:serviceaccount:%s:chatserve" '
+                                                     'cannot %s resource "secrets" in API group "" in the namespace "%s"'
+                                                     % (ns, verb, ns))
+        with self.lock:
+            key = (ns, name or (body or {}).get("metadata", {}).get("name"))
+            current = self.objects.get(key)
+            if verb == "list":
+                selector = dict(s.split("=", 1) for s in query.get("labelSelector", "").split(",") if s)
+                items = sorted((o for (n, _k), o in self.objects.items() if n == ns and all(
+                    (o["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())),
+                               key=lambda o: o["metadata"]["name"])
+                start = int(query.get("continue") or 0)
+                if query.get("continue") and not query["continue"].isdigit():
+                    return self.status(h, 410, "Expired", "The provided continue parameter is too old")
+                limit = min(int(query.get("limit") or 500), self.page)
+                page = items[start:start + limit]
+                more = str(start + limit) if start + limit < len(items) else ""
+                return self.send(h, 200, {"kind": "SecretList", "apiVersion": "v1", "items": page,
+                                          "metadata": {"resourceVersion": str(self.version), "continue": more}})
+            if verb == "get":
+                if current is None:
+                    return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
+                return self.send(h, 200, current)
+            if verb == "delete":
+                if current is None:
+                    return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
+                del self.objects[key]
+                return self.send(h, 200, {"kind": "Status", "status": "Success"})
+            if verb == "create" and current is not None:
+                return self.status(h, 409, "AlreadyExists", 'secrets "%s" already exists' % key[1])
+            if verb == "update":
+                if current is None:
+                    return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
+                if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                    return self.status(h, 409, "Conflict", 'Operation cannot be fulfilled on secrets "%s": the object '
+                                                           'has been modified; please apply your changes to the latest '
+                                                           'version and try again' % name)
+            size = len(json.dumps(body.get("data") or {}))
+            if size > 1048576:
+                return self.status(h, 422, "Invalid", 'Secret "%s" is invalid: data: Too long: must have at most 1048576 bytes' % key[1])
+            self.version += 1
+            body["metadata"].update(resourceVersion=str(self.version), namespace=ns)
+            self.objects[key] = body
+            return self.send(h, 201 if verb == "create" else 200, body)
+
+    @staticmethod
+    def send(h, code, obj):
+        data = json.dumps(obj).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+
+class SessionStoreContract:
+    """One suite, run against both stores: what ListSessions, LoadSession,
+    SaveSession and DeleteSession (and the agent's conversation) rely on."""
+
+    def store(self):
+        raise NotImplementedError
+
+    def test_save_load_list_delete(self):
+        store = self.store()
+        names = ["notes", "Notes", "a_b.c-1", "incident-2026"]       # case and '_' must not collide
+        for i, name in enumerate(names):
+            store.save(name, {"version": 2, "chat_history": [{"role": "user", "content": "hé %d" % i}]})
+        self.assertEqual(store.list(), sorted(names))
+        self.assertEqual(store.load("Notes")["chat_history"], [{"role": "user", "content": "hé 1"}])
+        store.save("notes", [{"role": "user", "content": "hé 0"}, {"role": "assistant", "content": "ok"}])
+        self.assertEqual(len(store.load("notes")["chat_history"]), 2)
+        self.assertTrue(store.delete("notes"))
+        self.assertFalse(store.delete("notes"))
+        with self.assertRaises(cs.NotFound):
+            store.load("notes")
+        self.assertEqual(store.list(), sorted(names[1:]))
+
+
+class SqliteSessionStoreContractTest(SessionStoreContract, unittest.TestCase):
+    def store(self):
+        tmp = tempfile.mkdtemp(prefix="chatserve-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        store = cs.SessionStore(os.path.join(tmp, "sessions.db"))
+        self.addCleanup(store.close)
+        return store
+
+
+class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
+    """Sessions as Secrets through the stdlib API client, against FakeKubeAPI."""
+
+    request, conn = ServerTestCase.request, ServerTestCase.conn
+
+    def setUp(self):
+        self.api = FakeKubeAPI()
+        self.addCleanup(self.api.stop)
+
+    def store(self, metrics=None):
+        store = cs.KubernetesSessionStore(cs.KubeClient(self.api.url, namespace="chat", metrics=metrics))
+        self.addCleanup(store.close)
+        return store
+
+    def test_objects_are_labelled_compressed_and_safely_named(self):
+        self.store().save("My_Notes", [{"role": "user", "content": "x" * 5000}])
+        [(key, secret)] = self.api.objects.items()
+        self.assertEqual(key[0], "chat")
+        self.assertRegex(secret["metadata"]["name"], r"^chatserve-session-my-notes-[0-9a-f]{10}$")
+        self.assertEqual(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "chatserve")
+        self.assertEqual(secret["metadata"]["annotations"]["chatserve.io/session-name"], "My_Notes")
+        self.assertLess(len(secret["data"]["session.json.gz"]), 1000)
+
+    def test_concurrent_saves_lose_nothing_acknowledged(self):
+        a, b = self.store(), self.store()
+        a.save("s", [{"role": "user", "content": "1"}])
+        base = a.load("s")["chat_history"]
+        b.save("s", base + [{"role": "assistant", "content": "2"}])         # b continues it
+        a.save("s", base)                                                    # a's older copy: already inside
+        self.assertEqual(len(a.load("s")["chat_history"]), 2)
+        with self.assertRaises(cs.Conflict) as ctx:                          # a diverged: told, not overwritten
+            a.save("s", base + [{"role": "assistant", "content": "other"}])
+        self.assertIn("changed by another replica", ctx.exception.message)
+        self.assertEqual(b.load("s")["chat_history"][-1]["content"], "2")
+        results = []
+
+        def append(store, word):
+            for _ in range(5):
+                try:
+                    history = store.load("s")["chat_history"]
+                    store.save("s", history + [{"role": "user", "content": word}])
+                    results.append(word)
+                    return
+                except cs.Conflict:
+                    continue
+        threads = [threading.Thread(target=append, args=(s, w)) for s, w in ((a, "x"), (b, "y"), (a, "z"))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(WAIT)
+        final = [m["content"] for m in a.load("s")["chat_history"]]
+        for word in results:
+            self.assertIn(word, final)                                        # every acknowledged save is there
+
+    def test_api_errors_say_what_to_fix(self):
+        metrics = cs.Metrics()
+        store = self.store(metrics)
+        self.api.forbidden.add("create")
+        with self.assertRaises(cs.PermissionDenied) as ctx:
+            store.save("s", [{"role": "user", "content": "x"}])
+        self.assertIn('cannot create resource "secrets"', ctx.exception.message)
+        self.api.forbidden.clear()
+        self.api.throttle = 1
+        with self.assertRaises(cs.RateLimited) as ctx:
+            store.list()
+        self.assertEqual(ctx.exception.headers.get("Retry-After"), "0")
+        with self.assertRaises(cs.PayloadTooLarge) as ctx:
+            store.save("big", [{"role": "user", "content": base64.b64encode(os.urandom(900000)).decode()}])
+        self.assertIn("over the 1000000 a Kubernetes Secret holds", ctx.exception.message)
+        self.assertIn('chatserve_kube_api_requests_total{verb="POST",code="403"} 1', metrics.render())
+
+    def test_two_replicas_share_sessions(self):
+        apps = []
+        for i in range(2):
+            tmp = tempfile.mkdtemp(prefix="chatserve-test-")
+            self.addCleanup(shutil.rmtree, tmp, True)
+            kubeconfig = os.path.join(tmp, "kubeconfig")
+            with open(kubeconfig, "w") as f:
+                f.write("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"%s\"}\n"
+                        "users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u, "
+                        "namespace: chat}\ncurrent-context: x\n" % self.api.url)
+            config = cs.Config(env={}, port=0, metrics_port=0, socket=os.path.join(tmp, "s.sock"), data_dir=tmp,
+                               probe_local=False, rate_limit_rps=0, session_store="kubernetes", kubeconfig=kubeconfig)
+            app = cs.App(config).start()
+            self.addCleanup(app.stop)
+            apps.append(app)
+        one, two = apps
+        self.assertEqual(rpc(self, "SaveSession", {"name": "shared", "messages": [{"role": "user", "content": "hi"}]},
+                             app=one)[2]["result"], {"success": True})
+        loaded = rpc(self, "LoadSession", {"name": "shared"}, app=two)[2]["result"]
+        self.assertEqual(loaded["messages"], [{"role": "user", "content": "hi"}])
+        self.assertEqual(rpc(self, "ListSessions", app=two)[2]["result"]["sessions"], ["shared"])
+        self.assertTrue(wait_until(lambda: one.readiness()[1].get("sessions") == "ok"))     # /readyz waits for it
+        self.api.forbidden.add("list")
+        one.sessions.ready_state = ("ok", -1e9)                                             # due for a new check
+        self.assertTrue(wait_until(lambda: one.readiness()[1]["sessions"] != "ok"))
+
 
 class ChunkerTest(unittest.TestCase):
     def test_boundaries_in_chatcli_order(self):
