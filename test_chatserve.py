@@ -910,7 +910,7 @@ class ConfigFileTest(unittest.TestCase):
                  ("providers:\n  x:\n    type: openai\n    base-url: http://u:pa55@gpu/v1\n", "user:password"),
                  ("providers:\n  local:\n    type: openai\n  Local:\n    type: ollama\n", "names ignore case"),
                  ("keys:\n  a:\n    hash: x\n    rate-limit-rps: inf\n", "key a:"),
-                 ("aliases: {fast: x}\n", "outside the YAML subset"),
+                 ("aliases: &fast x\n", "outside the YAML subset"),
                  ("token:sk-live-4f9a8b7c6d5e\n", "a space after the colon")]
         for text, words in cases:
             with self.assertRaises(cs.ConfigError, msg=text) as ctx:
@@ -3674,7 +3674,8 @@ class YamlReaderTest(unittest.TestCase):
             "labels": ["a", "it's", 3.5, True, None], "empty": None})
 
     def test_outside_the_subset_names_the_line(self):
-        cases = [("a: 1\n\tb: 2\n", 2, "tabs"), ("a: {b: 1}\n", 1, "outside"), ("a: &x 1\n", 1, "outside"),
+        cases = [("a: 1\n\tb: 2\n", 2, "tabs"), ("a: {b: {c: 1}}\n", 1, "nested"), ("a: &x 1\n", 1, "outside"),
+                 ("a: {b: 1, b: 2}\n", 1, "duplicate"), ("a: {b 1}\n", 1, "key: value"),
                  ("a: |\n  text\n", 1, "outside"), ("a: 1\n  b: 2\n", 2, "indentation"), ("a: 1\na: 2\n", 2, "duplicate"),
                  ("just text\n", 1, "key: value"), ('a: "open\n', 1, "unterminated"), ("a: [1, [2]]\n", 1, "nested")]
         for text, line, words in cases:
