@@ -3262,9 +3262,10 @@ class KeyHardeningTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: any(r["body"].get("model") == "silent-stream" for r in self.upstream.requests)))
         client.close()                                                          # cut short: still charged
         self.assertTrue(wait_until(lambda: app.key_usage.tokens("alice") > before))
-        usage = cs.KeyUsage.__new__(cs.KeyUsage)
-        self.assertTrue(wait_until(lambda: sqlite3.connect(os.path.join(self.tmp, "data", "usage.db")).execute(
-            "SELECT requests FROM usage WHERE key = 'alice'").fetchone() == (3,)))   # written with no further request
+        def written():
+            with contextlib.closing(sqlite3.connect(os.path.join(self.tmp, "data", "usage.db"))) as db:
+                return db.execute("SELECT requests FROM usage WHERE key = 'alice'").fetchone() == (3,)
+        self.assertTrue(wait_until(written))                                    # with no further request
 
     def test_a_revoked_key_stops_on_an_open_websocket_and_each_prompt_spends_its_rate(self):
         app = self.start(keys=[self.key("alice", ALICE_SECRET, rate_limit_rps=0.01, rate_limit_burst=3)])
