@@ -5041,16 +5041,28 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
 _KUBECTL_ERROR_RE = re.compile(r'^Error from server \((\w+)\): (?:([a-z0-9]+)(?:\.[\w.-]+)? is forbidden: )?(.*)$')
 
 
-def kubectl_errors(stderr, resources):
-    """{resource: message} from kubectl's stderr: `Error from server (Forbidden): deployments.apps is
-    forbidden: ...` names its resource; any other error is every resource's."""
+_KLOG_LINE_RE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")      # kubectl's own log lines (discovery, throttling)
+_KUBECTL_VERB_RE = re.compile(r"\((?:get|list) ([a-z0-9]+)(?:\.[\w.-]+)?\)$")
+
+
+def kubectl_errors(stderr, resources, partial=False):
+    """{resource: message} from kubectl's stderr.  `Error from server
+    (Forbidden): deployments.apps is forbidden: ...` and `... (get pods)` name
+    their resource; kubectl's own log lines and warnings are noise; another
+    error is every resource's, unless kubectl printed a (partial) list."""
     errors = {}
     for line in stderr.strip().splitlines():
-        m = _KUBECTL_ERROR_RE.match(line.strip())
-        if m and m.group(2) in resources:
-            errors[m.group(2)] = line.strip()
-        elif line.strip() and not line.startswith(("Warning:", "W1", "I1")):
-            errors.update((r, line.strip()) for r in resources if r not in errors)
+        line = line.strip()
+        if not line or line.startswith("Warning:") or _KLOG_LINE_RE.match(line):
+            continue
+        m = _KUBECTL_ERROR_RE.match(line)
+        named = m.group(2) if m else None
+        verb = _KUBECTL_VERB_RE.search(line)
+        named = named if named in resources else (verb.group(1) if verb and verb.group(1) in resources else None)
+        if named:
+            errors[named] = line
+        elif not partial:
+            errors.update((r, line) for r in resources if r not in errors)
     return errors
 
 
@@ -5097,7 +5109,7 @@ class Kubectl:
             data = json.loads(out) if out.strip() else None
         except ValueError:
             data = None
-        errors = kubectl_errors(err, resources) if code != 0 else {}
+        errors = kubectl_errors(err, resources, partial=isinstance(data, dict)) if code != 0 else {}
         if code != 0 and not errors:
             errors = dict.fromkeys(resources, "kubectl get: exit %d" % code)
         items = data.get("items") if isinstance(data, dict) else None
@@ -5143,19 +5155,28 @@ def pod_status(pod):
             if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable" else None,
             "claims": [v["persistentVolumeClaim"].get("claimName") for v in spec.get("volumes") or ()
                        if isinstance(v.get("persistentVolumeClaim"), dict)],
+            "job_pod": "job-name" in (meta.get("labels") or {}),
             "restarts": sum(c.get("restartCount", 0) for c in containers),
             "ready_count": sum(1 for c in containers if c.get("ready")),
             "container_count": len(spec.get("containers") or containers), "last_terminated": None, "waiting": None,
             "node": spec.get("nodeName", ""), "cpu": "", "mem": ""}
     info["ready"] = info["container_count"] > 0 and info["ready_count"] == info["container_count"]
-    for c in containers:
+    inits = status.get("initContainerStatuses") or []
+    info["restarts"] += sum(c.get("restartCount", 0) for c in inits)
+    worst = len(WAITING_ALERTS)
+    for c in inits + containers:             # the worst state of any container, init containers too
         terminated = (c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated")
-        if terminated:
+        if terminated and (info["last_terminated"] is None or terminated.get("reason") == "OOMKilled"):
             info["last_terminated"] = {"reason": terminated.get("reason", ""), "exit_code": terminated.get("exitCode", 0),
-                                       "finished_at": terminated.get("finishedAt", "")}
-        waiting = (c.get("state") or {}).get("waiting")
-        if waiting and waiting.get("reason"):
-            info["waiting"], info["waiting_message"] = waiting["reason"], waiting.get("message", "")
+                                       "finished_at": terminated.get("finishedAt", ""), "container": c.get("name", "")}
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        rank = list(WAITING_ALERTS).index(reason) if reason in WAITING_ALERTS else len(WAITING_ALERTS)
+        if reason and (info["waiting"] is None or rank < worst):
+            worst = rank
+            info["waiting"] = reason
+            info["waiting_message"] = ("init container %s: " % c.get("name") if c in inits else "") + \
+                waiting.get("message", "")
     return info
 
 
@@ -5174,9 +5195,10 @@ def workload_status(obj):
                    strategy=(spec.get("updateStrategy") or {}).get("type", ""))
     elif kind == "Job":
         out.update(desired=spec.get("completions", 1), ready=status.get("succeeded", 0), failed=status.get("failed", 0),
-                   active=status.get("active", 0))
+                   active=status.get("active", 0), job_failed=job_status(obj)["failed"])
     elif kind == "CronJob":
         out.update(desired=0, ready=0, suspend=bool(spec.get("suspend")), schedule=spec.get("schedule", ""),
+                   forbid=spec.get("concurrencyPolicy") == "Forbid",
                    time_zone=spec.get("timeZone"), starting_deadline=spec.get("startingDeadlineSeconds"),
                    last_schedule=status.get("lastScheduleTime", ""),
                    created=parse_k8s_time(obj["metadata"].get("creationTimestamp")))
@@ -5193,7 +5215,8 @@ def job_status(job):
     failed = any(cond.get("type") == "Failed" and cond.get("status") == "True" for cond in status.get("conditions") or ())
     complete = any(cond.get("type") == "Complete" and cond.get("status") == "True"
                    for cond in status.get("conditions") or ())
-    return {"name": meta["name"], "started": parse_k8s_time(status.get("startTime") or meta.get("creationTimestamp")) or 0,
+    return {"name": meta["name"], "active": bool(status.get("active")),
+            "started": parse_k8s_time(status.get("startTime") or meta.get("creationTimestamp")) or 0,
             "succeeded": complete or (bool(status.get("succeeded")) and not failed and not status.get("active")),
             "failed": failed or (bool(status.get("failed")) and not status.get("active") and not status.get("succeeded"))}
 
@@ -5289,16 +5312,23 @@ class CronSchedule:
         return None
 
 
+_TZ_WARNED = set()
+
+
 def cron_timezone(name):
-    """A tzinfo for a CronJob's timeZone; UTC when none, unknown, or zoneinfo is missing (Python 3.8)."""
-    if not name:
+    """A tzinfo for a CronJob's timeZone: UTC when none; None when this
+    Python cannot know it (3.8, or no tz database): then no run is judged."""
+    if not name or name in ("UTC", "Etc/UTC"):
         return datetime.timezone.utc
     try:
         import zoneinfo                 # Python 3.9+
         return zoneinfo.ZoneInfo(name)
     except (ImportError, ValueError, KeyError, OSError):
-        log.warning("watcher: time zone %r is not available here; reading the schedule in UTC", name)
-        return datetime.timezone.utc
+        if name not in _TZ_WARNED:
+            _TZ_WARNED.add(name)
+            log.warning("watcher: time zone %r is not known here (Python 3.9+ with a tz database is needed); "
+                        "CronJobMissed is not judged for schedules in it", name)
+        return None
 
 
 def node_alerts(nodes):
@@ -5328,13 +5358,16 @@ def pod_alerts(pod, now, settings):
     if pod["restarts"] > settings.restart_threshold:
         alerts.append(("HighRestartCount", "CRITICAL", "Pod %s has %d restarts" % (name, pod["restarts"]), name))
     term = pod["last_terminated"]
-    if term and term["reason"] == "OOMKilled":
+    finished = parse_k8s_time(term["finished_at"]) if term else None
+    if term and term["reason"] == "OOMKilled" and (finished is None or now - finished <= settings.window):
         alerts.append(("OOMKilled", "CRITICAL", "Pod %s was OOMKilled (exit code %s)" % (name, term["exit_code"]), name))
     if pod["waiting"] in WAITING_ALERTS:
         kind, what = WAITING_ALERTS[pod["waiting"]]
         detail = (": " + pod.get("waiting_message", "")[:200]) if pod.get("waiting_message") else ""
         alerts.append((kind, "CRITICAL", "Pod %s %s%s" % (name, what, detail), name))
     pending_for = now - pod["created"] if pod["phase"] == "Pending" and pod.get("created") else 0
+    if pod.get("job_pod") and pending_for <= settings.pending_after * 4:
+        pending_for = 0                     # a Job's pod waits its turn longer before it counts
     if pending_for > settings.pending_after and pod["waiting"] not in WAITING_ALERTS:
         if pod.get("unschedulable"):
             alerts.append(("PodUnschedulable", "WARNING", "Pod %s cannot be scheduled for %s: %s"
@@ -5356,8 +5389,8 @@ def workload_alerts(w, jobs, now, settings):
     if w.get("stuck"):
         alerts.append(("DeploymentStuck", "CRITICAL", "Deployment %s is not progressing (ProgressDeadlineExceeded): %s"
                        % (w["name"], w["stuck"][:200]), obj))
-    if w["kind"] == "Job" and w.get("failed"):
-        alerts.append(("JobFailed", "CRITICAL", "Job %s has %d failed pod(s)" % (w["name"], w["failed"]), obj))
+    if w["kind"] == "Job" and w.get("job_failed"):        # not a retry that then succeeded
+        alerts.append(("JobFailed", "CRITICAL", "Job %s failed (%d failed pod(s))" % (w["name"], w["failed"]), obj))
     if w["kind"] == "CronJob":
         finished = sorted((j for j in jobs if j["succeeded"] or j["failed"]), key=lambda j: j["started"])
         if finished and finished[-1]["failed"]:         # a newer successful run clears it
@@ -5373,19 +5406,31 @@ def cron_missed(w, jobs, now, settings):
     """Why a CronJob missed its last expected run, or None: the run its
     schedule asked for is older than its startingDeadlineSeconds (else the
     grace) and neither lastScheduleTime nor a Job started at or after it."""
-    if w["suspend"]:
-        return None
+    if w["suspend"] or (w.get("forbid") and any(j["active"] for j in jobs)):
+        return None                         # Forbid skips runs while one is active, on purpose
+    grace = w.get("starting_deadline") if isinstance(w.get("starting_deadline"), int) else settings.cron_grace
+    last = max([parse_k8s_time(w["last_schedule"]) or 0] + [j["started"] for j in jobs])
+    every = re.match(r"^@every\s+(\S+)$", w["schedule"].strip())
+    if every:                               # Kubernetes accepts it: a run every so often since the last
+        try:
+            period = parse_duration(every.group(1))
+        except ValueError as e:
+            return "CronJob %s has a schedule this watcher cannot read (%s): %s" % (w["name"], w["schedule"], e)
+        since = last or w.get("created") or now
+        if now - since <= period + grace:
+            return None
+        return "CronJob %s did not run for %s (schedule %r)" % (w["name"], _age(now - since), w["schedule"])
     try:
         schedule = CronSchedule(w["schedule"], w.get("time_zone"))
     except ValueError as e:
         return "CronJob %s has a schedule this watcher cannot read (%s): %s" % (w["name"], w["schedule"], e)
-    grace = w.get("starting_deadline") if isinstance(w.get("starting_deadline"), int) else settings.cron_grace
+    if schedule.tz is None:
+        return None                         # its time zone is unknown here: no guess (logged once)
     expected = schedule.previous(now)
-    if expected is not None and now - expected <= grace:
-        expected = schedule.previous(expected - 60)      # the newest run may still start: judge the one before
+    while expected is not None and now - expected <= grace:
+        expected = schedule.previous(expected - 60)      # runs that may still start are not judged yet
     if expected is None or (w.get("created") or 0) > expected:
         return None
-    last = max([parse_k8s_time(w["last_schedule"]) or 0] + [j["started"] for j in jobs])
     if last >= expected - 1:
         return None
     return "CronJob %s did not run at %s UTC (schedule %r; last run %s)" % (
@@ -5440,6 +5485,10 @@ def parse_prometheus_text(text, patterns=()):
         except ValueError:
             continue
     return out
+
+
+# Errors of these are shown but do not make a target unhealthy: they are about the cluster or extras.
+OPTIONAL_SOURCES = {"nodes", "metrics"}
 
 
 class TargetStore:
@@ -5511,7 +5560,7 @@ class TargetStore:
         if any(a["severity"] == "CRITICAL" for a in alerts):
             return 2
         w = (self.latest or {}).get("workload") or {}
-        if alerts or self.error_logs or w.get("ready", 0) < w.get("desired", 0) or self.last_error:
+        if alerts or self.error_logs or w.get("ready", 0) < w.get("desired", 0) or set(self.errors) - OPTIONAL_SOURCES:
             return 1
         return 0
 
@@ -5568,10 +5617,10 @@ def summarize_target(store, now=None):
     for hpa in snap.get("hpa") or ():
         out.append("\n## HPA (%s)\n  Replicas: %s current, %s desired (min=%s, max=%s)\n" % (
             hpa["name"], hpa["current"], hpa["desired"], hpa["min"], hpa["max"]))
-    unhealthy = [a for a in node_alerts(snap.get("nodes") or [])]
-    if snap.get("nodes"):
-        out.append("\n## Nodes (%d, %d with problems)\n" % (len(snap["nodes"]), len({a[3] for a in unhealthy})))
-        out.extend("  - %s\n" % a[2] for a in unhealthy)
+    nodes = snap.get("nodes")
+    if nodes and nodes.get("count"):
+        out.append("\n## Nodes (%d, %d with problems)\n" % (nodes["count"], nodes["problem_nodes"]))
+        out.extend("  - %s\n" % problem for problem in nodes["problems"])
     if store.events:
         out.append("\n## Recent Events (%d)\n" % len(store.events))
         for e in store.events[-10:]:
@@ -5606,7 +5655,8 @@ def summarize_targets(stores, max_chars=32000):
     if not stores:
         return ""
     if len(stores) == 1:
-        return summarize_target(stores[0])
+        text = summarize_target(stores[0])
+        return text if len(text) <= max_chars else text[:max_chars - 40] + "\n... (cut to maxContextChars)\n"
     ranked = sorted(stores, key=lambda s: (-s.score(), -len(s.alerts)))
     header = "[K8s Multi-Watcher: %d targets monitored]\n\n" % len(stores)
     texts = [summarize_target(s) + "\n" if s.score() >= 1 else None for s in ranked]
@@ -5638,8 +5688,15 @@ def summarize_targets(stores, max_chars=32000):
 
 def hpa_status(h):
     spec, status = h.get("spec") or {}, h.get("status") or {}
-    limited = any(cond.get("type") == "ScalingLimited" and cond.get("status") == "True"
-                  and cond.get("reason") == "TooManyReplicas" for cond in status.get("conditions") or ())
+    conditions = status.get("conditions")
+    if conditions is None:          # autoscaling/v1 keeps them in an annotation, as JSON
+        try:
+            conditions = json.loads(((h["metadata"].get("annotations") or {}).get(
+                "autoscaling.alpha.kubernetes.io/conditions")) or "[]")
+        except ValueError:
+            conditions = []
+    limited = any(isinstance(cond, dict) and cond.get("type") == "ScalingLimited" and cond.get("status") == "True"
+                  and cond.get("reason") == "TooManyReplicas" for cond in conditions or ())
     return {"name": h["metadata"]["name"], "current": status.get("currentReplicas", 0),
             "desired": status.get("desiredReplicas", 0), "min": spec.get("minReplicas", 1),
             "max": spec.get("maxReplicas", 0), "limited": limited}
@@ -5679,7 +5736,8 @@ class Watcher:
         self.settings, self.kubectl, self.metrics = settings, kubectl, metrics
         self.stores = [TargetStore(t, settings) for t in settings.targets]
         self.cluster_alerts = collections.OrderedDict()      # node problems, once for the whole cluster
-        self.nodes, self.cluster_scope = [], True           # cluster_scope: may list across namespaces
+        self.nodes, self.cluster_scope = None, True         # cluster_scope: may list across namespaces
+        self.lock = threading.RLock()       # a cycle is applied under it; readers take it too
         self.metrics_api_checked, self.has_metrics_api = -1e9, False
         self.stop_event = threading.Event()
         self.thread = None
@@ -5726,34 +5784,50 @@ class Watcher:
         if now - self.metrics_api_checked > self.metrics_api_every:     # answered for the next cycles
             self.metrics_api_checked = now
             calls["api-versions"] = (self.kubectl.run, "api-versions")
-        results = run_parallel(calls)
+        results = run_parallel(calls, min(32, len(calls)))       # all at once: none waits behind another
         if "api-versions" in results and not isinstance(results["api-versions"], Exception):
             self.has_metrics_api = "metrics.k8s.io/" in results["api-versions"]
-        got_all = results.get(("get", None))
-        if isinstance(got_all, tuple) and all("at the cluster scope" in got_all[1].get(r, "") for r in resources):
-            self.cluster_scope = False      # only namespaced permissions: list per namespace from now on
-            log.info("watcher: no permission to list across namespaces; listing per namespace")
+        if any(isinstance(results.get(("top", ns)), Exception) for ns in scopes):
+            self.has_metrics_api = False    # registered but not answering: no `top` until it is asked again
+        why = self._per_namespace_why(results) if scopes == [None] else None
+        if why:
+            self.cluster_scope = False      # list per namespace from now on
+            log.info("watcher: %s; listing per namespace from now on", why)
             return self.collect_once(now)
-        self._apply_nodes(results["nodes"], now)
-        troubled = []
-        for store in self.stores:
-            ns = None if scopes == [None] else store.target.namespace
-            troubled += self._collect_target(store, results[("get", ns)], results[("events", ns)],
-                                             results.get(("top", ns)), now)
-        self._logs(troubled)
+        wanted = []
+        with self.lock:                     # readers see a cycle whole, never half applied
+            self._apply_nodes(results["nodes"], now)
+            for store in self.stores:
+                ns = None if scopes == [None] else store.target.namespace
+                wanted += self._collect_target(store, results[("get", ns)], results[("events", ns)],
+                                               results.get(("top", ns)), now)
+        self._fetch_extras(wanted)
         self.cycles += 1
+
+    @staticmethod
+    def _per_namespace_why(results):
+        """Why listing across namespaces does not work here, or None."""
+        for key in (("get", None), ("events", None)):
+            result = results.get(key)
+            if isinstance(result, tuple) and any("at the cluster scope" in e for e in result[1].values()):
+                return "some kinds may not be listed across namespaces"
+            if isinstance(result, Exception) and ("printed more than" in result.message or "no answer" in result.message):
+                return "listing every namespace is too big or too slow here (%s)" % result.message
 
     def _apply_nodes(self, result, now):
         if isinstance(result, Exception) or result[1]:
             message = str(getattr(result, "message", result)) if isinstance(result, Exception) else result[1]["nodes"]
             for store in self.stores:
                 store.failed("nodes", message)
-            self.nodes = []
+            self.nodes = None
             return
-        self.nodes = result[0]
+        problems = node_alerts(result[0])
+        # a summary, not the objects: every snapshot keeps it for the whole window
+        self.nodes = {"count": len(result[0]), "problems": [a[2] for a in problems],
+                      "problem_nodes": len({a[3] for a in problems})}
         for store in self.stores:
             store.succeeded("nodes")
-        self.cluster_alerts, new = merge_alerts(self.cluster_alerts, node_alerts(self.nodes), now)
+        self.cluster_alerts, new = merge_alerts(self.cluster_alerts, problems, now)
         for alert in new:
             self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
 
@@ -5796,8 +5870,9 @@ class Watcher:
         events = self._note(store, ["events"], events) or []
         if isinstance(usage, Exception):
             usage = {}
-        if items is None:
-            return []
+        core = {"pods", next(r for r, _s, k in WATCH_RESOURCES if k == t.kind)}
+        if items is None or core & set(store.errors):
+            return []           # without the target or its pods a snapshot would lie: keep the last, go stale
         workload = next((i for i in items if i.get("kind") == t.kind and i["metadata"]["name"] == t.name), None)
         pods = [i for i in items if i.get("kind") == "Pod" and self._owns(t, workload, items, i)]
         snapshot = {"time": now, "workload": workload_status(workload) if workload else None,
@@ -5813,15 +5888,17 @@ class Watcher:
                             for v in items if v.get("kind") == "PersistentVolumeClaim" and v["metadata"]["name"] in claims]
         for p in snapshot["pods"]:
             p["cpu"], p["mem"] = (usage or {}).get((t.namespace, p["name"]), ("", ""))
-        names = {p["name"] for p in snapshot["pods"]} | {t.name}
+        names = {p["name"] for p in snapshot["pods"]} | {t.name} | {j["name"] for j in snapshot["jobs"]}
+
+        def concerns(involved):         # the target, its pods and Jobs, its ReplicaSets (name-hash)
+            name = involved.get("name") or ""
+            return name in names or (involved.get("kind") == "ReplicaSet" and name.startswith(t.name + "-"))
         store.events = sorted(({"type": e.get("type", ""), "reason": e.get("reason", ""), "message": e.get("message", ""),
                                 "object": "%s/%s" % ((e.get("involvedObject") or {}).get("kind", ""),
                                                      (e.get("involvedObject") or {}).get("name", "")),
                                 "time": parse_k8s_time(e.get("lastTimestamp") or (e.get("metadata") or {}).get("creationTimestamp")) or now}
-                               for e in events if (e.get("involvedObject") or {}).get("name") in names),
-                              key=lambda e: e["time"])
-        if t.metrics_port:
-            self._app_metrics(store, [p["name"] for p in snapshot["pods"] if p["phase"] == "Running"])
+                               for e in events if concerns(e.get("involvedObject") or {})),
+                              key=lambda e: e["time"])[-50:]
         for alert in store.add_snapshot(snapshot, now):
             self.metrics.watch_alerts.inc((alert[0], alert[1].lower()))
         if workload is None:
@@ -5830,17 +5907,20 @@ class Watcher:
             store.succeeded("target")
         self._record_gauges(store)
         self.metrics.watch_duration.observe((t.key,), time.monotonic() - started)
-        return [(store, p) for p in snapshot["pods"] if self._logs_due(store, p)]
+        alive = {p["uid"] for p in snapshot["pods"]}
+        for uid in [u for u in store.log_state if u not in alive]:
+            del store.log_state[uid]            # pods that are gone: churn must not grow it
+        wanted = [("logs", store, p) for p in snapshot["pods"] if self._logs_due(store, p)]
+        running = [p["name"] for p in snapshot["pods"] if p["phase"] == "Running"]
+        return wanted + ([("metrics", store, running[0])] if t.metrics_port and running else [])
 
     @staticmethod
     def _logs_due(store, pod):
-        """A troubled pod whose restarts or state changed since its logs were last read."""
+        """A troubled pod that has logs (not Pending) whose restarts or state
+        changed since its logs were last read."""
         state = (pod["restarts"], pod["waiting"], pod["phase"], pod["ready"])
         troubled = not pod["ready"] or pod["waiting"] or pod["restarts"] or pod["phase"] not in ("Running", "Succeeded")
-        if not troubled or store.log_state.get(pod["uid"]) == state:
-            return False
-        store.log_state[pod["uid"]] = state
-        return True
+        return bool(troubled) and pod["phase"] != "Pending" and store.log_state.get(pod["uid"]) != state
 
     @staticmethod
     def _owns(target, workload, items, pod):
@@ -5849,35 +5929,43 @@ class Watcher:
             return False
         if target.kind == "Job":
             return labels.get("job-name") == target.name
-        if target.kind == "CronJob":
-            jobs = {i["metadata"]["name"] for i in items if i.get("kind") == "Job" and any(
+        if target.kind == "CronJob":       # the pods of its newest run: an old failure is JobFailed's
+            jobs = sorted((job_status(i) for i in items if i.get("kind") == "Job" and any(
                 ref.get("kind") == "CronJob" and ref.get("name") == target.name
-                for ref in i["metadata"].get("ownerReferences") or ())}
-            return labels.get("job-name") in jobs
+                for ref in i["metadata"].get("ownerReferences") or ())), key=lambda j: j["started"])
+            return bool(jobs) and labels.get("job-name") == jobs[-1]["name"]
         return selector_matches((workload.get("spec") or {}).get("selector"), labels)
 
-    def _logs(self, wanted):
-        """Logs of (store, pod) pairs, all targets together, `log_parallelism` at a time."""
-        def fetch(store, pod):
-            try:
-                return self.kubectl.run("logs", pod["name"], "-n", store.target.namespace, "--tail",
-                                        str(self.settings.max_log_lines), "--timestamps", "--all-containers")
-            except ChatServeError:
-                self.metrics.watch_errors.inc((store.target.key, "logs"))
-                return ""
-        calls = {i: (fetch, store, pod) for i, (store, pod) in enumerate(wanted)}
-        for i, text in run_parallel(calls, self.log_parallelism).items():
-            if isinstance(text, str):
-                wanted[i][0].add_logs(wanted[i][1]["name"], text)
+    max_fetches = 16        # logs and application metrics per cycle; the rest next cycle
 
-    def _app_metrics(self, store, pods):
-        t = store.target
-        for pod in pods[:1]:       # one pod is representative; all would multiply the API server load
+    def _fetch_extras(self, wanted):
+        """Logs of troubled pods and application metrics, all targets together,
+        `log_parallelism` at a time, at most `max_fetches` a cycle."""
+        wanted = sorted(wanted, key=lambda entry: entry[0] != "metrics")[:self.max_fetches]     # metrics never starve
+        for kind, store, pod in wanted:
+            if kind == "logs":              # marked when fetched: a pod past the cap comes next cycle
+                store.log_state[pod["uid"]] = (pod["restarts"], pod["waiting"], pod["phase"], pod["ready"])
+
+        def fetch(kind, store, pod):
+            t = store.target
+            if kind == "logs":
+                return self.kubectl.run("logs", pod["name"], "-n", t.namespace, "--tail",
+                                        str(self.settings.max_log_lines), "--timestamps", "--all-containers")
             path = "/api/v1/namespaces/%s/pods/%s:%d/proxy%s" % (t.namespace, pod, t.metrics_port, t.metrics_path)
-            try:
-                store.metrics = parse_prometheus_text(self.kubectl.run("get", "--raw", path), t.metrics_filter)
-            except ChatServeError:
-                self.metrics.watch_errors.inc((t.key, "metrics"))
+            return parse_prometheus_text(self.kubectl.run("get", "--raw", path), t.metrics_filter)
+        results = run_parallel({i: (fetch,) + entry for i, entry in enumerate(wanted)}, self.log_parallelism)
+        with self.lock:
+            for i, value in results.items():
+                kind, store, pod = wanted[i]
+                if isinstance(value, Exception):
+                    self.metrics.watch_errors.inc((store.target.key, kind))
+                    if kind == "metrics":
+                        store.failed("metrics", value.message)
+                elif kind == "logs":
+                    store.add_logs(pod["name"], value)
+                else:
+                    store.metrics = value
+                    store.succeeded("metrics")
 
     def _record_gauges(self, store):
         m, key, snap = self.metrics, store.target.key, store.latest
@@ -5890,14 +5978,20 @@ class Watcher:
     # -- answers -------------------------------------------------------------
 
     def context(self):
-        return summarize_targets(self.stores, self.settings.max_context_chars)
+        with self.lock:
+            return summarize_targets(self.stores, self.settings.max_context_chars)
 
     def context_for(self, namespace, name):
-        match = [s for s in self.stores if s.target.namespace == namespace and s.target.name == name]
-        return summarize_targets(match or self.stores, self.settings.max_context_chars)
+        with self.lock:
+            match = [s for s in self.stores if s.target.namespace == namespace and s.target.name == name]
+            return summarize_targets(match or self.stores, self.settings.max_context_chars)
 
     def alerts(self, namespace="", deployment=""):
         """Active alerts; cluster (node) alerts only when no namespace filter is given."""
+        with self.lock:
+            return self._alerts(namespace, deployment)
+
+    def _alerts(self, namespace, deployment):
         now = time.time()
         nodes_stale = any("nodes" in s.errors for s in self.stores)
         groups = [("", "", self.cluster_alerts, nodes_stale)] if not namespace and not deployment else []
@@ -5909,6 +6003,10 @@ class Watcher:
                 for ns, name, alerts, stale in groups for a in alerts.values()]
 
     def status(self):
+        with self.lock:
+            return self._status()
+
+    def _status(self):
         single = len(self.stores) == 1
         target = self.stores[0].target if single else None
         snaps = [s.latest for s in self.stores if s.latest]
@@ -5931,10 +6029,12 @@ class Watcher:
 
     def targets_status(self):
         now = time.time()
-        return [{"target": s.target.key, "kind": s.target.kind, "last_collected_unix": int(s.last_collected) or None,
-                 "last_success_unix": int(s.last_success) or None, "stale": s.stale(now),
-                 "last_error": s.last_error or None, "errors": dict(s.errors), "alerts": len(s.alerts),
-                 "snapshots": len(s.snapshots)} for s in self.stores]
+        with self.lock:
+            return [{"target": s.target.key, "kind": s.target.kind,
+                     "last_collected_unix": int(s.last_collected) or None,
+                     "last_success_unix": int(s.last_success) or None, "stale": s.stale(now),
+                     "last_error": s.last_error or None, "errors": dict(s.errors), "alerts": len(s.alerts),
+                     "snapshots": len(s.snapshots)} for s in self.stores]
 
 
 # ---------------------------------------------------------------------------
@@ -8403,18 +8503,30 @@ def parse_analysis(text):
     except (TypeError, ValueError):
         confidence = 0.5
     recommendations = data.get("recommendations") or []
-    if isinstance(recommendations, (str, int, float)):
+    if not isinstance(recommendations, list):
         recommendations = [recommendations]          # one recommendation, not its characters
-    recommendations = [str(r) for r in recommendations if isinstance(r, (str, int, float))] \
-        if isinstance(recommendations, list) else []
+    recommendations = [analysis_text(r) for r in recommendations if analysis_text(r)]
     actions = []
-    for entry in data.get("actions") or data.get("suggested_actions") or []:
+    listed = data.get("actions") or data.get("suggested_actions") or []
+    for entry in listed if isinstance(listed, list) else [listed]:
         if isinstance(entry, dict) and entry.get("action") in ANALYZE_ACTIONS:
             params = entry.get("params") if isinstance(entry.get("params"), dict) else {}
             actions.append({"name": str(entry.get("name") or entry["action"]), "action": entry["action"],
                             "description": str(entry.get("description") or ""),
                             "params": {str(k): str(v) for k, v in params.items()}})
-    return str(data.get("analysis") or ""), confidence, recommendations, actions
+    return analysis_text(data.get("analysis")), confidence, recommendations, actions
+
+
+def analysis_text(value):
+    """A model's field as text: a string, lines of a list, an object's description."""
+    if isinstance(value, (list, tuple)):
+        return "\n".join(filter(None, (analysis_text(v) for v in value)))
+    if isinstance(value, dict):
+        for key in ("description", "text", "recommendation", "action", "title"):
+            if isinstance(value.get(key), str):
+                return value[key]
+        return json_dumps(value)
+    return "" if value is None else str(value)
 
 
 @rpc_method("AnalyzeIssue", tuple((f, "string") for f in ANALYZE_FIELDS) + (

@@ -3514,6 +3514,12 @@ def cluster(state, clean):
         sys.exit(0)
     namespace = clean[clean.index("-n") + 1] if "-n" in clean else None
     names = [ALIASES[r] for r in clean[1].split(",")]
+    if state.get("klog"):       # what kubectl logs while an aggregated API is registered but down
+        sys.stderr.write('E0315 02:33:01.586590    1787 memcache.go:287] "Unhandled Error" err="couldn\'t get '
+                         'resource list for metrics.k8s.io/v1beta1: the server is currently unable to handle the '
+                         'request"\n')
+    if namespace is None and "-A" in clean and state.get("slow_all") and names != ["nodes"]:
+        time.sleep(60)
     if any(n in state.get("hang", ()) for n in names):
         time.sleep(60)
     items, errors = [], []
@@ -3596,7 +3602,7 @@ def prod_fixtures(healthy=False):
     canary = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api-canary", "namespace": "prod"},
               "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api-canary"}}},
               "status": {"replicas": 1, "readyReplicas": 1}}
-    oom = {"reason": "OOMKilled", "exitCode": 137, "finishedAt": "2026-11-22T10:00:00Z"}
+    oom = {"reason": "OOMKilled", "exitCode": 137, "finishedAt": k8s_time(-600)}       # within the window
     pods = [k8s_pod("api-7d9f-a", {"app": "api"}, restarts=0 if healthy else 7),
             k8s_pod("api-7d9f-b", {"app": "api"}, ready=healthy, restarts=1,
                     waiting=None if healthy else "CrashLoopBackOff", terminated=None if healthy else oom),
@@ -4006,6 +4012,47 @@ class WatchRulesTest(unittest.TestCase):
         running = {"kind": "Job", "metadata": {"name": "j"}, "status": {"active": 1, "failed": 1}}
         self.assertEqual(cs.job_status(running)["failed"], False)            # still retrying
 
+    def test_review_findings_on_rules(self):
+        pod = k8s_pod("p", {"app": "x"}, ready=False)
+        pod["status"]["initContainerStatuses"] = [{"name": "migrate", "restartCount": 9, "ready": False,
+                                                   "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]
+        info = cs.pod_status(pod)
+        self.assertEqual((info["waiting"], info["restarts"]), ("CrashLoopBackOff", 9))
+        self.assertIn("init container migrate", info["waiting_message"])
+        two = k8s_pod("q", {"app": "x"})
+        two["status"]["containerStatuses"] = [
+            {"name": "app", "ready": True, "restartCount": 1, "state": {"running": {}},
+             "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137,
+                                          "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.now - 60))}}},
+            {"name": "sidecar", "ready": True, "restartCount": 0, "state": {"running": {}},
+             "lastState": {"terminated": {"reason": "Completed", "exitCode": 0, "finishedAt": "2026-11-20T00:00:00Z"}}}]
+        self.assertIn("OOMKilled", self.types({"pods": [cs.pod_status(two)]}))        # not hidden by the sidecar
+        old = cs.pod_status(two)
+        old["last_terminated"]["finished_at"] = "2026-11-01T00:00:00Z"
+        self.assertNotIn("OOMKilled", self.types({"pods": [old]}))                      # long ago: not current
+        retried = {"kind": "Job", "metadata": {"name": "migrate"}, "spec": {"completions": 1},
+                   "status": {"failed": 1, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+        self.assertEqual(self.types({"pods": [], "workload": cs.workload_status(retried)}), set())
+        v1 = {"metadata": {"name": "api", "annotations": {"autoscaling.alpha.kubernetes.io/conditions": json.dumps(
+            [{"type": "ScalingLimited", "status": "True", "reason": "TooManyReplicas"}])}},
+              "spec": {"minReplicas": 1, "maxReplicas": 4}, "status": {"currentReplicas": 4, "desiredReplicas": 4}}
+        self.assertEqual(self.types({"pods": [], "hpa": [cs.hpa_status(v1)]}), {"HPAMaxedOut"})
+        forbid = self.cron("0 3 * * *", "2026-11-28T03:00:00Z", concurrencyPolicy="Forbid")
+        running = {"name": "nightly-1", "started": self.now - 90000, "succeeded": False, "failed": False, "active": True}
+        self.assertEqual(self.types({"pods": [], "workload": forbid, "jobs": [running]}), set())
+        self.assertIn("CronJobMissed", self.types({"pods": [], "workload": self.cron("@every 1h", "2026-11-29T09:00:00Z")}))
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("@every 1h", "2026-11-29T11:30:00Z")}), set())
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("0 3 * * *", None, timeZone="No/Such_Zone")}),
+                         set())                                        # an unknown zone is not guessed as UTC
+        every_minute = self.cron("* * * * *", "2026-11-29T11:50:00Z")
+        self.assertIn("CronJobMissed", self.types({"pods": [], "workload": every_minute}))
+        self.assertEqual(self.types({"pods": [], "workload": self.cron("* * * * *", "2026-11-29T11:58:00Z")}), set())
+        _a, _c, recommendations, actions = cs.parse_analysis(json.dumps({
+            "analysis": ["line one", "line two"], "recommendations": [{"description": "raise the limit"}],
+            "actions": {"action": "RestartDeployment", "name": "restart"}}))
+        self.assertEqual((_a, recommendations, [a["action"] for a in actions]),
+                         ("line one\nline two", ["raise the limit"], ["RestartDeployment"]))
+
     def test_cron_syntax(self):
         at = calendar.timegm(time.strptime("2026-11-29T01:52:00Z", "%Y-%m-%dT%H:%M:%SZ"))
         cases = {"*/15 * * * *": "2026-11-29 01:45", "0 9 * * mon-fri": "2026-11-27 09:00",
@@ -4043,6 +4090,116 @@ class WatchRulesTest(unittest.TestCase):
     def test_recommendations_as_one_string(self):
         _a, _c, recommendations, _x = cs.parse_analysis('{"analysis": "x", "recommendations": "Raise the memory limit"}')
         self.assertEqual(recommendations, ["Raise the memory limit"])
+
+
+class WatcherReviewTest(KubectlCase):
+    """What an attacker's review of the watcher found, each fixed."""
+
+    def test_snapshots_keep_a_node_summary_not_the_objects(self):
+        w = self.watcher()
+        w.collect_once()
+        nodes = w.stores[0].latest["nodes"]
+        self.assertEqual(nodes, {"count": 1, "problem_nodes": 1, "problems": [
+            "Node node1 is not ready (KubeletNotReady)", "Node node1 has MemoryPressure"]})
+
+    def test_readers_never_see_a_cycle_half_applied(self):
+        w = self.watcher(interval=0.05)
+        w.collect_once()
+        errors, stop = [], threading.Event()
+
+        def read():
+            while not stop.is_set():
+                try:
+                    w.context(), w.status(), w.targets_status(), w.alerts()
+                except Exception as e:          # "mutated during iteration" before the lock
+                    errors.append(e)
+                    return
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for th in readers:
+            th.start()
+        for _ in range(15):
+            w.collect_once()
+        stop.set()
+        for th in readers:
+            th.join(WAIT)
+        self.assertEqual(errors, [])
+
+    def test_too_big_or_refused_across_namespaces_falls_back_per_namespace(self):
+        for trouble in ({"slow_all": True}, {"forbidden": {"deployments": "cluster"}}):
+            fixtures = prod_fixtures()
+            objects = fixtures["cluster"]["objects"]
+            for ns in ("a", "b"):
+                objects += [dict(o, metadata=dict(o["metadata"], namespace=ns)) for o in list(objects)
+                            if o["metadata"].get("namespace") == "prod" and o["kind"] in ("Deployment", "Pod")]
+            fixtures["cluster"].update(trouble)
+            self.fixtures(fixtures)
+            w = self.watcher([cs.WatchTarget("api", ns) for ns in ("prod", "a", "b")], interval=1.0)
+            w.collect_once()
+            self.assertFalse(w.cluster_scope, trouble)
+            self.assertEqual([bool(s.latest) for s in w.stores], [True] * 3, trouble)
+            self.assertEqual([sorted(set(s.errors) - {"nodes"}) for s in w.stores], [[], [], []])
+
+    def test_kubectl_log_lines_do_not_spoil_a_partial_result(self):
+        fixtures = prod_fixtures()
+        fixtures["cluster"].update(klog=True, forbidden={"cronjobs": "all"})
+        self.fixtures(fixtures)
+        w = self.watcher()
+        w.collect_once()
+        self.assertEqual(sorted(set(w.stores[0].errors) - {"nodes"}), ["cronjobs"])
+        self.assertTrue(w.stores[0].latest)
+
+    def test_a_forbidden_core_kind_keeps_the_last_view_and_is_not_not_found(self):
+        w = self.watcher()
+        w.collect_once()
+        before = set(w.stores[0].alerts)
+        fixtures = prod_fixtures()
+        fixtures["cluster"]["forbidden"] = {"deployments": "all"}
+        self.fixtures(fixtures)
+        w.collect_once()
+        store = w.stores[0]
+        self.assertEqual(set(store.alerts), before)                      # not cleared by a missing permission
+        self.assertNotIn("target", store.errors)                        # not "not found": it cannot be read
+        self.assertIn("deployments", store.errors)
+
+    def test_logs_skip_pending_pods_and_are_capped_per_cycle(self):
+        fixtures = prod_fixtures()
+        labels = {"app": "api"}
+        for i in range(30):
+            pod = k8s_pod("api-crash-%d" % i, labels, ready=False, waiting="CrashLoopBackOff", restarts=3)
+            pod["metadata"]["uid"] = "u%d" % i
+            fixtures["cluster"]["objects"].append(pod)
+        fixtures["cluster"]["objects"].append(k8s_pod("api-pending", labels, ready=False, phase="Pending"))
+        self.fixtures(fixtures)
+        w = self.watcher()
+        w.collect_once()
+        logs = [c[1] for c in self.calls() if c[0] == "logs"]
+        self.assertEqual(len(logs), cs.Watcher.max_fetches - 1)           # one fetch is the metrics'
+        self.assertNotIn("api-pending", logs)
+        before = len(self.calls())
+        w.collect_once()
+        self.assertEqual(len([c for c in self.calls()[before:] if c[0] == "logs"]), 15)    # more of the rest, then
+
+    def test_optional_permissions_and_the_budget_of_one_target(self):
+        fixtures = prod_fixtures(healthy=True)
+        fixtures["cluster"]["forbidden"] = {"nodes": "all"}
+        self.fixtures(fixtures)
+        w = self.watcher(max_chars=400)
+        w.collect_once()
+        w.stores[0].error_logs.clear()
+        self.assertEqual(w.stores[0].score(), 0)              # no nodes permission is not a sick target
+        self.assertIn("nodes", w.stores[0].errors)
+        self.assertLessEqual(len(w.context()), 400)            # one target keeps the budget too
+
+    def test_replicaset_events_are_the_targets(self):
+        fixtures = prod_fixtures()
+        fixtures["cluster"]["objects"].append({
+            "kind": "Event", "type": "Warning", "reason": "FailedCreate", "metadata": {"name": "e2", "namespace": "prod"},
+            "message": 'pods "api-7d9f-c" is forbidden: exceeded quota: compute',
+            "involvedObject": {"kind": "ReplicaSet", "name": "api-7d9f"}, "lastTimestamp": k8s_time(-60)})
+        self.fixtures(fixtures)
+        w = self.watcher()
+        w.collect_once()
+        self.assertIn("exceeded quota", w.context())
 
 
 class MultiSummaryTest(KubectlCase):
