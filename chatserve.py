@@ -10861,10 +10861,15 @@ class _AddressedConnection(http.client.HTTPConnection):
 
 class RpcClient:
     """JSON-RPC to chatserve.  A name that resolves to several addresses (a
-    headless Kubernetes Service) is spread round-robin per request; a dead
-    address is skipped for 30 s."""
+    headless Kubernetes Service) is spread round-robin per request and
+    resolved again every `resolve_every` seconds (replicas come and go); each
+    address keeps one idle keep-alive connection; an address that refuses,
+    times out or answers 503 is skipped for `dead_for` seconds, and the
+    request goes to the next one while that is safe: before any answer
+    arrived.  A rolling restart costs a client no error."""
 
     dead_for = 30.0
+    resolve_every = 30.0
 
     def __init__(self, addr, token="", tls=False, ca_cert="", timeout=300.0):
         host, _, port = addr.rpartition(":") if ":" in addr and not addr.endswith("]") else (addr, "", "")
@@ -10879,19 +10884,30 @@ class RpcClient:
             if ssl is None:
                 raise ConfigError("--tls needs Python's ssl module")
             self.context = ssl.create_default_context(cafile=ca_cert or None)
-        try:
-            infos = socket.getaddrinfo(host, self.port, 0, socket.SOCK_STREAM)
-        except OSError as e:
-            raise RemoteError("cannot resolve %s: %s" % (host, _os_reason(e)))
-        self.addresses = list(collections.OrderedDict((info[4], info[0]) for info in infos).items())
-        self.next, self.dead, self.lock = 0, {}, threading.Lock()
+        self.next, self.dead, self.idle, self.lock = 0, {}, {}, threading.Lock()
+        self.addresses, self.resolved = [], 0.0
+        self.resolve()
         self.ids = iter(range(1, 1 << 62))
+
+    def resolve(self):
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
+        except OSError as e:
+            if self.addresses:
+                return                      # keep the last answer while DNS has a bad moment
+            raise RemoteError("cannot resolve %s: %s" % (self.host, _os_reason(e)))
+        with self.lock:
+            self.addresses = list(collections.OrderedDict((info[4], info[0]) for info in infos).items())
+            self.resolved = time.monotonic()
 
     def _order(self):
         """Addresses to try for one request: round-robin, live ones first."""
+        if time.monotonic() - self.resolved > self.resolve_every:
+            self.resolve()
         with self.lock:
             start, self.next = self.next, self.next + 1
-        ring = self.addresses[start % len(self.addresses):] + self.addresses[:start % len(self.addresses)]
+            addresses = list(self.addresses)
+        ring = addresses[start % len(addresses):] + addresses[:start % len(addresses)]
         now = time.monotonic()
         return [a for a in ring if self.dead.get(a[0], 0) <= now] + [a for a in ring if self.dead.get(a[0], 0) > now]
 
@@ -10899,21 +10915,45 @@ class RpcClient:
         return self.http("POST", "/rpc", json_bytes(body), accept)
 
     def http(self, method, path, data, accept):
-        """(connection, response) of one request, trying the addresses in turn."""
+        """(connection, response) of one request, trying the addresses in turn;
+        give the connection back with `release` once the answer is read."""
         headers = {"Content-Type": "application/json", "Accept": accept}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
         error = None
         for sockaddr, family in self._order():
-            conn = _AddressedConnection(self.host, sockaddr, family, self.timeout, self.context)
-            try:
-                conn.request(method, path, data, headers)
-                return conn, conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                self.dead[sockaddr] = time.monotonic() + self.dead_for
-                error = e
+            with self.lock:
+                conn = self.idle.pop(sockaddr, None)
+            for fresh in ((False, True) if conn is not None else (True,)):
+                if fresh:
+                    conn = _AddressedConnection(self.host, sockaddr, family, self.timeout, self.context)
+                try:
+                    conn.request(method, path, data, headers)
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    error = e
+                    continue                # a kept-alive connection the server closed: once more, fresh
+                if resp.status == 503 and len(self.addresses) > 1:
+                    resp.read()             # this replica is draining or full: the next one
+                    conn.close()
+                    error = OSError("%s answered 503" % (sockaddr,))
+                    break
+                conn.sockaddr_key = sockaddr
+                return conn, resp
+            self.dead[sockaddr] = time.monotonic() + self.dead_for
         raise RemoteError("cannot reach chatserve at %s:%d: %s" % (self.host, self.port, _os_reason(error)))
+
+    def release(self, conn, resp):
+        """Keep a connection whose answer was read whole, for the next request to that address."""
+        if resp.will_close or not resp.isclosed():
+            conn.close()
+            return
+        with self.lock:
+            old = self.idle.pop(conn.sockaddr_key, None)
+            self.idle[conn.sockaddr_key] = conn
+        if old is not None:
+            old.close()
 
     @staticmethod
     def _result(reply):
@@ -10929,8 +10969,10 @@ class RpcClient:
                                 "application/json")
         try:
             data = resp.read()
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        self.release(conn, resp)
         try:
             reply = json.loads(data.decode("utf-8"))
         except ValueError:

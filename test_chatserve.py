@@ -3448,6 +3448,39 @@ class ConnectTest(ServerTestCase):
         self.assertIn(dead[0], client.dead)
         self.assertEqual(client.call("Health")["status"], "SERVING")
 
+    def test_a_rolling_restart_costs_no_error(self):
+        """Two replicas behind one name: kept-alive connections, a replica that
+        goes away or drains (503) is skipped, the name is resolved again."""
+        one, two = self.start(), self.start()
+        addresses = [[(("127.0.0.1", one.port), socket.AF_INET), (("127.0.0.1", two.port), socket.AF_INET)]]
+        original = cs.RpcClient.resolve
+
+        def resolve(client):
+            client.addresses, client.resolved = list(addresses[0]), time.monotonic()
+        cs.RpcClient.resolve = resolve
+        self.addCleanup(setattr, cs.RpcClient, "resolve", original)
+        client = cs.RpcClient("chatserve.chatserve.svc:50051")
+        made = []
+        real = cs._AddressedConnection.__init__
+
+        def counting(conn, *args, **kwargs):
+            made.append(args[1])
+            real(conn, *args, **kwargs)
+        cs._AddressedConnection.__init__ = counting
+        self.addCleanup(setattr, cs._AddressedConnection, "__init__", real)
+        for _ in range(6):
+            self.assertEqual(client.call("Health")["status"], "SERVING")
+        self.assertEqual(len(made), 2)                                       # one kept-alive connection each
+        one.stop()                                                           # a replica goes away mid-rollout
+        for _ in range(4):
+            self.assertEqual(client.call("Health")["status"], "SERVING")
+        three = self.start()
+        addresses[0] = [(("127.0.0.1", two.port), socket.AF_INET), (("127.0.0.1", three.port), socket.AF_INET)]
+        client.resolve_every = 0                                             # the name is asked again
+        for _ in range(4):
+            client.call("Health")
+        self.assertIn(("127.0.0.1", three.port), made)
+
     def test_local_auth_profiles(self):
         auth_dir = os.path.join(self.tmp, "auth")
         os.makedirs(auth_dir)
