@@ -903,6 +903,11 @@ SERVE_OPTIONS = (
      "namespace of the shared state (default: the pod's own, or the kubeconfig context's)"),
     ("--kubeconfig", "KUBECONFIG", "", "str",
      "kubeconfig for the Kubernetes API client (shared state; default: in-cluster service account)"),
+    ("--leader-elect", "CHATSERVE_LEADER_ELECT", False, "bool",
+     "replicas elect one watcher through a Lease (chatserve-watcher in --k8s-namespace); the others show its view"),
+    ("--leader-lease-duration", "CHATSERVE_LEADER_LEASE_DURATION", 15.0, "duration",
+     "how long a leader's Lease holds without renewal before another replica takes it"),
+    ("--leader-renew-interval", "CHATSERVE_LEADER_RENEW_INTERVAL", 5.0, "duration", "how often the leader renews"),
     ("--data-dir", "CHATSERVE_DATA_DIR", "~/.chatserve", "str",
      "where sessions and stored responses are kept (created 0700)"),
     ("--response-retention", "CHATSERVE_RESPONSE_RETENTION", 30 * 86400.0, "duration",
@@ -1635,6 +1640,8 @@ class Metrics:
         self.agent_trims = f(Counter("chatserve_agent_context_trims_total", "Times the agent conversation was trimmed to --agent-max-context."))
         self.client_disconnects = f(Counter("chatserve_client_disconnects_total", "Requests whose client hung up before the answer was complete, by surface.", ("surface",)))
         self.rate_limited = f(Counter("chatserve_rate_limited_total", "Requests refused by the rate limits, by reason.", ("reason",)))
+        self.leader = f(Gauge("chatserve_watcher_leader", "1 while this replica is the elected watcher, else 0.", ()))
+        self.lease_failures = f(Counter("chatserve_leader_lease_failures_total", "Failed Lease reads or renewals.", ()))
         self.kube_requests = f(Counter("chatserve_kube_api_requests_total", "Kubernetes API calls, by verb and answer code.", ("verb", "code")))
         self.key_requests = f(Counter("chatserve_key_requests_total", "Requests made with a named client key.", ("key",)))
         self.key_errors = f(Counter("chatserve_key_errors_total", "Requests with a named client key answered 4xx/5xx.", ("key",)))
@@ -4880,6 +4887,119 @@ def merged_session(name, stored, ours):
                    code="session_conflict")
 
 
+LEASE_NAME = "chatserve-watcher"
+
+
+def k8s_microtime(when=None):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + ".%06dZ" % int(((when or time.time()) % 1) * 1e6)
+
+
+def parse_k8s_microtime(text):
+    base, _, fraction = (text or "").rstrip("Z").partition(".")
+    whole = parse_k8s_time(base + "Z")
+    return None if whole is None else whole + float("0." + (fraction or "0"))
+
+
+class LeaderElection:
+    """One collector per cluster: the replicas compete for a
+    coordination.k8s.io/v1 Lease.  The holder renews it every `renew`
+    seconds; when it has not for `duration`, another takes it.  A holder that
+    cannot renew within `duration` stops leading at once (so two never
+    collect together for long).  The Lease carries the leader's address, for
+    the followers to ask it for its view."""
+
+    def __init__(self, client, identity, address, duration=15.0, renew=5.0, on_start=None, on_stop=None,
+                 metrics=None, namespace=None):
+        self.client, self.identity, self.address = client, identity, address
+        self.duration, self.renew = duration, renew
+        self.on_start, self.on_stop, self.metrics = on_start, on_stop, metrics
+        self.path = "/apis/coordination.k8s.io/v1/namespaces/%s/leases" % (namespace or client.namespace)
+        self.leading, self.leader, self.leader_address = False, None, None
+        self.renewed, self.stopped, self.thread = 0.0, threading.Event(), None
+
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name="leader-election", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread:
+            self.thread.join(5)
+        if self.leading:
+            self._lead(False)
+            try:        # hand over now rather than after the lease runs out
+                lease = self.client.request("GET", "%s/%s" % (self.path, LEASE_NAME))
+                if lease["spec"].get("holderIdentity") == self.identity:
+                    lease["spec"]["renewTime"] = k8s_microtime(time.time() - self.duration - 1)
+                    self.client.request("PUT", "%s/%s" % (self.path, LEASE_NAME), lease)
+            except ChatServeError:
+                pass
+
+    def _loop(self):
+        while not self.stopped.is_set():
+            self.step()
+            self.stopped.wait(self.renew)
+
+    def _lead(self, leading):
+        if leading != self.leading:
+            self.leading = leading
+            log.info("leader election: %s", "this replica (%s) collects now" % self.identity if leading
+                     else "this replica stops collecting")
+            if self.metrics is not None:
+                self.metrics.leader.set((), 1 if leading else 0)
+            callback = self.on_start if leading else self.on_stop
+            if callback:
+                callback()
+
+    def _lease(self, spec, version=None, annotations=None):
+        meta = {"name": LEASE_NAME, "annotations": {"chatserve.io/address": self.address}}
+        if version:
+            meta["resourceVersion"] = version
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
+
+    def step(self):
+        """One round: create, renew or take over the Lease, or follow its holder."""
+        now = time.time()
+        mine = {"holderIdentity": self.identity, "leaseDurationSeconds": int(max(1, self.duration)),
+                "renewTime": k8s_microtime(now)}
+        try:
+            try:
+                lease = self.client.request("GET", "%s/%s" % (self.path, LEASE_NAME))
+            except NotFound:
+                self.client.request("POST", self.path, self._lease(dict(mine, acquireTime=k8s_microtime(now),
+                                                                        leaseTransitions=0)))
+                return self._won()
+            spec, version = lease.get("spec") or {}, (lease.get("metadata") or {}).get("resourceVersion")
+            holder = spec.get("holderIdentity")
+            renewed = parse_k8s_microtime(spec.get("renewTime")) or 0
+            expired = now > renewed + float(spec.get("leaseDurationSeconds") or self.duration)
+            if holder == self.identity or expired or not holder:
+                taking = holder != self.identity
+                spec = dict(spec, **mine)
+                if taking:
+                    spec.update(acquireTime=k8s_microtime(now), leaseTransitions=int(spec.get("leaseTransitions") or 0) + 1)
+                self.client.request("PUT", "%s/%s" % (self.path, LEASE_NAME), self._lease(spec, version))
+                return self._won()
+            self.leader = holder
+            self.leader_address = ((lease.get("metadata") or {}).get("annotations") or {}).get("chatserve.io/address")
+            self._lead(False)
+        except Conflict:
+            self._lead(False)           # another replica wrote it in between: it leads this round
+        except ChatServeError as e:
+            if self.metrics is not None:
+                self.metrics.lease_failures.inc()
+            log.warning("leader election: %s", e.message)
+            if self.leading and time.monotonic() - self.renewed > self.duration:
+                self._lead(False)       # cannot renew: another may hold it soon; never collect twice
+
+    def _won(self):
+        self.leader, self.leader_address, self.renewed = self.identity, self.address, time.monotonic()
+        self._lead(True)
+
+    def status(self):
+        return {"leader_election": True, "leader": self.leader, "leading": self.leading}
+
+
 # ---------------------------------------------------------------------------
 # Kubernetes watcher: kubectl runner, targets, store, alert rules, summariser,
 # the collection thread
@@ -5745,6 +5865,10 @@ class Watcher:
         metrics.watch_targets.set((), len(self.stores))
 
     def start(self):
+        """Collect in the background (again after a stop: a replica that wins the lease back)."""
+        if self.thread is not None and self.thread.is_alive() and not self.stop_event.is_set():
+            return
+        self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="watcher", daemon=True)
         self.thread.start()
 
@@ -9234,6 +9358,15 @@ def route_control_shutdown(h):
     h.app.request_shutdown("control socket")
 
 
+def route_watch_state(h):
+    """GET /watch/state: the elected watcher's view, for the other replicas (and people with the token)."""
+    app = h.app
+    if app.watcher is None or app.following():
+        raise NotFound("this replica does not collect (%s leads)" % (app.election.leader if app.election else "none"),
+                       code="not_the_leader")
+    h.send_json(200, {"status": app.watcher.status(), "alerts": app.watcher.alerts(), "context": app.watcher.context()})
+
+
 def route_control_reload(h):
     """POST /reload: re-read the config file; 200 with what needs a restart, or 400 with why not."""
     try:
@@ -9315,6 +9448,7 @@ def api_router():
     r.add("GET", "/readyz", route_readyz, auth=False, probe=True)
     r.add("GET", "/status", route_status)
     r.add("GET", "/ui", route_console, auth=False)
+    r.add("GET", "/watch/state", route_watch_state)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("POST", "/v1/completions", route_completions, surface="openai")
     r.add("POST", "/v1/embeddings", route_embeddings, surface="openai")
@@ -10356,6 +10490,17 @@ def raise_open_files_limit(needed):
                     "need about %d: raise the limit or lower them", soft, needed)
 
 
+def replica_identity(config, port):
+    """Who holds the Lease: the pod's name (POD_NAME, from the downward API) or the host, with the bound port."""
+    return (config.env.get("POD_NAME") or socket.gethostname()) + ":%d" % port
+
+
+def advertised_host(config):
+    """How the other replicas reach this one: POD_IP, the bound address, or the host name."""
+    host = config.env.get("POD_IP") or (config.host if config.host not in ("0.0.0.0", "::", "") else socket.gethostname())
+    return "[%s]" % host if ":" in host else host
+
+
 class App:
     """The running server: config, engine, metrics, the three listeners."""
 
@@ -10388,8 +10533,14 @@ class App:
         settings = watch_settings(config)
         self.watcher = Watcher(settings, Kubectl(config.kubectl, config.watch_kubeconfig, config.watch_context),
                                self.metrics) if settings else None
+        self.election, self.leader_view = None, (0.0, None)
+        if self.watcher and config.leader_elect:
+            self.election = LeaderElection(
+                KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
+                None, config.leader_lease_duration, config.leader_renew_interval, self.watcher.start,
+                self.watcher.stop, self.metrics, config.k8s_namespace or None)
         if self.watcher:
-            self.engine.context_source = self.watcher.context
+            self.engine.context_source = self.watch_context
         provider = self.engine.default_provider
         self.metrics.info_labels = (__version__, provider.name if provider else "", provider.model if provider else "")
 
@@ -10423,7 +10574,11 @@ class App:
                                      daemon=True)
                 t.start()
                 self.threads.append(t)
-        if self.watcher:
+        if self.election:
+            self.election.identity = replica_identity(c, self.port)
+            self.election.address = "%s://%s:%d" % ("https" if context else "http", advertised_host(c), self.port)
+            self.election.start()           # the winner starts its watcher
+        elif self.watcher:
             self.watcher.start()
         self._log_startup(context is not None)
         if any(p.model_pending for p in self.engine.providers.values()):
@@ -10496,6 +10651,8 @@ class App:
                 server.shutdown()
                 server.server_close()
         self.agent.updates.close_all()          # /updates streams are not "in flight"
+        if self.election:
+            self.election.stop()                # hands the Lease over at once
         if self.watcher:
             self.watcher.stop()
         cut = self.http.tracker.drain(self.config.drain_timeout) if self.http else 0
@@ -10598,7 +10755,8 @@ class App:
                         "allow_commands", "tool_output_bytes", "agent_max_steps", "agent_queue", "agent_max_context",
                         "agent_session", "watch_config", "watch_deployment", "watch_namespace", "watch_interval",
                         "watch_window", "watch_max_log_lines", "watch_kubeconfig", "watch_context", "kubectl",
-                        "log_format", "probe_local", "session_store", "k8s_namespace", "kubeconfig")
+                        "log_format", "probe_local", "session_store", "k8s_namespace", "kubeconfig", "leader_elect",
+                        "leader_lease_duration", "leader_renew_interval")
 
     def reload(self, why):
         """Re-read the config file and keys file and apply them: providers,
@@ -10677,22 +10835,75 @@ class App:
                 checks["provider"] = "%s: first reachability check under way" % provider.name
             elif not reach[0]:
                 checks["provider"] = "%s: unreachable at the last check (see /status and the log)" % provider.name
-        if self.watcher is not None:
+        if self.watcher is not None and self.following():
+            checks["watcher"] = "ok" if self.election.leader else "no leader elected yet"
+        elif self.watcher is not None:
             checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
         if isinstance(self.sessions, KubernetesSessionStore):
             checks["sessions"] = self.sessions.readiness()
         return all(v == "ok" for v in checks.values()), checks
 
+    def following(self):
+        return self.election is not None and not self.election.leading
+
+    def leader_state(self):
+        """The leader's view (status, alerts, context), fetched at most once an interval."""
+        fetched, state = self.leader_view
+        if time.monotonic() - fetched < max(1.0, self.watcher.settings.interval) and state is not None:
+            return state
+        election, address = self.election, self.election.leader_address
+        try:
+            if not address:
+                raise OSError("no leader elected yet")
+            parts = urllib.parse.urlsplit(address)
+            conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=5, context=self.replica_tls())
+                    if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=5))
+            try:
+                conn.request("GET", "/watch/state", headers={"Authorization": "Bearer " + self.config.token}
+                             if self.config.token else {})
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            if resp.status != 200:
+                raise OSError("it answered %d" % resp.status)
+            state = json.loads(data)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            why = "following leader %s, whose view cannot be read: %s" % (election.leader or "(none yet)",
+                                                                        _os_reason(e) if isinstance(e, OSError) else e)
+            state = {"status": {"active": True, "deployment": "", "namespace": "", "alert_count": 0,
+                                "snapshot_count": 0, "pod_count": 0, "status_summary": why, "targets": []},
+                     "alerts": [], "context": ""}
+        self.leader_view = (time.monotonic(), state)
+        return state
+
+    def replica_tls(self):
+        """TLS to another replica: its certificate must be ours (replicas share one), the host name is a pod IP."""
+        context = ssl.create_default_context(cafile=self.config.tls_cert)
+        context.check_hostname = False
+        return context
+
+    def watch_context(self):
+        return self.leader_state()["context"] if self.following() else self.watcher.context()
+
     def watcher_status(self):
+        if self.watcher and self.following():
+            return dict(self.leader_state()["status"], **self.election.status())
         if self.watcher:
-            return self.watcher.status()
+            status = self.watcher.status()
+            return dict(status, **self.election.status()) if self.election else status
         return {"active": False, "deployment": "", "namespace": "", "alert_count": 0, "snapshot_count": 0,
                 "pod_count": 0, "status_summary": "no Kubernetes watcher is configured (--watch-deployment or --watch-config)"}
 
     def alerts(self, namespace="", deployment=""):
+        if self.watcher and self.following():
+            return [a for a in self.leader_state()["alerts"] if (not namespace or a["namespace"] == namespace)
+                    and (not deployment or a["deployment"] == deployment)]
         return self.watcher.alerts(namespace, deployment) if self.watcher else []
 
     def issue_context(self, namespace, resource):
+        if self.watcher and self.following():
+            return self.leader_state()["context"]
         return self.watcher.context_for(namespace, resource) if self.watcher else ""
 
     def request_started(self):
@@ -10726,7 +10937,9 @@ class App:
                 "model": provider.model if provider else None,
                 "available_providers": list(self.engine.providers),
                 "providers": self.engine.provider_status(), **self.agent.status(),
-                "watcher": self.watcher.targets_status() if self.watcher else None}
+                "watcher": (self.leader_state()["status"].get("targets") if self.following()
+                            else self.watcher.targets_status()) if self.watcher else None,
+                **(self.election.status() if self.election else {})}
 
 
 # ---------------------------------------------------------------------------

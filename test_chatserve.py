@@ -2656,7 +2656,8 @@ class FakeKubeAPI:
     def handle(self, h, method):
         parts = urllib.parse.urlsplit(h.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
-        m = re.match(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+))?$", parts.path)
+        m = re.match(r"^/(?:api/v1|apis/coordination\.k8s\.io/v1)/namespaces/([^/]+)/(secrets|leases)(?:/([^/]+))?$",
+                     parts.path)
         body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"null")
         with self.lock:
             self.calls.append((method, parts.path))
@@ -2665,18 +2666,19 @@ class FakeKubeAPI:
                 return self.status(h, 429, "TooManyRequests", "the server has received too many requests", [("Retry-After", "0")])
         if not m:
             return self.status(h, 404, "NotFound", "the server could not find the requested resource")
-        ns, name = m.group(1), m.group(2)
+        ns, kind, name = m.group(1), m.group(2), m.group(3)
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "DELETE": "delete"}[method]
         if verb in self.forbidden:
-            return self.status(h, 403, "Forbidden", 'secrets is forbidden: User "system:serviceaccount:%s:chatserve" '
-                                                     'cannot %s resource "secrets" in API group "" in the namespace "%s"'
-                                                     % (ns, verb, ns))
+            return self.status(h, 403, "Forbidden", '%s is forbidden: User "system:serviceaccount:%s:chatserve" '
+                                                     'cannot %s resource "%s" in API group "%s" in the namespace "%s"'
+                                                     % (kind, ns, verb, kind, "" if kind == "secrets" else
+                                                        "coordination.k8s.io", ns))
         with self.lock:
-            key = (ns, name or (body or {}).get("metadata", {}).get("name"))
+            key = (kind, ns, name or (body or {}).get("metadata", {}).get("name"))
             current = self.objects.get(key)
             if verb == "list":
                 selector = dict(s.split("=", 1) for s in query.get("labelSelector", "").split(",") if s)
-                items = sorted((o for (n, _k), o in self.objects.items() if n == ns and all(
+                items = sorted((o for (k, n, _name), o in self.objects.items() if k == kind and n == ns and all(
                     (o["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())),
                                key=lambda o: o["metadata"]["name"])
                 start = int(query.get("continue") or 0)
@@ -2689,7 +2691,7 @@ class FakeKubeAPI:
                                           "metadata": {"resourceVersion": str(self.version), "continue": more}})
             if verb == "get":
                 if current is None:
-                    return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
+                    return self.status(h, 404, "NotFound", '%s "%s" not found' % (kind, name))
                 return self.send(h, 200, current)
             if verb == "delete":
                 if current is None:
@@ -2706,7 +2708,7 @@ class FakeKubeAPI:
                                                            'has been modified; please apply your changes to the latest '
                                                            'version and try again' % name)
             size = len(json.dumps(body.get("data") or {}))
-            if size > 1048576:
+            if kind == "secrets" and size > 1048576:
                 return self.status(h, 422, "Invalid", 'Secret "%s" is invalid: data: Too long: must have at most 1048576 bytes' % key[1])
             self.version += 1
             body["metadata"].update(resourceVersion=str(self.version), namespace=ns)
@@ -2772,7 +2774,7 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
     def test_objects_are_labelled_compressed_and_safely_named(self):
         self.store().save("My_Notes", [{"role": "user", "content": "x" * 5000}])
         [(key, secret)] = self.api.objects.items()
-        self.assertEqual(key[0], "chat")
+        self.assertEqual(key[:2], ("secrets", "chat"))
         self.assertRegex(secret["metadata"]["name"], r"^chatserve-session-my-notes-[0-9a-f]{10}$")
         self.assertEqual(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "chatserve")
         self.assertEqual(secret["metadata"]["annotations"]["chatserve.io/session-name"], "My_Notes")
@@ -4233,6 +4235,64 @@ class WatcherReviewTest(KubectlCase):
         w = self.watcher()
         w.collect_once()
         self.assertIn("exceeded quota", w.context())
+
+
+class LeaderElectionTest(KubectlCase):
+    """One collector per cluster through a Lease: exactly one replica runs
+    kubectl, a follower answers with the leader's view, a leader that stops
+    hands over, one that cannot renew stops collecting."""
+
+    def setUp(self):
+        super().setUp()
+        self.api = FakeKubeAPI()
+        self.addCleanup(self.api.stop)
+
+    def election(self, name, duration=1.0):
+        return cs.LeaderElection(cs.KubeClient(self.api.url, namespace="chat"), name, "http://%s" % name,
+                                 duration=duration, renew=0.1)
+
+    def test_one_leader_takeover_and_losing_the_lease(self):
+        a, b = self.election("a"), self.election("b")
+        a.step()
+        b.step()
+        self.assertEqual((a.leading, b.leading, b.leader, b.leader_address), (True, False, "a", "http://a"))
+        [lease] = [o for (k, _n, _name), o in self.api.objects.items() if k == "leases"]
+        self.assertEqual((lease["spec"]["holderIdentity"], lease["spec"]["leaseDurationSeconds"]), ("a", 1))
+        self.assertTrue(wait_until(lambda: b.step() or b.leading, timeout=WAIT, interval=0.2))   # a stopped renewing
+        a.step()
+        self.assertEqual((a.leading, a.leader), (False, "b"))
+        self.api.forbidden.add("update")                                       # b cannot renew any more
+        self.assertTrue(wait_until(lambda: b.step() or not b.leading, timeout=WAIT, interval=0.2))
+
+    def test_replicas_collect_once_and_followers_answer_with_the_leaders_view(self):
+        apps = []
+        for i in range(2):
+            kubeconfig = os.path.join(self.tmp, "kubeconfig%d" % i)
+            with open(kubeconfig, "w") as f:
+                f.write("apiVersion: v1\nclusters:\n- name: c\n  cluster: {server: \"%s\"}\nusers:\n- name: u\n"
+                        "  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u, namespace: chat}\n"
+                        "current-context: x\n" % self.api.url)
+            apps.append(self.start(kubectl=self.kubectl, watch_deployment="api", watch_namespace="prod",
+                                   watch_interval=0.2, watch_kubeconfig="/replica/%d" % i, token="t",
+                                   leader_elect=True, leader_lease_duration=1.0, leader_renew_interval=0.1,
+                                   kubeconfig=kubeconfig))
+        self.assertTrue(wait_until(lambda: sum(a.election.leading for a in apps) == 1 and any(
+            a.watcher.cycles for a in apps)))
+        leader, follower = sorted(apps, key=lambda a: not a.election.leading)
+        self.assertTrue(wait_until(lambda: leader.watcher.cycles >= 3))
+        replicas = {c[c.index("--kubeconfig") + 1] for c in self.calls()}
+        self.assertEqual(len(replicas), 1)                                      # only the leader ran kubectl
+        auth = {"Authorization": "Bearer t"}
+        ahead = rpc(self, "GetWatcherStatus", headers=auth, app=follower)[2]["result"]
+        self.assertEqual((ahead["leader"], ahead["leading"], ahead["alert_count"]),
+                         (leader.election.identity, False, leader.watcher.status()["alert_count"]))
+        alerts = rpc(self, "GetAlerts", headers=auth, app=follower)[2]["result"]["alerts"]
+        self.assertEqual(sorted(a["type"] for a in alerts), sorted(a["type"] for a in leader.watcher.alerts()))
+        self.assertEqual(self.request("GET", "/status", headers=auth, app=follower)[2]["leader"],
+                         leader.election.identity)
+        leader.stop()                                                           # the leader goes away
+        self.assertTrue(wait_until(lambda: follower.election.leading and follower.watcher.cycles > 0))
+        self.assertIn("/replica/%d" % apps.index(follower), {c[c.index("--kubeconfig") + 1] for c in self.calls()})
 
 
 class MultiSummaryTest(KubectlCase):
