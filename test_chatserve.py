@@ -6792,6 +6792,24 @@ class RecipesTest(unittest.TestCase):
         entry = json.loads(re.search(r"ENTRYPOINT (\[.*\])", dockerfile).group(1))
         self.assertEqual(entry[-1], "/app/chatserve.py")
 
+    def test_replicas_recipe(self):
+        docs = {doc["kind"]: doc for doc in (cs.parse_yaml_subset(part) for part in readme_block(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role").split("\n---\n"))}
+        rules = {(g, r): set(rule["verbs"]) for rule in docs["Role"]["rules"] for g in rule["apiGroups"]
+                 for r in rule["resources"]}
+        self.assertLessEqual({"get", "list", "create", "update", "delete"}, rules[("", "secrets")])
+        self.assertLessEqual({"get", "create", "update"}, rules[("coordination.k8s.io", "leases")])
+        pod = docs["Deployment"]["spec"]["template"]
+        [container] = pod["spec"]["containers"]
+        args = cs.build_parser().parse_args(container["args"])
+        self.assertEqual((docs["Deployment"]["spec"]["replicas"], args.session_store, args.leader_elect),
+                         (3, "kubernetes", True))
+        env = {e["name"]: e for e in container["env"]}
+        self.assertEqual((env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
+                          env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"]), ("metadata.name", "status.podIP"))
+        self.assertEqual(docs["RoleBinding"]["subjects"][0]["name"], pod["spec"]["serviceAccountName"])
+        self.assertEqual(pod["metadata"]["labels"], self.manifests()["Service"]["spec"]["selector"])
+
     def test_nginx_config(self):
         conf = readme_block("# /etc/nginx/conf.d/chatserve.conf")
         self.assertIn("proxy_buffering off;", conf)
