@@ -4807,13 +4807,20 @@ class KubernetesSessionStore:
     def list(self):
         names, query = [], {"labelSelector": ",".join("%s=%s" % item for item in SESSION_LABELS.items()),
                             "limit": "500"}
+        first, restarted = dict(query), False
         while True:
-            page = self.client.request("GET", self.base, query=query)
+            try:
+                page = self.client.request("GET", self.base, query=query)
+            except UpstreamError as e:
+                if e.status != 410 or restarted:
+                    raise
+                names, query, restarted = [], first, True      # the continue token expired: list again, once
+                continue
             names += [((item.get("metadata") or {}).get("annotations") or {}).get("chatserve.io/session-name")
                       for item in page.get("items") or ()]
             more = (page.get("metadata") or {}).get("continue")
             if not more:
-                return sorted(n for n in names if n)
+                return sorted(set(n for n in names if n))
             query = dict(query, **{"continue": more})
 
     def _get(self, name):

@@ -2811,6 +2811,22 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
         for word in results:
             self.assertIn(word, final)                                        # every acknowledged save is there
 
+    def test_an_expired_continue_token_lists_again(self):
+        store = self.store()
+        for name in ("a", "b", "c", "d", "e"):
+            store.save(name, [{"role": "user", "content": name}])
+        real = self.api.handle
+        expired = [True]
+
+        def handle(h, method):
+            if "continue=" in h.path and expired[0]:
+                expired[0] = False
+                return self.api.status(h, 410, "Expired", "The provided continue parameter is too old to display "
+                                                          "a consistent list result.")
+            return real(h, method)
+        self.api.handle = handle
+        self.assertEqual(store.list(), ["a", "b", "c", "d", "e"])
+
     def test_api_errors_say_what_to_fix(self):
         metrics = cs.Metrics()
         store = self.store(metrics)
