@@ -29,6 +29,7 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
     GET  /livez, /readyz          Kubernetes probes, never need the token
     GET  /status                  uptime, requests, providers, agent, watcher
     GET  /ui                      the console: status, chat, watcher, agent feed
+    GET  /watch/state             the elected watcher's view (for the other replicas)
     POST /v1/chat/completions     OpenAI chat completions, streamed or not
     POST /v1/completions          OpenAI legacy completions (a prompt, through chat)
     POST /v1/embeddings           embeddings (OpenAI-compatible, Ollama, Gemini)
@@ -44,7 +45,8 @@ Endpoints (main port, HTTP/1.1 keep-alive, optional TLS; HEAD wherever GET):
 
 Metrics port (`--metrics-port`, 9090, 0 disables): `GET /metrics` in the
 Prometheus text format and `GET /healthz`.  Control socket (`--socket`,
-default /var/tmp/chatserve-PORT.sock): `GET /status`, `POST /shutdown`.
+default /var/tmp/chatserve-PORT.sock): `GET /status`, `POST /shutdown`,
+`POST /reload`, `GET /usage`.
 
 Security.  chatserve binds 127.0.0.1 unless told otherwise (0.0.0.0 when it
 runs inside Kubernetes).  With `--token` every route but the probes (`GET
@@ -70,7 +72,7 @@ Sections, in order (each uses only what is above it):
 
     Errors            the ChatServeError hierarchy, rendered by every surface
     Small helpers     JSON, SSE framing, durations, ids, the YAML subset reader
-    Config            flags > environment > defaults, in one table
+    Config            flags > environment > config file > defaults, one table
     Logging           text or JSON lines
     Metrics           counters, gauges, histograms, Prometheus text
     HTTP messages     strict heads for requests and upstream responses (one
@@ -79,17 +81,18 @@ Sections, in order (each uses only what is above it):
                       class per wire protocol (OpenAI, Anthropic, Gemini,
                       Ollama, StackSpot), the registry
     Engine            provider choice, context, retries, failover, discovery
-    Sessions          the SQLite session and response stores, ChatCLI import
-    Kubernetes watcher  kubectl, targets, alert rules, summaries
+    Sessions          SQLite stores (sessions, responses, key usage), ChatCLI import
+    Kubernetes API    a stdlib client, sessions as Secrets, the Lease election
+    Kubernetes watcher  kubectl, targets, cron, alert rules, summaries
     Agent             sandboxed tools, tool-call parsing, the tool loop
     Surfaces          OpenAI, OpenAI Responses, Anthropic Messages, WebSocket,
                       the RPC service, the agent (Shepherd), the console (/ui),
                       shared routes
     HTTP server       routing, strict parsing, framing, hang-up watching,
                       connections, TLS, the control socket
-    The running server  rate limits, App
+    The running server  rate limits, named keys, App (reload, leader view)
     Clients           ctl, connect, connect --agent, sessions
-    Command line      argparse from the Config table, main()
+    Command line      argparse from the Config table, config, keys, main()
 """
 
 import argparse
@@ -4591,7 +4594,8 @@ def import_chatcli_sessions(store, directory):
 
 
 # ---------------------------------------------------------------------------
-# Kubernetes API: a stdlib client, sessions shared by replicas as Secrets
+# Kubernetes API: a stdlib client, sessions shared by replicas as Secrets,
+# the Lease that elects one watcher
 # ---------------------------------------------------------------------------
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
