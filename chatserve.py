@@ -4598,6 +4598,13 @@ def import_chatcli_sessions(store, directory):
 # the Lease that elects one watcher
 # ---------------------------------------------------------------------------
 
+def parse_k8s_time(text):
+    try:
+        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+    except (ValueError, TypeError):
+        return None
+
+
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 K8S_STATUS_ERRORS = {400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
                      422: BadRequest, 429: RateLimited}
@@ -5350,13 +5357,6 @@ def job_status(job):
             "started": parse_k8s_time(status.get("startTime") or meta.get("creationTimestamp")) or 0,
             "succeeded": complete or (bool(status.get("succeeded")) and not failed and not status.get("active")),
             "failed": failed or (bool(status.get("failed")) and not status.get("active") and not status.get("succeeded"))}
-
-
-def parse_k8s_time(text):
-    try:
-        return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
-    except (ValueError, TypeError):
-        return None
 
 
 # -- cron schedules (CronJob.spec.schedule), for CronJobMissed ------------------
