@@ -4611,7 +4611,8 @@ K8S_STATUS_ERRORS = {400: BadRequest, 403: PermissionDenied, 404: NotFound, 409:
 
 
 def kubeconfig_settings(path, context_name=""):
-    """(server, CA PEM text or None, verify, token, client cert PEM, key PEM, namespace) of a kubeconfig's context."""
+    """(server, CA PEM text or None, verify, token, token file, client cert PEM, key PEM, namespace) of a
+    kubeconfig's context."""
     data = load_config_file(path)
 
     def named(section, name):
@@ -4631,9 +4632,11 @@ def kubeconfig_settings(path, context_name=""):
                 return f.read()
         return None
     try:
-        token = user.get("token") or (read_secret_file(user["tokenFile"]) if user.get("tokenFile") else None)
+        token_file = os.path.join(os.path.dirname(path), os.path.expanduser(user["tokenFile"])) \
+            if user.get("tokenFile") else None
         return (cluster.get("server") or "", pem("certificate-authority"), not cluster.get("insecure-skip-tls-verify"),
-                token, pem("client-certificate"), pem("client-key"), context.get("namespace") or "default")
+                user.get("token"), token_file, pem("client-certificate"), pem("client-key"),
+                context.get("namespace") or "default")
     except (OSError, ValueError) as e:
         raise ConfigError("%s: %s" % (path, getattr(e, "strerror", None) or e))
 
@@ -4678,10 +4681,11 @@ class KubeClient:
     @classmethod
     def from_environment(cls, kubeconfig="", env=None, metrics=None):
         env = os.environ if env is None else env
-        path = kubeconfig or env.get("KUBECONFIG", "").split(os.pathsep)[0]
+        paths = [kubeconfig] if kubeconfig else [p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
+        path = next((p for p in paths if os.path.exists(p)), paths[0] if paths else "")
         if path:
-            server, ca, verify, token, cert, key, namespace = kubeconfig_settings(path)
-            return cls(server, ca, verify, token, None, cert, key, namespace, metrics)
+            server, ca, verify, token, token_file, cert, key, namespace = kubeconfig_settings(path)
+            return cls(server, ca, verify, token, token_file, cert, key, namespace, metrics)
         if env.get("KUBERNETES_SERVICE_HOST"):
             host, port = env["KUBERNETES_SERVICE_HOST"], env.get("KUBERNETES_SERVICE_PORT", "443")
             with open(os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), encoding="ascii") as f:
@@ -4755,12 +4759,17 @@ class KubeClient:
             return answer
         message = answer.get("message") if isinstance(answer, dict) else None
         message = "Kubernetes API: %s" % (message or "%s %s answered %d" % (method, path, resp.status))
+        if resp.status == 401:
+            raise Unavailable("the Kubernetes API refused chatserve's credentials (%s); check the service account "
+                              "token or --kubeconfig" % message)
         cls = K8S_STATUS_ERRORS.get(resp.status)
         if cls is RateLimited:
             raise RateLimited(message, headers={"Retry-After": resp.getheader("Retry-After") or "1"})
         if cls is not None:
             raise cls(message, code=str((answer or {}).get("reason") or "kubernetes").lower())
-        raise UpstreamError(message, status=502 if resp.status != 410 else 410)
+        if resp.status == 410:
+            raise UpstreamError(message, status=410)
+        raise Unavailable("%s (the API server answered %d)" % (message, resp.status))
 
     def close(self):
         with self.lock:
@@ -4778,7 +4787,7 @@ def session_object_name(name):
     """A session name as a Secret's name: DNS-1123, unique (a hash of the
     exact name, since case and '_' do not survive), readable."""
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:200] or "session"
-    return "chatserve-session-%s-%s" % (slug, hashlib.sha256(name.encode("utf-8")).hexdigest()[:10])
+    return "chatserve-session-%s-%s" % (slug, hashlib.sha256(name.encode("utf-8")).hexdigest()[:20])
 
 
 class KubernetesSessionStore:
@@ -4835,10 +4844,15 @@ class KubernetesSessionStore:
             query = dict(query, **{"continue": more})
 
     def _get(self, name):
+        """The session's Secret, or None; one holding another name (a hash collision) is none of ours."""
         try:
-            return self.client.request("GET", "%s/%s" % (self.base, session_object_name(name)))
+            secret = self.client.request("GET", "%s/%s" % (self.base, session_object_name(name)))
         except NotFound:
             return None
+        held = ((secret.get("metadata") or {}).get("annotations") or {}).get("chatserve.io/session-name")
+        if held != name:
+            raise Conflict("session %r maps to the Secret of session %r; choose another name" % (name, held))
+        return secret
 
     @staticmethod
     def _decode(secret):
@@ -4863,10 +4877,12 @@ class KubernetesSessionStore:
                 "data": {SESSION_SECRET_KEY: packed}}
 
     def save(self, name, data):
-        data = normalize_session(data)
+        """Write the session as given (as SQLite does); only when another replica
+        wrote between our read and our write (409) is it merged with theirs."""
+        data, raced = normalize_session(data), False
         for _ in range(5):
             current = self._get(name)
-            if current is not None:
+            if current is not None and raced:
                 data = merged_session(name, normalize_session(self._decode(current)), data)
                 if data is None:
                     return                  # what we save is already part of the stored session
@@ -4877,11 +4893,13 @@ class KubernetesSessionStore:
                     self.client.request("PUT", "%s/%s" % (self.base, session_object_name(name)),
                                         self._object(name, data, current["metadata"].get("resourceVersion")))
                 return
-            except Conflict:
-                continue                    # another replica saved in between: read again, merge
+            except (Conflict, NotFound):
+                raced = True                # another replica saved (or deleted) in between: read again
         raise Conflict("session %r keeps changing on other replicas; load it and save again" % name)
 
     def delete(self, name):
+        if self._get(name) is None:
+            return False
         try:
             self.client.request("DELETE", "%s/%s" % (self.base, session_object_name(name)))
             return True
@@ -4934,6 +4952,8 @@ class LeaderElection:
         self.path = "/apis/coordination.k8s.io/v1/namespaces/%s/leases" % (namespace or client.namespace)
         self.leading, self.leader, self.leader_address = False, None, None
         self.renewed, self.stopped, self.thread = 0.0, threading.Event(), None
+        self.observed = (None, 0.0)     # (holder and renewTime as last read, when we read it: our own clock)
+        client.timeout = max(1.0, min(client.timeout, renew))     # a hanging API server costs one round, not more
 
     def start(self):
         self.thread = threading.Thread(target=self._loop, name="leader-election", daemon=True)
@@ -4989,8 +5009,12 @@ class LeaderElection:
                 return self._won()
             spec, version = lease.get("spec") or {}, (lease.get("metadata") or {}).get("resourceVersion")
             holder = spec.get("holderIdentity")
-            renewed = parse_k8s_microtime(spec.get("renewTime")) or 0
-            expired = now > renewed + float(spec.get("leaseDurationSeconds") or self.duration)
+            # Expiry by our own clock and our own duration: the record has not changed for `duration`
+            # since we first saw it (another replica's clock, or a Lease's own duration, may lie).
+            record = (holder, spec.get("renewTime"))
+            if record != self.observed[0]:
+                self.observed = (record, time.monotonic())
+            expired = time.monotonic() - self.observed[1] > self.duration
             if holder == self.identity or expired or not holder:
                 taking = holder != self.identity
                 spec = dict(spec, **mine)
@@ -5012,7 +5036,13 @@ class LeaderElection:
 
     def _won(self):
         self.leader, self.leader_address, self.renewed = self.identity, self.address, time.monotonic()
+        self.observed = (None, 0.0)
         self._lead(True)
+
+    def may_collect(self):
+        """Whether collecting is safe now: leading, and renewed within two thirds
+        of the lease, so an old leader stops before another can take over."""
+        return self.leading and time.monotonic() - self.renewed < self.duration * 2 / 3
 
     def status(self):
         return {"leader_election": True, "leader": self.leader, "leading": self.leading}
@@ -5888,10 +5918,13 @@ class Watcher:
         if self.thread:
             self.thread.join(5)
 
+    gate = None             # a callable: collect only while it says so (the elected leader's lease)
+
     def _loop(self):
         while not self.stop_event.is_set():
             try:
-                self.collect_once()
+                if self.gate is None or self.gate():
+                    self.collect_once()
             except Exception:
                 log.exception("watcher: collection failed")
             self.stop_event.wait(self.settings.interval)
@@ -9370,8 +9403,12 @@ def route_control_shutdown(h):
 
 
 def route_watch_state(h):
-    """GET /watch/state: the elected watcher's view, for the other replicas (and people with the token)."""
+    """GET /watch/state: the elected watcher's view, for the other replicas
+    (with the replica credential) and for people with the token."""
     app = h.app
+    if not hmac.compare_digest(presented_token(h).encode("utf-8", "surrogateescape"),
+                               replica_credential(app.config).encode("ascii")):
+        app.authorize(h)
     if app.watcher is None or app.following():
         raise NotFound("this replica does not collect (%s leads)" % (app.election.leader if app.election else "none"),
                        code="not_the_leader")
@@ -9459,7 +9496,7 @@ def api_router():
     r.add("GET", "/readyz", route_readyz, auth=False, probe=True)
     r.add("GET", "/status", route_status)
     r.add("GET", "/ui", route_console, auth=False)
-    r.add("GET", "/watch/state", route_watch_state)
+    r.add("GET", "/watch/state", route_watch_state, auth=False)
     r.add("POST", "/v1/chat/completions", route_chat_completions, surface="openai")
     r.add("POST", "/v1/completions", route_completions, surface="openai")
     r.add("POST", "/v1/embeddings", route_embeddings, surface="openai")
@@ -10501,6 +10538,14 @@ def raise_open_files_limit(needed):
                     "need about %d: raise the limit or lower them", soft, needed)
 
 
+def replica_credential(config):
+    """What replicas show each other for /watch/state: derived from the server's
+    token (or the keys' hashes), never the token itself, since the address it
+    goes to is read from a Lease that others may be able to write."""
+    secret = config.token or ",".join(sorted(k.digest for k in config.keys)) or "open"
+    return hmac.new(secret.encode("utf-8", "surrogateescape"), b"chatserve watch-state", hashlib.sha256).hexdigest()
+
+
 def replica_identity(config, port):
     """Who holds the Lease: the pod's name (POD_NAME, from the downward API) or the host, with the bound port."""
     return (config.env.get("POD_NAME") or socket.gethostname()) + ":%d" % port
@@ -10550,6 +10595,7 @@ class App:
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
                 None, config.leader_lease_duration, config.leader_renew_interval, self.watcher.start,
                 self.watcher.stop, self.metrics, config.k8s_namespace or None)
+            self.watcher.gate = self.election.may_collect
         if self.watcher:
             self.engine.context_source = self.watch_context
         provider = self.engine.default_provider
@@ -10847,7 +10893,9 @@ class App:
             elif not reach[0]:
                 checks["provider"] = "%s: unreachable at the last check (see /status and the log)" % provider.name
         if self.watcher is not None and self.following():
-            checks["watcher"] = "ok" if self.election.leader else "no leader elected yet"
+            state = self.leader_state() if self.election.leader else None
+            checks["watcher"] = "no leader elected yet" if not self.election.leader else (
+                "the leader's view cannot be read (see /status)" if state.get("unreadable") else "ok")
         elif self.watcher is not None:
             checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
         if isinstance(self.sessions, KubernetesSessionStore):
@@ -10870,8 +10918,7 @@ class App:
             conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=5, context=self.replica_tls())
                     if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=5))
             try:
-                conn.request("GET", "/watch/state", headers={"Authorization": "Bearer " + self.config.token}
-                             if self.config.token else {})
+                conn.request("GET", "/watch/state", headers={"Authorization": "Bearer " + replica_credential(self.config)})
                 resp = conn.getresponse()
                 data = resp.read()
             finally:
@@ -10884,7 +10931,7 @@ class App:
                                                                         _os_reason(e) if isinstance(e, OSError) else e)
             state = {"status": {"active": True, "deployment": "", "namespace": "", "alert_count": 0,
                                 "snapshot_count": 0, "pod_count": 0, "status_summary": why, "targets": []},
-                     "alerts": [], "context": ""}
+                     "alerts": [], "context": "", "unreadable": True}
         self.leader_view = (time.monotonic(), state)
         return state
 
@@ -11071,11 +11118,14 @@ class _AddressedConnection(http.client.HTTPConnection):
         super().__init__(host, sockaddr[1], timeout=timeout)
         self.sockaddr, self.family, self.context = sockaddr, family, context
 
+    connect_timeout = 5.0       # a replica that does not accept: the next one, soon
+
     def connect(self):
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self.timeout)
+            sock.settimeout(min(self.timeout, self.connect_timeout))
             sock.connect(self.sockaddr)
+            sock.settimeout(self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock = self.context.wrap_socket(sock, server_hostname=self.host) if self.context else sock
         except BaseException:
@@ -11135,12 +11185,17 @@ class RpcClient:
         now = time.monotonic()
         return [a for a in ring if self.dead.get(a[0], 0) <= now] + [a for a in ring if self.dead.get(a[0], 0) > now]
 
-    def _post(self, body, accept):
-        return self.http("POST", "/rpc", json_bytes(body), accept)
+    SAFE_METHODS = ("Health", "GetServerInfo", "ListSessions", "LoadSession", "GetWatcherStatus", "GetAlerts")
 
-    def http(self, method, path, data, accept):
+    def _post(self, body, accept):
+        return self.http("POST", "/rpc", json_bytes(body), accept, idempotent=body.get("method") in self.SAFE_METHODS)
+
+    def http(self, method, path, data, accept, idempotent=None):
         """(connection, response) of one request, trying the addresses in turn;
-        give the connection back with `release` once the answer is read."""
+        give the connection back with `release` once the answer is read.  A
+        request that may change something (a prompt, a save) is sent once: on a
+        fresh connection, and never again once it went out."""
+        idempotent = method == "GET" if idempotent is None else idempotent
         headers = {"Content-Type": "application/json", "Accept": accept}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
@@ -11148,14 +11203,23 @@ class RpcClient:
         for sockaddr, family in self._order():
             with self.lock:
                 conn = self.idle.pop(sockaddr, None)
+            if conn is not None and not idempotent:
+                conn.close()
+                conn = None
             for fresh in ((False, True) if conn is not None else (True,)):
                 if fresh:
                     conn = _AddressedConnection(self.host, sockaddr, family, self.timeout, self.context)
+                sent = False
                 try:
+                    conn.connect() if conn.sock is None else None
+                    sent = True
                     conn.request(method, path, data, headers)
                     resp = conn.getresponse()
                 except (OSError, http.client.HTTPException) as e:
                     conn.close()
+                    if sent and not idempotent:
+                        raise RemoteError("chatserve at %s did not answer (%s); the request may have been "
+                                          "handled: it is not sent again" % (sockaddr[0], _os_reason(e)))
                     error = e
                     continue                # a kept-alive connection the server closed: once more, fresh
                 if resp.status == 503 and len(self.addresses) > 1:

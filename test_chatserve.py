@@ -2775,7 +2775,7 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
         self.store().save("My_Notes", [{"role": "user", "content": "x" * 5000}])
         [(key, secret)] = self.api.objects.items()
         self.assertEqual(key[:2], ("secrets", "chat"))
-        self.assertRegex(secret["metadata"]["name"], r"^chatserve-session-my-notes-[0-9a-f]{10}$")
+        self.assertRegex(secret["metadata"]["name"], r"^chatserve-session-my-notes-[0-9a-f]{20}$")
         self.assertEqual(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "chatserve")
         self.assertEqual(secret["metadata"]["annotations"]["chatserve.io/session-name"], "My_Notes")
         self.assertLess(len(secret["data"]["session.json.gz"]), 1000)
@@ -2784,32 +2784,34 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
         a, b = self.store(), self.store()
         a.save("s", [{"role": "user", "content": "1"}])
         base = a.load("s")["chat_history"]
-        b.save("s", base + [{"role": "assistant", "content": "2"}])         # b continues it
-        a.save("s", base)                                                    # a's older copy: already inside
-        self.assertEqual(len(a.load("s")["chat_history"]), 2)
-        with self.assertRaises(cs.Conflict) as ctx:                          # a diverged: told, not overwritten
-            a.save("s", base + [{"role": "assistant", "content": "other"}])
+        b.save("s", base + [{"role": "assistant", "content": "2"}])
+        a.save("s", base)                    # one after the other: written as given, as SQLite does (undo, clear)
+        self.assertEqual(len(b.load("s")["chat_history"]), 1)
+        one, two = base + [{"role": "assistant", "content": "2"}], base + [{"role": "assistant", "content": "other"}]
+        self.assertEqual(cs.merged_session("s", {"chat_history": base}, {"chat_history": one}), {"chat_history": one})
+        self.assertIsNone(cs.merged_session("s", {"chat_history": one}, {"chat_history": base}))
+        with self.assertRaises(cs.Conflict) as ctx:                          # raced and diverged: told
+            cs.merged_session("s", {"chat_history": one}, {"chat_history": two})
         self.assertIn("changed by another replica", ctx.exception.message)
-        self.assertEqual(b.load("s")["chat_history"][-1]["content"], "2")
-        results = []
+        # a save that races another replica's (a write between our read and our write): merged or refused
+        real, stored = self.api.handle, a.load("s")["chat_history"]
 
-        def append(store, word):
-            for _ in range(5):
-                try:
-                    history = store.load("s")["chat_history"]
-                    store.save("s", history + [{"role": "user", "content": word}])
-                    results.append(word)
-                    return
-                except cs.Conflict:
-                    continue
-        threads = [threading.Thread(target=append, args=(s, w)) for s, w in ((a, "x"), (b, "y"), (a, "z"))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(WAIT)
-        final = [m["content"] for m in a.load("s")["chat_history"]]
-        for word in results:
-            self.assertIn(word, final)                                        # every acknowledged save is there
+        def race_with(history):
+            def handle(h, method):
+                if method == "PUT" and history:
+                    b.save("s", history.pop(0))              # the other replica gets in first
+                return real(h, method)
+            return handle
+        theirs = stored + [{"role": "assistant", "content": "b"}]
+        self.api.handle = race_with([theirs])
+        a.save("s", theirs + [{"role": "user", "content": "a"}])      # ours continues theirs: both kept
+        self.assertEqual([m["content"] for m in a.load("s")["chat_history"]][-2:], ["b", "a"])
+        now = a.load("s")["chat_history"]
+        self.api.handle = race_with([now + [{"role": "assistant", "content": "c"}]])
+        with self.assertRaises(cs.Conflict):                            # diverged: the client is told
+            a.save("s", now + [{"role": "assistant", "content": "d"}])
+        self.api.handle = real
+        self.assertEqual(a.load("s")["chat_history"][-1]["content"], "c")   # theirs, acknowledged, kept
 
     def test_an_expired_continue_token_lists_again(self):
         store = self.store()
@@ -4311,6 +4313,134 @@ class LeaderElectionTest(KubectlCase):
         heir = follower if follower.election.leading else third
         self.assertTrue(wait_until(lambda: heir.watcher.cycles > 0))
         self.assertIn("/replica/%d" % apps.index(heir), {c[c.index("--kubeconfig") + 1] for c in self.calls()})
+
+
+class ScaleOutReviewTest(unittest.TestCase):
+    """What an attacker's review of the scale-out found, each fixed."""
+
+    def setUp(self):
+        self.api = FakeKubeAPI()
+        self.addCleanup(self.api.stop)
+        self.tmp = tempfile.mkdtemp(prefix="chatserve-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def lease(self, holder, renew_time):
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "chatserve-watcher",
+                "resourceVersion": "1"}, "spec": {"holderIdentity": holder, "renewTime": renew_time,
+                                                  "leaseDurationSeconds": 3600}}
+
+    def test_expiry_by_our_own_clock_and_duration(self):
+        election = cs.LeaderElection(cs.KubeClient(self.api.url, namespace="chat"), "me", "http://me", duration=0.3,
+                                     renew=0.05)
+        future = cs.k8s_microtime(time.time() + 3600)          # a holder whose clock runs an hour ahead
+        self.api.objects[("leases", "chat", "chatserve-watcher")] = self.lease("skewed", future)
+        election.step()
+        self.assertFalse(election.leading)                      # seen once: not judged yet
+        self.assertTrue(wait_until(lambda: election.step() or election.leading, interval=0.05))
+        self.assertEqual(self.api.objects[("leases", "chat", "chatserve-watcher")]["spec"]["holderIdentity"], "me")
+        self.assertTrue(election.may_collect())
+        election.renewed -= 1.0                                 # no renewal for longer than 2/3 of the lease
+        self.assertFalse(election.may_collect())                # stops before another can take over
+
+    def test_replicas_never_send_the_token_to_an_address_from_the_lease(self):
+        seen = []
+
+        class Leader(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        config = cs.Config(env={}, token="the-server-token", port=0, metrics_port=0, probe_local=False,
+                           socket=os.path.join(self.tmp, "s.sock"), data_dir=self.tmp, watch_deployment="api")
+        app = cs.App(config)
+        self.addCleanup(app._close_listeners)
+        app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
+        app.election.leader, app.election.leader_address = "thief", "http://127.0.0.1:%d" % server.server_address[1]
+        state = app.leader_state()
+        self.assertTrue(state["unreadable"])
+        self.assertEqual(seen, ["Bearer " + cs.replica_credential(config)])
+        self.assertNotIn("the-server-token", seen[0])
+        self.assertEqual(app.readiness()[1]["watcher"], "the leader's view cannot be read (see /status)")
+
+    def test_sessions_collisions_deletes_between_and_credentials(self):
+        store = cs.KubernetesSessionStore(cs.KubeClient(self.api.url, namespace="chat"))
+        self.addCleanup(store.close)
+        store.save("a", [{"role": "user", "content": "mine"}])
+        [(key, secret)] = self.api.objects.items()
+        secret["metadata"]["annotations"]["chatserve.io/session-name"] = "someone-else"    # as a colliding hash
+        with self.assertRaises(cs.Conflict):
+            store.load("a")
+        secret["metadata"]["annotations"]["chatserve.io/session-name"] = "a"
+        real = self.api.handle
+
+        def delete_first(h, method):
+            if method == "PUT":
+                self.api.objects.clear()                          # another replica deleted it in between
+            return real(h, method)
+        self.api.handle = delete_first
+        store.save("a", [{"role": "user", "content": "again"}])
+        self.api.handle = real
+        self.assertEqual(store.load("a")["chat_history"][0]["content"], "again")
+        kubeconfig = os.path.join(self.tmp, "kubeconfig")
+        with open(os.path.join(self.tmp, "token"), "w") as f:
+            f.write("file-token\n")
+        with open(kubeconfig, "w") as f:
+            f.write("clusters:\n- name: c\n  cluster: {server: \"%s\"}\nusers:\n- name: u\n  user: {tokenFile: token}\n"
+                    "contexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n" % self.api.url)
+        client = cs.KubeClient.from_environment(env={"KUBECONFIG": "/nonexistent:" + kubeconfig})
+        self.assertEqual(client._bearer(), "file-token")           # relative to the kubeconfig, re-read on rotation
+
+        class Refusing(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                FakeKubeAPI.status(self, 401, "Unauthorized", "Unauthorized")
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        with self.assertRaises(cs.Unavailable) as ctx:
+            cs.KubeClient("http://127.0.0.1:%d" % server.server_address[1]).request("GET", "/api/v1/namespaces/x/secrets")
+        self.assertIn("refused chatserve's credentials", ctx.exception.message)
+
+    def test_connect_never_sends_a_prompt_twice(self):
+        got = []
+
+        def swallow(listener):                  # reads a request, then vanishes without an answer
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                got.append(conn.recv(65536))
+                conn.close()
+        listeners = []
+        for _ in range(2):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            listeners.append(listener)
+            self.addCleanup(listener.close)
+            threading.Thread(target=swallow, args=(listener,), daemon=True).start()
+        client = cs.RpcClient("127.0.0.1:%d" % listeners[0].getsockname()[1], timeout=WAIT)
+        client.addresses = [(l.getsockname(), socket.AF_INET) for l in listeners]
+        client.resolved = time.monotonic()
+        with self.assertRaises(cs.RemoteError) as ctx:
+            client.call("SendPrompt", {"prompt": "hi"})
+        self.assertIn("not sent again", ctx.exception.message)
+        self.assertEqual(len(got), 1)
+        with self.assertRaises(cs.RemoteError):
+            client.call("Health")                 # safe to ask every replica
+        self.assertEqual(len(got), 3)
 
 
 class MultiSummaryTest(KubectlCase):
