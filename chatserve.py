@@ -11232,6 +11232,12 @@ class RpcClient:
             self.dead[sockaddr] = time.monotonic() + self.dead_for
         raise RemoteError("cannot reach chatserve at %s:%d: %s" % (self.host, self.port, _os_reason(error)))
 
+    def close(self):
+        with self.lock:
+            idle, self.idle = list(self.idle.values()), {}
+        for conn in idle:
+            conn.close()
+
     def release(self, conn, resp):
         """Keep a connection whose answer was read whole, for the next request to that address."""
         if resp.will_close or not resp.isclosed():
@@ -11484,14 +11490,17 @@ def cmd_connect(args):
         args.provider, args.llm_key = local_auth_key(args.provider or "")
     try:
         client = RpcClient(addr, args.token, args.tls, args.ca_cert)
-        if args.agent:
-            return AgentClient(client).run()
-        session = RemoteSession(client, args)
-        if args.prompt is not None:
-            session.client.call("Health")
-            return 0 if session.ask(args.prompt) is not None else 130
-        session.banner()
-        return interactive(session)
+        try:
+            if args.agent:
+                return AgentClient(client).run()
+            session = RemoteSession(client, args)
+            if args.prompt is not None:
+                session.client.call("Health")
+                return 0 if session.ask(args.prompt) is not None else 130
+            session.banner()
+            return interactive(session)
+        finally:
+            client.close()
     except RemoteError as e:
         print("chatserve connect: %s" % e.message, file=sys.stderr)
         return 1

@@ -3462,6 +3462,7 @@ class ConnectTest(ServerTestCase):
     def test_round_robin_and_dead_addresses(self):
         app = self.start()
         client = cs.RpcClient("127.0.0.1:%d" % app.port)
+        self.addCleanup(client.close)
         dead = (("127.0.0.1", free_port()), socket.AF_INET)
         client.addresses = [dead] + client.addresses
         self.assertEqual(client.call("Health")["status"], "SERVING")       # the dead one is skipped
@@ -3480,6 +3481,7 @@ class ConnectTest(ServerTestCase):
         cs.RpcClient.resolve = resolve
         self.addCleanup(setattr, cs.RpcClient, "resolve", original)
         client = cs.RpcClient("chatserve.chatserve.svc:50051")
+        self.addCleanup(client.close)
         made = []
         real = cs._AddressedConnection.__init__
 
@@ -4432,6 +4434,7 @@ class ScaleOutReviewTest(unittest.TestCase):
             self.addCleanup(listener.close)
             threading.Thread(target=swallow, args=(listener,), daemon=True).start()
         client = cs.RpcClient("127.0.0.1:%d" % listeners[0].getsockname()[1], timeout=WAIT)
+        self.addCleanup(client.close)
         client.addresses = [(l.getsockname(), socket.AF_INET) for l in listeners]
         client.resolved = time.monotonic()
         with self.assertRaises(cs.RemoteError) as ctx:
