@@ -639,7 +639,8 @@ def _yaml_lines(text):
     return lines
 
 
-def _yaml_split_flow(inner, no):
+def _yaml_flow_items(inner, no):
+    """The raw items of a flow collection's inside, split at commas outside quotes."""
     items, current, quote = [], "", None
     for ch in inner:
         if quote:
@@ -660,31 +661,19 @@ def _yaml_split_flow(inner, no):
         raise YamlError("unterminated quoted string", no)
     if current.strip() or items:
         items.append(current)
-    return [_yaml_scalar(item.strip(), no) for item in items]
+    return [item.strip() for item in items]
+
+
+def _yaml_split_flow(inner, no):
+    return [_yaml_scalar(item, no) for item in _yaml_flow_items(inner, no)]
 
 
 def _yaml_flow_map(inner, no):
     """{a: 1, b: "x"}: one level of scalars (kubeconfigs are written so)."""
     out = YamlMap()
     out.lines = {}
-    parts, current, quote = [], "", None
-    for ch in inner:
-        if quote:
-            current += ch
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote, current = ch, current + ch
-        elif ch == ",":
-            parts.append(current)
-            current = ""
-        elif ch in "[]{}":
-            raise YamlError("nested flow collections are not supported", no)
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    for part in parts:
-        key, rest = _yaml_key(part.strip(), no)
+    for part in _yaml_flow_items(inner, no):
+        key, rest = _yaml_key(part, no)
         if key in out:
             raise YamlError("duplicate key %r" % key, no)
         out[key], out.lines[key] = _yaml_scalar(rest, no), no
@@ -4158,9 +4147,8 @@ class Engine:
             started = time.monotonic()
             try:
                 events = provider.open(req, model)
-                prompt_chars = sum(len(message_text(m.get("content"))) for m in req.messages)
                 instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
-                                                prompt_chars)
+                                                req.messages)
                 return Answer(provider.name, model, instrumented, events)
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
@@ -4191,7 +4179,7 @@ class Engine:
             self.metrics.key_tokens.inc((key.name, "prompt"), prompt)
             self.metrics.key_tokens.inc((key.name, "completion"), completion)
 
-    def _instrument(self, provider, model, started, events, key=None, prompt_chars=0):
+    def _instrument(self, provider, model, started, events, key=None, messages=()):
         """The events, recorded: one charge per answer, the last usage the
         upstream reported (it may repeat a running total), else, for an answer
         cut short or an upstream that reports none, about 4 characters a token."""
@@ -4211,7 +4199,8 @@ class Engine:
             close = getattr(events, "close", None)
             if close:
                 close()
-            if usage is None:
+            if usage is None:       # the prompt is measured only then: not on every answer
+                prompt_chars = sum(len(message_text(m.get("content"))) for m in messages)
                 usage = Usage((prompt_chars + 3) // 4, (text_chars + 3) // 4)
             self.metrics.llm_tokens.inc((provider, model, "prompt"), usage.prompt_tokens)
             self.metrics.llm_tokens.inc((provider, model, "completion"), usage.completion_tokens)
@@ -9789,6 +9778,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "chatserve/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True      # each write goes out now: no 40 ms Nagle/delayed-ACK stall
+    presented_key = False               # the named key of this request's token, once looked up
 
     def setup(self):
         self.disable_nagle_algorithm = self.server.address_family != socket.AF_UNIX
@@ -9822,6 +9812,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope, self.client_key = openai_error_body, None, None, None
+            self.presented_key = False          # not looked up yet (check_rate may, authorize then reuses it)
             self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
             self.body_cap, self.large_permit = config.max_body_bytes, False
             self.reader.phase(config.header_timeout, config.request_timeout)
@@ -10751,7 +10742,7 @@ class App:
         given = presented_token(h)
         if token and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8")):
             return                  # the right token is never refused for others' failures
-        key = keys.find(given)
+        key = h.presented_key if h.presented_key is not False else keys.find(given)     # found once per request
         if key is not None:
             h.client_key = key
             if h.scope is not None:
@@ -10864,7 +10855,7 @@ class App:
         key has its own (behind a proxy every client shares one address)."""
         if self.rate_limiter is None:
             return
-        key = self.keys.find(presented_token(h)) if self.keys.keys else None
+        key = h.presented_key = self.keys.find(presented_token(h)) if self.keys.keys else None
         ok, wait = self.rate_limiter.take("key:" + key.name if key is not None else h.address_string())
         if not ok:
             self.metrics.rate_limited.inc(("rate",))
