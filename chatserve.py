@@ -11837,26 +11837,39 @@ def main(argv=None):
         return 130
 
 
-def run_as_module():
+def run_as_module(module_code):
     """`python3 chatserve.py serve` keeps this file's whole parse tree (about
     16 MB) alive for as long as the script runs; a long-running server
-    re-executes itself (same PID) importing the file as a module instead,
-    which frees the tree after compiling and caches the bytecode."""
+    re-executes itself (same PID) as the module `chatserve` instead, which
+    frees the tree.  The code already compiled is handed over in a memfd, so
+    the file is compiled once however the bytecode cache is set."""
     path = os.path.abspath(__file__)
     flags = [f for f, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site), ("-E", sys.flags.ignore_environment),
                              ("-B", sys.flags.dont_write_bytecode)) if on] + ["-O"] * sys.flags.optimize
+    load, fd = "spec.loader.exec_module(module)", None
+    try:
+        import marshal
+        fd = os.memfd_create("chatserve-code", 0)      # inherited across exec; the child closes it
+        with open(fd, "wb", closefd=False) as f:        # writes it all
+            f.write(marshal.dumps(module_code))
+        os.lseek(fd, 0, os.SEEK_SET)
+        load = "import marshal; exec(marshal.loads(open(%d, 'rb').read()), module.__dict__)" % fd
+    except (AttributeError, OSError, ValueError):
+        pass        # no memfd here: the module is compiled (or read from __pycache__) again
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('chatserve', %r); "
             "module = importlib.util.module_from_spec(spec); sys.modules['chatserve'] = module; "
-            "spec.loader.exec_module(module); sys.argv[0] = %r; sys.exit(module.main())" % (path, sys.argv[0]))
+            "%s; sys.argv[0] = %r; sys.exit(module.main())" % (path, load, sys.argv[0]))
     try:
         os.execv(sys.executable, [sys.executable] + flags + ["-c", code] + sys.argv[1:])
     except OSError:
-        pass        # carry on as a script
+        if fd is not None:
+            os.close(fd)
+        # carry on as a script
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"] and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload asked for while starting must not kill it
     if sys.argv[1:2] == ["serve"] and __spec__ is None and sys.executable:     # a script, not -m
-        run_as_module()
+        run_as_module(sys._getframe().f_code)
     sys.exit(main())

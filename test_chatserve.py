@@ -6627,6 +6627,21 @@ class ConfigCommandsTest(ServerTestCase):
         self.assertIsNone(proc.poll())
         self.assertEqual(run_cli("ctl", "status", "--socket", sock, "--timeout", "-1").returncode, 2)
 
+    def test_serve_runs_as_the_module_from_code_compiled_once(self):
+        proc, port, sock = serve_process(self)
+        try:
+            with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+                argv = f.read().split(b"\0")
+            fds = [os.readlink("/proc/%d/fd/%s" % (proc.pid, fd)) for fd in os.listdir("/proc/%d/fd" % proc.pid)]
+        except OSError:
+            self.skipTest("no /proc to see the re-executed process")
+        self.assertIn(b"-c", argv)                              # re-executed as the module, same PID
+        code = argv[argv.index(b"-c") + 1]
+        if hasattr(os, "memfd_create"):
+            self.assertIn(b"marshal.loads", code)            # from the code the script compiled, handed over
+            self.assertFalse([fd for fd in fds if "chatserve-code" in fd], fds)     # and closed once loaded
+        self.assertEqual(run_cli("ctl", "status", "--socket", sock).returncode, 0)
+
     def test_keys_new_and_hash(self):
         out = run_cli("keys", "new", "alice")
         self.assertEqual(out.returncode, 0, out.stderr)
