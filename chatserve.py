@@ -291,9 +291,18 @@ def _finite_float(text):
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
+_scan_json_value = _JSON_DECODER.scan_once
+
+
 def json_loads_upstream(data):
     """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused (ValueError)."""
-    return _JSON_DECODER.decode(data)
+    try:        # a value at 0 and nothing but whitespace after it, as decode() has it, without its two regexes
+        value, end = _scan_json_value(data, 0)
+        if end == len(data) or not data[end:].strip(" \t\n\r"):
+            return value
+    except StopIteration:
+        pass
+    return _JSON_DECODER.decode(data)           # says what is wrong (ValueError)
 
 
 MAX_JSON_DEPTH = 64
@@ -2265,6 +2274,10 @@ class UpstreamResponse:
                 if not size:
                     self.last_chunk = True
                     break
+                if buf[pos + size:pos + size + 2] == b"\r\n":        # the whole chunk is here (the usual case)
+                    parts.append(buf[pos:pos + size])
+                    pos += size + 2
+                    continue
                 self.chunk_left = size
             else:
                 take = min(self.chunk_left, end - pos)
@@ -3027,9 +3040,13 @@ class OpenAIProvider(Provider):
                 chunk = json_loads_upstream(data)
             except ValueError:
                 raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
-            if isinstance(chunk, dict) and chunk.get("error"):
+            if type(chunk) is dict and chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
-            for ev in openai_chunk_events(chunk):
+            events = openai_chunk_events(chunk)
+            if len(events) == 1 and type(events[0]) is TextDelta:     # nearly every chunk
+                yield events[0]
+                continue
+            for ev in events:
                 if type(ev) is Finish:
                     finished = True
                 yield ev
@@ -3082,8 +3099,9 @@ def openai_chunk_events(chunk):
         return events
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        if delta.get("content"):
-            events.append(TextDelta(_upstream_str(delta["content"], "content")))
+        content = delta.get("content")
+        if content:
+            events.append(TextDelta(content if type(content) is str else _upstream_str(content, "content")))
         for call in delta.get("tool_calls") or ():
             events.append(openai_call_delta(call))
         if choice.get("finish_reason"):

@@ -753,6 +753,15 @@ class HelpersTest(unittest.TestCase):
                  b"data:[DONE]\n"]
         self.assertEqual(list(cs.iter_sse(lines)), [("ping", "{}"), (None, "a\nb"), (None, "[DONE]")])
 
+    def test_json_from_upstreams_is_json_loads_without_nan_or_infinity(self):
+        for text, value in (('{"a":1}', {"a": 1}), (' {"a":[1,2]}\n', {"a": [1, 2]}), ('"x"\r\n\t ', "x"),
+                            ("1.5", 1.5), ("[]", [])):
+            self.assertEqual(cs.json_loads_upstream(text), value)
+        for bad in ('{"a":NaN}', "-Infinity", "1e999", "", " ", '{"a":1} x', '{"a":1}{"b":2}', '{"a":1}\x1c',
+                    '{"a":1', "{'a':1}"):
+            with self.assertRaises(ValueError, msg=repr(bad)):
+                cs.json_loads_upstream(bad)
+
     def test_parse_duration(self):
         self.assertEqual(cs.parse_duration("30"), 30.0)
         self.assertEqual(cs.parse_duration("500ms"), 0.5)
