@@ -122,7 +122,6 @@ import select
 import selectors
 import signal
 import socket
-import socketserver
 import sqlite3
 import stat
 import struct
@@ -10267,12 +10266,62 @@ class Slots:
         self.tokens.append(None)
 
 
-class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """Threaded HTTP server with a connection cap (fast 503 beyond it),
-    per-connection TLS handshakes off the accept loop, and drain support."""
+class Workers:
+    """Threads that serve connections, kept for the next one: a connection
+    costs no thread start (a third of what a new connection cost).  A job goes
+    to a waiting worker; when none waits, a new one starts (the connection
+    slots bound how many).  A worker that has waited `idle_timeout` seconds
+    exits while more than `keep` others wait; all exit on `close()`."""
 
-    daemon_threads = True
-    block_on_close = False
+    keep = 16
+    idle_timeout = 30.0
+
+    def __init__(self, work, name):
+        self.work, self.name, self.jobs = work, name, queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.waiting = 0            # workers waiting for a job, less the jobs queued for them
+        self.closed = False
+
+    def submit(self, *job):
+        with self.lock:
+            start = self.waiting <= 0
+            if not start:
+                self.waiting -= 1
+        self.jobs.put(job)
+        if start:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                job = self.jobs.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                with self.lock:
+                    if self.waiting > self.keep:        # the others still cover every queued job
+                        self.waiting -= 1
+                        return
+                continue
+            if job is None:
+                return
+            self.work(*job)
+            with self.lock:
+                if self.closed:
+                    return
+                self.waiting += 1
+
+    def close(self):
+        """The waiting workers exit now, the busy ones after their connection."""
+        with self.lock:
+            self.closed, waiting, self.waiting = True, self.waiting, 0
+        for _ in range(max(0, waiting)):
+            self.jobs.put(None)
+
+
+class ChatHTTPServer(http.server.HTTPServer):
+    """HTTP server with a thread per open connection (from `Workers`), a
+    connection cap (fast 503 beyond it), TLS handshakes off the accept loop,
+    and drain support."""
+
     allow_reuse_address = True
     request_queue_size = 128
     access_log = True
@@ -10290,6 +10339,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.slots = Slots(self.max_open)           # connections open (a thread each)
         self.reject_slots = Slots(32)
         self.request_queue_size = max(128, min(self.max_open, 4096))  # a burst of connects waits, not resets
+        self.workers = Workers(self._serve_connection, "connection")
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address):
@@ -10300,7 +10350,7 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self.shutdown_request(request)
             return
         fd = self.tracker.add(request)
-        threading.Thread(target=self._serve_connection, args=(request, client_address, fd), daemon=True).start()
+        self.workers.submit(request, client_address, fd)
 
     def _serve_connection(self, request, client_address, fd):
         try:
@@ -10315,6 +10365,10 @@ class ChatHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.tracker.remove(fd)
             self.shutdown_request(request)
             self.slots.give()
+
+    def server_close(self):
+        super().server_close()
+        self.workers.close()
 
     def _tls_handshake(self, sock):
         sock.settimeout(self.app.config.request_timeout)

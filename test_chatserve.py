@@ -5187,6 +5187,54 @@ class WebSocketIdleTest(ServerTestCase):
 # HTTP server: auth, limits, keep-alive, TLS, logs
 # ---------------------------------------------------------------------------
 
+class ConnectionWorkersTest(ServerTestCase):
+    """A connection is served by a kept worker thread, not a new thread each time."""
+
+    def workers_named(self, name):
+        return [t for t in threading.enumerate() if t.name == name]
+
+    def test_a_new_connection_reuses_a_waiting_worker(self):
+        app = self.start()
+        seen = set()
+        for _ in range(4):
+            self.assertEqual(self.request("GET", "/health")[0], 200)
+            seen.update(t.ident for t in self.workers_named("connection"))
+            self.assertTrue(wait_until(lambda: app.http.workers.waiting == 1))   # back, waiting for the next
+        self.assertEqual(len(seen), 1)
+
+    def test_idle_workers_beyond_keep_exit_and_close_ends_the_rest(self):
+        release, name = threading.Event(), "workers-test-%d" % id(self)
+        workers = cs.Workers(lambda: release.wait(WAIT), name)
+        workers.keep, workers.idle_timeout = 1, 0.02
+        for _ in range(3):
+            workers.submit()
+        self.assertTrue(wait_until(lambda: len(self.workers_named(name)) == 3))
+        release.set()
+        self.assertTrue(wait_until(lambda: len(self.workers_named(name)) == 1))    # two trimmed, one kept
+        self.assertEqual(workers.waiting, 1)
+        release.clear()
+        workers.submit()                                    # the kept one takes it: no new thread
+        self.assertEqual(len(self.workers_named(name)), 1)
+        self.assertEqual(workers.waiting, 0)
+        workers.close()
+        self.assertEqual(len(self.workers_named(name)), 1)  # busy: it finishes its job first
+        release.set()
+        self.assertTrue(wait_until(lambda: not self.workers_named(name)))
+
+    def test_stopping_the_server_ends_its_workers(self):
+        app = self.start()
+        conns = [self.conn() for _ in range(3)]
+        for conn in conns:
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().status, 200)
+        workers = self.workers_named("connection")
+        self.assertGreaterEqual(len(workers), 3)
+        for conn in conns:
+            conn.close()
+        app.stop()
+        self.assertTrue(wait_until(lambda: not any(t.is_alive() for t in workers)))
+
+
 class AuthTest(ServerTestCase):
     def test_token_required_everywhere_but_health(self):
         self.start(token="s3cret")
