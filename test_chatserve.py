@@ -8037,6 +8037,9 @@ def load(s):
             buf = bytearray()
             while state["sent"] < max_requests and perf() < t_end:
                 t_sent = perf()
+                if s.get("fresh") and state["sent"]:        # a new connection for every request
+                    sock.close()
+                    sock = socks[0] = connect(addr)
                 sock.sendall(req)
                 state["sent"] += 1
                 n = None
@@ -8425,9 +8428,10 @@ def _bench_chat_request(port, stream=False):
 
 
 def _bench_load(port, conns, pids, duration=BENCH_MEASURE_SECONDS, warmup=BENCH_WARMUP_SECONDS,
-                max_requests=10 ** 9):
-    """One throughput run; also the CPU each process in `pids` spent per request."""
-    spec = {"mode": "load", "host": "127.0.0.1", "port": port, "conns": conns, "warmup": warmup,
+                max_requests=10 ** 9, fresh=False):
+    """One throughput run; also the CPU each process in `pids` spent per request.
+    `fresh` (concurrency 1 only): a new connection for every request."""
+    spec = {"mode": "load", "host": "127.0.0.1", "port": port, "conns": conns, "warmup": warmup, "fresh": fresh,
             "duration": duration, "max_requests": max_requests, "request": _bench_chat_request(port)}
     cpu0 = {name: _bench_cpu_seconds(pid) for name, pid in pids.items()}
     res = _bench_gen(spec, timeout=warmup + duration + 60)
@@ -8629,6 +8633,12 @@ def run_bench(out=sys.stdout, script=None, duration=BENCH_MEASURE_SECONDS) -> di
                     served += res["done"]
         for q in ("p50", "p99"):
             r["%s_ms_added_c1" % q] = r["%s_ms_chatserve_c1" % q] - r["%s_ms_upstream_c1" % q]
+        for name, port, pids in targets:
+            say("... %s, a new connection per request, %gs" % (name, duration))
+            res = _bench_load(port, 1, pids, duration=duration, fresh=True)
+            r["rps_%s_fresh" % name] = res["rps"]
+            r["cpu_us_per_request_%s_fresh" % name] = res["cpu_us_per_request"]
+            served += res["done"] if name == "chatserve" else 0
 
         # 3. time to first streamed byte, sequential
         say("... time to first streamed byte (%d sequential streams each)" % BENCH_TTFB_REQUESTS)
@@ -8711,8 +8721,10 @@ def _bench_targets(r, say, script, tmpdir, procs, fast_port, duration):
     r["streams_ttfb_p99_ms"] = _bench_pct(res["ttfb"], 0.99) * 1000.0
     r["streams_total_p99_ms"] = _bench_pct(res["total"], 0.99) * 1000.0
     r["streams_rss_peak_kb"] = _bench_proc_status(cs_proc.pid, "VmHWM")
-    time.sleep(0.5)
-    say("... %d idle keep-alive connections" % BENCH_IDLE_CONNECTIONS)
+    _bench_stop(cs_proc)
+    say("... %d idle keep-alive connections (a fresh chatserve: no worker threads kept from before)"
+        % BENCH_IDLE_CONNECTIONS)
+    cs_proc, cs_port, _ = _bench_start_chatserve(script, fast_port, tmpdir, procs, name="idle", defaults=True)
     r["idle_connections_kb"] = _bench_idle_connections(cs_proc.pid, cs_port, BENCH_IDLE_CONNECTIONS)
     _bench_stop(cs_proc)
 
@@ -8769,6 +8781,8 @@ def _bench_report(r, say):
     say(rule)
     say(row % ("requests/s, concurrency 1", "%.0f" % r["rps_upstream_c1"], "%.0f" % r["rps_chatserve_c1"], ""))
     say(row % ("requests/s, concurrency 32", "%.0f" % r["rps_upstream_c32"], "%.0f" % r["rps_chatserve_c32"], ""))
+    say(row % ("requests/s, a new connection each", "%.0f" % r["rps_upstream_fresh"],
+               "%.0f" % r["rps_chatserve_fresh"], ""))
     for q in ("p50", "p99"):
         say(row % ("latency %s ms, concurrency 1" % q, "%.3f" % r["%s_ms_upstream_c1" % q],
                    "%.3f" % r["%s_ms_chatserve_c1" % q], "%+.3f" % r["%s_ms_added_c1" % q]))
@@ -8784,13 +8798,13 @@ def _bench_report(r, say):
                "%.3f" % r["stream_total_ms_chatserve"], "%+.3f" % r["stream_total_ms_added"]))
     say(rule)
     say("CPU us per request (load generator / fake upstream / chatserve), user+system from /proc:")
-    for conns in (1, 32):
-        say("  concurrency %-2d  upstream alone %s / %s / -,  via chatserve %s / %s / %s" % (
-            conns, cpu("cpu_us_per_request_upstream_c%d" % conns, "generator"),
-            cpu("cpu_us_per_request_upstream_c%d" % conns, "upstream"),
-            cpu("cpu_us_per_request_chatserve_c%d" % conns, "generator"),
-            cpu("cpu_us_per_request_chatserve_c%d" % conns, "upstream"),
-            cpu("cpu_us_per_request_chatserve_c%d" % conns, "chatserve")))
+    for what, suffix in (("concurrency 1 ", "c1"), ("concurrency 32", "c32"), ("new connections", "fresh")):
+        say("  %s  upstream alone %s / %s / -,  via chatserve %s / %s / %s" % (
+            what, cpu("cpu_us_per_request_upstream_" + suffix, "generator"),
+            cpu("cpu_us_per_request_upstream_" + suffix, "upstream"),
+            cpu("cpu_us_per_request_chatserve_" + suffix, "generator"),
+            cpu("cpu_us_per_request_chatserve_" + suffix, "upstream"),
+            cpu("cpu_us_per_request_chatserve_" + suffix, "chatserve")))
     say("startup to /health: %.0f ms median of %d (runs %s ms; `python3 -c pass` alone %.0f ms)"
         % (r["startup_ms"], len(r["startup_all_ms"]), r["startup_all_ms"], r["python_startup_ms"]))
     say("chatserve RSS: idle %s, after %d requests %s (%s), peak %s"
