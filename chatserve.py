@@ -68,6 +68,12 @@ connection closed, and a body a route did not read is drained or the
 connection closed, so no request is ever parsed from another's bytes.  A
 client that hangs up cancels its request: the upstream connection is shut.
 
+Threads.  A kept worker thread serves each open connection.  A streamed
+answer from a plain-HTTP upstream to a plain-HTTP client is relayed, after
+its first frames, by one StreamPump thread (epoll, non-blocking reads and
+sends) while the request's thread waits; it goes back to that thread when it
+ends, fails, meets a slow client, or the server closes.
+
 Sections, in order (each uses only what is above it):
 
     Errors            the ChatServeError hierarchy, rendered by every surface
@@ -88,8 +94,8 @@ Sections, in order (each uses only what is above it):
     Surfaces          OpenAI, OpenAI Responses, Anthropic Messages, WebSocket,
                       the RPC service, the agent (Shepherd), the console (/ui),
                       shared routes
-    HTTP server       routing, strict parsing, framing, hang-up watching,
-                      connections, TLS, the control socket
+    HTTP server       routing, strict parsing, framing, hang-up watching, the
+                      stream pump, connection workers, TLS, the control socket
     The running server  rate limits, named keys, App (reload, leader view)
     Clients           ctl, connect, connect --agent, sessions
     Command line      argparse from the Config table, config, keys, main()
@@ -234,6 +240,23 @@ class UpstreamTimeout(UpstreamError):
 
 class ClientGone(Exception):
     """The client closed its connection; nothing is left to answer."""
+
+
+class WouldBlock(Exception):
+    """A non-blocking upstream read found nothing yet (see StreamPump); never an OSError,
+    so no handler of broken connections takes it for one."""
+
+
+class _WouldBlockItem:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "WOULD_BLOCK"
+
+
+# An item of a stream read without blocking: nothing more until the upstream sends
+# (every layer passes it on; only the StreamPump sees it at the end).
+WOULD_BLOCK = _WouldBlockItem()
 
 
 # What a dropped, reset or timed-out client connection raises (BlockingIOError:
@@ -402,12 +425,15 @@ def sse_comment(text):
 
 def iter_sse(pieces, limit=1024 * 1024):
     """Parse SSE from an iterator of byte pieces split anywhere (reads or
-    lines); yield (event, data) per frame.  Lines end in LF, CRLF or CR; a
+    lines); yield (event, data) per frame, and (WOULD_BLOCK, "") for that piece.  Lines end in LF, CRLF or CR; a
     frame longer than `limit` bytes raises ValueError.  An unfinished frame is
     kept as parts and joined only when a piece can end it: linear however the
     upstream splits its bytes."""
     parts, size, last = [], 0, b""
     for piece in pieces:
+        if piece is WOULD_BLOCK:
+            yield WOULD_BLOCK, ""
+            continue
         if not _may_end_frame(last + piece):
             parts.append(piece)
             size += len(piece)
@@ -2102,14 +2128,33 @@ class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an upstream.  A request goes out
     in one send; `buf` holds what was received and not yet consumed."""
 
-    __slots__ = ("sock", "buf", "used", "timeout")
+    __slots__ = ("sock", "buf", "used", "timeout", "nonblocking", "expired", "drained")
 
     def __init__(self, sock):
         self.sock, self.buf, self.used, self.timeout = sock, bytearray(), 0.0, None
+        self.nonblocking = self.expired = False     # set by the StreamPump while it relays the answer
+        self.drained = False        # non-blocking: the last read took all there was (until the pump sees more)
 
     def fill(self, before_wait=None):
         """Receive more into `buf`; False at the upstream's EOF.  `before_wait`
-        runs first: the request's pending output goes out before we block."""
+        runs first: the request's pending output goes out before we block.
+        Non-blocking: WouldBlock when nothing is there, or when the last read
+        was short (it took all there was: no system call to learn it again);
+        socket.timeout once the pump saw the read timeout pass."""
+        if self.nonblocking:
+            if self.expired:
+                raise socket.timeout("timed out")
+            if self.drained:
+                raise WouldBlock()
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise WouldBlock()
+            if not data:
+                return False
+            self.buf += data
+            self.drained = len(data) < 65536
+            return True
         if before_wait is not None:
             before_wait()
         data = recv_some(self.sock)
@@ -2230,14 +2275,18 @@ class UpstreamResponse:
 
     def _chunk_piece(self, conn):
         """The data of every complete chunk already received, or when there is
-        none, of the next one (waiting for it): one piece per upstream read."""
+        none, of the next one (waiting for it): one piece per upstream read.
+        Safe to call again after WouldBlock: nothing read is lost."""
         while True:
-            data = self._scan_chunks(conn.buf)
-            if self.last_chunk:
-                self.last_chunk = False
+            if self.last_chunk:             # the trailers, once the data before them is out
                 self._trailers(conn)
+                self.last_chunk = False
+                return b""
+            data = self._scan_chunks(conn.buf)
             if data or self.done:
                 return data
+            if self.last_chunk:
+                continue
             if not (conn.buf or self.chunk_left or self.crlf_due):
                 if not conn.fill(self.before_wait):
                     self.done = self.will_close = True      # cut between chunks: the protocol layer tells
@@ -2288,7 +2337,8 @@ class UpstreamResponse:
         return b"".join(parts)
 
     def _trailers(self, conn):
-        """The trailer section after the last chunk, dropped."""
+        """The trailer section after the last chunk, dropped (after WouldBlock
+        the rest of it is read by the next call)."""
         for _ in range(MAX_HEADERS + 1):
             if not conn.line(MAX_HEADER_LINE, self.before_wait).rstrip(b"\r\n"):
                 self.done = True
@@ -2325,11 +2375,14 @@ class UpstreamResponse:
     def pieces(self):
         """The body as it arrives, a piece per upstream read; the connection is
         released at the end.  A silent or broken upstream raises UpstreamTimeout
-        / UpstreamError."""
+        / UpstreamError.  Read without blocking, WOULD_BLOCK when nothing is there."""
         try:
             while True:
                 try:
                     piece = self._piece()
+                except WouldBlock:
+                    yield WOULD_BLOCK       # read without blocking (StreamPump): nothing yet
+                    continue
                 except (OSError, UpstreamError) as e:
                     raise self._failed(e)
                 if not piece:
@@ -2367,15 +2420,28 @@ class UpstreamResponse:
     def finish(self):
         """After the protocol's own end marker: read the little that is left
         (the chunked terminator) so the connection can be reused."""
+        for _ in self.finishing():
+            self.close()            # read without blocking and not here yet: no one waits for it
+            return
+
+    def finishing(self):
+        """finish() for a pipeline read without blocking (StreamPump): WOULD_BLOCK
+        while the rest is not here yet."""
         if self.conn is None:
             return
         if self.will_close and not self.chunked and self.remaining is None:
             self.close()            # the body ends only when the upstream closes: do not wait for it
             return
+        pieces = 0
         try:
-            for _ in range(64):
-                if not self._piece():
-                    break
+            while pieces < 64:
+                try:
+                    if not self._piece():
+                        break
+                except WouldBlock:
+                    yield WOULD_BLOCK
+                    continue
+                pieces += 1
         except (OSError, UpstreamError):
             self.close()
             return
@@ -2390,6 +2456,7 @@ class UpstreamResponse:
                     conn.close()
                     return
             if self.done and not self.will_close and not conn.buf:
+                conn.nonblocking = conn.expired = conn.drained = False     # blocking for whoever takes it next
                 self.pool.put(self.key, conn)
             else:
                 conn.close()
@@ -2675,12 +2742,14 @@ class Credentials:
 
 class EventStream:
     """A provider's streamed events that own their upstream response: closing
-    them, iterated or not, closes the upstream connection."""
+    them, iterated or not, closes the upstream connection.  `relayable`: the
+    events can be read without blocking (they pass WOULD_BLOCK on), so a
+    StreamPump may relay them."""
 
-    __slots__ = ("events", "resp")
+    __slots__ = ("events", "resp", "relayable")
 
-    def __init__(self, events, resp):
-        self.events, self.resp = events, resp
+    def __init__(self, events, resp, relayable=False):
+        self.events, self.resp, self.relayable = events, resp, relayable
 
     def __iter__(self):
         return self.events          # the generator itself: no Python call per event
@@ -2706,6 +2775,7 @@ class Provider:
     prefixes = ()               # model-name prefixes (besides the lower-case name) that route here
     listing_error = None        # why the last listing of the upstream's models failed, if it did
     aggregates = False          # its own model names may look like "openai/gpt-4o": not routes
+    relayable = False           # stream_events passes WOULD_BLOCK on (a StreamPump may relay it)
 
     def __init__(self, config, pool, credentials=None, base_url=None, endpoint=None):
         """`endpoint`: the config file's entry.  For a built-in provider the
@@ -2801,7 +2871,7 @@ class Provider:
         if resp.status >= 300:
             raise self.failure(resp)
         if req.stream:
-            return EventStream(self.guard(self.stream_events(resp, req)), resp)
+            return EventStream(self.guard(self.stream_events(resp, req)), resp, self.relayable)
         try:
             data = json_loads_upstream(resp.read().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -2983,6 +3053,7 @@ class OpenAIProvider(Provider):
     default_base = "https://api.openai.com/v1"
     default_model = "gpt-4o-mini"
     discovers_model = True      # a local server (llama.cpp, vLLM, LM Studio) serves its own models
+    relayable = True
 
     def __init__(self, config, pool, credentials=None, base_url=None, endpoint=None):
         super().__init__(config, pool, credentials, base_url, endpoint)
@@ -3031,9 +3102,12 @@ class OpenAIProvider(Provider):
     def stream_events(self, resp, req):
         finished = False
         for _event, data in iter_sse(resp.pieces()):
+            if _event is WOULD_BLOCK:
+                yield WOULD_BLOCK
+                continue
             if len(data) < 16 and data.strip() == "[DONE]":
                 finished = True
-                resp.finish()
+                yield from resp.finishing()
                 break
             try:
                 chunk = json_loads_upstream(data)
@@ -3762,6 +3836,15 @@ class Answer:
 
     def __iter__(self):
         return iter(self.events)
+
+    def relayable_connection(self):
+        """The upstream connection a StreamPump may read without blocking
+        (a plain socket with kernel timeouts, under relayable events), or None."""
+        upstream = self.upstream
+        if type(upstream) is not EventStream or not upstream.relayable or upstream.resp.conn is None:
+            return None
+        sock = upstream.resp.conn.sock
+        return upstream.resp.conn if not is_tls(sock) and sock.gettimeout() is None else None
 
     def close(self):
         self.events.close()
@@ -7219,6 +7302,8 @@ def openai_stream_chunks(answer, completion_id, created, include_usage):
         elif kind is Error:
             yield openai_error_body(ev.error)
             return
+        elif ev is WOULD_BLOCK:
+            yield WOULD_BLOCK
     if include_usage:
         out = dict(base)
         out["choices"] = []
@@ -7268,8 +7353,7 @@ def send_openai_stream(h, answer, chunks):
     """OpenAI-style SSE: each chunk, then [DONE]; the upstream is closed at the end."""
     with h.open_sse() as sse:
         try:
-            for chunk in chunks:
-                sse.send(chunk)
+            h.relay(sse, answer, chunks)
             sse.send("[DONE]")
         finally:
             answer.close()
@@ -7395,6 +7479,8 @@ def legacy_stream_chunks(answer, completion_id, created, include_usage, echo):
         elif kind is Error:
             yield openai_error_body(ev.error)
             return
+        elif ev is WOULD_BLOCK:
+            yield WOULD_BLOCK
     if include_usage:
         out = dict(base, choices=[])
         out["usage"] = openai_usage(usage) or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -9585,7 +9671,13 @@ class SSEWriter:
         if self.head or self.size >= self.max_pending or self.scope is None:
             self.flush()        # the head leaves with the first frame: coalescing never delays it
 
-    def _framed(self):
+    def gather(self, data):
+        """A frame for the next flush, never sent here (the StreamPump sends it)."""
+        frame = sse_frame(data)
+        self.pending.append(frame)
+        self.size += len(frame)
+
+    def framed(self):
         """The head (until sent) and the gathered frames, as one chunk."""
         data = b"".join(self.pending)
         self.pending, self.size = [], 0
@@ -9595,7 +9687,7 @@ class SSEWriter:
         return head + data
 
     def flush(self):
-        data = self._framed()
+        data = self.framed()
         if data:
             self.h.write_raw(data)
 
@@ -9609,7 +9701,7 @@ class SSEWriter:
         if not self.closed:
             self.closed = True
             self.h.response_complete()
-            data = self._framed() + (b"0\r\n\r\n" if self.chunked else b"")
+            data = self.framed() + (b"0\r\n\r\n" if self.chunked else b"")
             if data:
                 self.h.write_raw(data)
 
@@ -9780,6 +9872,173 @@ class DisconnectMonitor:
             self.closed = True
             if self.poller is not None:
                 self.poller.close()
+
+
+class RelayedStream:
+    """One request's stream while a StreamPump relays it: its pipeline (the
+    chunks generator), where the frames go, and how it ended."""
+
+    __slots__ = ("handler", "sse", "chunks", "conn", "scope", "sock", "fd", "done", "finished", "error",
+                 "leftover", "last_read")
+
+    def __init__(self, handler, sse, chunks, conn):
+        self.handler, self.sse, self.chunks, self.conn = handler, sse, chunks, conn
+        self.scope, self.sock, self.fd = handler.scope, handler.connection, conn.sock.fileno()
+        self.done = threading.Event()           # set when the stream goes back to its thread
+        self.finished, self.error, self.leftover = False, None, b""
+        self.last_read = time.monotonic()
+
+    def turn(self, batch):
+        """Run the pipeline until it would block (at most `batch` frames), then
+        send its frames in one non-blocking send.  "wait" (for the upstream),
+        "again" (cut short by `batch`), or "back": the stream ended, failed,
+        or has output the client did not take at once."""
+        outcome = "again"
+        CancelScope._local.scope = self.scope      # the pipeline asks for its request's scope
+        try:
+            for _ in range(batch):
+                chunk = next(self.chunks)
+                if chunk is WOULD_BLOCK:
+                    outcome = "wait"
+                    break
+                self.sse.gather(chunk)
+        except StopIteration:
+            self.finished = True
+        except BaseException as e:                # ClientGone and the rest: raised in the request's thread
+            self.finished, self.error = True, e
+        finally:
+            CancelScope._local.scope = None
+        data = self.sse.framed()
+        if data:
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                sent, self.error = len(data), self.error or ClientGone(_os_reason(e))
+            self.handler.bytes_sent += sent
+            self.leftover = data[sent:]
+        return "back" if self.finished or self.error or self.leftover else outcome
+
+
+class StreamPump:
+    """One thread that relays the streamed answers of many connections, so a
+    thousand open streams do not wake a thousand threads for every event.
+
+    A request's thread hands its stream over when the first frames are out
+    and the upstream has nothing more yet, then waits (no lock, no turn at the
+    interpreter).  The pump reads the upstream without blocking when epoll
+    says it can, runs the stream's own pipeline (the same generators, in the
+    request's CancelScope) and sends the frames of each read in one
+    non-blocking send.  The stream goes back to its thread, which finishes
+    it as before, when it ends or fails, when the client does not take the
+    frames at once (a slow client costs its own thread, not the pump), and
+    when the server closes.  When the upstream's read timeout passes the
+    pipeline raises it, as a blocking read would.  A client that leaves is
+    seen as always: the monitor cancels the scope, which shuts the upstream,
+    which wakes the pump.  Linux (epoll), plain TCP both ways."""
+
+    available = hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP") and KERNEL_TIMEOUTS
+    batch = 64              # frames of one stream per turn, so a fast one cannot hold up the others
+    sweep = 0.1             # seconds between looks for upstreams past their read timeout
+
+    def __init__(self, name="stream-pump"):
+        self.name, self.lock, self.closed = name, threading.Lock(), False
+        self.streams = {}                   # fd of the upstream -> RelayedStream
+        self.relayed = self.returned = 0    # streams taken; given back unfinished (slow client, close)
+        self.thread = self.poller = None
+        self.wake_r = self.wake_w = None    # wakes the thread to close
+
+    def relay(self, stream):
+        """Relay `stream` until it goes back; False (at once) when the pump is
+        closed.  The caller registers the upstream itself: no wake-up per stream."""
+        with self.lock:
+            if self.closed:
+                return False
+            if self.thread is None:
+                self.poller = select.epoll()
+                self.wake_r, self.wake_w = os.pipe()
+                self.poller.register(self.wake_r, select.EPOLLIN)
+                self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self.thread.start()
+            if not self.streams:            # the thread may be waiting with no timeout: it has one now
+                os.write(self.wake_w, b"x")
+            self.streams[stream.fd] = stream
+            self.relayed += 1
+            try:
+                self.poller.register(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
+            except FileExistsError:         # a pooled connection whose last stream is just going back
+                self.poller.modify(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        while not stream.done.wait(10.0):
+            if not self.thread.is_alive():  # cannot happen short of a bug: go on in the request's thread
+                break
+        return True
+
+    def close(self):
+        """Every stream goes back to its thread (which finishes it)."""
+        with self.lock:
+            if self.closed:                 # twice, or the thread has ended (and closed the pipe)
+                return
+            self.closed = True
+            if self.wake_w is not None:
+                os.write(self.wake_w, b"x")
+
+    def _run(self):
+        ready, next_sweep = collections.deque(), time.monotonic() + self.sweep
+        try:
+            while not self.closed:
+                for fd, _mask in self.poller.poll(0 if ready else self.sweep if self.streams else -1):
+                    stream = self.streams.get(fd)
+                    if stream is not None:
+                        stream.last_read = time.monotonic()
+                        stream.conn.drained = False     # there is more: read it
+                        ready.append(stream)
+                    elif fd == self.wake_r:
+                        os.read(self.wake_r, 4096)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.sweep
+                    ready.extend(self._expired())
+                for _ in range(len(ready)):
+                    stream = ready.popleft()
+                    if self.streams.get(stream.fd) is not stream:  # gone back already (twice in `ready`)
+                        continue
+                    outcome = stream.turn(self.batch)
+                    if outcome == "again":
+                        ready.append(stream)
+                    elif outcome == "back":
+                        self._give_back(stream)
+        except BaseException:
+            log.exception("the stream pump failed; its streams go back to their threads")
+        finally:
+            with self.lock:
+                self.closed = True
+                streams = list(self.streams.values())
+            for stream in streams:
+                self._give_back(stream)
+            self.poller.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+
+    def _expired(self):
+        """Streams whose upstream sent nothing for its read timeout: their next read raises it."""
+        now, out = time.monotonic(), []
+        for stream in list(self.streams.values()):
+            timeout = stream.conn.timeout
+            if timeout is not None and now - stream.last_read >= timeout:
+                stream.conn.expired = True
+                out.append(stream)
+        return out
+
+    def _give_back(self, stream):
+        with self.lock:
+            if self.streams.get(stream.fd) is stream:
+                del self.streams[stream.fd]
+                self.returned += not stream.finished
+                try:
+                    self.poller.unregister(stream.fd)
+                except (OSError, ValueError):   # the pipeline closed the socket already
+                    pass
+        stream.done.set()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -10159,6 +10418,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def open_sse(self, headers=None):
         return SSEWriter(self, headers)
 
+    def relay(self, sse, answer, chunks):
+        """Each chunk of `answer` as an SSE frame.  Where it can, the server's
+        StreamPump relays the stream once its first frames are out (see there);
+        this thread goes on with it when the pump gives it back unfinished."""
+        pump = self.server.pump
+        conn = answer.relayable_connection() if pump is not None and not is_tls(self.connection) else None
+        if conn is not None:
+            conn.nonblocking = True             # the pipeline yields WOULD_BLOCK instead of waiting
+        for chunk in chunks:
+            if chunk is not WOULD_BLOCK:
+                sse.send(chunk)
+                continue
+            sse.flush()
+            stream = RelayedStream(self, sse, chunks, conn)
+            relayed = pump.relay(stream)
+            if stream.leftover:
+                self.write_raw(stream.leftover)
+            if stream.error is not None:
+                raise stream.error
+            if not relayed or not stream.finished:
+                conn.nonblocking = conn.drained = False     # still this answer's: read it blocking from here
+
     # -- logging ----------------------------------------------------------
 
     def log_access(self, path, duration):
@@ -10326,6 +10607,7 @@ class ChatHTTPServer(http.server.HTTPServer):
     request_queue_size = 128
     access_log = True
     record_metrics = True
+    relay_streams = True        # long streams from plain-HTTP upstreams go to one StreamPump thread
     poll_interval = 0.1         # how soon serve_forever notices shutdown()
 
     def __init__(self, app, address, router, max_busy, ssl_context=None, family=socket.AF_INET, max_open=None):
@@ -10339,6 +10621,7 @@ class ChatHTTPServer(http.server.HTTPServer):
         self.slots = Slots(self.max_open)           # connections open (a thread each)
         self.reject_slots = Slots(32)
         self.request_queue_size = max(128, min(self.max_open, 4096))  # a burst of connects waits, not resets
+        self.pump = StreamPump() if self.relay_streams and StreamPump.available and family != socket.AF_UNIX else None
         self.workers = Workers(self._serve_connection, "connection")
         super().__init__(address, Handler)
 
@@ -10369,6 +10652,8 @@ class ChatHTTPServer(http.server.HTTPServer):
     def server_close(self):
         super().server_close()
         self.workers.close()
+        if self.pump is not None:
+            self.pump.close()
 
     def _tls_handshake(self, sock):
         sock.settimeout(self.app.config.request_timeout)

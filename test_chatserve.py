@@ -281,7 +281,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                           "finish_reason": "stop"}]})
 
     def scenario_endless(self, body):
-        self.stream([openai_chunk({"content": "tick "})] * self.server.endless_chunks, delay=self.server.endless_delay)
+        self.stream([openai_chunk({"content": self.server.endless_text})] * self.server.endless_chunks,
+                    delay=self.server.endless_delay)
 
     def scenario_garbage(self, body):
         self.send_body(200, {"unexpected": True})
@@ -592,6 +593,7 @@ class FakeUpstream:
         self.server.slow_seconds = 1.0
         self.server.endless_chunks = 400
         self.server.endless_delay = 0.02
+        self.server.endless_text = "tick "
         self.server.fail_next = 0
         self.server.tokens_issued = 0
         self.server.release = threading.Event()
@@ -5233,6 +5235,168 @@ class ConnectionWorkersTest(ServerTestCase):
             conn.close()
         app.stop()
         self.assertTrue(wait_until(lambda: not any(t.is_alive() for t in workers)))
+
+
+def read_stream(sock, limit=64 * 1024 * 1024):
+    """The raw bytes of one chunked response on `sock`, through its last chunk."""
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n") and len(data) < limit:
+        piece = sock.recv(1 << 20)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def dechunk(body):
+    """A whole chunked body's data (strictly framed, no extensions or trailers)."""
+    out, pos = [], 0
+    while True:
+        end = body.index(b"\r\n", pos)
+        size = int(body[pos:end], 16)
+        if not size:
+            assert body[end:] == b"\r\n\r\n", body[end:end + 40]
+            return b"".join(out)
+        out.append(body[end + 2:end + 2 + size])
+        assert body[end + 2 + size:end + 4 + size] == b"\r\n"
+        pos = end + 4 + size
+
+
+def stream_texts(raw):
+    """The content deltas and the other data payloads of a chunked SSE response."""
+    texts, other = [], []
+    for frame in dechunk(raw.partition(b"\r\n\r\n")[2]).decode().split("\n\n")[:-1]:
+        assert frame.startswith("data: ") and "\n" not in frame, frame[:80]
+        data = frame[6:]
+        chunk = json.loads(data) if data.startswith("{") else data
+        delta = chunk["choices"][0]["delta"] if isinstance(chunk, dict) and chunk.get("choices") else {}
+        if delta.get("content"):
+            texts.append(delta["content"])
+        else:
+            other.append(chunk)
+    return texts, other
+
+
+@unittest.skipUnless(cs.StreamPump.available, "the stream pump needs Linux (epoll)")
+class StreamPumpTest(ServerTestCase):
+    """Streams after their first frames are relayed by one pump thread; they
+    end, fail, time out and are cancelled as in their own thread."""
+
+    def recv_until(self, sock, word):
+        data = b""
+        while word not in data:
+            data += sock.recv(65536)
+        return data
+
+    def open_stream(self, model="endless", **extra):
+        sock = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
+        self.addCleanup(sock.close)
+        body = json.dumps(self.chat(model, stream=True, **extra)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return sock
+
+    def test_a_relayed_stream_is_whole_in_order_and_its_upstream_reused(self):
+        self.start()
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 30, 0.002
+        raw = read_stream(self.open_stream())
+        texts, other = stream_texts(raw)
+        self.assertEqual(texts, ["tick "] * 30)
+        self.assertEqual(other[-1], "[DONE]")
+        self.assertEqual(self.app.http.pump.relayed, 1)
+        self.assertEqual(self.app.http.pump.returned, 0)
+        opened = self.upstream.server.connections           # this one, and maybe the model listing's
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+        self.assertEqual(self.upstream.server.connections, opened)     # given back to the pool, blocking again
+
+    def test_a_client_that_leaves_a_relayed_stream_closes_its_upstream(self):
+        self.start()
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 2000, 0.01
+        sock = self.open_stream()
+        self.recv_until(sock, b"tick")
+        self.assertTrue(wait_until(lambda: self.app.http.pump.streams))
+        sock.close()
+        self.assertTrue(wait_until(lambda: self.upstream.server.disconnects == 1))
+        self.assertTrue(wait_until(lambda: not self.app.http.pump.streams and self.app.http.tracker.count() == 0))
+        self.assertEqual(self.app.metrics.client_disconnects.value(("openai",)), 1)
+
+    def test_a_silent_upstream_times_out_as_it_would_unrelayed(self):
+        self.start(upstream_timeout=0.3)
+        self.addCleanup(self.upstream.server.release.set)
+        started = time.monotonic()
+        texts, other = stream_texts(read_stream(self.open_stream("burst-then-wait")))
+        self.assertEqual(texts, ["w0 ", "w1 ", "w2 ", "w3 ", "w4 "])
+        self.assertIn("nothing for longer than its timeout", other[-2]["error"]["message"], other)
+        self.assertEqual(other[-1], "[DONE]")
+        self.assertLess(time.monotonic() - started, WAIT)
+        self.assertEqual(self.app.http.pump.relayed, 1)
+
+    def test_a_client_that_does_not_read_gets_its_stream_back_in_its_own_thread(self):
+        self.start()
+        server = self.upstream.server
+        server.endless_chunks, server.endless_delay, server.endless_text = 600, 0.0, "x" * 16000
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a client that takes little at a time
+        sock.settimeout(WAIT)
+        sock.connect(("127.0.0.1", self.app.port))
+        body = json.dumps(self.chat("endless", stream=True)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        self.assertTrue(wait_until(lambda: self.app.http.pump.returned == 1))
+        texts, other = stream_texts(read_stream(sock))
+        self.assertEqual(len(texts), 600)
+        self.assertEqual(set(texts), {"x" * 16000})
+        self.assertEqual(other[-1], "[DONE]")
+
+    def test_a_stream_relayed_when_the_server_stops_finishes_in_its_thread(self):
+        self.start(drain_timeout=WAIT)
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 40, 0.01
+        sock = self.open_stream()
+        first = self.recv_until(sock, b"tick")
+        self.assertTrue(wait_until(lambda: self.app.http.pump.streams))
+        stopper = threading.Thread(target=self.app.stop)
+        stopper.start()
+        raw = first + read_stream(sock)
+        self.assertTrue(raw.endswith(b"\r\n0\r\n\r\n"), raw[-300:])
+        texts, other = stream_texts(raw)
+        stopper.join(WAIT)
+        self.assertEqual(len(texts), 40)
+        self.assertEqual(other[-1], "[DONE]")
+        self.assertEqual(self.app.http.pump.returned, 1)
+        self.assertFalse(self.app.http.pump.thread.is_alive())
+
+
+class NonBlockingUpstreamTest(unittest.TestCase):
+    """Read without blocking, an answer is the same whatever its reads split,
+    and its connection goes back to the pool blocking."""
+
+    def test_any_split_gives_the_same_pieces_and_a_blocking_pooled_connection(self):
+        answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n"
+                  b"6\r\n world\r\n0\r\nX-Trailer: a\r\nX-Other: b\r\n\r\n")
+        head_end = answer.index(b"\r\n\r\n") + 4
+        for cut in range(head_end, len(answer)):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            pool = cs.UpstreamPool()
+            conn = cs.UpstreamConnection(ours)
+            theirs.sendall(answer[:cut])
+            resp = cs.UpstreamResponse(pool, ("http", "h", 1), conn)
+            conn.nonblocking = True
+            data, waits = b"", 0
+            for piece in resp.pieces():
+                if piece is cs.WOULD_BLOCK:
+                    waits += 1
+                    self.assertLess(waits, 4, cut)
+                    theirs.sendall(answer[cut:])
+                    conn.drained = False
+                    cut = len(answer)
+                    continue
+                data += piece
+            self.assertEqual(data, b"hello world", cut)
+            self.assertEqual(list(pool.idle[("http", "h", 1)]), [conn])
+            self.assertEqual((conn.nonblocking, conn.drained), (False, False))
 
 
 class AuthTest(ServerTestCase):
