@@ -9974,6 +9974,9 @@ class StreamPump:
                 break
         return True
 
+    def status(self):
+        return {"relaying": len(self.streams), "relayed_total": self.relayed, "returned_total": self.returned}
+
     def close(self):
         """Every stream goes back to its thread (which finishes it)."""
         with self.lock:
@@ -11343,6 +11346,7 @@ class App:
                 "model": provider.model if provider else None,
                 "available_providers": list(self.engine.providers),
                 "providers": self.engine.provider_status(), **self.agent.status(),
+                "stream_pump": self.http.pump.status() if self.http and self.http.pump else None,
                 "watcher": (self.leader_state()["status"].get("targets") if self.following()
                             else self.watcher.targets_status()) if self.watcher else None,
                 **(self.election.status() if self.election else {})}

@@ -7841,6 +7841,7 @@ class LlamaCppInteropTest(unittest.TestCase):
                 self.assertEqual(resp_headers.get("x-request-id"), "req-abc123")
 
     def test_streamed_chat_completion_ends_with_done(self):
+        relayed = (json.loads(self.chatserve("GET", "/status")[2])["stream_pump"] or {}).get("relayed_total")
         status, headers, text = self.chatserve("POST", "/v1/chat/completions", self.chat(stream=True))
         self.assertEqual(status, 200, self.explain(text))
         self.assertTrue(headers["content-type"].startswith("text/event-stream"), headers)
@@ -7852,6 +7853,9 @@ class LlamaCppInteropTest(unittest.TestCase):
         self.assertTrue("".join(deltas).strip(), self.explain(text))
         self.assertGreater(len([d for d in deltas if d]), 1, "expected the answer in several deltas")
         self.assertEqual({c["model"] for c in chunks}, {self.model_id})
+        if cs.StreamPump.available:     # llama.cpp sends token by token: the stream pump relayed it
+            pump = json.loads(self.chatserve("GET", "/status")[2])["stream_pump"]
+            self.assertEqual((pump["relayed_total"], pump["returned_total"]), (relayed + 1, 0))
 
     def test_rpc_stream_prompt_over_sse(self):
         call = {"jsonrpc": "2.0", "method": "StreamPrompt", "id": "llm-1",
