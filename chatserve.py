@@ -2225,7 +2225,7 @@ class UpstreamResponse:
         h = self.headers
         self.will_close = not keeps_alive(version, h)
         self.chunked, self.remaining, self.chunk_left, self.crlf_due, self.done = False, None, 0, False, False
-        self.last_chunk = False
+        self.last_chunk, self.trailer_lines = False, 0
         coding, length = h.get("Transfer-Encoding"), h.get("Content-Length")
         if (h.get("Content-Encoding") or "identity").lower() != "identity":
             raise http_client_error("a %s-encoded answer, though chatserve asked for identity"
@@ -2339,10 +2339,11 @@ class UpstreamResponse:
     def _trailers(self, conn):
         """The trailer section after the last chunk, dropped (after WouldBlock
         the rest of it is read by the next call)."""
-        for _ in range(MAX_HEADERS + 1):
+        while self.trailer_lines <= MAX_HEADERS:       # counted across calls
             if not conn.line(MAX_HEADER_LINE, self.before_wait).rstrip(b"\r\n"):
                 self.done = True
                 return
+            self.trailer_lines += 1
         raise http_client_error("too many trailer lines")
 
     def _failed(self, e):
@@ -3837,14 +3838,14 @@ class Answer:
     def __iter__(self):
         return iter(self.events)
 
-    def relayable_connection(self):
-        """The upstream connection a StreamPump may read without blocking
-        (a plain socket with kernel timeouts, under relayable events), or None."""
+    def relayable_response(self):
+        """The upstream response a StreamPump may read without blocking (on a
+        plain socket with kernel timeouts, under relayable events), or None."""
         upstream = self.upstream
         if type(upstream) is not EventStream or not upstream.relayable or upstream.resp.conn is None:
             return None
         sock = upstream.resp.conn.sock
-        return upstream.resp.conn if not is_tls(sock) and sock.gettimeout() is None else None
+        return upstream.resp if not is_tls(sock) and sock.gettimeout() is None else None
 
     def close(self):
         self.events.close()
@@ -9878,30 +9879,34 @@ class RelayedStream:
     """One request's stream while a StreamPump relays it: its pipeline (the
     chunks generator), where the frames go, and how it ended."""
 
-    __slots__ = ("handler", "sse", "chunks", "conn", "scope", "sock", "fd", "done", "finished", "error",
-                 "leftover", "last_read")
+    __slots__ = ("handler", "sse", "chunks", "resp", "conn", "scope", "sock", "fd", "done", "finished", "error",
+                 "leftover", "last_read", "queued")
 
-    def __init__(self, handler, sse, chunks, conn):
-        self.handler, self.sse, self.chunks, self.conn = handler, sse, chunks, conn
-        self.scope, self.sock, self.fd = handler.scope, handler.connection, conn.sock.fileno()
+    def __init__(self, handler, sse, chunks, resp):
+        self.handler, self.sse, self.chunks, self.resp, self.conn = handler, sse, chunks, resp, resp.conn
+        self.scope, self.sock, self.fd = handler.scope, handler.connection, self.conn.sock.fileno()
         self.done = threading.Event()           # set when the stream goes back to its thread
         self.finished, self.error, self.leftover = False, None, b""
-        self.last_read = time.monotonic()
+        self.last_read, self.queued = time.monotonic(), False
 
     def turn(self, batch):
         """Run the pipeline until it would block (at most `batch` frames), then
         send its frames in one non-blocking send.  "wait" (for the upstream),
         "again" (cut short by `batch`), or "back": the stream ended, failed,
         or has output the client did not take at once."""
-        outcome = "again"
+        outcome, frames = "again", 0
         CancelScope._local.scope = self.scope      # the pipeline asks for its request's scope
         try:
-            for _ in range(batch):
+            # Once the response has let its connection go (to the pool, or closed) no upstream read
+            # is left: the stream runs to its end in this turn, before another request can relay
+            # that connection (or its fd number) and while this one is still registered under it.
+            while frames < batch or self.resp.conn is not self.conn:
                 chunk = next(self.chunks)
                 if chunk is WOULD_BLOCK:
                     outcome = "wait"
                     break
                 self.sse.gather(chunk)
+                frames += 1
         except StopIteration:
             self.finished = True
         except BaseException as e:                # ClientGone and the rest: raised in the request's thread
@@ -9912,12 +9917,12 @@ class RelayedStream:
         if data:
             try:
                 sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                self.leftover = data[sent:]
             except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                sent, self.error = len(data), self.error or ClientGone(_os_reason(e))
+                sent, self.leftover = 0, data
+            except OSError as e:                # the client is gone: nothing more to send it
+                sent, self.error = 0, self.error or ClientGone(_os_reason(e))
             self.handler.bytes_sent += sent
-            self.leftover = data[sent:]
         return "back" if self.finished or self.error or self.leftover else outcome
 
 
@@ -9995,19 +10000,21 @@ class StreamPump:
                     if stream is not None:
                         stream.last_read = time.monotonic()
                         stream.conn.drained = False     # there is more: read it
-                        ready.append(stream)
+                        self._queue(ready, stream)
                     elif fd == self.wake_r:
                         os.read(self.wake_r, 4096)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.sweep
-                    ready.extend(self._expired())
+                    for stream in self._expired():
+                        self._queue(ready, stream)
                 for _ in range(len(ready)):
                     stream = ready.popleft()
-                    if self.streams.get(stream.fd) is not stream:  # gone back already (twice in `ready`)
+                    stream.queued = False
+                    if self.streams.get(stream.fd) is not stream:  # it went back already
                         continue
                     outcome = stream.turn(self.batch)
                     if outcome == "again":
-                        ready.append(stream)
+                        self._queue(ready, stream)
                     elif outcome == "back":
                         self._give_back(stream)
         except BaseException:
@@ -10021,6 +10028,13 @@ class StreamPump:
             self.poller.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
+
+    @staticmethod
+    def _queue(ready, stream):
+        """A turn for `stream` in this pass: once, however many reasons it has (fairness)."""
+        if not stream.queued:
+            stream.queued = True
+            ready.append(stream)
 
     def _expired(self):
         """Streams whose upstream sent nothing for its read timeout: their next read raises it."""
@@ -10426,22 +10440,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         StreamPump relays the stream once its first frames are out (see there);
         this thread goes on with it when the pump gives it back unfinished."""
         pump = self.server.pump
-        conn = answer.relayable_connection() if pump is not None and not is_tls(self.connection) else None
-        if conn is not None:
-            conn.nonblocking = True             # the pipeline yields WOULD_BLOCK instead of waiting
+        resp = answer.relayable_response() if pump is not None and not is_tls(self.connection) else None
+        if resp is not None:
+            resp.conn.nonblocking = True        # the pipeline yields WOULD_BLOCK instead of waiting
         for chunk in chunks:
             if chunk is not WOULD_BLOCK:
                 sse.send(chunk)
                 continue
             sse.flush()
-            stream = RelayedStream(self, sse, chunks, conn)
+            stream = RelayedStream(self, sse, chunks, resp)
             relayed = pump.relay(stream)
             if stream.leftover:
                 self.write_raw(stream.leftover)
             if stream.error is not None:
                 raise stream.error
-            if not relayed or not stream.finished:
-                conn.nonblocking = conn.drained = False     # still this answer's: read it blocking from here
+            if resp.conn is stream.conn:        # unfinished, its connection still its own: read it blocking
+                resp.conn.nonblocking = resp.conn.drained = False
 
     # -- logging ----------------------------------------------------------
 
@@ -10567,31 +10581,36 @@ class Workers:
         self.closed = False
 
     def submit(self, *job):
+        """Serve `job`; a new worker gets it as its own (nothing is queued when
+        the thread cannot start: the error is the caller's)."""
         with self.lock:
             start = self.waiting <= 0
             if not start:
                 self.waiting -= 1
-        self.jobs.put(job)
         if start:
-            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+            threading.Thread(target=self._run, args=(job,), name=self.name, daemon=True).start()
+        else:
+            self.jobs.put(job)
 
-    def _run(self):
-        while True:
-            try:
-                job = self.jobs.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                with self.lock:
-                    if self.waiting > self.keep:        # the others still cover every queued job
-                        self.waiting -= 1
-                        return
-                continue
-            if job is None:
-                return
+    def _run(self, job):
+        while job is not None:
             self.work(*job)
             with self.lock:
                 if self.closed:
                     return
                 self.waiting += 1
+            job = self._next_job()
+
+    def _next_job(self):
+        """The next job; None when this worker is to exit (closed, or idle with more than `keep` waiting)."""
+        while True:
+            try:
+                return self.jobs.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                with self.lock:
+                    if self.waiting > self.keep:        # the others still cover every queued job
+                        self.waiting -= 1
+                        return None
 
     def close(self):
         """The waiting workers exit now, the busy ones after their connection."""
@@ -10636,7 +10655,12 @@ class ChatHTTPServer(http.server.HTTPServer):
                 self.shutdown_request(request)
             return
         fd = self.tracker.add(request)
-        self.workers.submit(request, client_address, fd)
+        try:
+            self.workers.submit(request, client_address, fd)
+        except BaseException:                   # no thread for it: socketserver closes it
+            self.tracker.remove(fd)
+            self.slots.give()
+            raise
 
     def _serve_connection(self, request, client_address, fd):
         try:

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import urllib.parse
 import uuid
@@ -5223,6 +5224,39 @@ class ConnectionWorkersTest(ServerTestCase):
         release.set()
         self.assertTrue(wait_until(lambda: not self.workers_named(name)))
 
+    def test_a_worker_that_cannot_start_leaves_nothing_behind(self):
+        served, name = threading.Event(), "workers-test-%d" % id(self)
+        workers = cs.Workers(served.set, name)
+        real_start = threading.Thread.start
+
+        def failing_start(thread):
+            if thread.name != name:
+                return real_start(thread)
+            raise RuntimeError("can't start new thread")
+        threading.Thread.start = failing_start
+        try:
+            with self.assertRaises(RuntimeError):
+                workers.submit()
+        finally:
+            threading.Thread.start = real_start
+        self.assertEqual((workers.waiting, workers.jobs.empty()), (0, True))     # no job left for nobody
+        workers.submit()
+        self.assertTrue(served.wait(WAIT))
+        workers.close()
+        app = self.start()
+        slots = len(app.http.slots.tokens)
+
+        def refuse(*job):
+            raise RuntimeError("can't start new thread")
+        app.http.workers.submit = refuse
+        sock = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+        self.addCleanup(sock.close)
+        try:
+            self.assertEqual(sock.recv(100), b"")                # closed, not left waiting
+        except ConnectionResetError:
+            pass
+        self.assertTrue(wait_until(lambda: app.http.tracker.count() == 0 and len(app.http.slots.tokens) == slots))
+
     def test_stopping_the_server_ends_its_workers(self):
         app = self.start()
         conns = [self.conn() for _ in range(3)]
@@ -5367,6 +5401,66 @@ class StreamPumpTest(ServerTestCase):
         self.assertFalse(self.app.http.pump.thread.is_alive())
 
 
+class RelayedStreamTest(unittest.TestCase):
+    """One turn of a relayed stream, without a server."""
+
+    class Frames:
+        """What RelayedStream needs of an SSEWriter."""
+        def __init__(self):
+            self.pending = []
+
+        def gather(self, data):
+            self.pending.append(cs.sse_frame(data))
+
+        def framed(self):
+            data, self.pending = b"".join(self.pending), []
+            return data
+
+    def relayed(self, chunks_of):
+        up, up_peer = socket.socketpair()
+        client, client_peer = socket.socketpair()
+        for sock in (up, up_peer, client, client_peer):
+            self.addCleanup(sock.close)
+        resp = types.SimpleNamespace(conn=cs.UpstreamConnection(up))
+        handler = types.SimpleNamespace(scope=None, connection=client, bytes_sent=0)
+        return cs.RelayedStream(handler, self.Frames(), chunks_of(resp), resp), handler, client_peer
+
+    def test_a_stream_whose_connection_went_back_runs_to_its_end_in_that_turn(self):
+        def chunks(resp):
+            for i in range(3):
+                yield {"n": i}
+            resp.conn = None            # [DONE] read: the connection went back to the pool
+            for i in range(3, 10):      # usage and the rest, past the batch: no upstream read is left
+                yield {"n": i}
+        stream, handler, peer = self.relayed(chunks)
+        self.assertEqual(stream.turn(5), "back")
+        self.assertTrue(stream.finished)
+        received = peer.recv(65536)
+        self.assertEqual(received.count(b"data: "), 10)
+        self.assertEqual(handler.bytes_sent, len(received))
+
+    def test_a_batch_is_cut_while_the_connection_is_still_its_own(self):
+        def chunks(resp):
+            for i in range(10):
+                yield {"n": i}
+            yield cs.WOULD_BLOCK
+        stream, _, peer = self.relayed(chunks)
+        self.assertEqual(stream.turn(4), "again")
+        self.assertEqual(stream.turn(4), "again")
+        self.assertEqual(stream.turn(4), "wait")
+        self.assertEqual(peer.recv(65536).count(b"data: "), 10)
+
+    def test_a_client_gone_counts_no_bytes_and_leaves_nothing_to_send(self):
+        def chunks(resp):
+            yield {"x": "y" * 1000}
+            yield cs.WOULD_BLOCK
+        stream, handler, peer = self.relayed(chunks)
+        peer.close()
+        self.assertEqual(stream.turn(64), "back")
+        self.assertIsInstance(stream.error, cs.ClientGone)
+        self.assertEqual((handler.bytes_sent, stream.leftover), (0, b""))
+
+
 class NonBlockingUpstreamTest(unittest.TestCase):
     """Read without blocking, an answer is the same whatever its reads split,
     and its connection goes back to the pool blocking."""
@@ -5397,6 +5491,23 @@ class NonBlockingUpstreamTest(unittest.TestCase):
             self.assertEqual(data, b"hello world", cut)
             self.assertEqual(list(pool.idle[("http", "h", 1)]), [conn])
             self.assertEqual((conn.nonblocking, conn.drained), (False, False))
+
+    def test_trailer_lines_are_counted_across_reads(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        conn = cs.UpstreamConnection(ours)
+        theirs.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        resp = cs.UpstreamResponse(cs.UpstreamPool(), ("http", "h", 1), conn)
+        conn.nonblocking, sent = True, 0
+        with self.assertRaises(cs.UpstreamError) as caught:
+            for piece in resp.pieces():
+                if piece is cs.WOULD_BLOCK:           # one trailer line per read, endlessly
+                    self.assertLess(sent, cs.MAX_HEADERS + 10)
+                    theirs.sendall(b"X-Trailer-%d: a\r\n" % sent)
+                    sent += 1
+                    conn.drained = False
+        self.assertIn("too many trailer lines", caught.exception.message)
 
 
 class AuthTest(ServerTestCase):
