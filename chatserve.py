@@ -9956,28 +9956,57 @@ class StreamPump:
 
     def relay(self, stream):
         """Relay `stream` until it goes back; False (at once) when the pump is
-        closed.  The caller registers the upstream itself: no wake-up per stream."""
+        closed or cannot take it: the caller goes on with it.  The caller
+        registers the upstream itself: no wake-up per stream."""
         with self.lock:
             if self.closed:
                 return False
-            if self.thread is None:
-                self.poller = select.epoll()
-                self.wake_r, self.wake_w = os.pipe()
-                self.poller.register(self.wake_r, select.EPOLLIN)
-                self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self.thread.start()
+            try:
+                if self.thread is None:
+                    self._start()
+                try:
+                    self.poller.register(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
+                except FileExistsError:     # a pooled connection whose last stream is just going back
+                    self.poller.modify(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
+            except (OSError, RuntimeError) as e:    # no thread, no epoll, no watch left
+                log.warning("the stream pump cannot take a stream (%s); it goes on in its own thread", e)
+                return False
             if not self.streams:            # the thread may be waiting with no timeout: it has one now
-                os.write(self.wake_w, b"x")
+                self._wake()
             self.streams[stream.fd] = stream
             self.relayed += 1
-            try:
-                self.poller.register(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
-            except FileExistsError:         # a pooled connection whose last stream is just going back
-                self.poller.modify(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
         while not stream.done.wait(10.0):
             if not self.thread.is_alive():  # cannot happen short of a bug: go on in the request's thread
+                self._give_back(stream)
                 break
         return True
+
+    def _start(self):
+        """The poller, the wake pipe and the thread, all or none."""
+        poller = select.epoll()
+        try:
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+            poller.register(wake_r, select.EPOLLIN)
+        except OSError:
+            poller.close()
+            raise
+        self.poller, self.wake_r, self.wake_w = poller, wake_r, wake_w
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        try:
+            self.thread.start()
+        except BaseException:
+            self.thread = self.poller = self.wake_r = self.wake_w = None
+            poller.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            raise
+
+    def _wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:             # full: it wakes anyway
+            pass
 
     def status(self):
         return {"relaying": len(self.streams), "relayed_total": self.relayed, "returned_total": self.returned}
@@ -9989,7 +10018,7 @@ class StreamPump:
                 return
             self.closed = True
             if self.wake_w is not None:
-                os.write(self.wake_w, b"x")
+                self._wake()
 
     def _run(self):
         ready, next_sweep = collections.deque(), time.monotonic() + self.sweep

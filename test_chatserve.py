@@ -5383,6 +5383,26 @@ class StreamPumpTest(ServerTestCase):
         self.assertEqual(set(texts), {"x" * 16000})
         self.assertEqual(other[-1], "[DONE]")
 
+    def test_a_pump_that_cannot_start_leaves_the_stream_to_its_thread(self):
+        self.start()
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 20, 0.002
+        real_start = threading.Thread.start
+
+        def failing_start(thread):
+            if thread.name == "stream-pump":
+                raise RuntimeError("can't start new thread")
+            return real_start(thread)
+        threading.Thread.start = failing_start
+        try:
+            texts, other = stream_texts(read_stream(self.open_stream()))
+        finally:
+            threading.Thread.start = real_start
+        self.assertEqual((len(texts), other[-1]), (20, "[DONE]"))       # whole, in its own thread
+        self.assertEqual(self.app.http.pump.status(), {"relaying": 0, "relayed_total": 0, "returned_total": 0})
+        texts, other = stream_texts(read_stream(self.open_stream()))     # the next one starts the pump
+        self.assertEqual((len(texts), other[-1]), (20, "[DONE]"))
+        self.assertEqual(self.app.http.pump.relayed, 1)
+
     def test_a_stream_relayed_when_the_server_stops_finishes_in_its_thread(self):
         self.start(drain_timeout=WAIT)
         self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 40, 0.01
