@@ -9950,7 +9950,7 @@ class StreamPump:
     def __init__(self, name="stream-pump"):
         self.name, self.lock, self.closed = name, threading.Lock(), False
         self.streams = {}                   # fd of the upstream -> RelayedStream
-        self.relayed = self.returned = 0    # streams taken; given back unfinished (slow client, close)
+        self.relayed = self.returned = 0    # streams taken; given back unfinished and alive (slow client, close)
         self.thread = self.poller = None
         self.wake_r = self.wake_w = None    # wakes the thread to close
 
@@ -10079,7 +10079,7 @@ class StreamPump:
         with self.lock:
             if self.streams.get(stream.fd) is stream:
                 del self.streams[stream.fd]
-                self.returned += not stream.finished
+                self.returned += not (stream.finished or stream.error)
                 try:
                     self.poller.unregister(stream.fd)
                 except (OSError, ValueError):   # the pipeline closed the socket already
@@ -12269,7 +12269,9 @@ def run_as_module(module_code):
         os.lseek(fd, 0, os.SEEK_SET)
         load = "import marshal; exec(marshal.loads(open(%d, 'rb').read()), module.__dict__)" % fd
     except (AttributeError, OSError, ValueError):
-        pass        # no memfd here: the module is compiled (or read from __pycache__) again
+        if fd is not None:          # no memfd here: the module is compiled (or read from __pycache__) again
+            os.close(fd)
+            fd = None
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('chatserve', %r); "
             "module = importlib.util.module_from_spec(spec); sys.modules['chatserve'] = module; "
             "%s; sys.argv[0] = %r; sys.exit(module.main())" % (path, load, sys.argv[0]))

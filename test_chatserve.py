@@ -5353,6 +5353,7 @@ class StreamPumpTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: self.upstream.server.disconnects == 1))
         self.assertTrue(wait_until(lambda: not self.app.http.pump.streams and self.app.http.tracker.count() == 0))
         self.assertEqual(self.app.metrics.client_disconnects.value(("openai",)), 1)
+        self.assertEqual(self.app.http.pump.returned, 0)         # gone, not handed back to be finished
 
     def test_a_silent_upstream_times_out_as_it_would_unrelayed(self):
         self.start(upstream_timeout=0.3)
