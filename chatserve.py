@@ -9971,10 +9971,10 @@ class StreamPump:
             except (OSError, RuntimeError) as e:    # no thread, no epoll, no watch left
                 log.warning("the stream pump cannot take a stream (%s); it goes on in its own thread", e)
                 return False
-            if not self.streams:            # the thread may be waiting with no timeout: it has one now
-                self._wake()
             self.streams[stream.fd] = stream
             self.relayed += 1
+            if len(self.streams) == 1:      # the thread may be waiting with no timeout: it has one now
+                self._wake()                # (after the stream is in: it reads `streams` once woken)
         while not stream.done.wait(10.0):
             if not self.thread.is_alive():  # cannot happen short of a bug: go on in the request's thread
                 self._give_back(stream)

@@ -5366,6 +5366,39 @@ class StreamPumpTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, WAIT)
         self.assertEqual(self.app.http.pump.relayed, 1)
 
+    def test_a_stream_taken_while_the_pump_waits_with_no_timeout_still_times_out(self):
+        """The wake-up that gives an idle pump its sweep timeout comes after the
+        stream is listed: here the pump polls again before relay() goes on."""
+        self.start(upstream_timeout=0.3)
+        self.addCleanup(self.upstream.server.release.set)
+        pump = self.app.http.pump
+        with pump.lock:
+            pump._start()
+        polls, timeouts, real_poller = [0], [], pump.poller
+
+        class CountingPoller:
+            def __getattr__(self, name):
+                return getattr(real_poller, name)
+
+            def poll(self, timeout=-1):
+                polls[0] += 1
+                timeouts.append(timeout)
+                return real_poller.poll(timeout)
+        pump.poller = CountingPoller()
+        real_wake = pump._wake
+
+        def wake_then_let_the_pump_poll_again():
+            before = polls[0]
+            real_wake()
+            wait_until(lambda: polls[0] > before, timeout=2)
+        pump._wake = wake_then_let_the_pump_poll_again
+        self.addCleanup(vars(pump).pop, "_wake")     # before the server stops: close() wakes it as always
+        texts, other = stream_texts(read_stream(self.open_stream("burst-then-wait")))
+        self.assertEqual(texts, ["w0 ", "w1 ", "w2 ", "w3 ", "w4 "])
+        self.assertIn("nothing for longer than its timeout", other[-2].get("error", {}).get("message", ""), other)
+        self.assertEqual(pump.relayed, 1)
+        self.assertIn(pump.sweep, timeouts)
+
     def test_a_client_that_does_not_read_gets_its_stream_back_in_its_own_thread(self):
         self.start()
         server = self.upstream.server
