@@ -1770,7 +1770,7 @@ def parse_field_line(line):
     return name.decode("ascii").lower(), value.decode("latin-1")
 
 
-_FIELD_LINES_RE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):((?:[^\x00-\x1f\x7f]|\t)*)$", re.M)
+_FIELD_LINES_RE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)$", re.M)  # HTAB allowed
 
 
 def parse_fields(lines):
