@@ -2482,6 +2482,7 @@ class UpstreamPool:
 
     def __init__(self):
         self.idle = {}                  # key -> deque of connections (append/pop are atomic: no lock)
+        self.closed = False             # closed: a connection given back is closed, not kept
         self.dns = {}
         self.tls = None                 # one client TLS context, made at the first https upstream
         self.urls = {}
@@ -2528,9 +2529,11 @@ class UpstreamPool:
         stack = self.idle.get(key)
         if stack is None:
             stack = self.idle.setdefault(key, collections.deque())
-        if len(stack) < self.max_idle:
+        if len(stack) < self.max_idle and not self.closed:
             conn.used = time.monotonic()
             stack.append(conn)
+            if self.closed:             # close() ran meanwhile and may have emptied this stack before
+                self._close_all(stack)
         else:
             conn.close()
 
@@ -2626,10 +2629,19 @@ class UpstreamPool:
         raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
 
     def close(self):
+        """Close the idle connections, and from now on every one given back."""
+        self.closed = True
         stacks, self.idle = list(self.idle.values()), {}
         for stack in stacks:
-            while stack:
+            self._close_all(stack)
+
+    @staticmethod
+    def _close_all(stack):
+        while True:
+            try:
                 stack.pop().close()
+            except IndexError:          # another thread took the last one
+                return
 
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
@@ -9811,7 +9823,8 @@ class DisconnectMonitor:
     def __init__(self):
         self.lock = threading.Lock()
         self.handlers = {}                  # fd -> the Handler of the connection on it
-        self.poller = None
+        self.poller = self.thread = None
+        self.wake_r = self.wake_w = None    # wakes the thread to close
         self.closed = False
 
     def watch(self, handler):
@@ -9823,14 +9836,33 @@ class DisconnectMonitor:
             if self.closed:
                 return False
             if self.poller is None:
-                self.poller = select.epoll()
-                threading.Thread(target=self._run, name="disconnects", daemon=True).start()
+                self._start()
             self.handlers[fd] = handler
             try:
                 self.poller.register(fd, select.EPOLLRDHUP)
             except FileExistsError:
                 self.poller.modify(fd, select.EPOLLRDHUP)
         return True
+
+    def _start(self):
+        """The poller, the wake pipe and the thread, all or none."""
+        poller = select.epoll()
+        try:
+            wake_r, wake_w = os.pipe()
+        except OSError:
+            poller.close()
+            raise
+        try:
+            poller.register(wake_r, select.EPOLLIN)
+            thread = threading.Thread(target=self._run, name="disconnects", daemon=True)
+            self.poller, self.wake_r, self.wake_w, self.thread = poller, wake_r, wake_w, thread
+            thread.start()
+        except BaseException:
+            self.poller = self.wake_r = self.wake_w = self.thread = None
+            poller.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            raise
 
     def forget(self, handler):
         """The connection ends (before its socket closes, so its fd cannot be reused meanwhile)."""
@@ -9845,34 +9877,50 @@ class DisconnectMonitor:
                         pass
 
     def _run(self):
-        while True:
+        try:
+            while True:
+                closing = self.closed
+                for fd, _mask in self.poller.poll(0 if closing else -1):
+                    if fd != self.wake_r:
+                        self._deliver(fd)
+                if closing:             # the hang-ups already there (the drain's cuts) went out first
+                    return
+        except Exception:
+            log.exception("the hang-up monitor failed; a client that leaves is seen at its next write")
+        finally:
+            with self.lock:
+                self.closed = True          # (also if it failed: nothing is watched from now on)
+                self.poller.close()
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+
+    def _deliver(self, fd):
+        with self.lock:
+            # asked again: an event read for a closed connection must not
+            # cancel a newer one that got the same fd number
+            handler = self.handlers.pop(fd, None) if hung_up(fd) else None
+            if handler is not None:
+                try:
+                    self.poller.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+        if handler is not None:
             try:
-                events = self.poller.poll(0.5)
-            except (OSError, ValueError):   # closed
-                return
-            for fd, _mask in events:
-                with self.lock:
-                    # asked again: an event read for a closed connection must not
-                    # cancel a newer one that got the same fd number
-                    handler = self.handlers.pop(fd, None) if hung_up(fd) else None
-                    if handler is not None:
-                        try:
-                            self.poller.unregister(fd)
-                        except (OSError, ValueError):
-                            pass
-                if handler is not None:
-                    try:
-                        handler.client_left()
-                    except Exception:
-                        log.exception("cancelling a request whose client left failed")
+                handler.client_left()
+            except Exception:
+                log.exception("cancelling a request whose client left failed")
+
+    def close(self, timeout=2.0):
+        """Stop watching, once the hang-ups already seen are delivered (bounded wait)."""
+        with self.lock:
             if self.closed:
                 return
-
-    def close(self):
-        with self.lock:
             self.closed = True
-            if self.poller is not None:
-                self.poller.close()
+            thread = self.thread
+            if thread is not None:
+                os.write(self.wake_w, b"x")
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class RelayedStream:
@@ -10109,7 +10157,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             set_io_timeout(self.connection, self.server.app.config.request_timeout, reads=False)
         self.reader = ClientReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, 65536)
-        self.watched, self.scope = False, None
+        self.watched, self.scope, self.hung_up = False, None, False
         self.app = self.server.app
         self.router = self.server.router
         self.request_id = ""
@@ -10254,6 +10302,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.watched = self.server.monitor.watch(self)
         self.scope, self.surface = CancelScope(), route.surface
         self.scope.client_key = self.client_key
+        if self.hung_up:            # seen before this scope was there to cancel
+            self.client_left()
         try:
             with self.scope.bound():
                 route.fn(self)
@@ -10264,7 +10314,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.scope.finish()
 
     def client_left(self):
-        """The client hung up (the monitor's thread): cancel, once, the request in flight, if any."""
+        """The client hung up (the monitor's thread): cancel, once, the request in
+        flight, if any.  Remembered for the connection: a hang-up seen between
+        requests, or before the request's scope is made, cancels it when it is
+        (each thread writes its side, then reads the other's)."""
+        self.hung_up = True
         scope = self.scope
         if scope is not None and scope.cancel():
             self.close_connection = True

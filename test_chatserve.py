@@ -1097,6 +1097,15 @@ class UpstreamClientTest(unittest.TestCase):
             resp.read()
         return caught.exception.message
 
+    def test_a_connection_given_back_after_close_is_closed_not_kept(self):
+        pool = cs.UpstreamPool()
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        pool.close()
+        pool.put(("http", "up", 80), cs.UpstreamConnection(a))      # a request that outlived the stop
+        self.assertEqual(a.fileno(), -1)
+        self.assertFalse(any(pool.idle.values()))
+
     def test_request_head_is_one_message_with_host_length_and_identity(self):
         pool, server, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(resp.read(), b"ok")
@@ -6563,6 +6572,62 @@ class CancellationTest(ServerTestCase):
             self.assertFalse(cs.hung_up(a.fileno()))
             b.shutdown(socket.SHUT_WR)
             self.assertTrue(cs.hung_up(a.fileno()))
+
+    def test_a_hang_up_seen_before_the_requests_scope_exists_cancels_it(self):
+        """A keep-alive connection's next request; its client leaves while the
+        request is between its head and its CancelScope (held in check_rate)."""
+        app = self.start()
+        entered, release, calls = threading.Event(), threading.Event(), [0]
+        self.addCleanup(release.set)
+        real_check_rate = app.check_rate
+
+        def held_check_rate(handler):
+            calls[0] += 1
+            if calls[0] == 2:
+                entered.set()
+                release.wait(WAIT)
+            return real_check_rate(handler)
+        app.check_rate = held_check_rate
+        client = RawHTTP(app.port)
+        self.addCleanup(client.close)
+        client.send(self.post("/v1/chat/completions", self.chat()))
+        self.assertEqual(client.response()[0], 200)
+        client.send(self.post("/v1/chat/completions", self.chat("silent")))
+        self.assertTrue(entered.wait(WAIT))
+        client.close()
+        self.assertTrue(wait_until(lambda: not app.http.monitor.handlers))     # seen, and the scope not made yet
+        release.set()
+        self.assertTrue(wait_until(lambda: app.in_flight == 0, timeout=5), "the request ran on after its client left")
+        self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 1)
+        self.assertEqual(len(self.upstream.requests), 1)        # the second never went upstream
+
+    def test_the_monitor_delivers_the_hang_ups_already_there_when_it_closes(self):
+        """The drain cuts busy connections just before the monitor closes: their
+        hang-ups are delivered even when the monitor's thread was still busy."""
+        monitor, left = cs.DisconnectMonitor(), []
+        test = self
+
+        class Conn:
+            def __init__(self, slow):
+                self.connection, self.peer = socket.socketpair()
+                self.slow = slow
+                test.addCleanup(self.connection.close)
+                test.addCleanup(self.peer.close)
+
+            def client_left(self):
+                if self.slow:       # still busy with this one when close() comes
+                    wait_until(lambda: monitor.closed)
+                left.append(self)
+        busy, cut = Conn(True), Conn(False)
+        for conn in (busy, cut):
+            self.assertTrue(monitor.watch(conn))
+        busy.peer.shutdown(socket.SHUT_WR)
+        self.assertTrue(wait_until(lambda: busy.connection.fileno() not in monitor.handlers))    # in its client_left
+        cut.connection.shutdown(socket.SHUT_RDWR)        # what the drain does to a busy connection
+        monitor.close()
+        self.assertEqual(left, [busy, cut])
+        self.assertFalse(monitor.thread.is_alive())
+        self.assertFalse(monitor.watch(Conn(False)))
 
     def test_client_leaving_during_the_drain_still_cancels(self):
         app = self.start(drain_timeout=8.0)
