@@ -72,7 +72,9 @@ Threads.  A kept worker thread serves each open connection.  A streamed
 answer from a plain-HTTP upstream to a plain-HTTP client is relayed, after
 its first frames, by one StreamPump thread (epoll, non-blocking reads and
 sends) while the request's thread waits; it goes back to that thread when it
-ends, fails, meets a slow client, or the server closes.
+ends, fails, meets a slow client, or the server closes.  One DisconnectMonitor
+thread (epoll) watches the connections for hang-ups; the stop delivers those
+its drain caused before it closes.  Both are PollingThreads.
 
 Sections, in order (each uses only what is above it):
 
@@ -9810,7 +9812,50 @@ def hung_up(fd):
         return False
 
 
-class DisconnectMonitor:
+class PollingThread:
+    """An epoll, a pipe that wakes it, and the one thread (`_run`) that polls
+    them: started all or none, closed by that thread as it ends."""
+
+    name = "poller"
+    poller = thread = wake_r = wake_w = None
+
+    def _start(self):
+        poller = select.epoll()
+        try:
+            wake_r, wake_w = os.pipe()
+        except OSError:
+            poller.close()
+            raise
+        try:
+            os.set_blocking(wake_w, False)
+            poller.register(wake_r, select.EPOLLIN)
+            self.poller, self.wake_r, self.wake_w = poller, wake_r, wake_w
+            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.thread.start()
+        except BaseException:
+            self.thread = self.poller = self.wake_r = self.wake_w = None
+            poller.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            raise
+
+    def _wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:             # full: it wakes anyway
+            pass
+
+    def _run(self):
+        raise NotImplementedError
+
+    def _close_polling(self):
+        """The thread's last step."""
+        self.poller.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+class DisconnectMonitor(PollingThread):
     """One thread that watches client connections for the peer's hang-up
     (EPOLLRDHUP), so a gone client is noticed at once, also while the
     upstream is silent and nothing is written.  A connection is registered
@@ -9819,12 +9864,11 @@ class DisconnectMonitor:
     at the next write."""
 
     available = hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP")
+    name = "disconnects"
 
     def __init__(self):
         self.lock = threading.Lock()
         self.handlers = {}                  # fd -> the Handler of the connection on it
-        self.poller = self.thread = None
-        self.wake_r = self.wake_w = None    # wakes the thread to close
         self.closed = False
 
     def watch(self, handler):
@@ -9836,33 +9880,18 @@ class DisconnectMonitor:
             if self.closed:
                 return False
             if self.poller is None:
-                self._start()
+                try:
+                    self._start()
+                except (OSError, RuntimeError) as e:    # no thread, no epoll: noticed at the next write
+                    log.warning("the hang-up monitor cannot start (%s); a client that leaves is seen when "
+                                "its answer is written", e)
+                    return False
             self.handlers[fd] = handler
             try:
                 self.poller.register(fd, select.EPOLLRDHUP)
             except FileExistsError:
                 self.poller.modify(fd, select.EPOLLRDHUP)
         return True
-
-    def _start(self):
-        """The poller, the wake pipe and the thread, all or none."""
-        poller = select.epoll()
-        try:
-            wake_r, wake_w = os.pipe()
-        except OSError:
-            poller.close()
-            raise
-        try:
-            poller.register(wake_r, select.EPOLLIN)
-            thread = threading.Thread(target=self._run, name="disconnects", daemon=True)
-            self.poller, self.wake_r, self.wake_w, self.thread = poller, wake_r, wake_w, thread
-            thread.start()
-        except BaseException:
-            self.poller = self.wake_r = self.wake_w = self.thread = None
-            poller.close()
-            os.close(wake_r)
-            os.close(wake_w)
-            raise
 
     def forget(self, handler):
         """The connection ends (before its socket closes, so its fd cannot be reused meanwhile)."""
@@ -9890,9 +9919,7 @@ class DisconnectMonitor:
         finally:
             with self.lock:
                 self.closed = True          # (also if it failed: nothing is watched from now on)
-                self.poller.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
+                self._close_polling()
 
     def _deliver(self, fd):
         with self.lock:
@@ -9918,7 +9945,7 @@ class DisconnectMonitor:
             self.closed = True
             thread = self.thread
             if thread is not None:
-                os.write(self.wake_w, b"x")
+                self._wake()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -9974,7 +10001,7 @@ class RelayedStream:
         return "back" if self.finished or self.error or self.leftover else outcome
 
 
-class StreamPump:
+class StreamPump(PollingThread):
     """One thread that relays the streamed answers of many connections, so a
     thousand open streams do not wake a thousand threads for every event.
 
@@ -9999,8 +10026,6 @@ class StreamPump:
         self.name, self.lock, self.closed = name, threading.Lock(), False
         self.streams = {}                   # fd of the upstream -> RelayedStream
         self.relayed = self.returned = 0    # streams taken; given back unfinished and alive (slow client, close)
-        self.thread = self.poller = None
-        self.wake_r = self.wake_w = None    # wakes the thread to close
 
     def relay(self, stream):
         """Relay `stream` until it goes back; False (at once) when the pump is
@@ -10028,33 +10053,6 @@ class StreamPump:
                 self._give_back(stream)
                 break
         return True
-
-    def _start(self):
-        """The poller, the wake pipe and the thread, all or none."""
-        poller = select.epoll()
-        try:
-            wake_r, wake_w = os.pipe()
-            os.set_blocking(wake_w, False)
-            poller.register(wake_r, select.EPOLLIN)
-        except OSError:
-            poller.close()
-            raise
-        self.poller, self.wake_r, self.wake_w = poller, wake_r, wake_w
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        try:
-            self.thread.start()
-        except BaseException:
-            self.thread = self.poller = self.wake_r = self.wake_w = None
-            poller.close()
-            os.close(wake_r)
-            os.close(wake_w)
-            raise
-
-    def _wake(self):
-        try:
-            os.write(self.wake_w, b"x")
-        except BlockingIOError:             # full: it wakes anyway
-            pass
 
     def status(self):
         return {"relaying": len(self.streams), "relayed_total": self.relayed, "returned_total": self.returned}
@@ -10102,9 +10100,7 @@ class StreamPump:
                 streams = list(self.streams.values())
             for stream in streams:
                 self._give_back(stream)
-            self.poller.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            self._close_polling()
 
     @staticmethod
     def _queue(ready, stream):

@@ -6629,6 +6629,24 @@ class CancellationTest(ServerTestCase):
         self.assertFalse(monitor.thread.is_alive())
         self.assertFalse(monitor.watch(Conn(False)))
 
+    def test_a_monitor_that_cannot_start_leaves_the_request_served(self):
+        app = self.start()
+        real_start = threading.Thread.start
+
+        def failing_start(thread):
+            if thread.name == "disconnects":
+                raise RuntimeError("can't start new thread")
+            return real_start(thread)
+        threading.Thread.start = failing_start
+        try:
+            with self.assertLogs("chatserve", "WARNING") as logs:
+                self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+        finally:
+            threading.Thread.start = real_start
+        self.assertIn("the hang-up monitor cannot start", "\n".join(logs.output))
+        self.assertIsNone(app.http.monitor.poller)          # nothing half-made
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))    # the next one starts it
+
     def test_client_leaving_during_the_drain_still_cancels(self):
         app = self.start(drain_timeout=8.0)
         client = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
