@@ -9886,11 +9886,16 @@ class DisconnectMonitor(PollingThread):
                     log.warning("the hang-up monitor cannot start (%s); a client that leaves is seen when "
                                 "its answer is written", e)
                     return False
-            self.handlers[fd] = handler
             try:
-                self.poller.register(fd, select.EPOLLRDHUP)
-            except FileExistsError:
-                self.poller.modify(fd, select.EPOLLRDHUP)
+                try:
+                    self.poller.register(fd, select.EPOLLRDHUP)
+                except FileExistsError:
+                    self.poller.modify(fd, select.EPOLLRDHUP)
+            except OSError as e:            # no watch left (max_user_watches, memory)
+                log.warning("cannot watch a connection for its hang-up (%s); it is seen when its answer is "
+                            "written", e)
+                return False
+            self.handlers[fd] = handler
         return True
 
     def forget(self, handler):
@@ -10298,9 +10303,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.watched = self.server.monitor.watch(self)
         self.scope, self.surface = CancelScope(), route.surface
         self.scope.client_key = self.client_key
-        if self.hung_up:            # seen before this scope was there to cancel
-            self.client_left()
         try:
+            if self.hung_up:        # seen before this scope was there to cancel: the route never starts
+                raise ClientGone("the client left before its request started")
             with self.scope.bound():
                 route.fn(self)
         except (ClientGone,) + CONNECTION_ERRORS:

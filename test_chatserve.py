@@ -635,6 +635,22 @@ def recv_head(sock, size=65536):
 cs.ChatHTTPServer.poll_interval = 0.01      # servers stop at once: hundreds are started and stopped here
 
 
+@contextlib.contextmanager
+def threads_cannot_start(name):
+    """threading.Thread.start fails for threads called `name`, as when none is left."""
+    real_start = threading.Thread.start
+
+    def failing_start(thread):
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    threading.Thread.start = failing_start
+    try:
+        yield
+    finally:
+        threading.Thread.start = real_start
+
+
 def wait_until(predicate, timeout=WAIT, interval=0.01):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -5236,18 +5252,8 @@ class ConnectionWorkersTest(ServerTestCase):
     def test_a_worker_that_cannot_start_leaves_nothing_behind(self):
         served, name = threading.Event(), "workers-test-%d" % id(self)
         workers = cs.Workers(served.set, name)
-        real_start = threading.Thread.start
-
-        def failing_start(thread):
-            if thread.name != name:
-                return real_start(thread)
-            raise RuntimeError("can't start new thread")
-        threading.Thread.start = failing_start
-        try:
-            with self.assertRaises(RuntimeError):
-                workers.submit()
-        finally:
-            threading.Thread.start = real_start
+        with threads_cannot_start(name), self.assertRaises(RuntimeError):
+            workers.submit()
         self.assertEqual((workers.waiting, workers.jobs.empty()), (0, True))     # no job left for nobody
         workers.submit()
         self.assertTrue(served.wait(WAIT))
@@ -5429,17 +5435,8 @@ class StreamPumpTest(ServerTestCase):
     def test_a_pump_that_cannot_start_leaves_the_stream_to_its_thread(self):
         self.start()
         self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 20, 0.002
-        real_start = threading.Thread.start
-
-        def failing_start(thread):
-            if thread.name == "stream-pump":
-                raise RuntimeError("can't start new thread")
-            return real_start(thread)
-        threading.Thread.start = failing_start
-        try:
+        with threads_cannot_start("stream-pump"):
             texts, other = stream_texts(read_stream(self.open_stream()))
-        finally:
-            threading.Thread.start = real_start
         self.assertEqual((len(texts), other[-1]), (20, "[DONE]"))       # whole, in its own thread
         self.assertEqual(self.app.http.pump.status(), {"relaying": 0, "relayed_total": 0, "returned_total": 0})
         texts, other = stream_texts(read_stream(self.open_stream()))     # the next one starts the pump
@@ -6573,10 +6570,11 @@ class CancellationTest(ServerTestCase):
             b.shutdown(socket.SHUT_WR)
             self.assertTrue(cs.hung_up(a.fileno()))
 
-    def test_a_hang_up_seen_before_the_requests_scope_exists_cancels_it(self):
-        """A keep-alive connection's next request; its client leaves while the
-        request is between its head and its CancelScope (held in check_rate)."""
-        app = self.start()
+    def leave_before_the_second_requests_scope(self, app, first, second, half_close=False):
+        """Send `first` and read its answer, then `second` on the same connection;
+        the client leaves (or half-closes) while `second` is between its head and
+        its CancelScope (held in check_rate), and the monitor sees it then.
+        Returns what the client reads after that (b"" when nothing)."""
         entered, release, calls = threading.Event(), threading.Event(), [0]
         self.addCleanup(release.set)
         real_check_rate = app.check_rate
@@ -6590,16 +6588,41 @@ class CancellationTest(ServerTestCase):
         app.check_rate = held_check_rate
         client = RawHTTP(app.port)
         self.addCleanup(client.close)
-        client.send(self.post("/v1/chat/completions", self.chat()))
+        client.send(first)
         self.assertEqual(client.response()[0], 200)
-        client.send(self.post("/v1/chat/completions", self.chat("silent")))
+        client.send(second)
         self.assertTrue(entered.wait(WAIT))
-        client.close()
+        if half_close:
+            client.sock.shutdown(socket.SHUT_WR)
+        else:
+            client.close()
         self.assertTrue(wait_until(lambda: not app.http.monitor.handlers))     # seen, and the scope not made yet
         release.set()
+        data = client.buf
+        while half_close:
+            piece = client.sock.recv(65536)         # (bounded by the socket's timeout)
+            if not piece:
+                break
+            data += piece
+        return data
+
+    def test_a_hang_up_seen_before_the_requests_scope_exists_cancels_it(self):
+        app = self.start()
+        self.leave_before_the_second_requests_scope(app, self.post("/v1/chat/completions", self.chat()),
+                                                    self.post("/v1/chat/completions", self.chat("silent")))
         self.assertTrue(wait_until(lambda: app.in_flight == 0, timeout=5), "the request ran on after its client left")
         self.assertEqual(app.metrics.client_disconnects.value(("openai",)), 1)
         self.assertEqual(len(self.upstream.requests), 1)        # the second never went upstream
+
+    def test_a_route_that_needs_no_upstream_is_not_started_for_a_client_gone_before_it(self):
+        app = self.start()
+        count = self.post("/v1/messages/count_tokens", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        with self.assertLogs("chatserve", "INFO") as logs:
+            after = self.leave_before_the_second_requests_scope(app, count, count, half_close=True)
+            self.assertTrue(wait_until(lambda: app.in_flight == 0))
+        self.assertEqual(after, b"")                            # not answered: counted as gone, logged as 499
+        self.assertEqual(app.metrics.client_disconnects.value(("anthropic",)), 1)
+        self.assertTrue(any('"POST /v1/messages/count_tokens" 499' in line for line in logs.output), logs.output)
 
     def test_the_monitor_delivers_the_hang_ups_already_there_when_it_closes(self):
         """The drain cuts busy connections just before the monitor closes: their
@@ -6631,21 +6654,31 @@ class CancellationTest(ServerTestCase):
 
     def test_a_monitor_that_cannot_start_leaves_the_request_served(self):
         app = self.start()
-        real_start = threading.Thread.start
+        with threads_cannot_start("disconnects"), self.assertLogs("chatserve", "WARNING") as logs:
+            self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+        self.assertIn("the hang-up monitor cannot start", "\n".join(logs.output))
+        self.assertIsNone(app.http.monitor.poller)          # nothing half-made
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))    # the next one starts it
 
-        def failing_start(thread):
-            if thread.name == "disconnects":
-                raise RuntimeError("can't start new thread")
-            return real_start(thread)
-        threading.Thread.start = failing_start
+    def test_a_connection_the_monitor_cannot_watch_is_served_unwatched(self):
+        app = self.start()
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))    # started
+        monitor, real_poller = app.http.monitor, app.http.monitor.poller
+
+        class FullPoller:           # epoll_ctl: ENOSPC (max_user_watches)
+            def __getattr__(self, name):
+                return getattr(real_poller, name)
+
+            def register(self, fd, mask):
+                raise OSError(28, "No space left on device")
+        monitor.poller = FullPoller()
         try:
             with self.assertLogs("chatserve", "WARNING") as logs:
                 self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
         finally:
-            threading.Thread.start = real_start
-        self.assertIn("the hang-up monitor cannot start", "\n".join(logs.output))
-        self.assertIsNone(app.http.monitor.poller)          # nothing half-made
-        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))    # the next one starts it
+            monitor.poller = real_poller
+        self.assertIn("cannot watch a connection", "\n".join(logs.output))
+        self.assertEqual(monitor.handlers, {})
 
     def test_client_leaving_during_the_drain_still_cancels(self):
         app = self.start(drain_timeout=8.0)
