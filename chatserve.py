@@ -10533,7 +10533,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 continue
             sse.flush()
             stream = RelayedStream(self, sse, chunks, resp)
-            relayed = pump.relay(stream)
+            pump.relay(stream)              # taken and given back, or refused: this thread goes on either way
             if stream.leftover:
                 self.write_raw(stream.leftover)
             if stream.error is not None:
