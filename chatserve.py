@@ -10033,12 +10033,13 @@ class StreamPump(PollingThread):
         self.relayed = self.returned = 0    # streams taken; given back unfinished and alive (slow client, close)
 
     def relay(self, stream):
-        """Relay `stream` until it goes back; False (at once) when the pump is
-        closed or cannot take it: the caller goes on with it.  The caller
-        registers the upstream itself: no wake-up per stream."""
+        """Relay `stream` until it goes back, which is at once when the pump is
+        closed or cannot take it: the caller goes on with it either way.  The
+        request's thread registers the upstream here: the pump is not woken
+        for each stream."""
         with self.lock:
             if self.closed:
-                return False
+                return
             try:
                 if self.thread is None:
                     self._start()
@@ -10048,7 +10049,7 @@ class StreamPump(PollingThread):
                     self.poller.modify(stream.fd, select.EPOLLIN | select.EPOLLRDHUP)
             except (OSError, RuntimeError) as e:    # no thread, no epoll, no watch left
                 log.warning("the stream pump cannot take a stream (%s); it goes on in its own thread", e)
-                return False
+                return
             self.streams[stream.fd] = stream
             self.relayed += 1
             if len(self.streams) == 1:      # the thread may be waiting with no timeout: it has one now
@@ -10057,7 +10058,6 @@ class StreamPump(PollingThread):
             if not self.thread.is_alive():  # cannot happen short of a bug: go on in the request's thread
                 self._give_back(stream)
                 break
-        return True
 
     def status(self):
         return {"relaying": len(self.streams), "relayed_total": self.relayed, "returned_total": self.returned}
@@ -10533,7 +10533,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 continue
             sse.flush()
             stream = RelayedStream(self, sse, chunks, resp)
-            pump.relay(stream)              # taken and given back, or refused: this thread goes on either way
+            pump.relay(stream)
             if stream.leftover:
                 self.write_raw(stream.leftover)
             if stream.error is not None:
