@@ -2646,14 +2646,15 @@ class UpstreamPool:
                 return
 
 
-_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_HAVE_DONTWAIT = hasattr(socket, "MSG_DONTWAIT")
+_PEEK_FLAGS = int(socket.MSG_PEEK) | int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: flag enums add Python calls
 
 
 def _readable(sock):
     """True when an idle socket has data or EOF waiting (the peer closed it,
     or sent what nobody asked for); one system call."""
     try:
-        if _PEEK_FLAGS & ~socket.MSG_PEEK and sock.gettimeout() is None and not is_tls(sock):
+        if _HAVE_DONTWAIT and sock.gettimeout() is None and not is_tls(sock):
             try:
                 sock.recv(1, _PEEK_FLAGS)
                 return True
@@ -3130,10 +3131,11 @@ class OpenAIProvider(Provider):
                 raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
             if type(chunk) is dict and chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
-            events = openai_chunk_events(chunk)
-            if len(events) == 1 and type(events[0]) is TextDelta:     # nearly every chunk
-                yield events[0]
+            text = openai_chunk_text(chunk)
+            if text:                            # nearly every chunk
+                yield TextDelta(text)
                 continue
+            events = openai_chunk_events(chunk)
             for ev in events:
                 if type(ev) is Finish:
                     finished = True
@@ -3178,6 +3180,21 @@ def openai_call_delta(call, index=None):
         if value is not None:
             _upstream_str(value, what)
     return ToolCallDelta(index, ident, name, arguments)
+
+
+def openai_chunk_text(chunk):
+    """The text of a chunk that is one choice's text delta and nothing else
+    (no tool call, finish or usage), else None: what openai_chunk_events would
+    make a single TextDelta of, found without building its list."""
+    try:
+        (choice,) = chunk["choices"]
+        delta = choice["delta"]
+        text = delta["content"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if type(text) is not str or delta.get("tool_calls") or choice.get("finish_reason") or chunk.get("usage"):
+        return None
+    return text
 
 
 def openai_chunk_events(chunk):

@@ -1356,6 +1356,37 @@ class OpenAIProviderTest(ServerTestCase):
         chunk = openai_chunk({"tool_calls": [{"index": 3, "function": {"arguments": "{\"a"}}]}, finish=None)
         self.assertEqual(list(cs.openai_chunk_events(chunk)), [cs.ToolCallDelta(3, None, None, "{\"a")])
 
+    def test_the_text_delta_shortcut_agrees_with_the_full_translation(self):
+        """openai_chunk_text (the stream's fast path) gives text only where
+        openai_chunk_events gives exactly that one TextDelta (seeded shapes)."""
+        rng = random.Random(12)
+        values = [None, "", "hi", "\ud800", 0, [], {}, ["x"], {"a": 1}, True]
+        taken = 0
+        for _ in range(5000):
+            delta = {k: rng.choice(values + ["tok"] * 6) for k in rng.sample(["content", "role", "tool_calls",
+                                                                           "reasoning_content"], rng.randint(0, 4))}
+            choice = {k: v for k, v in (("index", 0), ("delta", delta if rng.random() < 0.9 else rng.choice(values)),
+                                        ("finish_reason", rng.choice([None, None, "", "stop"])))
+                      if rng.random() < 0.9}
+            choices = rng.choice([[choice], [choice], [choice, choice], [], choice, "c", None])
+            chunk = {k: v for k, v in (("choices", choices), ("usage", rng.choice([None, None, {}, {"x": 1}])))
+                     if rng.random() < 0.95}
+            if rng.random() < 0.05:
+                chunk = rng.choice(values)
+            try:
+                full = cs.openai_chunk_events(chunk)
+            except (AttributeError, TypeError, cs.UpstreamError):
+                full = "refused"
+            text = cs.openai_chunk_text(chunk)
+            if text:
+                taken += 1
+                self.assertEqual(full, [cs.TextDelta(text)], chunk)
+        self.assertGreater(taken, 50)
+        for delta in ({"content": "tok"}, {"role": "assistant", "content": "tok"}, {"content": "tok", "tool_calls": []}):
+            chunk = openai_chunk(delta, finish=None)            # as OpenAI, llama.cpp and vLLM send them
+            chunk["usage"] = None
+            self.assertEqual(cs.openai_chunk_text(chunk), "tok", chunk)
+
 
 # ---------------------------------------------------------------------------
 # Providers: translations both ways (table-driven), then each wire protocol
