@@ -3008,6 +3008,17 @@ def message_text(content):
                    if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
 
 
+def estimated_tokens(chars):
+    """About 4 characters a token: the count where an upstream gives none."""
+    return (chars + 3) // 4
+
+
+def estimated_usage(messages, completion_chars):
+    """A Usage estimated from the prompt's messages and the answer's length."""
+    prompt_chars = sum(len(message_text(m.get("content"))) for m in messages)
+    return Usage(estimated_tokens(prompt_chars), estimated_tokens(completion_chars))
+
+
 def content_parts(content):
     """OpenAI content as a list of parts."""
     if content is None:
@@ -3575,7 +3586,7 @@ class GeminiProvider(Provider):
             vectors = [item["values"] for item in answer["embeddings"]]
         except (KeyError, TypeError):
             raise UpstreamError("%s sent embeddings this server cannot read" % self.name)
-        return checked_vectors(self.name, vectors, len(inputs)), sum((len(t) + 3) // 4 for t in inputs)
+        return checked_vectors(self.name, vectors, len(inputs)), sum(estimated_tokens(len(t)) for t in inputs)
 
     def completion_events(self, data, req):
         state = {"calls": 0, "finish": None, "usage": None}
@@ -4313,8 +4324,10 @@ class Engine:
 
     def _instrument(self, provider, model, started, events, key=None, messages=()):
         """The events, recorded: one charge per answer, the last usage the
-        upstream reported (it may repeat a running total), else, for an answer
-        cut short or an upstream that reports none, about 4 characters a token."""
+        upstream reported (it may repeat a running total), else about 4
+        characters a token.  An answer that ends with no usage from its upstream
+        (llama.cpp's streams have none) ends with that estimate as its Usage, so
+        every surface reports what was charged instead of zeros."""
         error, done, usage, text_chars = None, False, None, 0
         try:
             for ev in events:
@@ -4323,17 +4336,21 @@ class Engine:
                     text_chars += len(ev.text)
                 elif kind is Usage:
                     ev = usage = Usage(token_count(ev.prompt_tokens), token_count(ev.completion_tokens))
+                elif kind is ToolCallDelta:
+                    text_chars += len(ev.name or "") + len(ev.arguments or "")
                 elif kind is Error:
                     error = ev.error
                 yield ev
             done = True
+            if usage is None and error is None:
+                usage = estimated_usage(messages, text_chars)
+                yield usage
         finally:
             close = getattr(events, "close", None)
             if close:
                 close()
-            if usage is None:       # the prompt is measured only then: not on every answer
-                prompt_chars = sum(len(message_text(m.get("content"))) for m in messages)
-                usage = Usage((prompt_chars + 3) // 4, (text_chars + 3) // 4)
+            if usage is None:       # cut short: the prompt is measured only then, not on every answer
+                usage = estimated_usage(messages, text_chars)
             self.metrics.llm_tokens.inc((provider, model, "prompt"), usage.prompt_tokens)
             self.metrics.llm_tokens.inc((provider, model, "completion"), usage.completion_tokens)
             self.count_key_tokens(key, usage.prompt_tokens, usage.completion_tokens)
@@ -8326,7 +8343,7 @@ def route_anthropic_count_tokens(h):
         return
     text = "".join(message_text(m.get("content")) for m in req.messages)
     text += json_dumps(req.params.get("tools")) if req.params.get("tools") else ""
-    h.send_json(200, {"input_tokens": max(1, (len(text) + 3) // 4)},
+    h.send_json(200, {"input_tokens": max(1, estimated_tokens(len(text)))},
                 {"X-Chatserve-Token-Count": "estimate (about 4 characters a token; %s has no count)" % provider.name})
 
 

@@ -339,6 +339,14 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             chunk["usage"] = {"prompt_tokens": 7, "completion_tokens": i + 1, "total_tokens": 8 + i}
         self.stream(chunks)
 
+    def scenario_no_usage(self, body):
+        """As llama-cpp-python answers: no usage in a stream, even when asked for (stream_options)."""
+        if body.get("stream"):
+            return self.stream([openai_chunk({"role": "assistant"}), openai_chunk({"content": "Hello"}),
+                                openai_chunk({"content": " world!"}), openai_chunk(finish="stop")])
+        self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "no-usage", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello world!"}, "finish_reason": "stop"}]})
+
     def scenario_paced(self, body):
         """Three words a third of a second apart: a stream a person can watch arrive."""
         self.stream([openai_chunk({"content": w}) for w in ("one ", "two ", "three")] + [openai_chunk(finish="stop")],
@@ -2433,6 +2441,25 @@ class OpenAISurfaceTest(ServerTestCase):
         self.assertEqual(chunks[-2]["choices"], [])
         self.assertEqual(chunks[-2]["usage"], USAGE)
         self.assertEqual(chunks[-1], "[DONE]")
+
+    def test_an_upstream_that_reports_no_usage_gets_the_charged_estimate_not_zeros(self):
+        """About 4 characters a token: "Say hi, please" (14) is 4 tokens, "Hello world!" (12) is 3."""
+        self.start()
+        expected = {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+        messages = [{"role": "user", "content": "Say hi, please"}]
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat(
+            "no-usage", stream=True, messages=messages, stream_options={"include_usage": True}))
+        chunks = sse_data(text)
+        self.assertEqual([c["usage"] for c in chunks[:-1] if c.get("usage")], [expected])
+        self.assertEqual(chunks[-2]["choices"], [])
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-2]), "Hello world!")
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("no-usage", messages=messages))
+        self.assertEqual((status, body["usage"]), (200, expected))
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat(
+            stream=True, messages=messages, stream_options={"include_usage": True}))
+        self.assertEqual([c["usage"] for c in sse_data(text)[:-1] if c.get("usage")], [USAGE])   # reported: as is
+        tokens = self.app.metrics.llm_tokens
+        self.assertEqual(tokens.value(("OPENAI", "no-usage", "completion")), 6)        # charged as reported: twice 3
 
     def test_streamed_tool_calls_keep_their_index(self):
         self.start()
