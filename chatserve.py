@@ -170,7 +170,8 @@ class ChatServeError(Exception):
     """Base of every error chatserve reports; carries how each surface renders it."""
 
     status = 500
-    retryable = False       # whether the Engine may retry it before the first byte
+    retryable = False       # whether the Engine may retry it before the first byte (or fail over)
+    retry_same = True       # when retryable: also on the same upstream (not after it sat on the prompt)
     type = "server_error"
     code = "internal_error"
     rpc_code = -32603
@@ -184,6 +185,7 @@ class ChatServeError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+            self.rpc_code, self.grpc_status = _RPC_BY_STATUS.get(status, (self.rpc_code, self.grpc_status))
         if type is not None:
             self.type = type
         self.headers = dict(headers or {})
@@ -238,6 +240,13 @@ class UpstreamError(ChatServeError):
 
 class UpstreamTimeout(UpstreamError):
     status, type, code, rpc_code, grpc_status = 504, "timeout_error", "upstream_timeout", -32014, "DEADLINE_EXCEEDED"
+
+
+# An error given a status of its own reports that status's RPC code too (a 429 budget refusal is
+# RESOURCE_EXHAUSTED, not INTERNAL).
+_RPC_BY_STATUS = {cls.status: (cls.rpc_code, cls.grpc_status) for cls in (
+    BadRequest, Unauthorized, PermissionDenied, NotFound, MethodNotAllowed, Conflict, PayloadTooLarge, RateLimited,
+    Unavailable, UpstreamTimeout)}
 
 
 class ClientGone(Exception):
@@ -2614,7 +2623,9 @@ class UpstreamPool:
                     conn.close()
                 raise
             except (socket.timeout, BlockingIOError):
-                error = UpstreamTimeout("upstream %s:%d sent no answer within %gs" % (host, port, read_timeout))
+                error = UpstreamTimeout("upstream %s:%d sent no answer within %gs (--upstream-timeout)"
+                                        % (host, port, read_timeout))
+                error.retry_same = False    # it has the prompt and may still be at it: a fallback, not a resend
             except (ConnectionResetError, BrokenPipeError) as e:
                 error = UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
                 retry = reused
@@ -2812,10 +2823,22 @@ class Provider:
         self.pinned = None                  # set by the Engine for a client-supplied base URL
         configured = config.model if config.provider == self.name and config.model else (
             self.env.get(self.model_env) or (endpoint and endpoint.model))
-        self.model = configured or self.default_model
+        self.model, self.configured_model = configured or self.default_model, configured
         self.model_pending = not configured and credentials is None and self.discovers_model
         self._listed = (0.0, None)
         self._discover_lock = threading.Lock()
+
+    def upstream_identity(self):
+        """What makes two providers the same upstream (a reload keeps what was
+        learnt of it: asking a llama.cpp server for its models again stops the
+        answer it is streaming)."""
+        return type(self), self.name, self.base_url, self.api_key, self.configured_model
+
+    def learn_from(self, old):
+        """Take over what `old`, the same upstream before a reload, found out."""
+        with old._discover_lock:
+            self.model, self.model_pending, self._listed = old.model, old.model_pending, old._listed
+            self.listing_error = old.listing_error
 
     @classmethod
     def configured(cls, env):
@@ -3127,13 +3150,16 @@ class OpenAIProvider(Provider):
         return openai_message_events(choice.get("message") or {}, choice.get("finish_reason"), data.get("usage"))
 
     def stream_events(self, resp, req):
+        """The events of a chat completions stream.  One that ends, even with
+        [DONE], before a choice's finish_reason was cut short upstream (as
+        llama-cpp-python ends a stream another request interrupts): an error,
+        never a complete answer."""
         finished = False
         for _event, data in iter_sse(resp.pieces()):
             if _event is WOULD_BLOCK:
                 yield WOULD_BLOCK
                 continue
             if len(data) < 16 and data.strip() == "[DONE]":
-                finished = True
                 yield from resp.finishing()
                 break
             try:
@@ -3152,7 +3178,8 @@ class OpenAIProvider(Provider):
                     finished = True
                 yield ev
         if not finished:
-            raise UpstreamError("stream ended before the answer was complete")
+            raise UpstreamError("stream ended before the answer was complete (no finish_reason): it was cut short "
+                                "upstream")
 
     def listed_models(self, timeout=5.0):
         return [m["id"] for m in self.get_json(self.base_url + "/models", self.headers(), timeout).get("data", [])
@@ -4088,6 +4115,16 @@ class Engine:
         for alias, (prefix, model) in (config.model_alias or {}).items():
             self.add_route(alias, prefix, model, "--model-alias %s=%s/%s" % (alias, prefix, model))
 
+    def carry_over(self, old):
+        """After a reload: each provider that is the same upstream as before keeps
+        its discovered model, its model listing and its last reachability check."""
+        for name, provider in self.providers.items():
+            before = old.providers.get(name)
+            if before is not None and before.upstream_identity() == provider.upstream_identity():
+                provider.learn_from(before)
+                if name in old.reach:
+                    self.reach[name] = old.reach[name]
+
     def add_route(self, alias, prefix, model, where):
         """Route the model name `alias` to `model` on the provider `prefix` names
         (the one routing table: aliases now, the config file's named endpoints later)."""
@@ -4295,7 +4332,8 @@ class Engine:
                 return Answer(provider.name, model, instrumented, events)
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
-                delay = retry_delay(e, attempt, self.config.retry_backoff) if getattr(e, "retryable", False) else None
+                delay = retry_delay(e, attempt, self.config.retry_backoff) \
+                    if getattr(e, "retryable", False) and e.retry_same else None
                 if delay is None or attempt == retries:
                     raise
                 self.metrics.llm_retries.inc((provider.name,))
@@ -11133,6 +11171,8 @@ class App:
         self._log_startup(context is not None)
         if any(p.model_pending for p in self.engine.providers.values()):
             threading.Thread(target=self._discover_models, name="model-discovery", daemon=True).start()
+        if self.engine.default_provider is not None:
+            self.engine.reachability(self.engine.default_provider)     # checked now, not at the first probe
         return self
 
     def _discover_models(self):
@@ -11332,6 +11372,7 @@ class App:
             for dest in self.RESTART_SETTINGS:
                 setattr(new, dest, getattr(old, dest))
             engine.context_source, engine.key_usage = self.engine.context_source, self.key_usage
+            engine.carry_over(self.engine)
             self.engine, self.config, self.keys = engine, new, KeyRing(new.keys)
             if (new.rate_limit_rps, new.rate_limit_burst) != (old.rate_limit_rps, old.rate_limit_burst):
                 self.rate_limiter = RateLimiter(new.rate_limit_rps, new.rate_limit_burst) \

@@ -126,6 +126,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             return self.send_body(200, {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"},
                                                    {"name": "qwen3:8b", "model": "qwen3:8b"}]})
         if self.path.endswith("/models"):
+            with self.server.lock:
+                self.server.model_listings += 1
             self.send_body(200, {"object": "list", "data": [{"id": "up-model", "object": "model", "owned_by": "fake"},
                                                             {"id": "org/other-model", "object": "model"}]})
         else:
@@ -273,6 +275,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_no_done(self, body):
         self.stream([openai_chunk({"content": "partial"})], done=False)
 
+    def scenario_interrupted(self, body):
+        """llama-cpp-python's stream when another request interrupts it: [DONE], no finish_reason."""
+        self.stream([openai_chunk({"role": "assistant", "content": ""}), openai_chunk({"content": "partial"})])
+
     def scenario_stream_error(self, body):
         self.stream([openai_chunk({"content": "a"}), {"error": {"message": "model overloaded", "type": "server_error"}}])
 
@@ -282,8 +288,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                           "finish_reason": "stop"}]})
 
     def scenario_endless(self, body):
-        self.stream([openai_chunk({"content": self.server.endless_text})] * self.server.endless_chunks,
-                    delay=self.server.endless_delay)
+        self.stream([openai_chunk({"content": self.server.endless_text})] * self.server.endless_chunks
+                    + [openai_chunk(finish="length")], delay=self.server.endless_delay)
 
     def scenario_garbage(self, body):
         self.send_body(200, {"unexpected": True})
@@ -597,6 +603,7 @@ class FakeUpstream:
         self.server.requests = []
         self.server.refused_ids = []
         self.server.connections = 0
+        self.server.model_listings = 0      # GET .../models: llama-cpp-python stops the stream it is sending
         self.server.disconnects = 0
         self.server.hangups = 0
         self.server.slow_seconds = 1.0
@@ -1297,13 +1304,17 @@ class OpenFilesLimitTest(unittest.TestCase):
 class OpenAIProviderTest(ServerTestCase):
     def test_upstream_connections_are_pooled(self):
         app = self.start()
-        self.assertTrue(wait_until(lambda: not app.engine.default_provider.model_pending))   # its GET pools too
+        provider = app.engine.default_provider
+        # its GET pools too; the readiness check at startup connects (and closes) once
+        self.assertTrue(wait_until(lambda: not provider.model_pending and provider.name in app.engine.reach
+                                   and self.upstream.server.connections == 2))
+        before = self.upstream.server.connections
         for _ in range(5):
             status, _, body = self.request("POST", "/v1/chat/completions", self.chat())
             self.assertEqual(status, 200)
         self.request("POST", "/v1/chat/completions", self.chat(stream=True))
         self.request("POST", "/v1/chat/completions", self.chat(stream=True))
-        self.assertEqual(self.upstream.server.connections, 1)
+        self.assertEqual((before, self.upstream.server.connections), (2, 2))
 
     def test_key_and_request_id_sent_upstream(self):
         self.start()
@@ -1335,7 +1346,10 @@ class OpenAIProviderTest(ServerTestCase):
         self.upstream.server.slow_seconds = 1.0
         app = self.start(upstream_timeout=0.2)
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("slow"), app=app)
-        self.assert_openai_error(status, body, 504, ["0.2"])
+        self.assert_openai_error(status, body, 504, ["0.2", "--upstream-timeout"])
+        # it has the prompt and may still be at it: not sent again (retries are for refusals and connects)
+        self.assertEqual(len([r for r in self.upstream.requests if r["body"].get("model") == "slow"]), 1)
+        self.assertEqual(app.metrics.llm_retries.value(("OPENAI",)), 0)
 
     def test_upstream_errors_map(self):
         self.start()
@@ -2532,7 +2546,8 @@ class OpenAISurfaceTest(ServerTestCase):
 
     def test_stream_cut_midway_ends_with_error_chunk_and_done(self):
         self.start()
-        for model, words in (("cut", "ended before"), ("no-done", "ended before"), ("stream-error", "model overloaded")):
+        for model, words in (("cut", "ended before"), ("no-done", "ended before"), ("stream-error", "model overloaded"),
+                             ("interrupted", "no finish_reason")):
             status, _, text = self.request("POST", "/v1/chat/completions", self.chat(model, stream=True))
             chunks = sse_data(text)
             self.assertEqual(status, 200)
@@ -3305,6 +3320,30 @@ class ReloadTest(ServerTestCase):
                          (200, "other-model"))
         conn.close()
         self.assertEqual(self.request("GET", "/v1/models")[0], 401)            # keys now: a key is needed
+
+    def test_a_reload_keeps_what_it_learnt_of_an_unchanged_upstream(self):
+        """No second GET /models (llama-cpp-python stops the stream it is
+        sending to answer one), and /readyz stays ready: the reachability check
+        ran at startup and is kept.  A changed upstream is asked again."""
+        app = self.start_with_file("log-level: error\n")
+        provider = app.engine.default_provider
+        self.assertTrue(wait_until(lambda: not provider.model_pending and provider.name in app.engine.reach))
+        self.assertEqual((provider.model, self.upstream.server.model_listings), ("up-model", 1))
+        self.assertEqual(self.request("GET", "/readyz")[0], 200)            # no probe started the check
+        self.rewrite("log-level: error\nrate-limit-rps: 0\n")
+        app.reload("test")
+        self.assertIsNot(app.engine.default_provider, provider)
+        self.assertEqual(app.engine.default_provider.model, "up-model")
+        self.assertEqual(self.request("GET", "/readyz")[0], 200)
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
+        self.assertEqual(self.upstream.server.model_listings, 1)
+        other = FakeUpstream()
+        self.addCleanup(other.stop)
+        self.rewrite("log-level: error\nproviders:\n  OPENAI:\n    base-url: %s\n" % other.url)
+        app.config.env = {}                 # the file's base URL, not the environment's
+        app.reload("test")
+        self.assertTrue(wait_until(lambda: not app.engine.default_provider.model_pending))
+        self.assertEqual(other.server.model_listings, 1)
 
     def test_a_bad_file_keeps_the_running_config(self):
         app = self.start_with_file("log-level: error\naliases:\n  fast: openai/up-model\n")
@@ -8468,6 +8507,76 @@ time.sleep(LIFETIME)
 os._exit(0)
 '''
 
+# The floor of this design, for scale: a minimal threaded Python proxy that
+# does only what any JSON-translating proxy must do per request (parse a head,
+# read the JSON body, re-encode it upstream over a kept connection, parse the
+# answer's head, decode and re-encode its JSON), with none of chatserve's
+# checks, limits, metrics, cancellation or framing rules.  argv[2]: upstream port.
+BENCH_FLOOR_PROXY_CODE = r"""
+import json, os, socket, sys, threading, time
+LIFETIME, UPSTREAM = float(sys.argv[1]), int(sys.argv[2])
+
+def read_head(sock, buf):
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            return None, None, b""
+        buf += data
+    end = buf.index(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    rest = buf[end + 4:]
+    while len(rest) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None, None, b""
+        rest += data
+    return lines[0], rest[:length], rest[length:]
+
+def serve(client):
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    upstream = socket.create_connection(("127.0.0.1", UPSTREAM))
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = ubuf = b""
+    try:
+        while True:
+            line, body, buf = read_head(client, buf)
+            if line is None:
+                return
+            req = json.loads(body)
+            out = json.dumps({"model": req["model"], "messages": req["messages"], "stream": False}).encode()
+            upstream.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
+            _line, answer, ubuf = read_head(upstream, ubuf)
+            ans = json.loads(answer)
+            res = json.dumps({"id": "chatcmpl-floor", "object": "chat.completion", "created": ans["created"],
+                              "model": ans["model"], "choices": ans["choices"], "usage": ans["usage"]}).encode()
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(res), res))
+    except OSError:
+        pass
+    finally:
+        client.close()
+        upstream.close()
+
+def accept(listener):
+    while True:
+        threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(256)
+print(listener.getsockname()[1], flush=True)
+threading.Thread(target=accept, args=(listener,), daemon=True).start()
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+time.sleep(LIFETIME)
+os._exit(0)
+"""
+
 # The load generator.  argv[1] is a JSON spec; prints one JSON result.
 #   mode "load": `conns` keep-alive connections each sending `request` again as
 #     soon as its answer is complete, for warmup + duration seconds or until
@@ -9218,6 +9327,7 @@ def _bench_targets(r, say, script, tmpdir, procs, fast_port, duration):
     say("... system calls per streamed event (strace)")
     r["syscalls_per_event"] = _bench_syscalls_per_event(cs_proc.pid, cs_port)
     _bench_stop(cs_proc)
+    _bench_references(r, say, script, tmpdir, procs, std_proc, std_port, duration)
     _bench_stop(std_proc)
 
     say("... %d concurrent 2-second streams, chatserve at default settings" % BENCH_STREAMS)
@@ -9236,6 +9346,48 @@ def _bench_targets(r, say, script, tmpdir, procs, fast_port, duration):
     _bench_stop(cs_proc)
 
 
+def _bench_references(r, say, script, tmpdir, procs, std_proc, std_port, duration):
+    """For scale, not targets: the floor of this design (BENCH_FLOOR_PROXY_CODE)
+    against the same upstream, and events/s over streams ten times as long
+    (the per-stream cost spread over more events)."""
+    floor_proc, floor_port = _bench_start_helper(BENCH_FLOOR_PROXY_CODE, procs, std_port)
+    for conns in (1, 32):
+        say("... a minimal threaded Python proxy, concurrency %d, %gs" % (conns, duration))
+        res = _bench_load(floor_port, conns, {"floor": floor_proc.pid}, duration=duration)
+        r["rps_ref_floor_c%d" % conns] = res["rps"]
+        r["cpu_us_ref_floor_c%d" % conns] = res["cpu_us_per_request"].get("floor")
+    _bench_stop(floor_proc)
+    long_proc, long_port = _bench_start_helper(BENCH_STDLIB_UPSTREAM_CODE, procs, BENCH_STREAM_EVENTS * 10)
+    cs_proc, cs_port, _ = _bench_start_chatserve(script, long_port, tmpdir, procs, name="long")
+    say("... streamed events/s over %d-event streams, directly and through chatserve" % (BENCH_STREAM_EVENTS * 10))
+    r["events_per_s_long_upstream"] = _bench_events(long_port, duration)["events_per_second"]
+    r["events_per_s_long_chatserve"] = _bench_events(cs_port, duration)["events_per_second"]
+    _bench_stop(cs_proc)
+    _bench_stop(long_proc)
+
+
+def _bench_reference_lines(r):
+    """The reference measurements of _bench_references, as report lines."""
+    lines = []
+    for c in (1, 32):
+        floor, cs_rps, up = (r.get("rps_ref_%s_c%d" % (name, c)) for name in ("floor", "chatserve", "upstream"))
+        if floor and up:
+            lines.append("  minimal threaded Python proxy, c=%-2d  %.0f req/s = %.2fx of the upstream, %s us CPU per "
+                         "request (chatserve %.2fx, %s us)" % (
+                             c, floor, floor / up, _bench_us(r.get("cpu_us_ref_floor_c%d" % c)), cs_rps / up,
+                             _bench_us(r.get("cpu_us_ref_chatserve_c%d" % c))))
+    up, via = r.get("events_per_s_long_upstream"), r.get("events_per_s_long_chatserve")
+    if up and via:
+        lines.append("  streamed events/s over %d-event streams  %.0f / %.0f = %.2fx (%d-event streams: %.2fx)" % (
+            BENCH_STREAM_EVENTS * 10, via, up, via / up, BENCH_STREAM_EVENTS,
+            r["events_per_s_chatserve"] / r["events_per_s_upstream"]))
+    return lines
+
+
+def _bench_us(value):
+    return "-" if value is None else "%.0f" % value
+
+
 def _bench_target_rows(r):
     """(what, measured, target, met) for each target of the performance issue."""
     def ratio(a, b):
@@ -9247,8 +9399,8 @@ def _bench_target_rows(r):
             r["rps_ref_chatserve_c%d" % c], r["rps_ref_upstream_c%d" % c], x), ">= 0.45x", x >= 0.45))
     x = ratio("cpu_us_ref_chatserve_c32", "cpu_us_ref_chatserve_c1")
     rows.append(("CPU per request, c=32 vs c=1", "%s / %s us = %.2fx" % (
-        "%.0f" % r["cpu_us_ref_chatserve_c32"] if r.get("cpu_us_ref_chatserve_c32") else "-",
-        "%.0f" % r["cpu_us_ref_chatserve_c1"] if r.get("cpu_us_ref_chatserve_c1") else "-", x), "<= 1.3x", x <= 1.3))
+        _bench_us(r.get("cpu_us_ref_chatserve_c32")), _bench_us(r.get("cpu_us_ref_chatserve_c1")), x),
+        "<= 1.3x", x <= 1.3))
     x = ratio("events_per_s_chatserve", "events_per_s_upstream")
     rows.append(("streamed events/s vs direct, c=1", "%.0f / %.0f = %.2fx" % (
         r["events_per_s_chatserve"], r["events_per_s_upstream"], x), ">= 0.8x", x >= 0.8))
@@ -9339,6 +9491,9 @@ def _bench_report(r, say):
     for what, measured, target, met in _bench_target_rows(r):
         say("  %-44s %-26s %-12s %s" % (what, measured, target,
                                           "n/a" if met is None else ("met" if met else "MISSED")))
+    say("For scale (no targets): the floor of this design, and long streams:")
+    for line in _bench_reference_lines(r):
+        say(line)
     say("(bench took %.0f s)" % r["bench_seconds"])
     say(rule)
 
