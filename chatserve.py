@@ -3120,7 +3120,7 @@ class OpenAIProvider(Provider):
 
     def send(self, req, model):
         body = dict(req.params)
-        body.update(model=model, messages=req.messages, stream=bool(req.stream))
+        body.update(model=model, messages=[_with_text_content(m) for m in req.messages], stream=bool(req.stream))
         if not self.aggregates and "max_tokens" in body and "max_completion_tokens" not in body:
             body["max_completion_tokens"] = body.pop("max_tokens")     # api.openai.com: reasoning models refuse max_tokens
         if req.stream:
@@ -3184,6 +3184,14 @@ class OpenAIProvider(Provider):
     def listed_models(self, timeout=5.0):
         return [m["id"] for m in self.get_json(self.base_url + "/models", self.headers(), timeout).get("data", [])
                 if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _with_text_content(message):
+    """An assistant turn that only called tools has "" as its content, not null:
+    llama-cpp-python refuses null or no content (500), and OpenAI takes both."""
+    if message.get("content") is None and message.get("role") == "assistant":
+        return dict(message, content="")
+    return message
 
 
 def openai_message_events(message, finish_reason, usage):

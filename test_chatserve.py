@@ -152,6 +152,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if self.server.fail_next:
             self.server.fail_next -= 1
             return self.send_body(503, {"error": {"message": "busy, try again"}}, [("Retry-After", "0")])
+        if any(m.get("role") == "assistant" and not isinstance(m.get("content"), str) for m in body.get("messages") or ()):
+            # llama-cpp-python's pydantic refusal of an assistant turn with null or no content (OpenAI takes both)
+            return self.send_body(500, {"error": {"message": "[{'type': 'string_type', 'loc': ('body', 'messages', "
+                                                  "'ChatCompletionRequestAssistantMessage', 'content'), 'msg': 'Input "
+                                                  "should be a valid string', 'input': None}]", "type": "internal_server_error"}})
         problem = tool_order_problem(body.get("messages") or [])
         if problem:
             return self.send_body(400, {"error": {"message": problem, "type": "invalid_request_error",
@@ -2197,7 +2202,7 @@ class ResponsesTest(ServerTestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.upstream.requests[-1]["body"]["messages"], [
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [
+            {"role": "assistant", "content": "", "tool_calls": [
                 {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
                 {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
