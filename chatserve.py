@@ -11826,8 +11826,11 @@ class RpcClient:
                 for result in (self._result(reply) or []):
                     yield result
                 return
-            for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
-                yield self._result(json.loads(data))
+            try:
+                for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
+                    yield self._result(json.loads(data))
+            except (OSError, http.client.HTTPException) as e:
+                raise RemoteError("the connection to chatserve broke mid-answer: %s" % _os_reason(e))
         finally:
             conn.close()
 
@@ -11887,7 +11890,7 @@ class RemoteSession:
 
     def ask(self, prompt):
         """Stream one answer; Ctrl-C stops it.  Returns the text (None if stopped)."""
-        parts = []
+        parts, done = [], False
         stream = self.client.stream("StreamPrompt", self.prompt_params(prompt))
         try:
             for result in stream:
@@ -11896,12 +11899,15 @@ class RemoteSession:
                 else:
                     self.say(result.get("chunk", ""), end="")
                 parts.append(result.get("chunk", ""))
+                done = done or result.get("done") is True
         except KeyboardInterrupt:
             stream.close()
             self.say("\n[answer stopped]")
             return None
         if not self.args.raw:
             self.say()
+        if not done:        # the server went away mid-answer: a part is not an answer (nor history)
+            raise RemoteError("the answer was cut short: the stream ended before the server said it was done")
         text = "".join(parts)
         self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
         return text

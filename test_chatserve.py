@@ -3550,6 +3550,41 @@ class ConnectTest(ServerTestCase):
         out = run_cli("connect", addr, "--token", "t", "--raw", "-p", "hi")
         self.assertEqual(json.loads(out.stdout.splitlines()[-1])["done"], True)
 
+    def test_an_answer_cut_short_is_an_error_not_an_answer(self):
+        """A server that goes away mid-answer (a stop, a crash): `-p` exits 1
+        with the error, whether the stream ended cleanly without its done piece
+        or broke off inside a chunk."""
+        piece = b'data: {"jsonrpc":"2.0","id":2,"result":{"chunk":"part","done":false}}\n\n'
+        for ending in (b"0\r\n\r\n", b"40\r\ndata: {"):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            self.addCleanup(listener.close)
+
+            def serve(listener=listener, ending=ending):
+                for _ in range(2):          # Health, then StreamPrompt
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:
+                        return
+                    with conn:
+                        request = recv_head(conn)
+                        length = int(re.search(rb"(?i)content-length: *(\d+)", request).group(1))
+                        while len(request.split(b"\r\n\r\n", 1)[1]) < length:
+                            request += conn.recv(65536)
+                        if b'"Health"' in request:
+                            body = b'{"jsonrpc":"2.0","id":1,"result":{"status":"SERVING"}}'
+                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                        else:
+                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: "
+                                         b"chunked\r\n\r\n%x\r\n%s\r\n%s" % (len(piece), piece, ending))
+            threading.Thread(target=serve, daemon=True).start()
+            out = run_cli("connect", "127.0.0.1:%d" % listener.getsockname()[1], "-p", "hi")
+            self.assertEqual(out.returncode, 1, (ending, out.stdout, out.stderr))
+            self.assertIn("part", out.stdout)
+            self.assertRegex(out.stderr, "cut short|broke mid-answer")
+
     def test_interactive_session_through_a_pty(self):
         import pty
         app = self.start(token="t")
