@@ -172,6 +172,7 @@ class ChatServeError(Exception):
     status = 500
     retryable = False       # whether the Engine may retry it before the first byte (or fail over)
     retry_same = True       # when retryable: also on the same upstream (not after it sat on the prompt)
+    render = None           # the surface's error body, when the error knows it better than the route
     type = "server_error"
     code = "internal_error"
     rpc_code = -32603
@@ -1717,9 +1718,9 @@ class Metrics:
 class HeadError(Exception):
     """A message head that chatserve refuses: its status, then the connection closes."""
 
-    def __init__(self, status, message, method=""):
+    def __init__(self, status, message, method="", path=""):
         super().__init__(message)
-        self.status, self.message, self.method = status, message, method
+        self.status, self.message, self.method, self.path = status, message, method, path
 
 
 class Headers:
@@ -1841,7 +1842,7 @@ def parse_request_head(head):
         if m.group(2) != b"0" and host is None:
             raise HeadError(400, "an HTTP/1.1 request needs a Host header")
     except HeadError as e:
-        e.method = method
+        e.method, e.path = method, target.decode("ascii", "replace")
         raise
     return method, target.decode("ascii"), "HTTP/1.0" if m.group(2) == b"0" else "HTTP/1.1", Headers(fields)
 
@@ -9657,21 +9658,33 @@ class Router:
         else:
             self.exact.setdefault(path, {})[method] = route
 
+    def routes_at(self, path):
+        """({method: route}, rest) of a path, or (None, "")."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return methods, ""
+        for prefix, candidate in self.prefixes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return candidate, path[len(prefix):]
+        return None, ""
+
+    def errors_for(self, path):
+        """How errors on `path` are rendered: its surface's shape (OpenAI's where no route is)."""
+        methods = self.routes_at(path)[0]
+        return next(iter(methods.values())).errors if methods else openai_error_body
+
     def match(self, method, path):
-        """(route, rest) or raise NotFound / MethodNotAllowed."""
-        methods, rest = self.exact.get(path), ""
-        if methods is None:
-            for prefix, candidate in self.prefixes:
-                if path.startswith(prefix) and len(path) > len(prefix):
-                    methods, rest = candidate, path[len(prefix):]
-                    break
+        """(route, rest) or raise NotFound / MethodNotAllowed (in the path's surface's shape)."""
+        methods, rest = self.routes_at(path)
         if methods is None:
             raise NotFound("no route %s %s" % (method, path), code="unknown_route")
         route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if route is None:
             allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
-            raise MethodNotAllowed("%s is not allowed on %s (allowed: %s)" % (method, path, allowed),
+            err = MethodNotAllowed("%s is not allowed on %s (allowed: %s)" % (method, path, allowed),
                                    headers={"Allow": allowed})
+            err.render = next(iter(methods.values())).errors
+            raise err
         return route, rest
 
 
@@ -10264,7 +10277,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope, self.client_key = openai_error_body, None, None, None
             self.presented_key = False          # not looked up yet (check_rate may, authorize then reuses it)
-            self.body_pending, self.command, self.request_version = False, "", "HTTP/1.1"
+            self.body_pending, self.command, self.path, self.request_version = False, "", "", "HTTP/1.1"
             self.body_cap, self.large_permit = config.max_body_bytes, False
             self.reader.phase(config.header_timeout, config.request_timeout)
             try:
@@ -10274,7 +10287,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = not keeps_alive(self.request_version, self.headers)
                 self.body_pending = self._framing()
             except HeadError as e:
-                self.command = e.method
+                self.command, self.path = e.method, e.path or self.path
                 self.send_error(e.status, e.message)
                 return
             except socket.timeout:
@@ -10579,7 +10592,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if err.status >= 500 or err.status == 413:
             log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
         try:
-            self.send_json(err.status, self.render_error(err), err.headers)
+            self.send_json(err.status, (err.render or self.render_error)(err), err.headers)
         except (ClientGone, HeadOnly):
             self.close_connection = True
 
@@ -10588,7 +10601,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.body_pending = False
         self.request_id = getattr(self, "request_id", "") or new_id()
-        self.render_error = getattr(self, "render_error", openai_error_body)
+        self.render_error = self.router.errors_for(self.path.split("?", 1)[0])     # the surface the path names
         self.head_sent = False
         self.status_sent, self.bytes_sent = 0, 0
         err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,

@@ -1883,6 +1883,29 @@ class AnthropicSurfaceTest(ServerTestCase):
         body.update(extra)
         return body
 
+    def test_refusals_before_the_route_are_in_anthropics_shape(self):
+        """A wrong method and a refused head on /v1/messages answer as
+        Anthropic does ({"type": "error", "error": {...}}): the SDK reads
+        its type; the OpenAI routes keep OpenAI's shape."""
+        app = self.start()
+        cases = ((raw_request("GET", "/v1/messages"), 405), (raw_request("PUT", "/v1/messages/count_tokens"), 405),
+                 (raw_request("POST", "/v1/messages", headers=[("Content-Length", "+5")]), 400),
+                 (raw_request("POST", "/v1/messages", b"{}", headers=[("Expect", "weird")]), 417),
+                 (raw_request("POST", "/v1/messages", b"{}", host=False), 400))
+        for data, expected in cases:
+            raw = RawHTTP(app.port)
+            self.addCleanup(raw.close)
+            raw.send(data)
+            status, _, body = raw.response()
+            answer = json.loads(body)
+            self.assertEqual((status, answer["type"], sorted(answer["error"])), (expected, "error", ["message", "type"]),
+                             data)
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        raw.send(raw_request("GET", "/v1/chat/completions"))
+        status, _, body = raw.response()
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (405, "method_not_allowed"))
+
     def test_non_streamed_and_translation_upstream(self):
         self.start(token="t")
         tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
