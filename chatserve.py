@@ -8181,28 +8181,62 @@ def anthropic_error_body(err):
                                        "message": err.message}}
 
 
+def _anthropic_field(block, name, kind, where, what):
+    """block[name], which must be of `kind` (BadRequest naming the field if not)."""
+    value = block.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadRequest("%s.%s: must be %s" % (where, name, what), param="%s.%s" % (where, name))
+    return value
+
+
 def _anthropic_part(block, where):
     kind = block.get("type")
     if kind == "text":
-        if not isinstance(block.get("text"), str):
-            raise BadRequest("%s.text: must be a string" % where, param=where + ".text")
-        return {"type": "text", "text": block["text"]}
+        return {"type": "text", "text": _anthropic_field(block, "text", str, where, "a string")}
     if kind == "image":
-        source = block.get("source") or {}
-        url = source.get("url") if source.get("type") == "url" else \
-            "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+        source = _anthropic_field(block, "source", dict, where, "an object (base64 or url)")
+        at = where + ".source"
+        if source.get("type") == "url":
+            url = _anthropic_field(source, "url", str, at, "a string")
+        elif source.get("type") == "base64":
+            url = "data:%s;base64,%s" % (_anthropic_field(source, "media_type", str, at, "a string"),
+                                         _anthropic_field(source, "data", str, at, "a string"))
+        else:
+            raise BadRequest("%s.type: must be base64 or url" % at, param=at + ".type")
         return {"type": "image_url", "image_url": {"url": url}}
     raise BadRequest("%s: unsupported content block type %r" % (where, kind), param=where)
+
+
+def _anthropic_text_blocks(blocks, where):
+    """The text of a string or of an array of text blocks (a system prompt, a tool result)."""
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise BadRequest("%s: must be a string or an array of text blocks" % where, param=where)
+    texts = []
+    for j, block in enumerate(blocks):
+        at = "%s[%d]" % (where, j)
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise BadRequest("%s: must be a text block ({\"type\": \"text\", \"text\": ...})" % at, param=at)
+        texts.append(_anthropic_field(block, "text", str, at, "a string"))
+    return "".join(texts)
+
+
+def _anthropic_tool_use(block, where):
+    for name in ("id", "name"):
+        _anthropic_field(block, name, str, where, "a string")
+    return {"id": block["id"], "type": "function", "function": {
+        "name": block["name"], "arguments": json_dumps(_anthropic_field(block, "input", dict, where, "an object"))}}
 
 
 def anthropic_to_openai_messages(body):
     """Anthropic system + messages as OpenAI-shaped messages."""
     out = []
     system = body.get("system")
-    if system:
-        text = system if isinstance(system, str) else "".join(
-            b.get("text", "") for b in system if isinstance(b, dict))
-        out.append({"role": "system", "content": text})
+    if system is not None:
+        text = _anthropic_text_blocks(system, "system")
+        if text:
+            out.append({"role": "system", "content": text})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: must be a non-empty array", param="messages")
@@ -8222,13 +8256,12 @@ def anthropic_to_openai_messages(body):
             if not isinstance(block, dict):
                 raise BadRequest("%s: must be an object" % at, param=at)
             if block.get("type") == "tool_result":
+                tool_use_id = _anthropic_field(block, "tool_use_id", str, at, "the id of the tool_use it answers")
                 result = block.get("content")
-                text = result if isinstance(result, str) else "".join(
-                    b.get("text", "") for b in result or () if isinstance(b, dict))
-                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "", "content": text})
+                text = "" if result is None else _anthropic_text_blocks(result, at + ".content")
+                out.append({"role": "tool", "tool_call_id": tool_use_id, "content": text})
             elif block.get("type") == "tool_use":
-                calls.append({"id": block.get("id") or new_call_id(), "type": "function",
-                              "function": {"name": block.get("name", ""), "arguments": json_dumps(block.get("input") or {})}})
+                calls.append(_anthropic_tool_use(block, at))
             elif block.get("type") in ("thinking", "redacted_thinking"):
                 continue
             else:
@@ -8266,25 +8299,58 @@ def parse_anthropic_request(body, request_id=""):
             raise BadRequest("stop_sequences: must be a list of strings", param="stop_sequences")
         if stops:
             params["stop"] = stops
-    if body.get("tools"):
-        params["tools"] = [{"type": "function", "function": {
-            "name": t.get("name", ""), "description": t.get("description", ""),
-            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
-            for t in body["tools"] if isinstance(t, dict)]
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("tools: must be an array of tools", param="tools")
+        params["tools"] = [_anthropic_tool(t, "tools[%d]" % i) for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        mapped = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type"))
-        params["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name", "")}}
-        if choice.get("disable_parallel_tool_use"):
-            params["parallel_tool_calls"] = False
+    if choice is not None:
+        params.update(_anthropic_tool_choice(choice))
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadRequest("metadata: must be an object", param="metadata")
     user = metadata.get("user_id")
-    if user:
-        params["user"] = str(user)
-    return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=bool(body.get("stream")),
+    if user is not None:
+        params["user"] = _anthropic_field(metadata, "user_id", str, "metadata", "a string")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: must be true or false", param="stream")
+    return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=stream,
                        params=params, request_id=request_id, surface="anthropic")
+
+
+def _anthropic_tool(tool, where):
+    """A client tool as an OpenAI function (server tools, which run at Anthropic, are refused)."""
+    if not isinstance(tool, dict):
+        raise BadRequest("%s: must be an object" % where, param=where)
+    if tool.get("type") not in (None, "custom"):
+        raise BadRequest("%s.type: %r is a tool Anthropic runs itself; this server passes on only client tools "
+                         "(name, description, input_schema)" % (where, tool.get("type")), param=where + ".type")
+    function = {"name": _anthropic_field(tool, "name", str, where, "a string"),
+                "parameters": _anthropic_field(tool, "input_schema", dict, where, "a JSON Schema object")}
+    if tool.get("description") is not None:
+        function["description"] = _anthropic_field(tool, "description", str, where, "a string")
+    return {"type": "function", "function": function}
+
+
+def _anthropic_tool_choice(choice):
+    """tool_choice ({"type": auto|any|tool|none}) as the OpenAI parameters."""
+    if not isinstance(choice, dict):
+        raise BadRequest("tool_choice: must be an object with a type (auto, any, tool, none)", param="tool_choice")
+    kind = choice.get("type")
+    if kind == "tool":
+        params = {"tool_choice": {"type": "function", "function": {
+            "name": _anthropic_field(choice, "name", str, "tool_choice", "the name of the tool to call")}}}
+    elif kind in ("auto", "any", "none"):
+        params = {"tool_choice": {"auto": "auto", "any": "required", "none": "none"}[kind]}
+    else:
+        raise BadRequest("tool_choice.type: must be auto, any, tool or none", param="tool_choice.type")
+    parallel = choice.get("disable_parallel_tool_use")
+    if parallel is not None:
+        if _anthropic_field(choice, "disable_parallel_tool_use", bool, "tool_choice", "true or false"):
+            params["parallel_tool_calls"] = False
+    return params
 
 
 def _anthropic_usage(usage):

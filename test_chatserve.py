@@ -1883,6 +1883,41 @@ class AnthropicSurfaceTest(ServerTestCase):
         body.update(extra)
         return body
 
+    def test_wrong_types_are_400s_that_name_the_field(self):
+        """What the Anthropic API refuses is refused here too, naming the field,
+        before anything goes upstream (it was ignored, or a 400 naming nothing)."""
+        self.start()
+        user = {"role": "user", "content": "hi"}
+        call = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+        cases = (({"system": 5}, "system"), ({"system": [5]}, "system[0]"), ({"tools": 5}, "tools"),
+                 ({"tools": [5]}, "tools[0]"), ({"tools": [{"name": "x"}]}, "tools[0].input_schema"),
+                 ({"tools": [{"name": "x", "input_schema": {}, "description": 3}]}, "tools[0].description"),
+                 ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+                 ({"tool_choice": {"type": "bogus"}}, "tool_choice.type"), ({"tool_choice": "auto"}, "tool_choice"),
+                 ({"tool_choice": {"type": "tool"}}, "tool_choice.name"), ({"stream": "yes"}, "stream"),
+                 ({"metadata": {"user_id": 5}}, "metadata.user_id"),
+                 ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
+                  "messages[0].content[0].tool_use_id"),
+                 ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                              "content": [5]}]}]}, "messages[0].content[0].content[0]"),
+                 ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "messages[0].content[0].source"),
+                 ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]},
+                  "messages[0].content[0].source.type"),
+                 ({"messages": [user, {"role": "assistant", "content": [dict(call, input=5)]}]},
+                  "messages[1].content[0].input"),
+                 ({"messages": [user, {"role": "assistant", "content": [dict(call, id=None)]}]},
+                  "messages[1].content[0].id"))
+        for extra, field in cases:
+            for path in ("/v1/messages", "/v1/messages/count_tokens"):
+                status, _, answer = self.request("POST", path, self.message(**extra))
+                self.assertEqual((status, answer["type"], answer["error"]["type"]),
+                                 (400, "error", "invalid_request_error"), (path, extra, answer))
+                self.assertIn(field + ":", answer["error"]["message"], (path, extra))
+        self.assertEqual(self.upstream.requests, [])
+        ok = self.message(system=[{"type": "text", "text": "Be brief."}], tool_choice={"type": "auto"}, stream=False,
+                          tools=[{"name": "f", "input_schema": {"type": "object"}}])
+        self.assertEqual(self.request("POST", "/v1/messages", ok)[0], 200)
+
     def test_refusals_before_the_route_are_in_anthropics_shape(self):
         """A wrong method and a refused head on /v1/messages answer as
         Anthropic does ({"type": "error", "error": {...}}): the SDK reads
