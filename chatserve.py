@@ -7316,6 +7316,10 @@ def validate_sampling(body):
     for field in ("parallel_tool_calls", "logprobs"):
         if body.get(field) is not None and not isinstance(body[field], bool):
             raise BadRequest("%s: must be true or false" % field, param=field)
+    for field in ("logprobs", "top_logprobs"):
+        if body.get(field) not in (None, False):      # answers are events: they carry no log probabilities
+            raise BadRequest("%s: log probabilities are not available through this server; remove it" % field,
+                             param=field)
 
 
 def parse_openai_chat(body, request_id=""):

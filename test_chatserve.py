@@ -2598,7 +2598,9 @@ class OpenAISurfaceTest(ServerTestCase):
                  (self.chat(max_tokens=0), "max_tokens"), (self.chat(max_tokens=True), "max_tokens"),
                  (self.chat(n=2), "n"), (self.chat(stream="yes"), "stream"),
                  (self.chat(stop=["a", "b", "c", "d", "e"]), "stop"), (self.chat(tools=[{"type": "function"}]), "tools"),
-                 (self.chat(tool_choice="sometimes"), "tool_choice"), (self.chat(model=""), "model")]
+                 (self.chat(tool_choice="sometimes"), "tool_choice"), (self.chat(model=""), "model"),
+                 (self.chat(logprobs=True), "logprobs"), (self.chat(top_logprobs=2), "top_logprobs"),
+                 (self.chat(logprobs="yes"), "logprobs")]
         for body, param in cases:
             status, _, answer = self.request("POST", "/v1/chat/completions", body)
             self.assert_openai_error(status, answer, 400)
