@@ -2679,24 +2679,37 @@ def _readable(sock):
 
 def upstream_error_message(data):
     """The human message in an upstream error body, whatever its dialect."""
+    return upstream_error_parts(data)[0]
+
+
+_ERROR_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
+
+
+def upstream_error_parts(data):
+    """(message, code, param) of an upstream error body; the code and param
+    only where an OpenAI-style error names them plainly (context_length_exceeded
+    on messages is something a client acts on)."""
     try:
         body = json_loads_upstream(data.decode("utf-8", "replace"))
     except ValueError:
         text = data.decode("utf-8", "replace").strip()
-        return text[:500] or "no details"
+        return text[:500] or "no details", None, None
     if isinstance(body, list) and body and isinstance(body[0], dict):
         body = body[0]
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict):
+            code, param = err.get("code"), err.get("param")
+            code = code if isinstance(code, str) and _ERROR_CODE_RE.match(code) else None
+            param = param if isinstance(param, str) and len(param) <= 128 else None
             for field in ("message", "detail", "msg"):
                 if isinstance(err.get(field), str):
-                    return err[field]
+                    return err[field], code, param
         if isinstance(err, str):
-            return err
+            return err, None, None
         if isinstance(body.get("detail"), str):
-            return body["detail"]
-    return json_dumps(body)[:500]
+            return body["detail"], None, None
+    return json_dumps(body)[:500], None, None
 
 
 RETRYABLE_STATUSES = (429, 500, 502, 503, 504, 529)
@@ -2717,13 +2730,14 @@ def retry_after_seconds(value):
 
 def upstream_failure(provider, status, data, retry_after=None):
     """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become 502."""
-    message = upstream_error_message(data)
+    message, code, param = upstream_error_parts(data)
     retry_after = retry_after_seconds(retry_after)
     headers = {"Retry-After": retry_after} if retry_after else {}
     if 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
-        err = kind("%s: %s" % (provider, message), status=status,
-                   code="model_not_found" if status == 404 and "model" in message.lower() else "upstream_%d" % status,
+        err = kind("%s: %s" % (provider, message), status=status, param=param,
+                   code=code or ("model_not_found" if status == 404 and "model" in message.lower()
+                                 else "upstream_%d" % status),
                    type="invalid_request_error" if status != 429 else None, headers=headers)
     else:
         err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,

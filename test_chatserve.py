@@ -260,6 +260,13 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(400, {"error": {"message": "Invalid value for 'temperature'", "type": "invalid_request_error",
                                        "param": "temperature", "code": None}})
 
+    def scenario_too_long(self, body):
+        """OpenAI's refusal of a prompt over the context window (its own words and code)."""
+        self.send_body(400, {"error": {"message": "This model's maximum context length is 128000 tokens. However, "
+                                       "your messages resulted in 130000 tokens. Please reduce the length of the "
+                                       "messages.", "type": "invalid_request_error", "param": "messages",
+                                       "code": "context_length_exceeded"}})
+
     def scenario_server_error(self, body):
         self.send_body(500, {"error": {"message": "The server had an error", "type": "server_error"}})
 
@@ -1367,6 +1374,11 @@ class OpenAIProviderTest(ServerTestCase):
         self.assert_openai_error(status, body, 502, ["500", "The server had an error"])
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("garbage"))
         self.assert_openai_error(status, body, 502, ["cannot read"])
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("too-long"))     # what clients act on
+        self.assert_openai_error(status, body, 400, ["maximum context length"])
+        self.assertEqual((body["error"]["code"], body["error"]["param"]), ("context_length_exceeded", "messages"))
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("bad-request"))
+        self.assertEqual((body["error"]["code"], body["error"]["param"]), ("upstream_400", "temperature"))
 
     def test_status_never_shows_credentials_in_a_base_url(self):
         self.start(env={"OPENAI_BASE_URL": "http://user:hunter2@127.0.0.1:9/v1"})
