@@ -5167,7 +5167,9 @@ class LeaderElection:
             try:        # hand over now rather than after the lease runs out
                 lease = self.client.request("GET", "%s/%s" % (self.path, LEASE_NAME))
                 if lease["spec"].get("holderIdentity") == self.identity:
-                    lease["spec"]["renewTime"] = k8s_microtime(time.time() - self.duration - 1)
+                    # freed (no holder), as client-go releases it: a backdated renewTime is a change of
+                    # record that restarts every follower's wait for the full lease
+                    lease["spec"].update(holderIdentity="", renewTime=k8s_microtime(time.time() - self.duration - 1))
                     self.client.request("PUT", "%s/%s" % (self.path, LEASE_NAME), lease)
             except ChatServeError:
                 pass
@@ -9684,7 +9686,7 @@ def route_watch_state(h):
     if app.watcher is None or app.following():
         raise NotFound("this replica does not collect (%s leads)" % (app.election.leader if app.election else "none"),
                        code="not_the_leader")
-    h.send_json(200, {"status": app.watcher.status(), "alerts": app.watcher.alerts(), "context": app.watcher.context()})
+    h.send_json(200, app.local_view())
 
 
 def route_control_reload(h):
@@ -11225,7 +11227,7 @@ class App:
         settings = watch_settings(config)
         self.watcher = Watcher(settings, Kubectl(config.kubectl, config.watch_kubeconfig, config.watch_context),
                                self.metrics) if settings else None
-        self.election, self.leader_view = None, (0.0, None)
+        self.election, self.leader_view, self.leader_read = None, (0.0, None), (0.0, None)
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
@@ -11532,9 +11534,8 @@ class App:
             elif not reach[0]:
                 checks["provider"] = "%s: unreachable at the last check (see /status and the log)" % provider.name
         if self.watcher is not None and self.following():
-            state = self.leader_state() if self.election.leader else None
-            checks["watcher"] = "no leader elected yet" if not self.election.leader else (
-                "the leader's view cannot be read (see /status)" if state.get("unreadable") else "ok")
+            checks["watcher"] = "ok"        # a follower answers without the leader's view (see /status): one leader
+            # gone, or the API server away, must not take every replica out of the Service
         elif self.watcher is not None:
             checks["watcher"] = "ok" if self.watcher.first_collection_done() else "first collection not done yet"
         if isinstance(self.sessions, KubernetesSessionStore):
@@ -11544,10 +11545,19 @@ class App:
     def following(self):
         return self.election is not None and not self.election.leading
 
+    def local_view(self):
+        """This replica's own watcher view: what /watch/state serves."""
+        return {"status": self.watcher.status(), "alerts": self.watcher.alerts(), "context": self.watcher.context()}
+
     def leader_state(self):
-        """The leader's view (status, alerts, context), fetched at most once an interval."""
+        """The leader's view (status, alerts, context), fetched at most once an
+        interval (a failed read is tried again within 2 s).  When it cannot be
+        read (no leader while the API server is away, a handover) the last view
+        there was stays, marked stale: this replica's own, if it led more
+        recently than it last read the leader's."""
         fetched, state = self.leader_view
-        if time.monotonic() - fetched < max(1.0, self.watcher.settings.interval) and state is not None:
+        wait = max(1.0, self.watcher.settings.interval)
+        if state is not None and time.monotonic() - fetched < (min(wait, 2.0) if state.get("unreadable") else wait):
             return state
         election, address = self.election, self.election.leader_address
         try:
@@ -11565,14 +11575,33 @@ class App:
             if resp.status != 200:
                 raise OSError("it answered %d" % resp.status)
             state = json.loads(data)
+            self.leader_read = (time.time(), state)
         except (OSError, ValueError, http.client.HTTPException) as e:
             why = "following leader %s, whose view cannot be read: %s" % (election.leader or "(none yet)",
                                                                         _os_reason(e) if isinstance(e, OSError) else e)
-            state = {"status": {"active": True, "deployment": "", "namespace": "", "alert_count": 0,
-                                "snapshot_count": 0, "pod_count": 0, "status_summary": why, "targets": []},
-                     "alerts": [], "context": "", "unreadable": True}
+            state = self._last_view(why)
         self.leader_view = (time.monotonic(), state)
         return state
+
+    def _last_view(self, why):
+        """The view to serve while the leader's cannot be read, marked unreadable (and stale)."""
+        read_at, state = self.leader_read
+        own = [s.last_success for s in self.watcher.stores if s.last_success]
+        if own and max(own) >= read_at:
+            state = self.local_view()           # it led, and more recently: its own view (stale by its own clock)
+        elif state is not None:
+            since = time.strftime("%H:%M:%S", time.localtime(read_at))
+            status = dict(state["status"], status_summary="STALE (the leader's view as read at %s): %s"
+                          % (since, state["status"].get("status_summary", "")))
+            state = {"status": status, "alerts": [dict(a, stale=True) for a in state["alerts"]],
+                     "context": "[STALE: the cluster view below was read at %s; it may have changed since]\n%s"
+                                % (since, state["context"])}
+        else:
+            return {"status": {"active": True, "deployment": "", "namespace": "", "alert_count": 0, "snapshot_count": 0,
+                               "pod_count": 0, "status_summary": why, "targets": []},
+                    "alerts": [], "context": "", "unreadable": True}
+        state["status"] = dict(state["status"], status_summary="%s | %s" % (why, state["status"]["status_summary"]))
+        return dict(state, unreadable=True)
 
     def replica_tls(self):
         """TLS to another replica: its certificate must be ours (replicas share one), the host name is a pod IP."""

@@ -4530,6 +4530,17 @@ class LeaderElectionTest(KubectlCase):
         self.api.forbidden.add("update")                                       # b cannot renew any more
         self.assertTrue(wait_until(lambda: b.step() or not b.leading, timeout=WAIT, interval=0.2))
 
+    def test_a_leader_that_stops_frees_the_lease_for_the_next_at_once(self):
+        a, b = self.election("a", duration=30.0), self.election("b", duration=30.0)
+        a.step()
+        b.step()
+        self.assertEqual((a.leading, b.leading), (True, False))
+        a.stop()
+        [lease] = [o for (k, _n, _name), o in self.api.objects.items() if k == "leases"]
+        self.assertEqual(lease["spec"]["holderIdentity"], "")
+        b.step()                                        # not after the 30 s lease: now
+        self.assertTrue(b.leading)
+
     def test_replicas_collect_once_and_followers_answer_with_the_leaders_view(self):
         apps = []
         for i in range(3):
@@ -4616,7 +4627,48 @@ class ScaleOutReviewTest(unittest.TestCase):
         self.assertTrue(state["unreadable"])
         self.assertEqual(seen, ["Bearer " + cs.replica_credential(config)])
         self.assertNotIn("the-server-token", seen[0])
-        self.assertEqual(app.readiness()[1]["watcher"], "the leader's view cannot be read (see /status)")
+        self.assertEqual(app.readiness()[1]["watcher"], "ok")      # a follower is ready without it
+
+    def test_the_last_view_stays_stale_while_no_leader_can_be_read(self):
+        """An API-server outage leaves no leader (it cannot renew), so nobody's
+        view can be read: every replica keeps the last one it had, marked
+        stale (the old leader its own), instead of serving no alerts at all."""
+        views = [{"status": {"active": True, "status_summary": "api: 1/3 ready", "alert_count": 1, "targets": []},
+                  "alerts": [{"type": "ImagePullBackOff", "severity": "critical", "namespace": "prod",
+                              "deployment": "api", "stale": False}], "context": "[K8s Context: api]"}]
+
+        class Leader(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = json.dumps(views[0]).encode() if views else b"{}"
+                self.send_response(200 if views else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        config = cs.Config(env={}, port=0, metrics_port=0, probe_local=False, socket=os.path.join(self.tmp, "s.sock"),
+                           data_dir=self.tmp, watch_deployment="api", watch_namespace="prod", watch_interval=0.01)
+        app = cs.App(config)
+        self.addCleanup(app._close_listeners)
+        app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
+        app.election.leader, app.election.leader_address = "other", "http://127.0.0.1:%d" % server.server_address[1]
+        self.assertEqual(app.alerts()[0]["stale"], False)
+        views.clear()                                   # it stopped leading: 404 "not the leader"
+        app.leader_view = (0.0, None)                   # as an interval later: read again
+        state = app.leader_state()
+        self.assertEqual((state["unreadable"], [a["stale"] for a in state["alerts"]]), (True, [True]))
+        self.assertIn("STALE", state["status"]["status_summary"])
+        self.assertIn("answered 404", state["status"]["status_summary"])
+        self.assertTrue(state["context"].startswith("[STALE"), state["context"])
+        self.assertEqual(app.readiness()[1]["watcher"], "ok")
+        app.watcher.stores[0].last_success = time.time()        # it led since: its own view is the newer one
+        app.leader_view = (0.0, None)
+        self.assertEqual(app.leader_state()["status"]["targets"][0]["target"], "prod/api")
 
     def test_sessions_collisions_deletes_between_and_credentials(self):
         store = cs.KubernetesSessionStore(cs.KubeClient(self.api.url, namespace="chat"))
