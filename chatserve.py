@@ -5478,7 +5478,10 @@ class Kubectl:
             data = json.loads(out) if out.strip() else None
         except ValueError:
             data = None
-        errors = kubectl_errors(err, resources, partial=isinstance(data, dict)) if code != 0 else {}
+        # A list with items is a partial result; an empty one is also what kubectl prints when nothing
+        # could be listed (refused connection, Unauthorized), whose reason is then every kind's.
+        partial = isinstance(data, dict) and bool(data.get("items"))
+        errors = kubectl_errors(err, resources, partial) if code != 0 else {}
         if code != 0 and not errors:
             errors = dict.fromkeys(resources, "kubectl get: exit %d" % code)
         items = data.get("items") if isinstance(data, dict) else None

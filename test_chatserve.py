@@ -3793,11 +3793,24 @@ def cluster(state, clean):
     def fail(text, code=1):
         sys.stderr.write(text + "\n")
         sys.exit(code)
+
+    def fail_whole(text):
+        # `get -o json` prints an empty List before it fails as a whole (kubectl 1.33 against a stopped
+        # or wrong-token API server), after its client-go log line
+        if clean[:1] == ["get"] and "json" in clean:
+            sys.stdout.write('{\n    "apiVersion": "v1",\n    "items": [],\n    "kind": "List",\n    "metadata": {\n'
+                             '        "resourceVersion": ""\n    }\n}\n')
+        fail(text)
     if state.get("down"):
-        fail("The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?")
+        sys.stderr.write('E1129 09:20:01.123456   4242 memcache.go:265] "Unhandled Error" err="couldn\'t get current '
+                         'server API group list: Get \\"https://127.0.0.1:6443/api?timeout=32s\\": dial tcp '
+                         '127.0.0.1:6443: connect: connection refused"\n')
+        fail_whole("The connection to the server 127.0.0.1:6443 was refused - did you specify the right host or port?")
+    if state.get("unauthorized"):
+        fail_whole("error: You must be logged in to the server (Unauthorized)")
     if state.get("timeout"):        # kubectl's own --request-timeout ran out (seen against a stopped kube-apiserver)
-        fail("Unable to connect to the server: net/http: request canceled while waiting for connection "
-             "(Client.Timeout exceeded while awaiting headers)")
+        fail_whole("Unable to connect to the server: net/http: request canceled while waiting for connection "
+                   "(Client.Timeout exceeded while awaiting headers)")
     if clean == ["api-versions"]:
         sys.stdout.write("apps/v1\nautoscaling/v2\nbatch/v1\n%%sv1\n" %% (
             "metrics.k8s.io/v1beta1\n" if state.get("metrics_api") else ""))
@@ -4183,7 +4196,13 @@ class WatcherCollectionTest(KubectlCase):
         self.fixtures(fixtures)
         w.collect_once()
         self.assertIn("Client.Timeout exceeded while awaiting headers", store.errors["events"])
-        fixtures["cluster"] = dict(fixtures["cluster"], timeout=False, hang=["pods"])
+        self.assertIn("Client.Timeout exceeded while awaiting headers", store.errors["pods"])
+        fixtures["cluster"] = dict(fixtures["cluster"], timeout=False, unauthorized=True)
+        self.fixtures(fixtures)
+        w.collect_once()                        # a wrong token: the reason, not "exit 1", on every kind
+        self.assertTrue(all("(Unauthorized)" in store.errors[kind] for kind in ("pods", "deployments", "events")),
+                        store.errors)
+        fixtures["cluster"] = dict(fixtures["cluster"], unauthorized=False, hang=["pods"])
         self.fixtures(fixtures)
         original = cs.Kubectl.timeout
         self.addCleanup(setattr, cs.Kubectl, "timeout", original)
