@@ -5263,6 +5263,15 @@ WATCH_RESOURCES = (("deployments", "deploy", "Deployment"), ("statefulsets", "st
                    ("daemonsets", "ds", "DaemonSet"), ("jobs", "job", "Job"), ("cronjobs", "cronjob", "CronJob"),
                    ("pods", "pods", "Pod"), ("horizontalpodautoscalers", "hpa", "HorizontalPodAutoscaler"),
                    ("persistentvolumeclaims", "pvc", "PersistentVolumeClaim"))
+def target_resources(kind):
+    """What a target of `kind` reads from the one `get`: its workload, pods,
+    HPAs and PVCs (and Jobs for a CronJob).  A kind no target reads is not
+    listed, and a kind a target does not read is never its error."""
+    own = next(r for r, _short, k in WATCH_RESOURCES if k == kind)
+    return [r for r, _short, _k in WATCH_RESOURCES
+            if r in (own, "pods", "horizontalpodautoscalers", "persistentvolumeclaims") or r == "jobs" and kind == "CronJob"]
+
+
 WATCH_TARGET_KEYS = ("deployment", "namespace", "kind", "metricsPort", "metricsPath", "metricsFilter")
 ERROR_LOG_WORDS = ("error", "fatal", "panic", "exception", "oomkilled")
 
@@ -6147,7 +6156,8 @@ class Watcher:
         self.kubectl.timeout = max(1.0, min(self.settings.interval, 20.0))
         namespaces = sorted({s.target.namespace for s in self.stores})
         scopes = [None] if len(namespaces) > 2 and self.cluster_scope else namespaces
-        resources = [r for r, _short, _kind in WATCH_RESOURCES]
+        needed = {r for s in self.stores for r in target_resources(s.target.kind)}
+        resources = [r for r, _short, _kind in WATCH_RESOURCES if r in needed]
         calls = {("get", ns): (self.kubectl.get, resources, ns) for ns in scopes}
         calls.update({("events", ns): (self.kubectl.get, ["events"], ns) for ns in scopes})
         calls["nodes"] = (self.kubectl.get, ["nodes"], None)
@@ -6178,12 +6188,17 @@ class Watcher:
 
     @staticmethod
     def _per_namespace_why(results):
-        """Why listing across namespaces does not work here, or None."""
+        """Why listing across namespaces does not work here, or None.  A list
+        that timed out counts only while the API server answers the nodes
+        call: otherwise it is an outage, reported now, not a reason to list
+        per namespace for good."""
+        answering = isinstance(results.get("nodes"), tuple)
         for key in (("get", None), ("events", None)):
             result = results.get(key)
             if isinstance(result, tuple) and any("at the cluster scope" in e for e in result[1].values()):
                 return "some kinds may not be listed across namespaces"
-            if isinstance(result, Exception) and ("printed more than" in result.message or "no answer" in result.message):
+            if isinstance(result, Exception) and ("printed more than" in result.message
+                                                  or "no answer" in result.message and answering):
                 return "listing every namespace is too big or too slow here (%s)" % result.message
 
     def _apply_nodes(self, result, now):
@@ -6238,7 +6253,7 @@ class Watcher:
         """Update one target from the cycle's results; the (store, pod) pairs whose logs to read."""
         t, started = store.target, time.monotonic()
         store.last_collected = now
-        items = self._note(store, [r for r, _s, _k in WATCH_RESOURCES], got)
+        items = self._note(store, target_resources(t.kind), got)
         events = self._note(store, ["events"], events) or []
         if isinstance(usage, Exception):
             usage = {}

@@ -3904,7 +3904,7 @@ def k8s_time(offset=0.0):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + offset))
 
 
-WATCH_GET = "get %s -n prod -o json" % ",".join(r for r, _s, _k in cs.WATCH_RESOURCES)
+WATCH_GET = "get %s -n prod -o json" % ",".join(cs.target_resources("Deployment"))     # a Deployment target's kinds
 
 
 def prod_fixtures(healthy=False):
@@ -4063,8 +4063,9 @@ class WatcherCollectionTest(KubectlCase):
         w = self.watcher([cs.WatchTarget("api", "prod"), cs.WatchTarget("migrate", "prod", "Job")])
         w.collect_once()
         calls = self.calls()
-        gets = [c for c in calls if c[:2] == WATCH_GET.split()[:2]]
+        gets = [c for c in calls if c[0] == "get" and c[1] not in ("events", "nodes")]
         self.assertEqual(len(gets), 1)                       # one per namespace, not per target or pod
+        self.assertEqual(gets[0][1], "deployments,jobs,pods,horizontalpodautoscalers,persistentvolumeclaims")
         self.assertEqual(sum(c[:2] == ["get", "events"] for c in calls), 1)
         self.assertTrue(all(c[-4:] == ["--kubeconfig", "/tmp/kubeconfig", "--context", "ctx-1"] for c in calls))
         self.assertTrue(all(c[-5].startswith("--request-timeout=") for c in calls))
@@ -4459,14 +4460,43 @@ class WatcherReviewTest(KubectlCase):
             self.assertEqual([bool(s.latest) for s in w.stores], [True] * 3, trouble)
             self.assertEqual([sorted(set(s.errors) - {"nodes"}) for s in w.stores], [[], [], []])
 
+    def test_a_hanging_api_server_is_an_outage_not_a_reason_to_list_per_namespace(self):
+        """Every call timing out (nodes too) is reported after one timeout,
+        and listing across namespaces goes on once the API server is back."""
+        fixtures = prod_fixtures()
+        fixtures["cluster"]["hang"] = ["deployments", "events", "nodes"]
+        self.fixtures(fixtures)
+        w = self.watcher([cs.WatchTarget("api", ns) for ns in ("prod", "a", "b")], interval=1.0)
+        w.collect_once()
+        self.assertTrue(w.cluster_scope)
+        self.assertEqual(len([c for c in self.calls() if c[0] == "get" and c[1].startswith("deployments")]), 1)
+        self.assertIn("no answer within", w.stores[0].errors["pods"])
+
     def test_kubectl_log_lines_do_not_spoil_a_partial_result(self):
         fixtures = prod_fixtures()
-        fixtures["cluster"].update(klog=True, forbidden={"cronjobs": "all"})
+        fixtures["cluster"].update(klog=True, forbidden={"horizontalpodautoscalers": "all"})
         self.fixtures(fixtures)
         w = self.watcher()
         w.collect_once()
-        self.assertEqual(sorted(set(w.stores[0].errors) - {"nodes"}), ["cronjobs"])
+        self.assertEqual(sorted(set(w.stores[0].errors) - {"nodes"}), ["horizontalpodautoscalers"])
         self.assertTrue(w.stores[0].latest)
+
+    def test_a_kind_no_target_reads_is_not_listed_nor_anyones_error(self):
+        """Without rights on StatefulSets, DaemonSets or CronJobs, Deployment
+        targets lose nothing (the README's RBAC table): those kinds are not
+        even asked for.  A CronJob target reads Jobs and CronJobs; a forbidden
+        Job list is its error only."""
+        fixtures = prod_fixtures()
+        fixtures["cluster"]["forbidden"] = {"statefulsets": "all", "daemonsets": "all", "jobs": "all"}
+        self.fixtures(fixtures)
+        w = self.watcher([cs.WatchTarget("api", "prod"), cs.WatchTarget("nightly", "prod", "CronJob")])
+        w.collect_once()
+        api, nightly = w.stores
+        self.assertEqual(set(api.errors) - {"nodes"}, set())
+        self.assertEqual(set(nightly.errors) - {"nodes"}, {"jobs"})
+        self.assertNotIn("statefulsets", w.context())
+        listed = {kind for c in self.calls() if c[0] == "get" for kind in c[1].split(",")}
+        self.assertFalse(listed & {"statefulsets", "daemonsets"})
 
     def test_a_forbidden_core_kind_keeps_the_last_view_and_is_not_not_found(self):
         w = self.watcher()
