@@ -5153,6 +5153,8 @@ class LeaderElection:
         self.renewed, self.stopped, self.thread = 0.0, threading.Event(), None
         self.observed = (None, 0.0)     # (holder and renewTime as last read, when we read it: our own clock)
         client.timeout = max(1.0, min(client.timeout, renew))     # a hanging API server costs one round, not more
+        if metrics is not None:
+            metrics.leader.set((), 0)   # a sample from the start, 0 until it leads
 
     def start(self):
         self.thread = threading.Thread(target=self._loop, name="leader-election", daemon=True)

@@ -4580,7 +4580,11 @@ class LeaderElectionTest(KubectlCase):
         self.assertTrue(wait_until(lambda: b.step() or not b.leading, timeout=WAIT, interval=0.2))
 
     def test_a_leader_that_stops_frees_the_lease_for_the_next_at_once(self):
-        a, b = self.election("a", duration=30.0), self.election("b", duration=30.0)
+        metrics = cs.Metrics()
+        a = self.election("a", duration=30.0)
+        b = cs.LeaderElection(cs.KubeClient(self.api.url, namespace="chat"), "b", "http://b", duration=30.0,
+                              renew=0.1, metrics=metrics)
+        self.assertIn("chatserve_watcher_leader 0", metrics.render())      # a sample before it ever leads
         a.step()
         b.step()
         self.assertEqual((a.leading, b.leading), (True, False))
@@ -4589,6 +4593,7 @@ class LeaderElectionTest(KubectlCase):
         self.assertEqual(lease["spec"]["holderIdentity"], "")
         b.step()                                        # not after the 30 s lease: now
         self.assertTrue(b.leading)
+        self.assertIn("chatserve_watcher_leader 1", metrics.render())
 
     def test_replicas_collect_once_and_followers_answer_with_the_leaders_view(self):
         apps = []
