@@ -817,7 +817,7 @@ def _yaml_seq(lines, i, indent):
                 value, i = _yaml_block(lines, i, lines[i].indent)
             else:
                 value = None
-        elif not rest.startswith(("[", '"', "'")) and re.match(r"^[^:]+:( |$)", rest) or \
+        elif not rest.startswith(("[", "{", '"', "'")) and re.match(r"^[^:]+:( |$)", rest) or \
                 re.match(r"""^(["']).*?\1:( |$)""", rest):
             column = line.indent + len(line.text) - len(rest)
             lines[i] = _YamlLine(line.no, column, rest)        # "- key: v" opens a mapping at that column

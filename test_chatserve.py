@@ -3986,12 +3986,14 @@ class YamlReaderTest(unittest.TestCase):
                 "targets:\n  - deployment: api-gateway\n    namespace: production\n    metricsPort: 9090\n"
                 "    metricsFilter: [\"http_requests_*\", 'http_request_duration_*']\n"
                 "  - deployment: worker\n    namespace: batch\n    kind: StatefulSet\n"
+                "  - {deployment: web, namespace: shop}\n"
                 "labels:\n- a\n- 'it''s'\n- 3.5\n- true\n- ~\nempty:\n")
         self.assertEqual(cs.parse_yaml_subset(text), {
             "interval": "30s", "window": "2h", "maxLogLines": 100,
             "targets": [{"deployment": "api-gateway", "namespace": "production", "metricsPort": 9090,
                          "metricsFilter": ["http_requests_*", "http_request_duration_*"]},
-                        {"deployment": "worker", "namespace": "batch", "kind": "StatefulSet"}],
+                        {"deployment": "worker", "namespace": "batch", "kind": "StatefulSet"},
+                        {"deployment": "web", "namespace": "shop"}],
             "labels": ["a", "it's", 3.5, True, None], "empty": None})
 
     def test_outside_the_subset_names_the_line(self):
