@@ -9706,6 +9706,11 @@ def route_watch_state(h):
     if app.watcher is None or app.following():
         raise NotFound("this replica does not collect (%s leads)" % (app.election.leader if app.election else "none"),
                        code="not_the_leader")
+    query = urllib.parse.parse_qs(h.path.partition("?")[2])
+    if "namespace" in query or "resource" in query:     # a follower's AnalyzeIssue: that target's context
+        h.send_json(200, {"context": app.watcher.context_for((query.get("namespace") or [""])[0],
+                                                             (query.get("resource") or [""])[0])})
+        return
     h.send_json(200, app.local_view())
 
 
@@ -11579,29 +11584,33 @@ class App:
         wait = max(1.0, self.watcher.settings.interval)
         if state is not None and time.monotonic() - fetched < (min(wait, 2.0) if state.get("unreadable") else wait):
             return state
-        election, address = self.election, self.election.leader_address
         try:
-            if not address:
-                raise OSError("no leader elected yet")
-            parts = urllib.parse.urlsplit(address)
-            conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=5, context=self.replica_tls())
-                    if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=5))
-            try:
-                conn.request("GET", "/watch/state", headers={"Authorization": "Bearer " + replica_credential(self.config)})
-                resp = conn.getresponse()
-                data = resp.read()
-            finally:
-                conn.close()
-            if resp.status != 200:
-                raise OSError("it answered %d" % resp.status)
-            state = json.loads(data)
+            state = self._read_leader("/watch/state")
             self.leader_read = (time.time(), state)
         except (OSError, ValueError, http.client.HTTPException) as e:
-            why = "following leader %s, whose view cannot be read: %s" % (election.leader or "(none yet)",
+            why = "following leader %s, whose view cannot be read: %s" % (self.election.leader or "(none yet)",
                                                                         _os_reason(e) if isinstance(e, OSError) else e)
             state = self._last_view(why)
         self.leader_view = (time.monotonic(), state)
         return state
+
+    def _read_leader(self, target):
+        """The JSON the leader answers to GET `target` (with the replica credential)."""
+        address = self.election.leader_address
+        if not address:
+            raise OSError("no leader elected yet")
+        parts = urllib.parse.urlsplit(address)
+        conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=5, context=self.replica_tls())
+                if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=5))
+        try:
+            conn.request("GET", target, headers={"Authorization": "Bearer " + replica_credential(self.config)})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise OSError("it answered %d" % resp.status)
+        return json.loads(data)
 
     def _last_view(self, why):
         """The view to serve while the leader's cannot be read, marked unreadable (and stale)."""
@@ -11648,8 +11657,13 @@ class App:
         return self.watcher.alerts(namespace, deployment) if self.watcher else []
 
     def issue_context(self, namespace, resource):
+        """The context for AnalyzeIssue: the one target's, asked of the leader when following."""
         if self.watcher and self.following():
-            return self.leader_state()["context"]
+            try:
+                return self._read_leader("/watch/state?" + urllib.parse.urlencode(
+                    {"namespace": namespace or "", "resource": resource or ""}))["context"]
+            except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+                return self.leader_state()["context"]
         return self.watcher.context_for(namespace, resource) if self.watcher else ""
 
     def request_started(self):

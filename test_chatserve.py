@@ -4623,6 +4623,9 @@ class LeaderElectionTest(KubectlCase):
         self.assertEqual(sorted(a["type"] for a in alerts), sorted(a["type"] for a in leader.watcher.alerts()))
         self.assertEqual(self.request("GET", "/status", headers=auth, app=follower)[2]["leader"],
                          leader.election.identity)
+        one = self.request("GET", "/watch/state?namespace=prod&resource=api", headers=auth, app=leader)[2]
+        self.assertEqual(list(one), ["context"])
+        self.assertTrue(one["context"].startswith("[K8s Context: deployment/api in namespace/prod]"), one)
         leader.stop()                                                           # the leader goes away
         self.assertTrue(wait_until(lambda: sum(a.election.leading for a in (follower, third)) == 1))
         heir = follower if follower.election.leading else third
@@ -4689,6 +4692,7 @@ class ScaleOutReviewTest(unittest.TestCase):
         """An API-server outage leaves no leader (it cannot renew), so nobody's
         view can be read: every replica keeps the last one it had, marked
         stale (the old leader its own), instead of serving no alerts at all."""
+        paths = []
         views = [{"status": {"active": True, "status_summary": "api: 1/3 ready", "alert_count": 1, "targets": []},
                   "alerts": [{"type": "ImagePullBackOff", "severity": "critical", "namespace": "prod",
                               "deployment": "api", "stale": False}], "context": "[K8s Context: api]"}]
@@ -4698,8 +4702,11 @@ class ScaleOutReviewTest(unittest.TestCase):
                 pass
 
             def do_GET(self):
-                body = json.dumps(views[0]).encode() if views else b"{}"
-                self.send_response(200 if views else 404)
+                paths.append(self.path)
+                view = {"context": "[K8s Context: deployment/api]"} if "resource=" in self.path else views[0] \
+                    if views else None
+                body = json.dumps(view).encode() if view else b"{}"
+                self.send_response(200 if view else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -4714,6 +4721,9 @@ class ScaleOutReviewTest(unittest.TestCase):
         app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
         app.election.leader, app.election.leader_address = "other", "http://127.0.0.1:%d" % server.server_address[1]
         self.assertEqual(app.alerts()[0]["stale"], False)
+        # AnalyzeIssue asks the leader for that one target's context, not the whole view's
+        self.assertEqual(app.issue_context("prod", "api"), "[K8s Context: deployment/api]")
+        self.assertEqual(paths[-1], "/watch/state?namespace=prod&resource=api")
         views.clear()                                   # it stopped leading: 404 "not the leader"
         app.leader_view = (0.0, None)                   # as an interval later: read again
         state = app.leader_state()
