@@ -5014,14 +5014,25 @@ class KubernetesSessionStore:
         return state[0] if state else "first check of the Kubernetes session store under way"
 
     def _check_ready(self):
+        """A dry-run create: it answers only where a save would work (a list in a
+        namespace that does not exist is an empty 200)."""
+        probe = self._object("readiness-check", {"chat_history": []})
         try:
-            self.client.request("GET", self.base, query={"labelSelector": "app.kubernetes.io/managed-by=chatserve",
-                                                         "limit": "1"})
+            self.client.request("POST", self.base, probe, query={"dryRun": "All"})
+            result = "ok"
+        except Conflict:
             result = "ok"
         except ChatServeError as e:
-            result = "the Kubernetes session store does not answer (see /status and the log)"
+            result = self._missing_namespace(e) or "the Kubernetes session store does not answer (see /status and the log)"
             log.warning("sessions: %s", e.message)
         self.ready_state, self.ready_checking = (result, time.monotonic()), False
+
+    def _missing_namespace(self, err):
+        """What to say when `err` is the API's "namespace not found", else None."""
+        if isinstance(err, NotFound) and 'namespaces "%s" not found' % self.namespace in err.message:
+            return ("the namespace %s does not exist; create it or set --k8s-namespace to the one chatserve runs in"
+                    % self.namespace)
+        return None
 
     def list(self):
         names, query = [], {"labelSelector": ",".join("%s=%s" % item for item in SESSION_LABELS.items()),
@@ -5092,7 +5103,10 @@ class KubernetesSessionStore:
                     self.client.request("PUT", "%s/%s" % (self.base, session_object_name(name)),
                                         self._object(name, data, current["metadata"].get("resourceVersion")))
                 return
-            except (Conflict, NotFound):
+            except (Conflict, NotFound) as e:
+                missing = self._missing_namespace(e)
+                if missing:
+                    raise Unavailable("sessions cannot be saved: " + missing)
                 raced = True                # another replica saved (or deleted) in between: read again
         raise Conflict("session %r keeps changing on other replicas; load it and save again" % name)
 

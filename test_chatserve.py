@@ -2801,6 +2801,7 @@ class FakeKubeAPI:
     def __init__(self, page=2):
         self.objects, self.version, self.lock, self.page = {}, 100, threading.Lock(), page
         self.forbidden, self.throttle, self.calls = set(), 0, []
+        self.namespaces = None          # the namespaces that exist (None: any)
         api = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -2885,8 +2886,12 @@ class FakeKubeAPI:
                     return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
                 del self.objects[key]
                 return self.send(h, 200, {"kind": "Status", "status": "Success"})
+            if verb == "create" and self.namespaces is not None and ns not in self.namespaces:
+                return self.status(h, 404, "NotFound", 'namespaces "%s" not found' % ns)   # (a list there is empty)
             if verb == "create" and current is not None:
                 return self.status(h, 409, "AlreadyExists", 'secrets "%s" already exists' % key[1])
+            if verb == "create" and query.get("dryRun") == "All":
+                return self.send(h, 201, body)
             if verb == "update":
                 if current is None:
                     return self.status(h, 404, "NotFound", 'secrets "%s" not found' % name)
@@ -2957,6 +2962,24 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
         store = cs.KubernetesSessionStore(cs.KubeClient(self.api.url, namespace="chat", metrics=metrics))
         self.addCleanup(store.close)
         return store
+
+    def test_a_namespace_that_does_not_exist_is_said_not_taken_for_a_race(self):
+        """Creating in a missing namespace is the API's 404 'namespaces "x" not
+        found' (a list there is an empty 200): the save says so at once, and
+        readiness, a dry-run create, is not "ok"."""
+        self.api.namespaces = {"default"}
+        store = self.store()
+        with self.assertRaises(cs.Unavailable) as ctx:
+            store.save("s1", [{"role": "user", "content": "hi"}])
+        self.assertIn("namespace chat does not exist", ctx.exception.message)
+        self.assertEqual(len([c for c in self.api.calls if c[0] == "POST"]), 1)         # not retried as a race
+        self.assertTrue(wait_until(lambda: store.readiness() != "first check of the Kubernetes session store under way"))
+        self.assertIn("namespace chat does not exist", store.readiness())
+        self.api.namespaces.add("chat")
+        store.ready_state = None
+        self.assertTrue(wait_until(lambda: store.readiness() == "ok"))
+        self.assertEqual(self.api.objects, {})                          # the dry run stored nothing
+        store.save("s1", [{"role": "user", "content": "hi"}])
 
     def test_objects_are_labelled_compressed_and_safely_named(self):
         self.store().save("My_Notes", [{"role": "user", "content": "x" * 5000}])
@@ -3055,7 +3078,7 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
         self.assertEqual(loaded["messages"], [{"role": "user", "content": "hi"}])
         self.assertEqual(rpc(self, "ListSessions", app=two)[2]["result"]["sessions"], ["shared"])
         self.assertTrue(wait_until(lambda: one.readiness()[1].get("sessions") == "ok"))     # /readyz waits for it
-        self.api.forbidden.add("list")
+        self.api.forbidden.add("create")                                                    # what a save needs
         one.sessions.ready_state = ("ok", -1e9)                                             # due for a new check
         self.assertTrue(wait_until(lambda: one.readiness()[1]["sessions"] != "ok"))
 
