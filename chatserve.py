@@ -5895,6 +5895,7 @@ class TargetStore:
         self.errors = collections.OrderedDict()     # source (a resource, events, nodes...) -> its last error
         self.log_state = {}                         # pod uid -> (restarts, state) when its logs were last read
         self.last_collected, self.last_success, self.lock = 0.0, 0.0, threading.Lock()
+        self.first_collected = 0.0
 
     @property
     def last_error(self):
@@ -5906,10 +5907,19 @@ class TargetStore:
     def succeeded(self, source):
         self.errors.pop(source, None)
 
+    def log_changes(self, before):
+        """One log line for what this cycle broke or mended (not one every cycle)."""
+        new = [src for src, message in self.errors.items() if before.get(src) != message]
+        if new:
+            log.warning("watcher: %s: cannot read %s: %s", self.target.key, ", ".join(new), self.errors[new[0]])
+        mended = [src for src in before if src not in self.errors]
+        if mended:
+            log.info("watcher: %s: %s can be read again", self.target.key, ", ".join(mended))
+
     def stale(self, now=None):
-        """No successful collection for 3 intervals (or never, once one was tried)."""
+        """No successful collection for 3 intervals (counted from the first try when none succeeded)."""
         now = now or time.time()
-        return bool(self.last_collected) and now - (self.last_success or 0) > 3 * self.settings.interval
+        return bool(self.last_collected) and now - (self.last_success or self.first_collected) > 3 * self.settings.interval
 
     def add_snapshot(self, snapshot, now):
         """Store it and recompute the alerts; returns the alerts that are new."""
@@ -6192,13 +6202,15 @@ class Watcher:
             self.cluster_scope = False      # list per namespace from now on
             log.info("watcher: %s; listing per namespace from now on", why)
             return self.collect_once(now)
-        wanted = []
+        wanted, before = [], [dict(s.errors) for s in self.stores]
         with self.lock:                     # readers see a cycle whole, never half applied
             self._apply_nodes(results["nodes"], now)
             for store in self.stores:
                 ns = None if scopes == [None] else store.target.namespace
                 wanted += self._collect_target(store, results[("get", ns)], results[("events", ns)],
                                                results.get(("top", ns)), now)
+        for store, errors in zip(self.stores, before):
+            store.log_changes(errors)
         self._fetch_extras(wanted)
         self.cycles += 1
 
@@ -6268,7 +6280,7 @@ class Watcher:
     def _collect_target(self, store, got, events, usage, now):
         """Update one target from the cycle's results; the (store, pod) pairs whose logs to read."""
         t, started = store.target, time.monotonic()
-        store.last_collected = now
+        store.last_collected, store.first_collected = now, store.first_collected or now
         items = self._note(store, target_resources(t.kind), got)
         events = self._note(store, ["events"], events) or []
         if isinstance(usage, Exception):

@@ -4208,7 +4208,10 @@ class WatcherCollectionTest(KubectlCase):
         fixtures = prod_fixtures()
         fixtures["cluster"]["down"] = True
         self.fixtures(fixtures)
-        w.collect_once()
+        with self.assertLogs(cs.log, "WARNING") as logged:         # said in the log, not only in /status
+            w.collect_once()
+        self.assertEqual(len(logged.output), 1, logged.output)     # one line for the target, not one per kind
+        self.assertIn("watcher: prod/api: cannot read nodes, deployments, pods", logged.output[0])
         self.assertIn("The connection to the server 127.0.0.1:6443 was refused", store.errors["pods"])
         self.assertEqual(len(store.snapshots), 1)               # nothing new was made up from a failure
         store.last_success -= 5                                 # as if 5 intervals went by like that
@@ -4223,6 +4226,11 @@ class WatcherCollectionTest(KubectlCase):
         w.collect_once()
         self.assertIn("Client.Timeout exceeded while awaiting headers", store.errors["events"])
         self.assertIn("Client.Timeout exceeded while awaiting headers", store.errors["pods"])
+        fresh = self.watcher(interval=1.0)
+        fresh.collect_once()                    # never succeeded: stale 3 intervals after the first try, not at once
+        self.assertEqual((fresh.stores[0].last_success, fresh.stores[0].stale()), (0.0, False))
+        fresh.stores[0].first_collected -= 5
+        self.assertTrue(fresh.stores[0].stale())
         fixtures["cluster"] = dict(fixtures["cluster"], timeout=False, unauthorized=True)
         self.fixtures(fixtures)
         w.collect_once()                        # a wrong token: the reason, not "exit 1", on every kind
