@@ -5340,8 +5340,9 @@ def parse_watch_config(path, defaults):
                 raise ValueError
             return parsed
         except (ValueError, TypeError):
-            raise ConfigError("%s: %s %r is not a %s" % (_where(path, data, key), key, value,
-                                                         "duration (30s, 2m, 1h)" if kind == "duration" else "positive whole number"))
+            raise ConfigError("%s: %s %r is not a %s" % (
+                _where(path, data, key), key, value,
+                "duration above zero (30s, 2m, 1h)" if kind == "duration" else "positive whole number"))
 
     settings = WatchSettings([], number("interval", defaults.interval, "duration"), number("window", defaults.window, "duration"),
                              number("maxLogLines", defaults.max_log_lines, "int"), number("maxContextChars", 32000, "int"),
@@ -5351,8 +5352,15 @@ def parse_watch_config(path, defaults):
     targets = data.get("targets")
     if not isinstance(targets, list) or not targets:
         raise ConfigError("%s: targets: a list of at least one {deployment, namespace} is required" % _where(path, data, "targets"))
+    seen = {}
     for i, entry in enumerate(targets):
-        settings.targets.append(parse_watch_target(path, i, entry))
+        target = parse_watch_target(path, i, entry)
+        same = (target.kind, target.namespace, target.name)
+        if same in seen:
+            raise ConfigError("%s, targets[%d]: %s %s is already targets[%d]; list each workload once"
+                              % (path, i, target.kind, target.key, seen[same]))
+        seen[same] = i
+        settings.targets.append(target)
     return settings
 
 

@@ -4039,6 +4039,9 @@ class YamlReaderTest(unittest.TestCase):
                  ("targets: []\n", ":1:", "at least one"), ("targets:\n  - namespace: x\n", "targets[0]", "deployment is required"),
                  ("targets:\n  - deployment: a\n    kind: Pod\n", ":3:", "kind 'Pod'"),
                  ("colour: red\ntargets:\n  - deployment: a\n", ":1:", "unknown key 'colour'"),
+                 ("interval: 0s\ntargets:\n  - deployment: a\n", ":1:", "duration above zero"),
+                 ("targets:\n  - deployment: a\n  - {deployment: b}\n  - {deployment: a, namespace: default}\n",
+                  "targets[2]", "Deployment default/a is already targets[0]"),
                  ("targets:\n  - deployment: a\n   bad: indent\n", ":3:", "")]     # PyYAML, when present, words it its way
         for i, (text, where, words) in enumerate(cases):
             path = os.path.join(tmp, "t%d.yaml" % i)
