@@ -992,9 +992,12 @@ def _check_port(value, allow_zero=False):
 
 def _whole(value):
     """An int from an int or digits, never from a bool or a fraction (file values are typed)."""
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (ValueError, TypeError):
         raise ValueError("%r is not a whole number" % (value,))
-    return int(value)
 
 
 def _check_posint(value):
@@ -1078,7 +1081,10 @@ def negated_flag(flag):
 
 
 def _check_rate(value):
-    rate = float(value)
+    try:
+        rate = float(value)
+    except (ValueError, TypeError):
+        rate = float("nan")
     if rate != rate or rate in (float("inf"), float("-inf")) or isinstance(value, bool):
         raise ValueError("%r is not a number of requests per second" % (value,))
     if rate < 0:
@@ -1319,12 +1325,14 @@ def checked_client_key(name, fields, where):
     digest = fields.get("hash")
     if not (isinstance(digest, str) and re.match(r"^sha256:[0-9a-f]{64}$", digest)):
         raise bad("hash: sha256: and 64 hex digits; make one with: chatserve.py keys new %s" % name)
-    try:
-        rps = _check_rate(fields.get("rate_limit_rps") or 0)
-        burst = _check_posint(fields.get("rate_limit_burst") or max(1, int(rps * 2)))
-        budget = _check_count(fields.get("monthly_token_budget") or 0)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise bad(str(e))
+    def checked(field, check, default):
+        try:
+            return check(fields.get(field) or default)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise bad("%s: %s" % (field.replace("_", "-"), e))
+    rps = checked("rate_limit_rps", _check_rate, 0)
+    burst = checked("rate_limit_burst", _check_posint, max(1, int(rps * 2)))
+    budget = checked("monthly_token_budget", _check_count, 0)
     models = fields.get("models") or ()
     if isinstance(models, str):
         models = [models]
@@ -1409,9 +1417,12 @@ class Config:
         if len(set(names)) != len(names):
             raise ConfigError("client keys: a name is used twice (%s)" % ", ".join(
                 sorted(n for n in set(names) if names.count(n) > 1)))
-        digests = [k.digest for k in self.keys]
-        if len(set(digests)) != len(digests):
-            raise ConfigError("client keys: two keys have the same hash")
+        by_digest = {}
+        for key in self.keys:
+            if key.digest in by_digest:
+                raise ConfigError("client keys: %s and %s have the same hash (the same secret); give each key its "
+                                  "own: chatserve.py keys new %s" % (by_digest[key.digest], key.name, key.name))
+            by_digest[key.digest] = key.name
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_cert and ssl is None:

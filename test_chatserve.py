@@ -990,6 +990,20 @@ class ConfigFileTest(unittest.TestCase):
         self.assertEqual((alice.name, alice.models, alice.monthly_token_budget), ("alice", ("fast", "ollama/*"), 100))
         self.assertNotIn(ALICE_SECRET, repr(config.keys))          # only the hash is kept
 
+    def test_a_bad_key_field_or_a_shared_hash_says_which(self):
+        digest = cs.key_digest(ALICE_SECRET)
+        for field, value, words in (("monthly-token-budget", "lots", "'lots' is not a whole number"),
+                                    ("rate-limit-rps", "fast", "'fast' is not a number of requests per second"),
+                                    ("rate-limit-burst", 1.5, "1.5 is not a whole number")):
+            keys = self.write("keys:\n  carol:\n    hash: %s\n    %s: %s\n" % (digest, field, value), "keys.yaml")
+            with self.assertRaises(cs.ConfigError) as ctx:
+                self.load("port: 1\n", flags={"keys_file": keys})
+            self.assertIn("key carol: %s: %s" % (field, words), ctx.exception.message)
+        keys = self.write("keys:\n  alice:\n    hash: %s\n  bob:\n    hash: %s\n" % (digest, digest), "keys.yaml")
+        with self.assertRaises(cs.ConfigError) as ctx:
+            self.load("port: 1\n", flags={"keys_file": keys})
+        self.assertIn("alice and bob have the same hash", ctx.exception.message)
+
 
 class MetricsTest(unittest.TestCase):
     def test_text_format_counters_histograms_and_escaping(self):
