@@ -2104,10 +2104,6 @@ class CancelScope:
         fn()
 
 
-def key_allows_name(key, name):
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in key.models)
-
-
 def current_client_key():
     """The named client key of the request this thread works for, or None."""
     scope = CancelScope.current()
@@ -4297,6 +4293,27 @@ class Engine:
                                      status=429, type="insufficient_quota", code="budget_exceeded",
                                      headers={"x-should-retry": "false"})
         return provider, model
+
+    def usable_models(self, key):
+        """The model listing (models()) a client key may use: each entry is
+        resolved as a request naming it would be, so what is listed and what
+        answers agree.  A key without model patterns gets them all."""
+        entries = self.models()
+        if key is None or not key.models:
+            return entries
+        scope = CancelScope()
+        scope.client_key = key
+        usable = []
+        with scope.bound():                 # admitted() reads the key from the request's scope
+            for entry in entries:
+                try:
+                    self.resolve(ChatRequest([], model=entry["id"]))
+                except PermissionDenied:
+                    continue
+                except ChatServeError:      # a budget spent, an upstream not ready: still its model
+                    pass
+                usable.append(entry)
+        return usable
 
     def candidates(self, req):
         """(provider, model) to try in order: the chosen one, then the fallbacks."""
@@ -7688,19 +7705,17 @@ def _model_object(entry, created):
 
 def route_models(h):
     created = int(h.app.started_wall)
-    engine = h.app.engine
-    key = h.client_key
-    body = {"object": "list", "data": [_model_object(m, created) for m in engine.models()
-                                       if key is None or not key.models or key_allows_name(key, m["id"])]}
+    engine, key = h.app.engine, h.client_key
+    body = {"object": "list", "data": [_model_object(m, created) for m in engine.usable_models(key)]}
     failed = [{"provider": name, "error": p.listing_error} for name, p in engine.providers.items() if p.listing_error]
-    if failed:
+    if failed and (key is None or not key.models):  # (a key limited to some models is not told of the others)
         body["listing_errors"] = failed     # shown, never fatal: the default models are listed anyway
     h.send_json(200, body)
 
 
 def route_model(h):
     model_id = urllib.parse.unquote(h.route_rest)
-    for entry in h.app.engine.models():
+    for entry in h.app.engine.usable_models(h.client_key):
         if entry["id"] == model_id:
             h.send_json(200, _model_object(entry, int(h.app.started_wall)))
             return

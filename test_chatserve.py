@@ -3499,6 +3499,24 @@ class KeyHardeningTest(ServerTestCase):
         self.assertNotIn("current_request", self.request("GET", "/status", None, self.as_(BOB_SECRET))[2])
         listed = [m["id"] for m in self.request("GET", "/v1/models", None, self.as_(BOB_SECRET))[2]["data"]]
         self.assertEqual(listed, ["fast"])
+        self.assertEqual(self.request("GET", "/v1/models/secret-proj", None, self.as_(BOB_SECRET))[0], 404)
+
+    def test_a_key_is_listed_the_models_it_may_use(self):
+        """The listing resolves each model as a request would: a provider
+        pattern (openai/*) lists the default provider's plain names, which
+        answer; other providers' failures are not shown to a limited key."""
+        env = {"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "sk",
+               "OLLAMA_BASE_URL": "http://127.0.0.1:%d" % free_port()}
+        self.start(env=env, provider="OPENAI", keys=[self.key("carol", ALICE_SECRET, models=["openai/*"])])
+        self.assertTrue(wait_until(lambda: not self.app.engine.default_provider.model_pending))
+        status, _, body = self.request("GET", "/v1/models", None, self.as_(ALICE_SECRET))
+        listed = [m["id"] for m in body["data"]]
+        self.assertIn("up-model", listed)
+        self.assertFalse([m for m in listed if m.startswith("ollama/")])
+        self.assertNotIn("listing_errors", body)
+        for model in listed:
+            self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat(model), self.as_(ALICE_SECRET))[0],
+                             200, model)
 
     def test_fallbacks_and_headers_cannot_widen_the_models(self):
         env = {"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "sk", "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0],
