@@ -4239,13 +4239,14 @@ class Engine:
         name = (req.provider or routed or self.default or "").upper()
         credentials = req.credentials
         if credentials is not None:
-            cls = PROVIDERS.get(name)
+            endpoint = self.config.endpoints.get(name)     # a config file's provider: its URL, the client's key
+            cls = PROVIDERS.get(endpoint.type if endpoint else name)
             if cls is None:
-                raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
+                raise BadRequest("unknown provider %r (known: %s)" % (name, self.known_providers()), param="provider")
             pinned = None
             if credentials.settings.get("base_url"):
                 pinned = check_client_url(credentials.settings["base_url"], self.allowed, self.pool.resolve)
-            provider = cls(self.config, self.pool, credentials=credentials)
+            provider = cls(self.config, self.pool, credentials=credentials, endpoint=endpoint)
             provider.pinned = pinned
             return self.admitted(req.model, provider, model or provider.model, as_asked=False)
         provider = self.providers.get(name)
@@ -4255,7 +4256,7 @@ class Engine:
                                   "LLM_PROVIDER=OPENAI and OPENAI_API_KEY, or OPENAI_BASE_URL for a local "
                                   "OpenAI-compatible server) and restart chatserve", code="no_provider")
             if name not in PROVIDERS:
-                raise BadRequest("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)), param="provider")
+                raise BadRequest("unknown provider %r (known: %s)" % (name, self.known_providers()), param="provider")
             raise BadRequest("provider %s is not configured on this server (configured: %s); send your own "
                              "key to use it" % (name, ", ".join(self.providers)), param="provider")
         if not model and not provider.discover_model():
@@ -4293,6 +4294,9 @@ class Engine:
                                      status=429, type="insufficient_quota", code="budget_exceeded",
                                      headers={"x-should-retry": "false"})
         return provider, model
+
+    def known_providers(self):
+        return ", ".join(list(PROVIDERS) + [n for n in self.config.endpoints if n not in PROVIDERS])
 
     def usable_models(self, key):
         """The model listing (models()) a client key may use: each entry is

@@ -3459,6 +3459,20 @@ class ReloadTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not app.engine.default_provider.model_pending))
         self.assertEqual(other.server.model_listings, 1)
 
+    def test_a_clients_own_key_works_with_a_config_file_provider(self):
+        """The client's key goes to the named endpoint's URL, as it goes to a
+        built-in provider's; an unknown name lists the configured ones too."""
+        self.start_with_file("log-level: error\nprovider: local\nproviders:\n  local:\n    type: openai\n"
+                             "    base-url: %s\n    model: up-model\n" % self.upstream.url)
+        for headers in ({"X-LLM-API-Key": "sk-client"}, {"X-LLM-API-Key": "sk-client", "X-LLM-Provider": "local"}):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), headers)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(self.upstream.requests[-1]["headers"]["Authorization"], "Bearer sk-client")
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat(),
+                                       {"X-LLM-API-Key": "sk-client", "X-LLM-Provider": "bogus"})
+        self.assertEqual(status, 400)
+        self.assertIn("LOCAL", body["error"]["message"])
+
     def test_a_bad_file_keeps_the_running_config(self):
         app = self.start_with_file("log-level: error\naliases:\n  fast: openai/up-model\n")
         self.rewrite("log-level: error\naliases:\n  fast: openai/up-model\nprot: 1\n")
