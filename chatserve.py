@@ -9639,6 +9639,7 @@ async function follow() {
   let current = null;
   try {
     const r = await call("/updates", undefined, following.signal);
+    if (!r.ok) throw new Error(describe(await r.json()) || ("HTTP " + r.status));
     for await (const data of events(r)) {
       const ev = JSON.parse(data);
       if (ev.type === "delta") {

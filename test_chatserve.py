@@ -7999,6 +7999,18 @@ class ConsoleBrowserTest(KubectlCase):
         page.wait_for_selector("#feed >> text=response_complete")
         self.assertEqual(page.evaluate("sessionStorage.getItem('chatserve-token')"), "t")
 
+    def test_a_refused_feed_says_why(self):
+        """A named key may not follow the agent (403): the feed says so instead of staying silently empty."""
+        app = self.start(token="t", keys=[cs.checked_client_key("alice", {"hash": cs.key_digest(ALICE_SECRET)}, "test")])
+        page = self.page
+        page.goto("http://127.0.0.1:%d/ui" % app.port)
+        self.sign_in(ALICE_SECRET)
+        page.wait_for_selector("#app", state="visible")
+        page.click("#follow")
+        page.wait_for_selector("#feed li.error >> text=feed stopped")
+        self.assertIn("key", page.text_content("#feed li.error"))
+        self.assertEqual(page.text_content("#follow"), "Follow /updates")
+
     def test_keyboard_only_on_a_narrow_screen(self):
         page = self.page
         page.set_viewport_size({"width": 360, "height": 740})
