@@ -11370,6 +11370,8 @@ class App:
             threading.Thread(target=self._discover_models, name="model-discovery", daemon=True).start()
         if self.engine.default_provider is not None:
             self.engine.reachability(self.engine.default_provider)     # checked now, not at the first probe
+        if isinstance(self.sessions, KubernetesSessionStore):
+            self.sessions.readiness()                                   # so is the session store
         return self
 
     def _discover_models(self):

@@ -3086,6 +3086,8 @@ class KubernetesSessionStoreTest(SessionStoreContract, unittest.TestCase):
             self.addCleanup(app.stop)
             apps.append(app)
         one, two = apps
+        # the readiness check (a dry-run create) runs from startup, not from the first probe
+        self.assertTrue(wait_until(lambda: ("POST", "/api/v1/namespaces/chat/secrets") in self.api.calls))
         self.assertEqual(rpc(self, "SaveSession", {"name": "shared", "messages": [{"role": "user", "content": "hi"}]},
                              app=one)[2]["result"], {"success": True})
         loaded = rpc(self, "LoadSession", {"name": "shared"}, app=two)[2]["result"]
