@@ -1327,12 +1327,12 @@ def checked_client_key(name, fields, where):
         raise bad("hash: sha256: and 64 hex digits; make one with: chatserve.py keys new %s" % name)
     def checked(field, check, default):
         try:
-            return check(fields.get(field) or default)
+            return check(fields.get(field) or default())
         except (ValueError, TypeError, OverflowError) as e:
             raise bad("%s: %s" % (field.replace("_", "-"), e))
-    rps = checked("rate_limit_rps", _check_rate, 0)
-    burst = checked("rate_limit_burst", _check_posint, max(1, int(rps * 2)))
-    budget = checked("monthly_token_budget", _check_count, 0)
+    rps = checked("rate_limit_rps", _check_rate, lambda: 0)
+    burst = checked("rate_limit_burst", _check_posint, lambda: max(1, int(rps * 2)))
+    budget = checked("monthly_token_budget", _check_count, lambda: 0)
     models = fields.get("models") or ()
     if isinstance(models, str):
         models = [models]
@@ -2735,12 +2735,17 @@ def retry_after_seconds(value):
         return None
 
 
-def upstream_failure(provider, status, data, retry_after=None):
-    """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become 502."""
+def upstream_failure(provider, status, data, retry_after=None, own_key=False):
+    """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become
+    502.  A 401 or 403 to the server's own key is the operator's to fix: a 502,
+    never what a client would read as its own credentials refused."""
     message, code, param = upstream_error_parts(data)
     retry_after = retry_after_seconds(retry_after)
     headers = {"Retry-After": retry_after} if retry_after else {}
-    if 400 <= status < 500:
+    if status in (401, 403) and not own_key:
+        err = UpstreamError("upstream %s refused this server's credentials (%d): %s; the operator must check its key"
+                            % (provider, status, message), code="upstream_%d" % status)
+    elif 400 <= status < 500:
         kind = RateLimited if status == 429 else UpstreamError
         err = kind("%s: %s" % (provider, message), status=status, param=param,
                    code=code or ("model_not_found" if status == 404 and "model" in message.lower()
@@ -2991,7 +2996,7 @@ class Provider:
                                  timeout)
         data = resp.read(4 * 1024 * 1024)
         if resp.status != 200:
-            raise upstream_failure(self.name, resp.status, data)
+            raise upstream_failure(self.name, resp.status, data, own_key=self.client_credentials)
         return json_loads_upstream(data.decode("utf-8"))
 
     def failure(self, resp):
@@ -3000,7 +3005,7 @@ class Provider:
             data = resp.read(64 * 1024)
         except ChatServeError:
             data = b""
-        return upstream_failure(self.name, resp.status, data, resp.header("Retry-After"))
+        return upstream_failure(self.name, resp.status, data, resp.header("Retry-After"), self.client_credentials)
 
     def describe(self):
         parts = urllib.parse.urlsplit(self.base_url)
@@ -4299,25 +4304,25 @@ class Engine:
         return ", ".join(list(PROVIDERS) + [n for n in self.config.endpoints if n not in PROVIDERS])
 
     def usable_models(self, key):
-        """The model listing (models()) a client key may use: each entry is
-        resolved as a request naming it would be, so what is listed and what
-        answers agree.  A key without model patterns gets them all."""
-        entries = self.models()
+        """The model listing (models()) a client key may use."""
+        return [entry for entry in self.models() if self.may_use(key, entry["id"])]
+
+    def may_use(self, key, model):
+        """Whether a client key may use the model it names: resolved as a request
+        naming it would be, so what is listed and what answers agree.  A key
+        without model patterns may use them all."""
         if key is None or not key.models:
-            return entries
+            return True
         scope = CancelScope()
         scope.client_key = key
-        usable = []
         with scope.bound():                 # admitted() reads the key from the request's scope
-            for entry in entries:
-                try:
-                    self.resolve(ChatRequest([], model=entry["id"]))
-                except PermissionDenied:
-                    continue
-                except ChatServeError:      # a budget spent, an upstream not ready: still its model
-                    pass
-                usable.append(entry)
-        return usable
+            try:
+                self.resolve(ChatRequest([], model=model))
+            except PermissionDenied:
+                return False
+            except ChatServeError:          # a budget spent, an upstream not ready: still its model
+                pass
+        return True
 
     def candidates(self, req):
         """(provider, model) to try in order: the chosen one, then the fallbacks."""
@@ -6249,9 +6254,9 @@ class Watcher:
                 ns = None if scopes == [None] else store.target.namespace
                 wanted += self._collect_target(store, results[("get", ns)], results[("events", ns)],
                                                results.get(("top", ns)), now)
+        self._fetch_extras(wanted)
         for store, errors in zip(self.stores, before):
             store.log_changes(errors)
-        self._fetch_extras(wanted)
         self.cycles += 1
 
     @staticmethod
@@ -7719,8 +7724,8 @@ def route_models(h):
 
 def route_model(h):
     model_id = urllib.parse.unquote(h.route_rest)
-    for entry in h.app.engine.usable_models(h.client_key):
-        if entry["id"] == model_id:
+    for entry in h.app.engine.models():
+        if entry["id"] == model_id and h.app.engine.may_use(h.client_key, model_id):
             h.send_json(200, _model_object(entry, int(h.app.started_wall)))
             return
     raise NotFound("model %r is not served here; GET /v1/models lists the models" % model_id,
@@ -8326,6 +8331,22 @@ def _anthropic_text_blocks(blocks, where):
     return "".join(texts)
 
 
+def _anthropic_tool_result(content, where):
+    """(text, image parts) of a tool_result's content: a string, or text and image blocks."""
+    if content is None or isinstance(content, str):
+        return content or "", []
+    if not isinstance(content, list):
+        raise BadRequest("%s: must be a string or an array of text and image blocks" % where, param=where)
+    texts, images = [], []
+    for j, block in enumerate(content):
+        at = "%s[%d]" % (where, j)
+        if not isinstance(block, dict) or block.get("type") not in ("text", "image"):
+            raise BadRequest("%s: must be a text or image block" % at, param=at)
+        part = _anthropic_part(block, at)
+        (texts.append(part["text"]) if part["type"] == "text" else images.append(part))
+    return "".join(texts), images
+
+
 def _anthropic_tool_use(block, where):
     for name in ("id", "name"):
         _anthropic_field(block, name, str, where, "a string")
@@ -8361,9 +8382,9 @@ def anthropic_to_openai_messages(body):
                 raise BadRequest("%s: must be an object" % at, param=at)
             if block.get("type") == "tool_result":
                 tool_use_id = _anthropic_field(block, "tool_use_id", str, at, "the id of the tool_use it answers")
-                result = block.get("content")
-                text = "" if result is None else _anthropic_text_blocks(result, at + ".content")
+                text, images = _anthropic_tool_result(block.get("content"), at + ".content")
                 out.append({"role": "tool", "tool_call_id": tool_use_id, "content": text})
+                parts += images         # a tool's images (a screenshot, a file read) go in the user turn after it
             elif block.get("type") == "tool_use":
                 calls.append(_anthropic_tool_use(block, at))
             elif block.get("type") in ("thinking", "redacted_thinking"):
@@ -8407,7 +8428,8 @@ def parse_anthropic_request(body, request_id=""):
     if tools is not None:
         if not isinstance(tools, list):
             raise BadRequest("tools: must be an array of tools", param="tools")
-        params["tools"] = [_anthropic_tool(t, "tools[%d]" % i) for i, t in enumerate(tools)]
+        if tools:           # an empty list is no tools (OpenAI refuses "tools": [])
+            params["tools"] = [_anthropic_tool(t, "tools[%d]" % i) for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
     if choice is not None:
         params.update(_anthropic_tool_choice(choice))
@@ -8417,10 +8439,10 @@ def parse_anthropic_request(body, request_id=""):
     user = metadata.get("user_id")
     if user is not None:
         params["user"] = _anthropic_field(metadata, "user_id", str, "metadata", "a string")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream: must be true or false", param="stream")
-    return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=stream,
+    return ChatRequest(anthropic_to_openai_messages(body), model=model, stream=bool(stream),
                        params=params, request_id=request_id, surface="anthropic")
 
 
@@ -9742,6 +9764,8 @@ def route_status(h):
     status = h.app.status()
     if h.client_key is not None:
         status.pop("current_request", None)     # another client's prompt
+        status["providers"] = {name: {k: v for k, v in entry.items() if k not in ("base_url", "last_error")}
+                               for name, entry in (status.get("providers") or {}).items()}     # (internal addresses)
     h.send_json(200, status)
 
 
@@ -9768,6 +9792,9 @@ def route_watch_state(h):
     if not hmac.compare_digest(presented_token(h).encode("utf-8", "surrogateescape"),
                                replica_credential(app.config).encode("ascii")):
         app.authorize(h)
+        if h.client_key is not None:
+            raise PermissionDenied("/watch/state is for the other replicas and the server token, not named keys "
+                                   "(GetWatcherStatus and GetAlerts answer them)")
     if app.watcher is None or app.following():
         raise NotFound("this replica does not collect (%s leads)" % (app.election.leader if app.election else "none"),
                        code="not_the_leader")
@@ -11288,6 +11315,8 @@ def advertised_host(config):
 class App:
     """The running server: config, engine, metrics, the three listeners."""
 
+    leader_timeout = 2.0        # seconds a follower waits for the leader's view (connect and answer)
+
     def __init__(self, config):
         self.config = config
         self.metrics = Metrics()
@@ -11318,6 +11347,7 @@ class App:
         self.watcher = Watcher(settings, Kubectl(config.kubectl, config.watch_kubeconfig, config.watch_context),
                                self.metrics) if settings else None
         self.election, self.leader_view, self.leader_read = None, (0.0, None), (0.0, None)
+        self.leader_lock, self.leader_retry = threading.Lock(), 2.0     # one read of the leader at a time; backoff
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
@@ -11643,22 +11673,30 @@ class App:
 
     def leader_state(self):
         """The leader's view (status, alerts, context), fetched at most once an
-        interval (a failed read is tried again within 2 s).  When it cannot be
-        read (no leader while the API server is away, a handover) the last view
+        interval; after a failed read again in 2 s, doubling up to the interval.
+        One thread reads at a time: the others answer with the view there is
+        (a hung leader never holds up every request).  When it cannot be read
+        (no leader while the API server is away, a handover) the last view
         there was stays, marked stale: this replica's own, if it led more
         recently than it last read the leader's."""
         fetched, state = self.leader_view
-        wait = max(1.0, self.watcher.settings.interval)
-        if state is not None and time.monotonic() - fetched < (min(wait, 2.0) if state.get("unreadable") else wait):
+        interval = max(1.0, self.watcher.settings.interval)
+        if state is not None and time.monotonic() - fetched < (self.leader_retry if state.get("unreadable") else interval):
             return state
+        if not self.leader_lock.acquire(blocking=False):
+            return state if state is not None else self._last_view("the leader's view is being read")
         try:
             state = self._read_leader("/watch/state")
-            self.leader_read = (time.time(), state)
+            self.leader_read, self.leader_retry = (time.time(), state), 2.0
         except (OSError, ValueError, http.client.HTTPException) as e:
             why = "following leader %s, whose view cannot be read: %s" % (self.election.leader or "(none yet)",
                                                                         _os_reason(e) if isinstance(e, OSError) else e)
             state = self._last_view(why)
-        self.leader_view = (time.monotonic(), state)
+            self.leader_retry = min(interval, self.leader_retry * 2) if self.leader_view[1] is not None and \
+                self.leader_view[1].get("unreadable") else 2.0
+        finally:
+            self.leader_view = (time.monotonic(), state)
+            self.leader_lock.release()
         return state
 
     def _read_leader(self, target):
@@ -11667,8 +11705,9 @@ class App:
         if not address:
             raise OSError("no leader elected yet")
         parts = urllib.parse.urlsplit(address)
-        conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=5, context=self.replica_tls())
-                if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=5))
+        timeout = self.leader_timeout
+        conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=self.replica_tls())
+                if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
         try:
             conn.request("GET", target, headers={"Authorization": "Bearer " + replica_credential(self.config)})
             resp = conn.getresponse()
@@ -11726,6 +11765,8 @@ class App:
     def issue_context(self, namespace, resource):
         """The context for AnalyzeIssue: the one target's, asked of the leader when following."""
         if self.watcher and self.following():
+            if (self.leader_view[1] or {}).get("unreadable"):
+                return self.leader_state()["context"]       # not another wait on a leader that does not answer
             try:
                 return self._read_leader("/watch/state?" + urllib.parse.urlencode(
                     {"namespace": namespace or "", "resource": resource or ""}))["context"]

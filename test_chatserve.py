@@ -256,6 +256,12 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}}],
             "usage": USAGE})
 
+    def scenario_key_refused(self, body):
+        """OpenAI's answer to a wrong or revoked API key."""
+        self.send_body(401, {"error": {"message": "Incorrect API key provided: sk-***. You can find your API key at "
+                                       "https://platform.openai.com/account/api-keys.", "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_api_key"}})
+
     def scenario_bad_request(self, body):
         self.send_body(400, {"error": {"message": "Invalid value for 'temperature'", "type": "invalid_request_error",
                                        "param": "temperature", "code": None}})
@@ -999,6 +1005,10 @@ class ConfigFileTest(unittest.TestCase):
             with self.assertRaises(cs.ConfigError) as ctx:
                 self.load("port: 1\n", flags={"keys_file": keys})
             self.assertIn("key carol: %s: %s" % (field, words), ctx.exception.message)
+        keys = self.write("keys:\n  carol:\n    hash: %s\n    rate-limit-rps: 1e308\n" % digest, "keys.yaml")
+        with self.assertRaises(cs.ConfigError) as ctx:          # its default burst overflows: said, not a traceback
+            self.load("port: 1\n", flags={"keys_file": keys})
+        self.assertIn("key carol: rate-limit-burst", ctx.exception.message)
         keys = self.write("keys:\n  alice:\n    hash: %s\n  bob:\n    hash: %s\n" % (digest, digest), "keys.yaml")
         with self.assertRaises(cs.ConfigError) as ctx:
             self.load("port: 1\n", flags={"keys_file": keys})
@@ -1393,6 +1403,14 @@ class OpenAIProviderTest(ServerTestCase):
         self.assertEqual((body["error"]["code"], body["error"]["param"]), ("context_length_exceeded", "messages"))
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("bad-request"))
         self.assertEqual((body["error"]["code"], body["error"]["param"]), ("upstream_400", "temperature"))
+        # the server's key refused: the operator's problem, not "your credentials" (a 401 a client acts on)
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat("key-refused"))
+        self.assert_openai_error(status, body, 502, ["refused this server's credentials", "Incorrect API key"])
+        self.assertEqual((body["error"]["code"], resp.getheader("WWW-Authenticate")), ("upstream_401", None))
+        self.assertEqual(rpc(self, "SendPrompt", {"prompt": "hi", "model": "key-refused"})[2]["error"]["code"], -32010)
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("key-refused"),
+                                       {"X-LLM-API-Key": "sk-mine", "X-LLM-Provider": "OPENAI"})
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_api_key"))        # the client's own key
 
     def test_status_never_shows_credentials_in_a_base_url(self):
         self.start(env={"OPENAI_BASE_URL": "http://user:hunter2@127.0.0.1:9/v1"})
@@ -1943,6 +1961,29 @@ class AnthropicSurfaceTest(ServerTestCase):
         ok = self.message(system=[{"type": "text", "text": "Be brief."}], tool_choice={"type": "auto"}, stream=False,
                           tools=[{"name": "f", "input_schema": {"type": "object"}}])
         self.assertEqual(self.request("POST", "/v1/messages", ok)[0], 200)
+
+    def test_tool_results_with_images_and_empty_tools(self):
+        """A tool_result may hold images (Claude Code's Read returns them): its
+        text answers the call, its images go in the user turn after it.  An
+        empty tools list is no tools (OpenAI refuses "tools": [])."""
+        self.start()
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        body = self.message(tools=[])
+        body["messages"] += [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {"p": "a.png"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": "the file:"}, image]}]}]
+        status, _, answer = self.request("POST", "/v1/messages", body)
+        self.assertEqual(status, 200, answer)
+        sent = self.upstream.requests[-1]["body"]
+        self.assertNotIn("tools", sent)
+        self.assertEqual(sent["messages"][-2], {"role": "tool", "tool_call_id": "t1", "content": "the file:"})
+        self.assertEqual(sent["messages"][-1], {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]})
+        body["messages"][-1]["content"][0]["content"] = [{"type": "document"}]
+        status, _, answer = self.request("POST", "/v1/messages", body)
+        self.assertEqual(status, 400)
+        self.assertIn("messages[2].content[0].content[0]: must be a text or image block", answer["error"]["message"])
 
     def test_refusals_before_the_route_are_in_anthropics_shape(self):
         """A wrong method and a refused head on /v1/messages answer as
@@ -3516,6 +3557,10 @@ class KeyHardeningTest(ServerTestCase):
         listed = [m["id"] for m in self.request("GET", "/v1/models", None, self.as_(BOB_SECRET))[2]["data"]]
         self.assertEqual(listed, ["fast"])
         self.assertEqual(self.request("GET", "/v1/models/secret-proj", None, self.as_(BOB_SECRET))[0], 404)
+        providers = self.request("GET", "/status", None, self.as_(BOB_SECRET))[2]["providers"]
+        self.assertNotIn("base_url", json.dumps(providers))                     # internal addresses
+        self.assertIn("base_url", json.dumps(self.request("GET", "/status", None, self.as_("admin"))[2]["providers"]))
+        self.assertEqual(self.request("GET", "/watch/state", None, self.as_(ALICE_SECRET))[0], 403)
 
     def test_a_key_is_listed_the_models_it_may_use(self):
         """The listing resolves each model as a request would: a provider
@@ -4769,6 +4814,42 @@ class ScaleOutReviewTest(unittest.TestCase):
         self.assertEqual(seen, ["Bearer " + cs.replica_credential(config)])
         self.assertNotIn("the-server-token", seen[0])
         self.assertEqual(app.readiness()[1]["watcher"], "ok")      # a follower is ready without it
+
+    def test_a_hung_leader_holds_up_one_reader_not_every_request(self):
+        """A leader that accepts and never answers: one thread waits for it (2 s
+        at most), the others answer at once with the view there is, and the
+        next read waits 2 s, then 4, up to the interval."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.addCleanup(listener.close)
+        config = cs.Config(env={}, port=0, metrics_port=0, probe_local=False, socket=os.path.join(self.tmp, "s.sock"),
+                           data_dir=self.tmp, watch_deployment="api", watch_interval=30.0)
+        app = cs.App(config)
+        self.addCleanup(app._close_listeners)
+        app.leader_timeout = 0.5
+        app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
+        app.election.leader, app.election.leader_address = "hung", "http://127.0.0.1:%d" % listener.getsockname()[1]
+        done, go = [], threading.Barrier(6)
+
+        def ask():
+            go.wait(WAIT)
+            started = time.monotonic()
+            done.append((app.leader_state(), time.monotonic() - started))
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        waits = sorted(d for _state, d in done)
+        self.assertEqual(len(done), 6)
+        self.assertLess(waits[-2], 0.4, waits)                  # five answered at once
+        self.assertTrue(0.4 < waits[-1] < 3.0, waits)           # one waited for the leader (its timeout)
+        self.assertTrue(all(state["unreadable"] for state, _d in done))
+        self.assertEqual(app.leader_retry, 2.0)
+        app.leader_view = (0.0, app.leader_view[1])             # due again: still hung, the wait doubles
+        app.leader_state()
+        self.assertEqual(app.leader_retry, 4.0)
 
     def test_the_last_view_stays_stale_while_no_leader_can_be_read(self):
         """An API-server outage leaves no leader (it cannot renew), so nobody's
