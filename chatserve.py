@@ -11612,6 +11612,8 @@ class App:
                                         provider.model if provider else "")
             if any(p.model_pending for p in engine.providers.values()):
                 threading.Thread(target=self._discover_models, name="model-discovery", daemon=True).start()
+            if provider is not None:
+                engine.reachability(provider)       # a new upstream is checked now, not at the next probe
             log.info("%s: config reloaded (%d provider(s), %d key(s))%s", why, len(engine.providers), len(new.keys),
                      "; restart to apply: " + ", ".join("--" + d.replace("_", "-") for d in restart) if restart else "")
             return ["--" + d.replace("_", "-") for d in restart]

@@ -3501,6 +3501,7 @@ class ReloadTest(ServerTestCase):
         app.reload("test")
         self.assertTrue(wait_until(lambda: not app.engine.default_provider.model_pending))
         self.assertEqual(other.server.model_listings, 1)
+        self.assertTrue(wait_until(lambda: "OPENAI" in app.engine.reach))     # the new upstream checked at once
 
     def test_a_clients_own_key_works_with_a_config_file_provider(self):
         """The client's key goes to the named endpoint's URL, as it goes to a
