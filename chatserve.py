@@ -11393,6 +11393,7 @@ class App:
             self.election.identity = replica_identity(c, self.port)
             self.election.address = "%s://%s:%d" % ("https" if context else "http", advertised_host(c), self.port)
             self.election.start()           # the winner starts its watcher
+            threading.Thread(target=self._keep_leader_view, name="leader-view", daemon=True).start()
         elif self.watcher:
             self.watcher.start()
         self._log_startup(context is not None)
@@ -11665,6 +11666,13 @@ class App:
         if isinstance(self.sessions, KubernetesSessionStore):
             checks["sessions"] = self.sessions.readiness()
         return all(v == "ok" for v in checks.values()), checks
+
+    def _keep_leader_view(self):
+        """A follower reads the leader's view every interval, asked for or not,
+        so that it has a last view to keep when the leader cannot be read."""
+        while not self.stopping.wait(max(1.0, self.watcher.settings.interval)):
+            if self.following():
+                self.leader_state()
 
     def following(self):
         return self.election is not None and not self.election.leading

@@ -4743,6 +4743,8 @@ class LeaderElectionTest(KubectlCase):
         self.assertTrue(wait_until(lambda: leader.watcher.cycles >= 3))
         replicas = {c[c.index("--kubeconfig") + 1] for c in self.calls()}
         self.assertEqual(len(replicas), 1)                                      # only the leader ran kubectl
+        # followers read the view unasked (a last view to keep should the leader become unreadable)
+        self.assertTrue(wait_until(lambda: follower.leader_read[1] is not None and third.leader_read[1] is not None))
         auth = {"Authorization": "Bearer t"}
         ahead = rpc(self, "GetWatcherStatus", headers=auth, app=follower)[2]["result"]
         self.assertEqual((ahead["leader"], ahead["leading"], ahead["alert_count"]),
