@@ -1402,6 +1402,9 @@ class Config:
         return config
 
     def validate(self):
+        if self.leader_elect and self.keys and not self.token:
+            raise ConfigError("--leader-elect with named keys needs --token (CHATCLI_SERVER_TOKEN): the replicas "
+                              "prove themselves to each other with a credential derived from it")
         known = set(PROVIDERS) | set(self.endpoints)
         canonical = lambda n: n if n in known else ROUTE_PREFIXES.get(n.lower(), n)     # ANTHROPIC -> CLAUDEAI
         self.provider = canonical(self.provider) if self.provider else self.provider
@@ -2735,14 +2738,15 @@ def retry_after_seconds(value):
         return None
 
 
-def upstream_failure(provider, status, data, retry_after=None, own_key=False):
+def upstream_failure(provider, status, data, retry_after=None, client_credentials=False):
     """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become
     502.  A 401 or 403 to the server's own key is the operator's to fix: a 502,
-    never what a client would read as its own credentials refused."""
+    never what a client would read as its own credentials refused, and a
+    reason to fail over (not to send it again)."""
     message, code, param = upstream_error_parts(data)
     retry_after = retry_after_seconds(retry_after)
     headers = {"Retry-After": retry_after} if retry_after else {}
-    if status in (401, 403) and not own_key:
+    if status in (401, 403) and not client_credentials:
         err = UpstreamError("upstream %s refused this server's credentials (%d): %s; the operator must check its key"
                             % (provider, status, message), code="upstream_%d" % status)
     elif 400 <= status < 500:
@@ -2755,6 +2759,8 @@ def upstream_failure(provider, status, data, retry_after=None, own_key=False):
         err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,
                             headers=headers)
     err.retryable = status in RETRYABLE_STATUSES
+    if status in (401, 403) and not client_credentials:
+        err.retryable, err.retry_same = True, False     # the fallback answers; this key will not do better now
     err.upstream_status = status
     return err
 
@@ -2996,7 +3002,7 @@ class Provider:
                                  timeout)
         data = resp.read(4 * 1024 * 1024)
         if resp.status != 200:
-            raise upstream_failure(self.name, resp.status, data, own_key=self.client_credentials)
+            raise upstream_failure(self.name, resp.status, data, client_credentials=self.client_credentials)
         return json_loads_upstream(data.decode("utf-8"))
 
     def failure(self, resp):
@@ -3005,7 +3011,13 @@ class Provider:
             data = resp.read(64 * 1024)
         except ChatServeError:
             data = b""
-        return upstream_failure(self.name, resp.status, data, resp.header("Retry-After"), self.client_credentials)
+        return upstream_failure(self.name, self.failure_status(resp.status, data), data, resp.header("Retry-After"),
+                                self.client_credentials)
+
+    @staticmethod
+    def failure_status(status, data):
+        """The status an error answer means (a wire whose key refusals are no 401 says so here)."""
+        return status
 
     def describe(self):
         parts = urllib.parse.urlsplit(self.base_url)
@@ -3629,6 +3641,11 @@ class GeminiProvider(Provider):
             return {"Authorization": "Bearer " + self.api_key}
         return {"x-goog-api-key": self.api_key} if self.api_key else {}
 
+    @staticmethod
+    def failure_status(status, data):
+        """Gemini refuses a bad key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID: a 401."""
+        return 401 if status == 400 and b"API_KEY_INVALID" in data else status
+
     def send(self, req, model):
         model = model[len("models/"):] if model.startswith("models/") else model
         action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
@@ -3838,6 +3855,9 @@ class StackSpotProvider(Provider):
                          {}, False, form=True)
         if resp.status >= 300:
             err = self.failure(resp)
+            if not self.client_credentials:     # the server's secret: the operator's to fix (a 502)
+                err.message = "StackSpot token endpoint: " + err.message
+                raise err
             raise Unauthorized("StackSpot refused the client credentials: %s" % err.message, status=502
                                if err.status >= 500 else 401, code="upstream_auth")
         try:
@@ -7717,7 +7737,7 @@ def route_models(h):
     engine, key = h.app.engine, h.client_key
     body = {"object": "list", "data": [_model_object(m, created) for m in engine.usable_models(key)]}
     failed = [{"provider": name, "error": p.listing_error} for name, p in engine.providers.items() if p.listing_error]
-    if failed and (key is None or not key.models):  # (a key limited to some models is not told of the others)
+    if failed and key is None:          # (upstream addresses and errors are not for named keys)
         body["listing_errors"] = failed     # shown, never fatal: the default models are listed anyway
     h.send_json(200, body)
 
@@ -8432,7 +8452,9 @@ def parse_anthropic_request(body, request_id=""):
             params["tools"] = [_anthropic_tool(t, "tools[%d]" % i) for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
     if choice is not None:
-        params.update(_anthropic_tool_choice(choice))
+        choices = _anthropic_tool_choice(choice)
+        if params.get("tools"):             # without tools OpenAI refuses tool_choice and parallel_tool_calls
+            params.update(choices)
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadRequest("metadata: must be an object", param="metadata")
@@ -9257,7 +9279,7 @@ def session_reply(h, ws, history, text):
     elif kind == "COMMAND":
         command = content.strip().lstrip("/").lower()
         if command == "status":
-            ws.send_text(session_message("COMMAND_RESULT", json_dumps(h.app.status()), command="status"))
+            ws.send_text(session_message("COMMAND_RESULT", json_dumps(h.app.status(h.client_key)), command="status"))
         elif command in ("watcher status", "watch", "watch status"):
             ws.send_text(session_message("COMMAND_RESULT", json_dumps(h.app.watcher_status()), command="watcher status"))
         else:
@@ -9761,12 +9783,7 @@ def route_health(h):
 
 
 def route_status(h):
-    status = h.app.status()
-    if h.client_key is not None:
-        status.pop("current_request", None)     # another client's prompt
-        status["providers"] = {name: {k: v for k, v in entry.items() if k not in ("base_url", "last_error")}
-                               for name, entry in (status.get("providers") or {}).items()}     # (internal addresses)
-    h.send_json(200, status)
+    h.send_json(200, h.app.status(h.client_key))
 
 
 def route_livez(h):
@@ -11295,10 +11312,26 @@ def raise_open_files_limit(needed):
 
 def replica_credential(config):
     """What replicas show each other for /watch/state: derived from the server's
-    token (or the keys' hashes), never the token itself, since the address it
-    goes to is read from a Lease that others may be able to write."""
-    secret = config.token or ",".join(sorted(k.digest for k in config.keys)) or "open"
+    token, never the token itself, since the address it goes to is read from a
+    Lease that others may be able to write.  (Not from key hashes: a key's
+    holder can compute its hash.)"""
+    secret = config.token or "open"         # (--leader-elect with keys needs a token: Config.validate)
     return hmac.new(secret.encode("utf-8", "surrogateescape"), b"chatserve watch-state", hashlib.sha256).hexdigest()
+
+
+def checked_leader_view(view):
+    """The leader's view as a follower serves it, or ValueError: a replica at
+    the Lease's address may answer anything."""
+    if not (isinstance(view, dict) and isinstance(view.get("status"), dict) and isinstance(view.get("alerts"), list)
+            and isinstance(view.get("context"), str)):
+        raise ValueError("its answer is not a watcher view")
+    alerts = [a for a in view["alerts"] if isinstance(a, dict)]
+    for a in alerts:
+        if not (isinstance(a.get("namespace", ""), str) and isinstance(a.get("deployment", ""), str)):
+            raise ValueError("its answer is not a watcher view")
+    return {"status": view["status"], "alerts": [dict(a, namespace=a.get("namespace", ""),
+                                                      deployment=a.get("deployment", "")) for a in alerts],
+            "context": view["context"]}
 
 
 def replica_identity(config, port):
@@ -11671,8 +11704,11 @@ class App:
         """A follower reads the leader's view every interval, asked for or not,
         so that it has a last view to keep when the leader cannot be read."""
         while not self.stopping.wait(max(1.0, self.watcher.settings.interval)):
-            if self.following():
-                self.leader_state()
+            try:
+                if self.following():
+                    self.leader_state()
+            except Exception:               # never the end of this thread: the next interval tries again
+                log.exception("reading the leader's view failed")
 
     def following(self):
         return self.election is not None and not self.election.leading
@@ -11690,43 +11726,56 @@ class App:
         there was stays, marked stale: this replica's own, if it led more
         recently than it last read the leader's."""
         fetched, state = self.leader_view
-        interval = max(1.0, self.watcher.settings.interval)
-        if state is not None and time.monotonic() - fetched < (self.leader_retry if state.get("unreadable") else interval):
+        interval, age = max(1.0, self.watcher.settings.interval), time.monotonic() - fetched
+        if state is not None and age < (self.leader_retry if state.get("unreadable") else interval):
             return state
-        if not self.leader_lock.acquire(blocking=False):
-            return state if state is not None else self._last_view("the leader's view is being read")
+        if not self.leader_lock.acquire(blocking=False):    # another thread is reading it
+            fresh = state is not None and (state.get("unreadable") or age < interval + self.leader_timeout)
+            return state if fresh else self._last_view("the leader's view is being read")
         try:
-            state = self._read_leader("/watch/state")
-            self.leader_read, self.leader_retry = (time.time(), state), 2.0
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            why = "following leader %s, whose view cannot be read: %s" % (self.election.leader or "(none yet)",
-                                                                        _os_reason(e) if isinstance(e, OSError) else e)
-            state = self._last_view(why)
-            self.leader_retry = min(interval, self.leader_retry * 2) if self.leader_view[1] is not None and \
-                self.leader_view[1].get("unreadable") else 2.0
-        finally:
+            try:
+                state = checked_leader_view(self._read_leader("/watch/state"))
+                self.leader_read, self.leader_retry = (time.time(), state), 2.0
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                why = "following leader %s, whose view cannot be read: %s" % (
+                    self.election.leader or "(none yet)", _os_reason(e) if isinstance(e, OSError) else e)
+                failed_before = (self.leader_view[1] or {}).get("unreadable")
+                state = self._last_view(why)
+                self.leader_retry = min(interval, self.leader_retry * 2) if failed_before else 2.0
             self.leader_view = (time.monotonic(), state)
+        finally:
             self.leader_lock.release()
         return state
 
-    def _read_leader(self, target):
-        """The JSON the leader answers to GET `target` (with the replica credential)."""
+    def _read_leader(self, target, limit=32 * 1024 * 1024):
+        """The JSON the leader answers to GET `target` (with the replica
+        credential): no read after leader_timeout has passed (so a trickle ends
+        within twice that), at most `limit` bytes."""
         address = self.election.leader_address
         if not address:
             raise OSError("no leader elected yet")
         parts = urllib.parse.urlsplit(address)
         timeout = self.leader_timeout
+        deadline = time.monotonic() + timeout
         conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=self.replica_tls())
                 if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
         try:
             conn.request("GET", target, headers={"Authorization": "Bearer " + replica_credential(self.config)})
             resp = conn.getresponse()
-            data = resp.read()
+            if resp.status != 200:
+                raise OSError("it answered %d" % resp.status)
+            data = bytearray()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or len(data) > limit:
+                    raise OSError("no whole answer within %gs" % timeout if left <= 0 else "an answer over %d bytes" % limit)
+                piece = resp.read1(65536)          # one read, within the socket's timeout
+                if not piece:
+                    break
+                data += piece
         finally:
             conn.close()
-        if resp.status != 200:
-            raise OSError("it answered %d" % resp.status)
-        return json.loads(data)
+        return json.loads(bytes(data))
 
     def _last_view(self, why):
         """The view to serve while the leader's cannot be read, marked unreadable (and stale)."""
@@ -11775,13 +11824,18 @@ class App:
     def issue_context(self, namespace, resource):
         """The context for AnalyzeIssue: the one target's, asked of the leader when following."""
         if self.watcher and self.following():
-            if (self.leader_view[1] or {}).get("unreadable"):
+            if (self.leader_view[1] or {}).get("unreadable") or not self.leader_lock.acquire(blocking=False):
                 return self.leader_state()["context"]       # not another wait on a leader that does not answer
             try:
-                return self._read_leader("/watch/state?" + urllib.parse.urlencode(
-                    {"namespace": namespace or "", "resource": resource or ""}))["context"]
-            except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
-                return self.leader_state()["context"]
+                answer = self._read_leader("/watch/state?" + urllib.parse.urlencode(
+                    {"namespace": namespace or "", "resource": resource or ""}))
+                if isinstance(answer, dict) and isinstance(answer.get("context"), str):
+                    return answer["context"]
+            except (OSError, ValueError, http.client.HTTPException):
+                self.leader_view = (0.0, self.leader_view[1])     # due: the next look reads (and records) it
+            finally:
+                self.leader_lock.release()
+            return self.leader_state()["context"]
         return self.watcher.context_for(namespace, resource) if self.watcher else ""
 
     def request_started(self):
@@ -11802,7 +11856,17 @@ class App:
     def requests_processed(self):
         return self.served.value()
 
-    def status(self):
+    def status(self, key=None):
+        """/status; as a named key (`key`) may see it: no other client's prompt,
+        no upstream addresses or errors."""
+        status = self._status()
+        if key is not None:
+            status.pop("current_request", None)
+            status["providers"] = {name: {k: v for k, v in entry.items() if k not in ("base_url", "last_error")}
+                                   for name, entry in status["providers"].items()}
+        return status
+
+    def _status(self):
         provider = self.engine.default_provider
         c = self.config
         return {"status": "shutting_down" if self.stopping.is_set() else "running",

@@ -157,6 +157,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             return self.send_body(500, {"error": {"message": "[{'type': 'string_type', 'loc': ('body', 'messages', "
                                                   "'ChatCompletionRequestAssistantMessage', 'content'), 'msg': 'Input "
                                                   "should be a valid string', 'input': None}]", "type": "internal_server_error"}})
+        for field in ("tool_choice", "parallel_tool_calls"):
+            if field in body and not body.get("tools"):    # OpenAI's refusal, in its words
+                return self.send_body(400, {"error": {"message": "Invalid value for '%s': '%s' is only allowed when "
+                                                      "'tools' are specified." % (field, field), "param": field,
+                                                      "type": "invalid_request_error", "code": None}})
         problem = tool_order_problem(body.get("messages") or [])
         if problem:
             return self.send_body(400, {"error": {"message": problem, "type": "invalid_request_error",
@@ -539,7 +544,10 @@ class GeminiFake:
             return h.send_body(200, {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}})
         if model == "bad-key":
             return h.send_body(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
-                                               "status": "INVALID_ARGUMENT"}})
+                                               "status": "INVALID_ARGUMENT", "details": [
+                                                   {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                                    "reason": "API_KEY_INVALID", "domain": "googleapis.com",
+                                                    "metadata": {"service": "generativelanguage.googleapis.com"}}]}})
         if model == "tools":
             parts = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
                      {"functionCall": {"name": "get_time", "args": {}}}]
@@ -1704,7 +1712,9 @@ class GeminiProviderTest(ProviderCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("blocked"))
         self.assert_openai_error(status, body, 400, ["blocked", "SAFETY"])
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("bad-key"))
-        self.assert_openai_error(status, body, 400, ["API key not valid"])
+        # Gemini's 400 API_KEY_INVALID to the server's key: the operator's to fix (a 502), not the client's 400
+        self.assert_openai_error(status, body, 502, ["API key not valid", "refused this server's credentials"])
+        self.assertEqual(body["error"]["code"], "upstream_401")
         _, _, text = self.request("POST", "/v1/chat/completions", self.chat("cut", stream=True))
         self.assertIn("finishReason", sse_data(text)[-2]["error"]["message"])
 
@@ -1913,6 +1923,18 @@ class RetryFailoverTest(ServerTestCase):
         self.request("POST", "/v1/chat/completions", self.chat("any"))
         self.assertEqual(app.metrics.llm_requests.value(("OPENAI", "any", "error")), attempts)   # skipped meanwhile
 
+    def test_a_refused_server_key_fails_over_without_a_resend(self):
+        """The server's key refused (401): not sent again to that provider,
+        the fallback answers, and the provider's health shows it."""
+        app = self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "sk-revoked",
+                              "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                         provider="OPENAI", fallback_providers=("OLLAMA",))
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("key-refused"))
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "The sky"), body)
+        self.assertEqual(len([r for r in self.upstream.requests if r["path"] == "/v1/chat/completions"]), 1)
+        self.assertEqual(app.metrics.llm_fallbacks.value(("OPENAI", "OLLAMA")), 1)
+        self.assertIn("refused this server's credentials", self.request("GET", "/status")[2]["providers"]["OPENAI"]["last_error"])
+
     def test_no_fallback_after_the_first_byte(self):
         self.start(env={"OPENAI_BASE_URL": self.upstream.url, "OLLAMA_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
                    provider="OPENAI", fallback_providers=("OLLAMA",))
@@ -1968,7 +1990,7 @@ class AnthropicSurfaceTest(ServerTestCase):
         empty tools list is no tools (OpenAI refuses "tools": [])."""
         self.start()
         image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
-        body = self.message(tools=[])
+        body = self.message(tools=[], tool_choice={"type": "auto", "disable_parallel_tool_use": True})
         body["messages"] += [
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {"p": "a.png"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
@@ -1976,7 +1998,7 @@ class AnthropicSurfaceTest(ServerTestCase):
         status, _, answer = self.request("POST", "/v1/messages", body)
         self.assertEqual(status, 200, answer)
         sent = self.upstream.requests[-1]["body"]
-        self.assertNotIn("tools", sent)
+        self.assertFalse({"tools", "tool_choice", "parallel_tool_calls"} & set(sent))
         self.assertEqual(sent["messages"][-2], {"role": "tool", "tool_call_id": "t1", "content": "the file:"})
         self.assertEqual(sent["messages"][-1], {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]})
@@ -3562,6 +3584,12 @@ class KeyHardeningTest(ServerTestCase):
         self.assertNotIn("base_url", json.dumps(providers))                     # internal addresses
         self.assertIn("base_url", json.dumps(self.request("GET", "/status", None, self.as_("admin"))[2]["providers"]))
         self.assertEqual(self.request("GET", "/watch/state", None, self.as_(ALICE_SECRET))[0], 403)
+        sock, _ = ws_open(self.app.port, BOB_SECRET)            # the WebSocket's status command: the same redaction
+        with sock:
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "COMMAND", "content": "status"}).encode())
+            shown = json.loads(ws_json(sock)["content"])
+        self.assertNotIn("base_url", json.dumps(shown["providers"]))
+        self.assertNotIn("current_request", shown)
 
     def test_a_key_is_listed_the_models_it_may_use(self):
         """The listing resolves each model as a request would: a provider
@@ -3569,7 +3597,10 @@ class KeyHardeningTest(ServerTestCase):
         answer; other providers' failures are not shown to a limited key."""
         env = {"OPENAI_BASE_URL": self.upstream.url, "OPENAI_API_KEY": "sk",
                "OLLAMA_BASE_URL": "http://127.0.0.1:%d" % free_port()}
-        self.start(env=env, provider="OPENAI", keys=[self.key("carol", ALICE_SECRET, models=["openai/*"])])
+        self.start(env=env, provider="OPENAI", token="admin",
+                   keys=[self.key("carol", ALICE_SECRET, models=["openai/*"]), self.key("dave", BOB_SECRET)])
+        self.assertNotIn("listing_errors", self.request("GET", "/v1/models", None, self.as_(BOB_SECRET))[2])
+        self.assertIn("listing_errors", self.request("GET", "/v1/models", None, self.as_("admin"))[2])
         self.assertTrue(wait_until(lambda: not self.app.engine.default_provider.model_pending))
         status, _, body = self.request("GET", "/v1/models", None, self.as_(ALICE_SECRET))
         listed = [m["id"] for m in body["data"]]
@@ -4817,6 +4848,11 @@ class ScaleOutReviewTest(unittest.TestCase):
         self.assertEqual(seen, ["Bearer " + cs.replica_credential(config)])
         self.assertNotIn("the-server-token", seen[0])
         self.assertEqual(app.readiness()[1]["watcher"], "ok")      # a follower is ready without it
+        # keys without a token: a key's holder could compute a credential derived from key hashes
+        alice = cs.checked_client_key("alice", {"hash": cs.key_digest(ALICE_SECRET)}, "test")
+        with self.assertRaises(cs.ConfigError) as ctx:
+            cs.Config(env={}, leader_elect=True, keys=[alice], watch_deployment="api").validate()
+        self.assertIn("--leader-elect with named keys needs --token", ctx.exception.message)
 
     def test_a_hung_leader_holds_up_one_reader_not_every_request(self):
         """A leader that accepts and never answers: one thread waits for it (2 s
@@ -4871,8 +4907,8 @@ class ScaleOutReviewTest(unittest.TestCase):
                 paths.append(self.path)
                 view = {"context": "[K8s Context: deployment/api]"} if "resource=" in self.path else views[0] \
                     if views else None
-                body = json.dumps(view).encode() if view else b"{}"
-                self.send_response(200 if view else 404)
+                body = json.dumps(view).encode() if view is not None else b"{}"
+                self.send_response(200 if view is not None else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -4887,6 +4923,17 @@ class ScaleOutReviewTest(unittest.TestCase):
         app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
         app.election.leader, app.election.leader_address = "other", "http://127.0.0.1:%d" % server.server_address[1]
         self.assertEqual(app.alerts()[0]["stale"], False)
+        good = views[0]
+        for poison in ([], "x", {"status": [], "alerts": [], "context": ""}, dict(good, alerts=[{"namespace": 5}])):
+            views[0] = poison                           # a replica at the Lease's address may answer anything
+            app.leader_view = (0.0, app.leader_view[1])
+            state = app.leader_state()
+            self.assertTrue(state["unreadable"], poison)
+            self.assertIn("not a watcher view", state["status"]["status_summary"])
+            self.assertEqual(app.alerts()[0]["type"], "ImagePullBackOff")     # the last good view, stale
+        views[0] = good
+        app.leader_view = (0.0, app.leader_view[1])
+        self.assertEqual(app.alerts()[0]["stale"], False)                     # and it recovers
         # AnalyzeIssue asks the leader for that one target's context, not the whole view's
         self.assertEqual(app.issue_context("prod", "api"), "[K8s Context: deployment/api]")
         self.assertEqual(paths[-1], "/watch/state?namespace=prod&resource=api")
