@@ -7768,9 +7768,14 @@ class CtlTest(ServerTestCase):
 
     def test_sigterm_and_sigint_shut_down_gracefully(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            proc, port, sock = serve_process(self)
+            proc, port, sock = serve_process(self, env={"PYTHONFAULTHANDLER": "1"})
             proc.send_signal(sig)
-            self.assertEqual(proc.wait(WAIT), 0)
+            try:
+                self.assertEqual(proc.wait(WAIT), 0)
+            except subprocess.TimeoutExpired:       # say where it hangs: faulthandler dumps every thread on SIGABRT
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(WAIT)
+                self.fail("%s did not stop it:\n%s" % (sig.name, proc.stderr.read().decode("utf-8", "replace")[-6000:]))
             self.assertFalse(os.path.exists(sock))
             self.assertIn(b"stopped", proc.stderr.read())
 
