@@ -2746,7 +2746,8 @@ def upstream_failure(provider, status, data, retry_after=None, client_credential
     message, code, param = upstream_error_parts(data)
     retry_after = retry_after_seconds(retry_after)
     headers = {"Retry-After": retry_after} if retry_after else {}
-    if status in (401, 403) and not client_credentials:
+    refused_key = status in (401, 403) and not client_credentials
+    if refused_key:
         err = UpstreamError("upstream %s refused this server's credentials (%d): %s; the operator must check its key"
                             % (provider, status, message), code="upstream_%d" % status)
     elif 400 <= status < 500:
@@ -2758,9 +2759,8 @@ def upstream_failure(provider, status, data, retry_after=None, client_credential
     else:
         err = UpstreamError("upstream %s answered %d: %s" % (provider, status, message), code="upstream_%d" % status,
                             headers=headers)
-    err.retryable = status in RETRYABLE_STATUSES
-    if status in (401, 403) and not client_credentials:
-        err.retryable, err.retry_same = True, False     # the fallback answers; this key will not do better now
+    err.retryable = status in RETRYABLE_STATUSES or refused_key
+    err.retry_same = not refused_key        # a refused key: the fallback answers; this one will not do better now
     err.upstream_status = status
     return err
 
@@ -5336,6 +5336,8 @@ WATCH_RESOURCES = (("deployments", "deploy", "Deployment"), ("statefulsets", "st
                    ("daemonsets", "ds", "DaemonSet"), ("jobs", "job", "Job"), ("cronjobs", "cronjob", "CronJob"),
                    ("pods", "pods", "Pod"), ("horizontalpodautoscalers", "hpa", "HorizontalPodAutoscaler"),
                    ("persistentvolumeclaims", "pvc", "PersistentVolumeClaim"))
+
+
 def target_resources(kind):
     """What a target of `kind` reads from the one `get`: its workload, pods,
     HPAs and PVCs (and Jobs for a CronJob).  A kind no target reads is not
@@ -8336,32 +8338,18 @@ def _anthropic_part(block, where):
     raise BadRequest("%s: unsupported content block type %r" % (where, kind), param=where)
 
 
-def _anthropic_text_blocks(blocks, where):
-    """The text of a string or of an array of text blocks (a system prompt, a tool result)."""
-    if isinstance(blocks, str):
-        return blocks
-    if not isinstance(blocks, list):
-        raise BadRequest("%s: must be a string or an array of text blocks" % where, param=where)
-    texts = []
-    for j, block in enumerate(blocks):
-        at = "%s[%d]" % (where, j)
-        if not isinstance(block, dict) or block.get("type") != "text":
-            raise BadRequest("%s: must be a text block ({\"type\": \"text\", \"text\": ...})" % at, param=at)
-        texts.append(_anthropic_field(block, "text", str, at, "a string"))
-    return "".join(texts)
-
-
-def _anthropic_tool_result(content, where):
-    """(text, image parts) of a tool_result's content: a string, or text and image blocks."""
+def _anthropic_blocks(content, where, kinds=("text",)):
+    """(text, image parts) of a string or an array of blocks of `kinds`: a
+    system prompt (text blocks), a tool_result's content (text and images)."""
     if content is None or isinstance(content, str):
         return content or "", []
     if not isinstance(content, list):
-        raise BadRequest("%s: must be a string or an array of text and image blocks" % where, param=where)
+        raise BadRequest("%s: must be a string or an array of %s blocks" % (where, " and ".join(kinds)), param=where)
     texts, images = [], []
     for j, block in enumerate(content):
         at = "%s[%d]" % (where, j)
-        if not isinstance(block, dict) or block.get("type") not in ("text", "image"):
-            raise BadRequest("%s: must be a text or image block" % at, param=at)
+        if not isinstance(block, dict) or block.get("type") not in kinds:
+            raise BadRequest("%s: must be a %s block" % (at, " or ".join(kinds)), param=at)
         part = _anthropic_part(block, at)
         (texts.append(part["text"]) if part["type"] == "text" else images.append(part))
     return "".join(texts), images
@@ -8379,7 +8367,7 @@ def anthropic_to_openai_messages(body):
     out = []
     system = body.get("system")
     if system is not None:
-        text = _anthropic_text_blocks(system, "system")
+        text = _anthropic_blocks(system, "system")[0]
         if text:
             out.append({"role": "system", "content": text})
     messages = body.get("messages")
@@ -8402,7 +8390,7 @@ def anthropic_to_openai_messages(body):
                 raise BadRequest("%s: must be an object" % at, param=at)
             if block.get("type") == "tool_result":
                 tool_use_id = _anthropic_field(block, "tool_use_id", str, at, "the id of the tool_use it answers")
-                text, images = _anthropic_tool_result(block.get("content"), at + ".content")
+                text, images = _anthropic_blocks(block.get("content"), at + ".content", ("text", "image"))
                 out.append({"role": "tool", "tool_call_id": tool_use_id, "content": text})
                 parts += images         # a tool's images (a screenshot, a file read) go in the user turn after it
             elif block.get("type") == "tool_use":
@@ -9903,7 +9891,7 @@ class Router:
             allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
             err = MethodNotAllowed("%s is not allowed on %s (allowed: %s)" % (method, path, allowed),
                                    headers={"Allow": allowed})
-            err.render = next(iter(methods.values())).errors
+            err.render = self.errors_for(path)
             raise err
         return route, rest
 
