@@ -1994,7 +1994,7 @@ def recv_some(sock, size=65536):
 TextDelta = collections.namedtuple("TextDelta", "text")
 ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
 Usage = collections.namedtuple("Usage", "prompt_tokens completion_tokens")
-Finish = collections.namedtuple("Finish", "reason")
+Finish = collections.namedtuple("Finish", "reason stop_sequence", defaults=(None,))
 Error = collections.namedtuple("Error", "error")
 
 
@@ -3447,13 +3447,13 @@ class AnthropicProvider(Provider):
                 calls += 1
         usage = data.get("usage") or {}
         events.append(Usage(anthropic_input_tokens(usage), usage.get("output_tokens") or 0))
-        events.append(Finish(ANTHROPIC_FINISH.get(data.get("stop_reason"), "stop")))
+        events.append(anthropic_finish(data))
         return events
 
     def stream_events(self, resp, req):
         calls = {}              # content block index -> OpenAI tool call index
         prompt_tokens = completion_tokens = 0
-        reason = None
+        finish = {}
         for event, data in iter_sse(resp.pieces()):
             msg = json_loads_upstream(data)
             kind = msg.get("type") or event
@@ -3475,7 +3475,8 @@ class AnthropicProvider(Provider):
                 elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                     yield ToolCallDelta(calls.get(msg.get("index"), 0), None, None, delta["partial_json"])
             elif kind == "message_delta":
-                reason = (msg.get("delta") or {}).get("stop_reason") or reason
+                delta = msg.get("delta") or {}
+                finish = delta if delta.get("stop_reason") else finish
                 usage = msg.get("usage") or {}
                 completion_tokens = usage.get("output_tokens", completion_tokens)   # cumulative
                 if usage.get("input_tokens"):
@@ -3483,7 +3484,7 @@ class AnthropicProvider(Provider):
             elif kind == "message_stop":
                 resp.finish()
                 yield Usage(prompt_tokens, completion_tokens)
-                yield Finish(ANTHROPIC_FINISH.get(reason, "stop"))
+                yield anthropic_finish(finish)
                 return
             elif kind == "error":
                 err = msg.get("error") or {}
@@ -3493,6 +3494,13 @@ class AnthropicProvider(Provider):
 
     def models(self):
         return [{"id": self.model, "owned_by": self.owned_by}]
+
+
+def anthropic_finish(message):
+    """The Finish of a message (or a message_delta's delta); the matched stop sequence is kept."""
+    reason = message.get("stop_reason")
+    matched = message.get("stop_sequence") if reason == "stop_sequence" else None
+    return Finish(ANTHROPIC_FINISH.get(reason, "stop"), matched if isinstance(matched, str) else None)
 
 
 def anthropic_input_tokens(usage):
@@ -3983,7 +3991,7 @@ class Completion:
 
     def __init__(self):
         self.text_parts, self.tool_calls = [], []
-        self.finish_reason, self.usage = None, None
+        self.finish_reason, self.stop_sequence, self.usage = None, None, None
 
     @property
     def text(self):
@@ -4006,7 +4014,7 @@ class Completion:
         elif kind is Usage:
             self.usage = ev
         elif kind is Finish:
-            self.finish_reason = ev.reason
+            self.finish_reason, self.stop_sequence = ev.reason, ev.stop_sequence
         elif kind is Error:
             raise ev.error
 
@@ -8494,6 +8502,14 @@ def _anthropic_usage(usage):
             "output_tokens": usage.completion_tokens if usage else 0}
 
 
+def anthropic_stop(reason, stop_sequence):
+    """stop_reason and stop_sequence; `stop_sequence` only when the upstream named the one that matched
+    (OpenAI-compatible upstreams, Gemini and Ollama do not say, so their stops are `end_turn`)."""
+    if stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
+    return {"stop_reason": ANTHROPIC_STOP_REASONS.get(reason or "stop", "end_turn"), "stop_sequence": None}
+
+
 def anthropic_message_body(completion, model, message_id):
     content = [{"type": "text", "text": completion.text}] if completion.text else []
     for call in completion.tool_calls:
@@ -8504,8 +8520,8 @@ def anthropic_message_body(completion, model, message_id):
         content.append({"type": "tool_use", "id": call["id"] or new_call_id(), "name": call["function"]["name"],
                         "input": args})
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": ANTHROPIC_STOP_REASONS.get(completion.finish_reason or "stop", "end_turn"),
-            "stop_sequence": None, "usage": _anthropic_usage(completion.usage)}
+            **anthropic_stop(completion.finish_reason, completion.stop_sequence),
+            "usage": _anthropic_usage(completion.usage)}
 
 
 def anthropic_stream_events(answer, message_id):
@@ -8514,7 +8530,7 @@ def anthropic_stream_events(answer, message_id):
         "id": message_id, "type": "message", "role": "assistant", "model": answer.model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}}
     block, open_kind, blocks_of_calls = -1, None, {}
-    usage, reason = None, "stop"
+    usage, finish = None, Finish("stop")
     for ev in answer:
         kind = type(ev)
         if kind is TextDelta:
@@ -8540,15 +8556,14 @@ def anthropic_stream_events(answer, message_id):
         elif kind is Usage:
             usage = ev
         elif kind is Finish:
-            reason = ev.reason
+            finish = ev
         elif kind is Error:
             yield "error", anthropic_error_body(ev.error)
             return
     if open_kind:
         yield "content_block_stop", {"type": "content_block_stop", "index": block}
     yield "message_delta", {"type": "message_delta", "usage": _anthropic_usage(usage),
-                            "delta": {"stop_reason": ANTHROPIC_STOP_REASONS.get(reason, "end_turn"),
-                                      "stop_sequence": None}}
+                            "delta": anthropic_stop(finish.reason, finish.stop_sequence)}
     yield "message_stop", {"type": "message_stop"}
 
 

@@ -453,13 +453,15 @@ class AnthropicFake:
         if model == "overloaded":
             return h.send_body(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
         tool = model == "tools"
+        stop = {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None}
+        if model == "stopseq" and body.get("stop_sequences"):        # as the API: the one that matched
+            stop = {"stop_reason": "stop_sequence", "stop_sequence": body["stop_sequences"][-1]}
         if not body.get("stream"):
             content = [{"type": "text", "text": "Let me check."}]
             if tool:
                 content.append({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}})
-            return h.send_body(200, {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
-                                     "content": content, "stop_reason": "tool_use" if tool else "end_turn",
-                                     "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 4}})
+            return h.send_body(200, dict(stop, id="msg_1", type="message", role="assistant", model=model,
+                                         content=content, usage={"input_tokens": 11, "output_tokens": 4}))
         events = [("message_start", {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
                    "model": model, "content": [], "stop_reason": None, "usage": {"input_tokens": 11, "output_tokens": 1}}}),
                   ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
@@ -480,8 +482,7 @@ class AnthropicFake:
         if model == "stream-error":
             events.append(("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
         elif model != "cut":
-            events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn",
-                        "stop_sequence": None}, "usage": {"output_tokens": 9}}),
+            events += [("message_delta", {"type": "message_delta", "delta": stop, "usage": {"output_tokens": 9}}),
                        ("message_stop", {"type": "message_stop"})]
         h.send_raw_stream([sse_bytes(data, name) for name, data in events], cut=model == "cut")
 
@@ -2048,6 +2049,23 @@ class AnthropicSurfaceTest(ServerTestCase):
         self.assertEqual(sent["messages"][2]["tool_calls"][0]["function"], {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"})
         self.assertEqual(sent["messages"][3], {"role": "tool", "tool_call_id": "t1", "content": "14C"})
         self.assertEqual((sent["tool_choice"], sent["stop"], sent["max_tokens"]), ("required", ["END"], 100))
+
+    def test_a_matched_stop_sequence_is_named_when_the_upstream_names_it(self):
+        """An Anthropic upstream says which stop sequence ended the answer: /v1/messages
+        passes it on (it answered end_turn).  An OpenAI-compatible upstream does not say."""
+        self.start(env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": self.upstream.url.rsplit("/v1", 1)[0]},
+                   provider="CLAUDEAI")
+        body = self.message("stopseq", stop_sequences=["STOP", "END"])
+        status, _, answer = self.request("POST", "/v1/messages", body)
+        self.assertEqual((status, answer["stop_reason"], answer["stop_sequence"]), (200, "stop_sequence", "END"), answer)
+        _, _, text = self.request("POST", "/v1/messages", dict(body, stream=True))
+        delta = [d for d in sse_data(text) if d["type"] == "message_delta"][0]["delta"]
+        self.assertEqual(delta, {"stop_reason": "stop_sequence", "stop_sequence": "END"})
+        status, _, chat = self.request("POST", "/v1/chat/completions", {"model": "stopseq", "stop": ["END"],
+                                                                         "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual((status, chat["choices"][0]["finish_reason"]), (200, "stop"), chat)
+        status, _, answer = self.request("POST", "/v1/messages", self.message("plain", stop_sequences=["END"]))
+        self.assertEqual((answer["stop_reason"], answer["stop_sequence"]), ("end_turn", None))
 
     def test_streamed_events_with_tool_use(self):
         self.start()
