@@ -3075,10 +3075,93 @@ def estimated_tokens(chars):
     return (chars + 3) // 4
 
 
+def estimated_prompt_tokens(messages):
+    """The prompt's tokens, estimated: its text, and each image by its size (see image_tokens)."""
+    chars = images = 0
+    for m in messages:
+        content = m.get("content")
+        chars += len(message_text(content))
+        if isinstance(content, list):
+            images += sum(image_tokens((p.get("image_url") or {}).get("url")) for p in content
+                          if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict))
+    return estimated_tokens(chars) + images
+
+
 def estimated_usage(messages, completion_chars):
     """A Usage estimated from the prompt's messages and the answer's length."""
-    prompt_chars = sum(len(message_text(m.get("content"))) for m in messages)
-    return Usage(estimated_tokens(prompt_chars), estimated_tokens(completion_chars))
+    return Usage(estimated_prompt_tokens(messages), estimated_tokens(completion_chars))
+
+
+IMAGE_MAX_EDGE, IMAGE_MAX_TOKENS = 1568, 1600
+
+
+def image_tokens(url):
+    """About width * height / 750 tokens, after scaling the image down to a long edge of 1568 pixels and
+    1,600 tokens (Anthropic's published rule, a fair middle for other vision models).  An image given by
+    URL, or whose size cannot be read, counts as the cap."""
+    data = parse_data_url(url if isinstance(url, str) else "")
+    size = image_size(_b64_prefix(data[1])) if data else None
+    if not size:
+        return IMAGE_MAX_TOKENS
+    width, height = size
+    scale = min(1.0, IMAGE_MAX_EDGE / max(width, height), (IMAGE_MAX_TOKENS * 750.0 / (width * height)) ** 0.5)
+    return max(1, int(width * scale) * int(height * scale) // 750)
+
+
+def _b64_prefix(data, chars=262144):
+    """The first bytes of base64 data (enough for any image header we read), or b"" when it is not base64."""
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", data[:chars + chars // 8])[:chars // 4 * 4])
+    except (ValueError, TypeError):
+        return b""
+
+
+def image_size(head):
+    """(width, height) from a PNG, GIF, WebP or JPEG file's first bytes, or None."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        size = struct.unpack(">II", head[16:24])
+    elif head[:6] in (b"GIF87a", b"GIF89a"):
+        size = struct.unpack("<HH", head[6:10])
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        size = _webp_size(head)
+    elif head[:2] == b"\xff\xd8":
+        size = _jpeg_size(head)
+    else:
+        size = None
+    return size if size and len(size) == 2 and size[0] > 0 and size[1] > 0 else None
+
+
+def _webp_size(head):
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30:
+        w, h = struct.unpack("<HH", head[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(head) >= 25:
+        b = head[21:25]
+        return 1 + (b[0] | (b[1] & 0x3F) << 8), 1 + (b[1] >> 6 | b[2] << 2 | (b[3] & 0x0F) << 10)
+    if chunk == b"VP8X" and len(head) >= 30:
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    return None
+
+
+def _jpeg_size(head):
+    """The frame size from the first SOFn marker (not DHT C4, JPG C8 or DAC CC)."""
+    i = 2
+    while i + 9 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:                  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", head[i + 5:i + 9])
+            return w, h
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2                          # markers without a length
+            continue
+        i += 2 + struct.unpack(">H", head[i + 2:i + 4])[0]
+    return None
 
 
 def content_parts(content):
@@ -8591,8 +8674,8 @@ COUNT_TOKENS_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking")
 
 def route_anthropic_count_tokens(h):
     """POST /v1/messages/count_tokens: the Anthropic upstream's own count when
-    it is the provider; otherwise an estimate (about 4 characters a token),
-    said so in X-Chatserve-Token-Count."""
+    it is the provider; otherwise an estimate (about 4 characters a token, an
+    image by its size), said so in X-Chatserve-Token-Count."""
     body = h.read_json()
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -8605,10 +8688,10 @@ def route_anthropic_count_tokens(h):
         h.send_json(200, {"input_tokens": provider.count_tokens(
             dict({k: body[k] for k in COUNT_TOKENS_FIELDS if k in body}, model=model))})
         return
-    text = "".join(message_text(m.get("content")) for m in req.messages)
-    text += json_dumps(req.params.get("tools")) if req.params.get("tools") else ""
-    h.send_json(200, {"input_tokens": max(1, estimated_tokens(len(text)))},
-                {"X-Chatserve-Token-Count": "estimate (about 4 characters a token; %s has no count)" % provider.name})
+    tools = estimated_tokens(len(json_dumps(req.params["tools"]))) if req.params.get("tools") else 0
+    h.send_json(200, {"input_tokens": max(1, estimated_prompt_tokens(req.messages) + tools)},
+                {"X-Chatserve-Token-Count": "estimate (about 4 characters a token, an image by its size; %s has no count)"
+                                            % provider.name})
 
 
 # ---------------------------------------------------------------------------

@@ -2583,6 +2583,36 @@ class CountTokensTest(ServerTestCase):
         self.assertTrue(resp.getheader("X-Chatserve-Token-Count").startswith("estimate"))
         self.assertEqual(self.upstream.requests, [])
 
+    def test_images_count_by_their_size(self):
+        """An image counts about width * height / 750 tokens, scaled down as Claude
+        scales it; one by URL or of an unreadable size counts as the cap (images counted 0)."""
+        def png(w, h):
+            return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        jpeg = (b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x01" * 9
+                + b"\xff\xe1" + struct.pack(">H", 3002) + b"E" * 3000 + b"\xff\xff\xc4" + struct.pack(">H", 4) + b"\x00\x00"
+                + b"\xff\xc2" + struct.pack(">HBHHB", 11, 8, 477, 720, 3))      # a fill byte, DHT, then SOF2
+        riff = b"RIFF\x00\x00\x00\x00WEBP"
+        cases = ((png(16, 16), (16, 16)), (b"GIF89a" + struct.pack("<HH", 300, 200), (300, 200)), (jpeg, (720, 477)),
+                 (riff + b"VP8X" + b"\x00" * 8 + (799).to_bytes(3, "little") + (599).to_bytes(3, "little"), (800, 600)),
+                 (riff + b"VP8L" + b"\x00" * 4 + b"\x2f" + bytes([0x1f, 0xc0, 0x1f, 0x00]), (32, 128)),
+                 (riff + b"VP8 " + b"\x00" * 7 + b"\x9d\x01\x2a" + struct.pack("<HH", 640, 480), (640, 480)),
+                 (png(0, 10), None), (jpeg[:40], None), (b"\xff\xd8\x00junk" * 3, None), (b"BM" + b"\x00" * 30, None))
+        for head, size in cases:
+            self.assertEqual(cs.image_size(head), size, head[:16])
+        url = "data:image/png;base64," + base64.b64encode(png(1000, 1000)).decode()
+        self.assertEqual(cs.image_tokens(url), 1333)
+        big = cs.image_tokens("data:image/png;base64," + base64.b64encode(png(6000, 4000)).decode())
+        self.assertTrue(1500 <= big <= cs.IMAGE_MAX_TOKENS, big)
+        for other in ("https://example.com/cat.png", "data:image/png;base64,!!!", "data:image/png;base64,", None):
+            self.assertEqual(cs.image_tokens(other), cs.IMAGE_MAX_TOKENS, other)
+        self.start()
+        small = base64.b64encode(png(200, 200)).decode()
+        body = {"model": "up-model", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x" * 40}, {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                           "data": small}}]}]}
+        status, _, answer = self.request("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual((status, answer), (200, {"input_tokens": 10 + 53}))
+
     def test_bad_request_in_anthropic_shape(self):
         self.start()
         for body in ({"model": "up-model"}, {"messages": [{"role": "user", "content": "hi"}]}, []):
