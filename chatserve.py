@@ -2229,6 +2229,26 @@ class UpstreamConnection:
         self.sock.close()
 
 
+class DeadlineSocket:
+    """A socket whose reads all end by `deadline` (time.monotonic()): a peer
+    that trickles its answer a byte at a time cannot stretch the wait."""
+
+    __slots__ = ("sock", "deadline")
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def recv(self, size):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+        return self.sock.recv(size)
+
+    def close(self):
+        self.sock.close()
+
+
 class UpstreamResponse:
     """A response from the pool, its body read as it arrives (by length,
     chunked, or to the end of the connection); give it back with `release()`
@@ -11467,6 +11487,8 @@ class App:
                                self.metrics) if settings else None
         self.election, self.leader_view, self.leader_read = None, (0.0, None), (0.0, None)
         self.leader_lock, self.leader_retry = threading.Lock(), 2.0     # one read of the leader at a time; backoff
+        self.leader_pool = UpstreamPool()
+        self.leader_pool.closed = True          # a connection to the leader is closed after its one read
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
@@ -11835,33 +11857,30 @@ class App:
 
     def _read_leader(self, target, limit=32 * 1024 * 1024):
         """The JSON the leader answers to GET `target` (with the replica
-        credential): no read after leader_timeout has passed (so a trickle ends
-        within twice that), at most `limit` bytes."""
+        credential), whole within leader_timeout (a trickle cannot stretch it),
+        at most `limit` bytes; OSError when it cannot be had."""
         address = self.election.leader_address
         if not address:
             raise OSError("no leader elected yet")
-        parts = urllib.parse.urlsplit(address)
-        timeout = self.leader_timeout
+        parts, timeout = urllib.parse.urlsplit(address), self.leader_timeout
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         deadline = time.monotonic() + timeout
-        conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=self.replica_tls())
-                if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
+        sock = socket.create_connection((parts.hostname, port), timeout)
         try:
-            conn.request("GET", target, headers={"Authorization": "Bearer " + replica_credential(self.config)})
-            resp = conn.getresponse()
+            if parts.scheme == "https":
+                sock = self.replica_tls().wrap_socket(sock)
+            sock.sendall(UpstreamPool.request_head("GET", target, parts.hostname, port, parts.scheme, {
+                "Authorization": "Bearer " + replica_credential(self.config), "Connection": "close"}, None))
+            resp = UpstreamResponse(self.leader_pool, None, UpstreamConnection(DeadlineSocket(sock, deadline)))
             if resp.status != 200:
                 raise OSError("it answered %d" % resp.status)
-            data = bytearray()
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or len(data) > limit:
-                    raise OSError("no whole answer within %gs" % timeout if left <= 0 else "an answer over %d bytes" % limit)
-                piece = resp.read1(65536)          # one read, within the socket's timeout
-                if not piece:
-                    break
-                data += piece
+            return json.loads(resp.read(limit))
+        except (socket.timeout, UpstreamTimeout):
+            raise OSError("no whole answer within %gs" % timeout)
+        except ChatServeError as e:
+            raise OSError(e.message)
         finally:
-            conn.close()
-        return json.loads(bytes(data))
+            sock.close()
 
     def _last_view(self, why):
         """The view to serve while the leader's cannot be read, marked unreadable (and stale)."""

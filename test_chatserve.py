@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import sqlite3
 import stat
 import struct
@@ -4937,6 +4938,86 @@ class ScaleOutReviewTest(unittest.TestCase):
         app.leader_view = (0.0, app.leader_view[1])             # due again: still hung, the wait doubles
         app.leader_state()
         self.assertEqual(app.leader_retry, 4.0)
+
+    def follower(self, address, **options):
+        config = cs.Config(env={}, port=0, metrics_port=0, probe_local=False, socket=os.path.join(self.tmp, "s.sock"),
+                           data_dir=self.tmp, watch_deployment="api", watch_interval=30.0, **options)
+        app = cs.App(config)
+        self.addCleanup(app._close_listeners)
+        app.election = cs.LeaderElection(cs.KubeClient(self.api.url), "me", "http://me")
+        app.election.leader, app.election.leader_address = "other", address
+        return app
+
+    def test_a_trickling_leader_cannot_stretch_a_read(self):
+        """A leader that sends its head (or its body) a few bytes at a time, each
+        within the timeout: the read still ends at leader_timeout, and the
+        connection is closed (each recv had its own timeout, so it held a reader)."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+        closed = []
+
+        def trickle(start):
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(start)
+                for _ in range(100):                    # at most 5 s
+                    try:
+                        conn.sendall(b"x")
+                    except OSError:
+                        closed.append(True)
+                        return
+                    time.sleep(0.05)
+        app = self.follower("http://127.0.0.1:%d" % listener.getsockname()[1])
+        app.leader_timeout = 0.5
+        for start in (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"):
+            thread = threading.Thread(target=trickle, args=(start,))
+            thread.start()
+            started = time.monotonic()
+            app.leader_view = (0.0, None)
+            state = app.leader_state()
+            took = time.monotonic() - started
+            thread.join(WAIT)
+            self.assertTrue(state["unreadable"], state)
+            self.assertIn("no whole answer within 0.5s", state["status"]["status_summary"])
+            self.assertLess(took, 2.0, start)
+            self.assertTrue(closed and not thread.is_alive(), start)        # the leader saw the connection closed
+            closed.clear()
+
+    def test_a_tls_leader_is_read_with_the_shared_certificate(self):
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for path, text in ((cert, TEST_CERT), (key, TEST_KEY)):
+            with open(path, "w") as f:
+                f.write(text)
+        view = {"status": {"active": True, "status_summary": "api: 3/3 ready", "alert_count": 0, "targets": []},
+                "alerts": [], "context": "[K8s Context: api]"}
+
+        class Leader(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = json.dumps(view).encode()
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")        # any framing a proxy may choose
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        app = self.follower("https://127.0.0.1:%d" % server.server_address[1], tls_cert=cert, tls_key=key)
+        state = app.leader_state()
+        self.assertFalse(state.get("unreadable"), state)
+        self.assertEqual(state["context"], "[K8s Context: api]")
+        other = self.follower("https://127.0.0.1:%d" % server.server_address[1])       # without the certificate
+        self.assertTrue(other.leader_state()["unreadable"])
 
     def test_the_last_view_stays_stale_while_no_leader_can_be_read(self):
         """An API-server outage leaves no leader (it cannot renew), so nobody's
