@@ -329,13 +329,16 @@ _scan_json_value = _JSON_DECODER.scan_once
 
 
 def json_loads_upstream(data):
-    """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused (ValueError)."""
+    """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused, and so is
+    nesting too deep for the decoder (ValueError)."""
     try:        # a value at 0 and nothing but whitespace after it, as decode() has it, without its two regexes
         value, end = _scan_json_value(data, 0)
         if end == len(data) or not data[end:].strip(" \t\n\r"):
             return value
     except StopIteration:
         pass
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
     return _JSON_DECODER.decode(data)           # says what is wrong (ValueError)
 
 
@@ -3101,6 +3104,10 @@ def estimated_prompt_tokens(messages):
     for m in messages:
         content = m.get("content")
         chars += len(message_text(content))
+        for call in m.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                chars += sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
         if isinstance(content, list):
             images += sum(image_tokens((p.get("image_url") or {}).get("url")) for p in content
                           if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict))
@@ -3119,8 +3126,12 @@ def image_tokens(url):
     """About width * height / 750 tokens, after scaling the image down to a long edge of 1568 pixels and
     1,600 tokens (Anthropic's published rule, a fair middle for other vision models).  An image given by
     URL, or whose size cannot be read, counts as the cap."""
-    data = parse_data_url(url if isinstance(url, str) else "")
-    size = image_size(_b64_prefix(data[1])) if data else None
+    data = parse_data_url(url)
+    size = image_size(_b64_prefix(data[1], 64)) if data else None     # PNG, GIF and WebP: 48 bytes tell
+    for chars in (8192, 262144):                # a JPEG's size may follow EXIF, an ICC profile, a thumbnail
+        if size or not data or data[1][:4] != "/9j/":
+            break
+        size = image_size(_b64_prefix(data[1], chars))
     if not size:
         return IMAGE_MAX_TOKENS
     width, height = size
@@ -3129,18 +3140,19 @@ def image_tokens(url):
 
 
 def _b64_prefix(data, chars=262144):
-    """The first bytes of base64 data (enough for any image header we read), or b"" when it is not base64."""
+    """The first bytes of base64 data (about chars * 3 / 4), or b"" when it is not base64."""
+    text = re.sub(r"\s+", "", data[:chars + chars // 8])[:chars]
     try:
-        return base64.b64decode(re.sub(r"\s+", "", data[:chars + chars // 8])[:chars // 4 * 4])
+        return base64.b64decode(text[:len(text) // 4 * 4])
     except (ValueError, TypeError):
         return b""
 
 
 def image_size(head):
     """(width, height) from a PNG, GIF, WebP or JPEG file's first bytes, or None."""
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
         size = struct.unpack(">II", head[16:24])
-    elif head[:6] in (b"GIF87a", b"GIF89a"):
+    elif head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
         size = struct.unpack("<HH", head[6:10])
     elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         size = _webp_size(head)
@@ -3164,22 +3176,25 @@ def _webp_size(head):
     return None
 
 
+_FILL_BYTES_RE = re.compile(b"\xff+")
+
+
 def _jpeg_size(head):
-    """The frame size from the first SOFn marker (not DHT C4, JPG C8 or DAC CC)."""
-    i = 2
-    while i + 9 <= len(head):
+    """The frame size from the first SOFn marker (not DHT C4, JPG C8 or DAC CC), within 64 segments."""
+    i, segments = 2, 0
+    while i + 9 <= len(head) and segments < 64:
+        segments += 1
         if head[i] != 0xFF:
             return None
         marker = head[i + 1]
-        if marker == 0xFF:                  # fill byte
-            i += 1
+        if marker == 0xFF:                  # fill bytes, skipped at once
+            i = _FILL_BYTES_RE.match(head, i + 1).end() - 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             h, w = struct.unpack(">HH", head[i + 5:i + 9])
             return w, h
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            i += 2                          # markers without a length
-            continue
+            return None                     # no such marker belongs before the frame header
         i += 2 + struct.unpack(">H", head[i + 2:i + 4])[0]
     return None
 
@@ -3193,12 +3208,18 @@ def content_parts(content):
     return [p for p in content if isinstance(p, dict)]
 
 
+_DATA_URL_HEAD_RE = re.compile(r"([\w.+/-]+)?;base64")
+
+
 def parse_data_url(url):
-    """(media_type, base64 data) of a data: URL, else None."""
-    m = re.match(r"^data:([\w.+/-]+)?(;base64)?,(.*)$", url or "", re.S)
-    if not m or not m.group(2):
+    """(media_type, base64 data) of a base64 data: URL, else None."""
+    if not isinstance(url, str) or not url.startswith("data:"):
         return None
-    return m.group(1) or "application/octet-stream", m.group(3)
+    comma = url.find(",", 5, 300)               # the head is short: no scan of a long body without a comma
+    m = _DATA_URL_HEAD_RE.fullmatch(url, 5, comma) if comma > 0 else None
+    if not m:
+        return None
+    return m.group(1) or "application/octet-stream", url[comma + 1:]
 
 
 def tool_arguments(arguments, where="tool_calls"):
@@ -11844,7 +11865,7 @@ class App:
             try:
                 state = checked_leader_view(self._read_leader("/watch/state"))
                 self.leader_read, self.leader_retry = (time.time(), state), 2.0
-            except (OSError, ValueError, http.client.HTTPException) as e:
+            except (OSError, ValueError) as e:
                 why = "following leader %s, whose view cannot be read: %s" % (
                     self.election.leader or "(none yet)", _os_reason(e) if isinstance(e, OSError) else e)
                 failed_before = (self.leader_view[1] or {}).get("unreadable")
@@ -11862,19 +11883,26 @@ class App:
         address = self.election.leader_address
         if not address:
             raise OSError("no leader elected yet")
-        parts, timeout = urllib.parse.urlsplit(address), self.leader_timeout
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            parts = urllib.parse.urlsplit(address)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise OSError("its address %r is unusable: %s" % (address[:100], e))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OSError("its address %r is not an http(s)://host:port URL" % address[:100])
+        timeout = self.leader_timeout
         deadline = time.monotonic() + timeout
         sock = socket.create_connection((parts.hostname, port), timeout)
         try:
             if parts.scheme == "https":
+                sock.settimeout(max(0.001, deadline - time.monotonic()))    # the handshake, within what is left
                 sock = self.replica_tls().wrap_socket(sock)
             sock.sendall(UpstreamPool.request_head("GET", target, parts.hostname, port, parts.scheme, {
                 "Authorization": "Bearer " + replica_credential(self.config), "Connection": "close"}, None))
             resp = UpstreamResponse(self.leader_pool, None, UpstreamConnection(DeadlineSocket(sock, deadline)))
             if resp.status != 200:
                 raise OSError("it answered %d" % resp.status)
-            return json.loads(resp.read(limit))
+            return json_loads_upstream(resp.read(limit).decode("utf-8"))
         except (socket.timeout, UpstreamTimeout):
             raise OSError("no whole answer within %gs" % timeout)
         except ChatServeError as e:
@@ -11936,7 +11964,7 @@ class App:
                     {"namespace": namespace or "", "resource": resource or ""}))
                 if isinstance(answer, dict) and isinstance(answer.get("context"), str):
                     return answer["context"]
-            except (OSError, ValueError, http.client.HTTPException):
+            except (OSError, ValueError):
                 self.leader_view = (0.0, self.leader_view[1])     # due: the next look reads (and records) it
             finally:
                 self.leader_lock.release()

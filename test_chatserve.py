@@ -2597,15 +2597,32 @@ class CountTokensTest(ServerTestCase):
                  (riff + b"VP8X" + b"\x00" * 8 + (799).to_bytes(3, "little") + (599).to_bytes(3, "little"), (800, 600)),
                  (riff + b"VP8L" + b"\x00" * 4 + b"\x2f" + bytes([0x1f, 0xc0, 0x1f, 0x00]), (32, 128)),
                  (riff + b"VP8 " + b"\x00" * 7 + b"\x9d\x01\x2a" + struct.pack("<HH", 640, 480), (640, 480)),
-                 (png(0, 10), None), (jpeg[:40], None), (b"\xff\xd8\x00junk" * 3, None), (b"BM" + b"\x00" * 30, None))
+                 (png(0, 10), None), (jpeg[:40], None), (b"\xff\xd8\x00junk" * 3, None), (b"BM" + b"\x00" * 30, None),
+                 (png(9, 9)[:20], None), (b"GIF89a\x01", None), (b"\xff\xd8" + b"\xff" * 5000, None),
+                 (b"\xff\xd8" + b"\xff\xfe\x00\x02" * 5000 + b"\xff\xc0" + struct.pack(">HBHH", 11, 8, 5, 5), None))
         for head, size in cases:
             self.assertEqual(cs.image_size(head), size, head[:16])
+        rng = random.Random(1234)                       # truncated and mutated headers: a size or None, never an error
+        for _ in range(3000):
+            head = bytearray(rng.choice([c[0] for c in cases])[:rng.randrange(0, 64)])
+            for _ in range(rng.randrange(3)):
+                if head:
+                    head[rng.randrange(len(head))] = rng.randrange(256)
+            size = cs.image_size(bytes(head))
+            self.assertTrue(size is None or (len(size) == 2 and min(size) > 0), (bytes(head), size))
+            self.assertTrue(1 <= cs.image_tokens("data:image/png;base64," + base64.b64encode(head).decode())
+                            <= cs.IMAGE_MAX_TOKENS)
         url = "data:image/png;base64," + base64.b64encode(png(1000, 1000)).decode()
         self.assertEqual(cs.image_tokens(url), 1333)
         big = cs.image_tokens("data:image/png;base64," + base64.b64encode(png(6000, 4000)).decode())
         self.assertTrue(1500 <= big <= cs.IMAGE_MAX_TOKENS, big)
-        for other in ("https://example.com/cat.png", "data:image/png;base64,!!!", "data:image/png;base64,", None):
-            self.assertEqual(cs.image_tokens(other), cs.IMAGE_MAX_TOKENS, other)
+        for other in ("https://example.com/cat.png", "data:image/png;base64,!!!", "data:image/png;base64,", None,
+                      "data:image/png;base64" + "A" * 100000):
+            self.assertEqual(cs.image_tokens(other), cs.IMAGE_MAX_TOKENS, other[:40] if other else other)
+        unpadded = base64.b64encode(png(64, 64)).decode().rstrip("=")
+        wrapped = "\n".join(unpadded[i:i + 4] for i in range(0, len(unpadded), 4))
+        for data in (unpadded, wrapped):
+            self.assertEqual(cs.image_tokens("data:image/png;base64," + data), 5)
         self.start()
         small = base64.b64encode(png(200, 200)).decode()
         body = {"model": "up-model", "messages": [{"role": "user", "content": [
@@ -2613,6 +2630,11 @@ class CountTokensTest(ServerTestCase):
                                                                            "data": small}}]}]}
         status, _, answer = self.request("POST", "/v1/messages/count_tokens", body)
         self.assertEqual((status, answer), (200, {"input_tokens": 10 + 53}))
+        body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Write",
+                                                                "input": {"text": "y" * 4000}}]},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+        status, _, answer = self.request("POST", "/v1/messages/count_tokens", body)    # a call's input counts too
+        self.assertTrue(status == 200 and 1000 < answer["input_tokens"] - 63 < 1020, answer)
 
     def test_bad_request_in_anthropic_shape(self):
         self.start()
@@ -4984,6 +5006,32 @@ class ScaleOutReviewTest(unittest.TestCase):
             self.assertLess(took, 2.0, start)
             self.assertTrue(closed and not thread.is_alive(), start)        # the leader saw the connection closed
             closed.clear()
+
+    def test_whatever_the_lease_or_the_leader_says_leaves_a_view(self):
+        """A Lease address that is no http(s) URL, or a leader answering JSON too
+        deep for the decoder: the view is unreadable, nothing escapes."""
+        class Leader(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = b"[" * 100000 + b"]" * 100000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        for address in ("http://127.0.0.1:%d" % server.server_address[1], "http://:80", "leader:8080", "ftp://h:1",
+                        "http://[::1"):
+            app = self.follower(address)
+            app.leader_timeout = 0.5
+            state = app.leader_state()
+            self.assertTrue(state["unreadable"], address)
+            self.assertIn("cannot be read", state["status"]["status_summary"])
+            self.assertEqual(app.issue_context("prod", "api"), state["context"])
 
     def test_a_tls_leader_is_read_with_the_shared_certificate(self):
         cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
