@@ -56,7 +56,10 @@ time; wrong tokens are rate limited per address.  Use `--tls-cert/--tls-key`
 every request.  API keys come from the environment or, per request, from the
 client; they are never logged, never echoed by /status, never stored.  URLs a
 client supplies pass an SSRF check (link-local and metadata addresses always
-refused, private ones unless --allow-upstream).  The agent's tools are
+refused, private ones unless --allow-upstream).  A web page's request (it
+says Origin) is answered only for the server's own site and the
+--cors-origins; with no token, only for pages at an IP or localhost (DNS
+rebinding could give another site this server's name).  The agent's tools are
 confined to --workspace; writing and shell commands are off unless enabled.
 The metrics port has no auth and shows no secrets; bind it where only your
 Prometheus can reach it.  The control socket is created mode 0600 and a
@@ -892,6 +895,9 @@ SERVE_OPTIONS = (
     ("--token", "CHATCLI_SERVER_TOKEN", "", "str", "bearer token clients must send (empty: no auth)"),
     ("--tls-cert", "CHATCLI_SERVER_TLS_CERT", "", "file", "TLS certificate file (PEM)"),
     ("--tls-key", "CHATCLI_SERVER_TLS_KEY", "", "file", "TLS private key file (PEM)"),
+    ("--cors-origins", "CHATSERVE_CORS_ORIGINS", (), "origins",
+     "web origins (https://app.example.com, or *) whose pages may call the server from a browser; "
+     "other sites' pages are refused (repeatable)"),
     ("--provider", "LLM_PROVIDER", "", "provider", "default LLM provider (default: auto-detected)"),
     ("--model", "CHATSERVE_MODEL", "", "str", "default model (default: the provider's *_MODEL)"),
     ("--metrics-port", "CHATCLI_METRICS_PORT", DEFAULT_METRICS_PORT, "port0",
@@ -1051,6 +1057,32 @@ def _check_list(value):
     return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
 
 
+def web_origin(text):
+    """A browser Origin ("scheme://host[:port]") as "scheme://host:port" (lowercase, the port
+    always said), or None when it is not one (a path, "null", another scheme)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query \
+            or parts.fragment or "@" in parts.netloc:
+        return None
+    host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
+    return "%s://%s:%d" % (parts.scheme, host, port or (443 if parts.scheme == "https" else 80))
+
+
+def _check_origins(value):
+    origins = []
+    for item in _check_list(value):
+        origin = item if item == "*" else web_origin(item)
+        if origin is None:
+            raise ValueError("%r is not a web origin: give scheme://host[:port] (e.g. https://app.example.com) or *"
+                             % item)
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _check_aliases(value):
     """NAME=prefix/model items as {NAME: (prefix, model)}; the prefix is checked by the Engine."""
     aliases = {}
@@ -1124,7 +1156,7 @@ OPTION_KINDS = {
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
     "sessionstore": _check_choice(("sqlite", "kubernetes")),
-    "list": _check_list, "aliases": _check_aliases, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
+    "list": _check_list, "origins": _check_origins, "aliases": _check_aliases, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -8774,6 +8806,22 @@ def ws_frame(opcode, payload=b"", fin=True, mask=None):
     return bytes(head) + payload
 
 
+def ws_close_reply(payload):
+    """(code, reason) to answer a peer's close frame with: its code echoed, or 1002/1007 when the frame is bad."""
+    if not payload:
+        return 1000, ""
+    if len(payload) == 1:
+        return 1002, "a close frame's body starts with a 2-byte code"
+    code = struct.unpack("!H", payload[:2])[0]
+    if code not in WS_CLOSE_CODES:
+        return 1002, "close code %d may not be sent" % code
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return 1007, "the close reason is not valid UTF-8"
+    return code, ""
+
+
 def ws_mask(data, mask):
     if not data:
         return b""
@@ -8781,10 +8829,22 @@ def ws_mask(data, mask):
     return (int.from_bytes(data, "big") ^ key).to_bytes(len(data), "big")
 
 
+def header_tokens(value):
+    """The comma-separated tokens of a header value, lowercase."""
+    return {t.strip(" \t").lower() for t in (value or "").split(",")}
+
+
+# Close codes a peer may send (RFC 6455 7.4, and 1012-1014 from the IANA registry); others are a protocol error
+WS_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+
+
 class WebSocket:
-    """The server side of one WebSocket connection over a handler's socket."""
+    """The server side of one WebSocket connection over a handler's socket.
+    A thread of its own reads the frames (`start`): pings are answered and
+    a close is seen also while an answer streams; messages wait in `inbox`."""
 
     ping_interval = 30.0
+    max_waiting = 16                        # messages sent ahead while an answer streams
 
     def __init__(self, handler, max_message=1024 * 1024):
         self.h, self.max_message = handler, max_message
@@ -8795,15 +8855,17 @@ class WebSocket:
         self.state_lock = threading.Lock()
         self.on_close = None                # called when a close frame arrives
         self.write_lock = threading.Lock()
-        self.stopped = threading.Event()
+        self.inbox = queue.Queue()          # text messages, then None once the peer has gone
 
     @classmethod
     def accept(cls, h):
         headers = h.headers
         if h.command != "GET":
             raise MethodNotAllowed("a WebSocket opens with GET, not %s" % h.command, headers={"Allow": "GET"})
-        if "websocket" not in (headers.get("Upgrade") or "").lower() or \
-                "upgrade" not in (headers.get("Connection") or "").lower():
+        if h.request_version != "HTTP/1.1":
+            raise BadRequest("a WebSocket opens with an HTTP/1.1 request, not %s" % h.request_version)
+        if "websocket" not in header_tokens(headers.get("Upgrade")) or \
+                "upgrade" not in header_tokens(headers.get("Connection")):
             raise BadRequest("this route speaks WebSocket: send Upgrade: websocket and Connection: Upgrade")
         if headers.get("Sec-WebSocket-Version") != "13":
             raise BadRequest("Sec-WebSocket-Version must be 13", headers={"Sec-WebSocket-Version": "13"})
@@ -8813,9 +8875,9 @@ class WebSocket:
                 raise ValueError
         except ValueError:
             raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")
-        h.close_connection = True
         h.write_head(101, {"Upgrade": "websocket", "Connection": "Upgrade",
                            "Sec-WebSocket-Accept": ws_accept_key(key)})
+        h.close_connection = True           # no HTTP request follows on this connection
         return cls(h, h.body_cap)
 
     def _read(self, n):
@@ -8824,29 +8886,43 @@ class WebSocket:
             raise WebSocketClosed(1006, "connection dropped")
         return data
 
-    def start_pinger(self):
-        """Reads wait for the peer as long as it takes; this thread pings it every
-        ping_interval and cuts a connection whose ping went unanswered."""
+    def start(self):
+        """Read frames in a thread of their own from now on, waiting for the peer as long as it takes."""
         self.h.reader.phase(None, None)
-        threading.Thread(target=self._pinger, name="ws-ping", daemon=True).start()
+        threading.Thread(target=self._read_messages, name="ws-read", daemon=True).start()
 
-    def _pinger(self):
-        while not self.stopped.wait(self.ping_interval):
-            if self.busy:
-                continue
+    def _read_messages(self):
+        try:
+            while True:
+                text = self.receive()
+                if text is None:
+                    return
+                if self.inbox.qsize() >= self.max_waiting:
+                    self.fail(1008, "more than %d messages waiting for an answer" % self.max_waiting)
+                self.inbox.put(text)
+        except (WebSocketClosed, ClientGone, OSError, ValueError):
+            pass                                # a dropped, refused or shut connection: the peer has gone
+        finally:
+            self.inbox.put(None)
+
+    def next_message(self):
+        """The next text message, or None once the peer has gone.  An idle peer is
+        pinged every ping_interval and cut when its ping went unanswered."""
+        while True:
+            try:
+                return self.inbox.get(timeout=self.ping_interval)
+            except queue.Empty:
+                pass
             if self.ping_outstanding or not self.write_lock.acquire(timeout=self.ping_interval):
                 shutdown_socket(self.h.connection, socket.SHUT_RDWR)     # silent or not reading: gone
-                return
+                continue                        # the reader sees the end and says so
             try:
                 self.ping_outstanding = True
                 self.h.write_raw(ws_frame(WS_PING, b"chatserve"))
             except ClientGone:
-                return
+                pass
             finally:
                 self.write_lock.release()
-
-    def stop(self):
-        self.stopped.set()
 
     def read_frame(self):
         b0 = self._read(1)[0]
@@ -8861,6 +8937,8 @@ class WebSocket:
             n = struct.unpack("!H", self._read(2))[0]
         elif n == 127:
             n = struct.unpack("!Q", self._read(8))[0]
+            if n >> 63:
+                self.fail(1002, "a 64-bit frame length must have its top bit clear")
         if opcode >= 0x8 and (n > 125 or not fin):
             self.fail(1002, "control frames must be whole and at most 125 bytes")
         if n > self.max_message:
@@ -8886,8 +8964,7 @@ class WebSocket:
             elif opcode == WS_CLOSE:
                 if self.on_close is not None:
                     self.on_close()
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
-                self.close(code if 1000 <= code < 5000 and code not in (1004, 1005, 1006, 1015) else 1002)
+                self.close(*ws_close_reply(payload))
                 return None
             elif opcode in (WS_TEXT, WS_BINARY):
                 if kind is not None:
@@ -8914,6 +8991,8 @@ class WebSocket:
 
     def send_frame(self, opcode, payload):
         with self.write_lock:
+            if self.closed and opcode != WS_CLOSE:
+                raise ClientGone()              # nothing follows a close frame
             self.h.write_raw(ws_frame(opcode, payload))
 
     def send_text(self, text):
@@ -8938,12 +9017,14 @@ class WebSocket:
             return True
 
     def close(self, code=1000, reason=""):
-        if not self.closed:
+        with self.state_lock:
+            if self.closed:
+                return
             self.closed = True
-            try:
-                self.send_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120])
-            except (ClientGone, OSError):
-                pass
+        try:
+            self.send_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120])
+        except (ClientGone, OSError):
+            pass
 
     def fail(self, code, reason):
         self.close(code, reason)
@@ -9275,6 +9356,14 @@ def rpc_call_target(call):
     return rpc_id, call["method"], call.get("params"), "id" not in call
 
 
+def rpc_run(app, h, name, params):
+    """The method's result (a generator for a streaming one); params, when given, are structured (JSON-RPC 4.2)."""
+    method = rpc_resolve(app, h, name)
+    if not isinstance(params, (dict, list, type(None))):
+        raise BadRequest("params: must be an object (or left out)", param="params")
+    return method, method.fn(app, h, params)
+
+
 def rpc_resolve(app, h, name):
     """The method to run; every one but Health is authorized before anything
     about it (rpc.discover, unknown names) is answered."""
@@ -9296,8 +9385,7 @@ def rpc_call(app, h, call, charge=False):
         rpc_id, name, params, notification = rpc_call_target(call)
         if charge:
             app.check_rate(h)
-        method = rpc_resolve(app, h, name)
-        result = method.fn(app, h, params)
+        method, result = rpc_run(app, h, name, params)
         if method.streaming:
             result = list(result)
         return None if notification else {"jsonrpc": "2.0", "id": rpc_id, "result": result}
@@ -9322,7 +9410,7 @@ def route_rpc(h):
         if replies:
             h.send_json(200, replies)
         else:
-            h.send_bytes(204, b"", "application/json")
+            h.send_no_content()
         return
     method = body.get("method") if isinstance(body, dict) and isinstance(body.get("method"), str) else None
     if method in RPC_METHODS:
@@ -9332,7 +9420,7 @@ def route_rpc(h):
         return rpc_stream_sse(app, h, body)
     reply = rpc_call(app, h, body)
     if reply is None:
-        h.send_bytes(204, b"", "application/json")
+        h.send_no_content()
         return
     code = (reply.get("error") or {}).get("code")
     status = {-32001: 401, -32029: 429}.get(code, 200)
@@ -9342,10 +9430,10 @@ def route_rpc(h):
 
 def rpc_stream_sse(app, h, call):
     """A streaming RPC as SSE: each data line one JSON-RPC response with one result."""
-    rpc_id = call.get("id")
+    rpc_id = None                               # until it is known to be a valid one
     try:
         rpc_id, name, params, _ = rpc_call_target(call)
-        results = rpc_resolve(app, h, name).fn(app, h, params)
+        results = rpc_run(app, h, name, params)[1]
     except ChatServeError as e:
         h.send_json(401 if e.status == 401 else 200, rpc_error_object(e, rpc_id))
         return
@@ -9365,11 +9453,16 @@ def route_rpc_ws(h):
     history = []
     h.app.metrics.session_active.inc()
     h.server.tracker.on_drain(h.connection, ws.going_away)
-    ws.on_close = h.response_complete       # the client's orderly close is not a hang-up mid-answer
-    ws.start_pinger()
+
+    def closed_by_client():
+        """Between answers an orderly end; mid-answer it stops the answer, as a hang-up does."""
+        if not (ws.busy and h.scope.cancel()):
+            h.response_complete()
+    ws.on_close = closed_by_client
+    ws.start()
     try:
         while True:
-            text = ws.receive()
+            text = ws.next_message()
             if text is None or not ws.start_answer():
                 break
             try:
@@ -9380,7 +9473,7 @@ def route_rpc_ws(h):
     except WebSocketClosed:
         pass
     finally:
-        ws.stop()
+        shutdown_socket(h.connection, socket.SHUT_RD)       # the reader thread ends with the connection
         h.app.metrics.session_active.dec()
 
 
@@ -10081,6 +10174,19 @@ def metrics_router():
 
 
 _HTTP_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+CORS_EXPOSED_HEADERS = "X-Request-Id, X-Chatserve-Token-Count, X-Chatserve-Context, Retry-After"
+_HEADER_LIST_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$|^$")
+
+
+def literal_host(host):
+    """Whether a Host names this machine in a way no DNS answer can change: an IP literal or localhost."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+        return True
+    except ValueError:
+        return False
 
 
 class _DateCache:
@@ -10623,6 +10729,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope, self.client_key = openai_error_body, None, None, None
+            self.cors_origin = None             # a listed site's page is asking: CORS headers on the answer
             self.presented_key = False          # not looked up yet (check_rate may, authorize then reuses it)
             self.body_pending, self.command, self.path, self.request_version = False, "", "", "HTTP/1.1"
             self.body_cap, self.large_permit = config.max_body_bytes, False
@@ -10689,6 +10796,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.request_started()
         busy = False
         try:
+            origin = self.headers.get("Origin")
+            if origin is not None:              # from a web page: whose?
+                self.render_error = self.router.errors_for(path)
+                self.cors_origin = self.check_origin(origin)
+                if self.cors_origin and self.command == "OPTIONS" and "Access-Control-Request-Method" in self.headers:
+                    route_name = "preflight"
+                    return self.answer_preflight(path)
             route, self.route_rest = self.router.match(self.command, path)
             route_name, self.render_error = route.name, route.errors
             # probes are answered even when every slot is taken; sessions and event streams take none
@@ -10736,6 +10850,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.client_key is not None:
                 app.key_request_done(self.client_key, self.status_sent)
             self.log_access(path, duration)
+
+    def check_origin(self, origin):
+        """A request from a web page (it says Origin): allowed from this server's own pages (the console)
+        and from the --cors-origins sites, else 403, so that no other site's page can use the server
+        from a user's browser.  Without a token, a page under a DNS name counts as another site's even
+        when the names match (DNS rebinding points a site's name at this server).  The origin to
+        answer with CORS headers, or None for the server's own pages."""
+        listed, page = self.app.config.cors_origins, web_origin(origin)
+        if page is not None and ("*" in listed or page in listed):
+            return origin
+        host, _, port = (self.headers.get("Host") or "").lower().rpartition(":")
+        if not host or "]" in port:                 # no port given ("[::1]" alone, "example.com")
+            host, port = (self.headers.get("Host") or "").lower(), ""
+        own = page is not None and page.split("://", 1)[1].rsplit(":", 1)[0] == host and \
+            (not port or page.rsplit(":", 1)[1] == port)
+        if own and (self.app.requires_auth() or literal_host(host)):
+            return None
+        why = ("without --token, a page under a DNS name may be another site's (DNS rebinding); set --token, or "
+               "list the site in --cors-origins" if own else "list the site in --cors-origins to allow it")
+        raise PermissionDenied("a page of %s may not use this server: %s" % (origin[:100], why), code="origin_refused")
+
+    def answer_preflight(self, path):
+        """A listed site's CORS preflight (OPTIONS): the methods of the path, the headers it asked for."""
+        methods = self.router.routes_at(path)[0]
+        if methods is None:
+            raise NotFound("no route %s" % path, code="unknown_route")
+        asked = self.headers.get("Access-Control-Request-Headers") or ""
+        if not _HEADER_LIST_RE.match(asked):
+            raise BadRequest("Access-Control-Request-Headers %r is not a list of header names" % asked[:100])
+        self.send_no_content({"Access-Control-Allow-Methods": ", ".join(sorted(set(methods) | {"OPTIONS"})),
+                              "Access-Control-Allow-Headers": asked, "Access-Control-Max-Age": "600"})
 
     def run_cancellable(self, route):
         """Run the route in a CancelScope that the client's hang-up cancels."""
@@ -10901,6 +11046,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     log.warning("%s; not sent (request %s)", e, self.request_id)
         if status == 429 and "Retry-After" not in headers:
             lines.append("Retry-After: 1")  # every 429 says when to come back
+        if self.cors_origin is not None:
+            lines.extend(("Access-Control-Allow-Origin: " + self.cors_origin, "Vary: Origin",
+                          "Access-Control-Expose-Headers: " + CORS_EXPOSED_HEADERS))
         if self.close_connection or self.server.tracker.draining:
             self.close_connection = True
             lines.append("Connection: close")
@@ -10929,6 +11077,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.scope is not None:
             self.scope.finish()
 
+    def send_no_content(self, headers=None):
+        """204, which has no body and so says no Content-Length (RFC 9110 8.6)."""
+        self.response_complete()
+        self.write_head(204, headers or {})
+
     def send_json(self, status, obj, headers=None):
         self.send_bytes(status, json_bytes(obj) + b"\n", "application/json", headers)
 
@@ -10940,7 +11093,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.log(logging.WARNING if err.status != 500 else logging.ERROR, "%s (request %s)", err.message, self.request_id)
         try:
             self.send_json(err.status, (err.render or self.render_error)(err), err.headers)
-        except (ClientGone, HeadOnly):
+        except HeadOnly:
+            pass                            # the head went out whole: the connection goes on
+        except ClientGone:
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
@@ -11667,6 +11822,9 @@ class App:
         self.engine.close()
 
     # -- requests -----------------------------------------------------------
+
+    def requires_auth(self):
+        return bool(self.config.token or self.keys.keys)
 
     def authorize(self, h):
         """The server's token, or a named client key (then its rate limit)."""
@@ -12701,7 +12859,7 @@ def add_serve_options(serve):
                                help=argparse.SUPPRESS)
             continue
         serve.add_argument(flag, dest=_option_dest(flag), default=None, metavar="VALUE",
-                           action="append" if kind in ("list", "aliases") else "store", help=help_text + shown + env)
+                           action="append" if kind in ("list", "origins", "aliases") else "store", help=help_text + shown + env)
 
 
 def positive_seconds(text):

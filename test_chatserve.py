@@ -3314,6 +3314,32 @@ class RpcServiceTest(ServerTestCase):
         self.assertTrue(all(len(c) <= 200 for c in chunks))
         self.assertEqual([e["result"]["done"] for e in events][-2:], [False, True])
 
+    def test_json_rpc_rules_at_the_edges(self):
+        """A bad id is answered with id null on the SSE path too; params that are not
+        structured are -32602 with the id; a notification's 204 has no Content-Length;
+        a HEAD's 405 leaves the connection open."""
+        headers = dict(self.auth, Accept="text/event-stream")
+        for bad_id in ({"x": 1}, [1, 2], True):
+            body = {"jsonrpc": "2.0", "method": "StreamPrompt", "params": {"prompt": "hi"}, "id": bad_id}
+            _, _, answer = self.request("POST", "/rpc", body, headers)
+            self.assertEqual((answer["id"], answer["error"]["code"]), (None, -32600), bad_id)
+        for params in ("bar", 5, True):
+            answer = self.call("Health", params)
+            self.assertEqual((answer["id"], answer["error"]["code"], answer["error"]["data"]["param"]),
+                             (1, -32602, "params"), params)
+        self.assertEqual(self.call("Health", None)["result"]["status"], "SERVING")
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        raw.send(raw_request("POST", "/rpc", b'{"jsonrpc": "2.0", "method": "Health"}', [("Authorization", "Bearer t")]))
+        status, headers_seen, _ = raw.response()
+        self.assertEqual(status, 204)
+        self.assertNotIn("content-length", headers_seen)
+        raw.send(raw_request("HEAD", "/rpc"))
+        status, headers_seen, _ = raw.response(head=True)
+        self.assertEqual((status, headers_seen.get("connection")), (405, None))
+        raw.send(raw_request("POST", "/rpc", b'{"jsonrpc": "2.0", "method": "Health", "id": 7}'))
+        self.assertEqual(json.loads(raw.response()[2])["id"], 7)
+
     def test_stream_error_in_sse_is_an_error_object(self):
         headers = dict(self.auth, Accept="text/event-stream")
         _, _, text = rpc(self, "StreamPrompt", {"prompt": "hi", "model": "stream-error"}, headers=headers)
@@ -3813,6 +3839,63 @@ class WebSocketSessionTest(ServerTestCase):
                 send(sock)
                 opcode, payload = ws_recv(sock)
                 self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (cs.WS_CLOSE, code))
+
+    def test_a_ping_or_a_close_mid_answer_is_answered_at_once(self):
+        """Frames are read while an answer streams: a ping gets its pong before the
+        answer ends, and a close stops the answer (the upstream connection is closed)
+        and is answered at once (both waited for the whole answer)."""
+        server = self.upstream.server
+        server.endless_chunks, server.endless_delay, server.endless_text = 300, 0.02, "x" * 200
+        sock, _ = ws_open(self.app.port, "t")
+        with sock:
+            ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "hi", "metadata": {"model": "endless"}}).encode())
+            self.assertEqual(ws_json(sock)["metadata"]["partial"], "true")
+            ws_send(sock, cs.WS_PING, b"mid")
+            while True:
+                msg = ws_json(sock)
+                if msg == (cs.WS_PONG, b"mid"):
+                    break
+                self.assertEqual(msg["metadata"]["partial"], "true")         # not after the whole answer
+            ws_send(sock, cs.WS_CLOSE, b"\x03\xe8")
+            while True:
+                msg = ws_json(sock)
+                if isinstance(msg, tuple):
+                    break
+                self.assertEqual(msg["metadata"]["partial"], "true")
+            self.assertEqual(msg, (cs.WS_CLOSE, b"\x03\xe8"))
+            self.assertTrue(wait_until(lambda: server.disconnects == 1))      # the generation was stopped
+            self.assertEqual(sock.recv(10), b"")                               # and the connection closed
+
+    def test_close_frames_and_lengths_are_checked(self):
+        for payload, code in ((b"\x03", 1002), (b"\x03\xe8\xff\xfe", 1007), (struct.pack("!H", 1016), 1002),
+                              (struct.pack("!H", 2000), 1002), (struct.pack("!H", 1005), 1002),
+                              (struct.pack("!H", 1012), 1012), (struct.pack("!H", 4000) + "bye é".encode(), 4000)):
+            sock, _ = ws_open(self.app.port, "t")
+            with sock:
+                ws_send(sock, cs.WS_CLOSE, payload)
+                opcode, answer = ws_recv(sock)
+                self.assertEqual((opcode, int.from_bytes(answer[:2], "big")), (cs.WS_CLOSE, code), payload)
+        sock, _ = ws_open(self.app.port, "t")
+        with sock:
+            sock.sendall(b"\x81\xff" + ((1 << 63) | 5).to_bytes(8, "big") + b"\x01\x02\x03\x04")
+            opcode, answer = ws_recv(sock)
+            self.assertEqual((opcode, answer[:2]), (cs.WS_CLOSE, b"\x03\xea"))      # 1002, not 1009
+
+    def test_the_handshake_takes_http_1_1_and_whole_tokens(self):
+        sock, head = ws_open(self.app.port, "t")
+        sock.close()
+        self.assertNotIn("Connection: close", head)         # a 101 says Connection: Upgrade, nothing else
+        for version, upgrade, connection in (("HTTP/1.0", "websocket", "Upgrade"),
+                                             ("HTTP/1.1", "notwebsocket", "Upgrade"),
+                                             ("HTTP/1.1", "websocket", "noupgrade"),
+                                             ("HTTP/1.1", "websocket", "keep-alive, Upgrade")):
+            with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
+                sock.sendall(("GET /rpc/ws %s\r\nHost: x\r\nAuthorization: Bearer t\r\nUpgrade: %s\r\n"
+                              "Connection: %s\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                              "Sec-WebSocket-Version: 13\r\n\r\n" % (version, upgrade, connection)).encode())
+                head = recv_head(sock, 1).decode()
+            expected = "101" if connection.endswith("Upgrade") and upgrade == "websocket" and version == "HTTP/1.1" else "400"
+            self.assertEqual(head.split(" ")[1], expected, (version, upgrade, connection))
 
     def test_abrupt_close_frees_the_connection(self):
         sock, _ = ws_open(self.app.port, "t")
@@ -5932,6 +6015,95 @@ class WebSocketIdleTest(ServerTestCase):
 # HTTP server: auth, limits, keep-alive, TLS, logs
 # ---------------------------------------------------------------------------
 
+class BrowserOriginTest(ServerTestCase):
+    """A request from a web page says its Origin: the server's own pages (the
+    console) and the --cors-origins sites may use it; no other site's page may
+    (cross-site requests and WebSocket hijacking), nor, on a server without a
+    token, a page under a DNS name (DNS rebinding)."""
+
+    def ws_handshake(self, origin, host="127.0.0.1"):
+        with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
+            sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: %s:%d\r\nOrigin: %s\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n" % (host, self.app.port, origin)).encode())
+            return recv_head(sock, 1).decode()
+
+    def test_other_sites_pages_are_refused_in_each_surfaces_shape(self):
+        app = self.start()
+        own = "http://127.0.0.1:%d" % app.port
+        status, resp, _ = self.request("POST", "/v1/chat/completions", self.chat(), {"Origin": own})
+        self.assertEqual((status, resp.getheader("Access-Control-Allow-Origin")), (200, None))
+        for origin in ("http://evil.example", "http://127.0.0.1:8000", "null", own + "/path", "https://127.0.0.1"):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(), {"Origin": origin})
+            self.assertEqual((status, body["error"]["code"]), (403, "origin_refused"), origin)
+            self.assertIn("--cors-origins", body["error"]["message"])
+        status, _, body = self.request("POST", "/v1/messages", {}, {"Origin": "http://evil.example"})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (403, "error", "permission_error"))
+        status, _, body = rpc(self, "ListSessions", headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+        self.assertEqual((status, body["error"]["code"]), (403, -32002))
+        self.assertEqual(len(self.upstream.requests), 1)            # the refused ones never went upstream
+        self.assertTrue(self.ws_handshake("http://evil.example").startswith("HTTP/1.1 403"))
+        self.assertTrue(self.ws_handshake(own).startswith("HTTP/1.1 101"))
+
+    def test_a_page_under_a_dns_name_needs_a_token(self):
+        app = self.start()
+        rebound = {"Origin": "http://evil.example:%d" % app.port, "Host": "evil.example:%d" % app.port}
+        status, _, body = self.request("GET", "/v1/models", headers=rebound)
+        self.assertEqual(status, 403)
+        self.assertIn("DNS rebinding", body["error"]["message"])
+        self.assertTrue(self.ws_handshake("http://evil.example:%d" % app.port, "evil.example").startswith("HTTP/1.1 403"))
+        for host in ("localhost", "[::1]", "127.0.0.1"):
+            status, _, _ = self.request("GET", "/v1/models", headers={"Origin": "http://%s:%d" % (host, app.port),
+                                                                       "Host": "%s:%d" % (host, app.port)})
+            self.assertEqual(status, 200, host)
+        self.start(token="t")                   # a page cannot use it without the token: the name is its own
+        status, _, _ = self.request("GET", "/v1/models", headers=dict(rebound, Authorization="Bearer t"))
+        self.assertEqual(status, 200)
+        status, _, _ = self.request("GET", "/v1/models", headers={"Origin": "https://chat.example.com",
+                                                                   "Host": "chat.example.com", "Authorization": "Bearer t"})
+        self.assertEqual(status, 200)           # behind a TLS proxy that passes the Host on
+
+    def test_listed_sites_get_cors_answers_and_preflights(self):
+        self.start(token="t", cors_origins=cs._check_origins(["https://app.example.com", "http://localhost:3000"]))
+        site = {"Origin": "https://app.example.com"}
+        status, resp, _ = self.request("POST", "/v1/chat/completions", self.chat(), dict(site, Authorization="Bearer t"))
+        self.assertEqual(status, 200)
+        self.assertEqual((resp.getheader("Access-Control-Allow-Origin"), resp.getheader("Vary")),
+                         ("https://app.example.com", "Origin"))
+        self.assertIn("X-Request-Id", resp.getheader("Access-Control-Expose-Headers"))
+        status, resp, _ = self.request("POST", "/v1/chat/completions", self.chat(), site)      # an error, with CORS
+        self.assertEqual((status, resp.getheader("Access-Control-Allow-Origin")), (401, "https://app.example.com"))
+        raw = RawHTTP(self.app.port)
+        self.addCleanup(raw.close)
+        raw.send(raw_request("OPTIONS", "/v1/chat/completions", headers=[
+            ("Origin", "https://app.example.com"), ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization, content-type")]))
+        status, headers, _ = raw.response()
+        self.assertEqual(status, 204)            # no token asked: a browser sends none with a preflight
+        self.assertNotIn("content-length", headers)
+        self.assertEqual((headers["access-control-allow-methods"], headers["access-control-allow-headers"]),
+                         ("OPTIONS, POST", "authorization, content-type"))
+        raw.send(raw_request("GET", "/health"))                     # the connection goes on
+        self.assertEqual(raw.response()[0], 200)
+        for origin, path, status in (("http://evil.example", "/v1/chat/completions", 403),
+                                     ("https://app.example.com", "/nowhere", 404)):
+            raw.send(raw_request("OPTIONS", path, headers=[("Origin", origin), ("Access-Control-Request-Method", "POST")]))
+            self.assertEqual(raw.response()[0], status, origin)
+        self.assertEqual(self.request("GET", "/v1/models", headers={"Origin": "http://localhost:3000",
+                                                                   "Authorization": "Bearer t"})[0], 200)
+        self.start(cors_origins=("*",))
+        status, resp, _ = self.request("GET", "/v1/models", headers={"Origin": "http://anything.example"})
+        self.assertEqual((status, resp.getheader("Access-Control-Allow-Origin")), (200, "http://anything.example"))
+
+    def test_origins_are_checked_at_startup(self):
+        self.assertEqual(cs._check_origins("https://App.Example.com, http://localhost:3000,*"),
+                         ("https://app.example.com:443", "http://localhost:3000", "*"))
+        for bad in ("app.example.com", "https://app.example.com/", "ftp://x", "null", "http://u@h"):
+            with self.assertRaises(cs.ConfigError) as ctx:
+                cs.Config.from_sources({"cors_origins": [bad]}, env={})
+            self.assertIn("is not a web origin", ctx.exception.message)
+
+
 class ConnectionWorkersTest(ServerTestCase):
     """A connection is served by a kept worker thread, not a new thread each time."""
 
@@ -7633,7 +7805,7 @@ class FuzzTest(ServerTestCase):
         raw = RawHTTP(self.app.port)
         try:
             raw.send(data)
-            return raw.response()[0]          # a hang fails here: socket timeout
+            return raw.response(head=data.startswith(b"HEAD "))[0]      # a hang fails here: socket timeout
         except EOFError:
             return None
         finally:
