@@ -5620,9 +5620,20 @@ def watch_settings(config):
     return None
 
 
+class CommandCut(UpstreamError):
+    """A command killed for its time or its output; `out` and `err` hold what it printed until then."""
+
+    def __init__(self, message, out, err):
+        super().__init__(message)
+        self.out, self.err = out, err
+
+
 def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
-    """(exit code, stdout, stderr) of a command, killed past `timeout` seconds or
-    `max_bytes` of output (then ChatServeError says which)."""
+    """(exit code, stdout, stderr) of a command, run in a process group of its
+    own.  Past `timeout` seconds or `max_bytes` of output the group is killed
+    and CommandCut says which; children still holding its output a second
+    after it exited are killed (not waited for); the current request's
+    cancellation kills the group at once (ClientGone)."""
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 env=env, cwd=cwd, start_new_session=True)
@@ -5630,8 +5641,11 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
         raise Unavailable("cannot run %s: %s (set --kubectl)" % (argv[0], _os_reason(e)))
     out, err = bytearray(), bytearray()
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    deadline = time.monotonic() + timeout
-    problem = None
+    deadline, exited, problem = time.monotonic() + timeout, False, None
+    group = _ProcessGroup(proc.pid)
+    scope = CancelScope.current()
+    if scope is not None:
+        scope.on_cancel(group.kill)
     try:
         with selectors.DefaultSelector() as sel:
             for fd in streams:
@@ -5639,9 +5653,9 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
             while sel.get_map():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    problem = "timed out after %gs" % timeout
+                    problem = None if exited else "timed out after %gs" % timeout
                     break
-                for key, _ in sel.select(left):
+                for key, _ in sel.select(min(left, 1.0)):
                     data = os.read(key.fd, 65536)
                     if not data:
                         sel.unregister(key.fd)
@@ -5649,18 +5663,36 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
                 if len(out) > max_bytes:
                     problem = "printed more than %d bytes" % max_bytes
                     break
+                if not exited and proc.poll() is not None:      # what it left running may hold the pipes
+                    exited, deadline = True, min(deadline, time.monotonic() + 1.0)
     finally:
-        if problem:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        group.kill(last=True)               # and whatever it started: nothing outlives the command
         proc.stdout.close()
         proc.stderr.close()
         proc.wait()
+    if scope is not None:
+        scope.check()
     if problem:
-        raise UpstreamError("%s %s" % (argv[0] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv[:3]), problem))
+        raise CommandCut("%s %s" % (argv[0] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv[:3]), problem),
+                         bytes(out[:max_bytes]), bytes(err[:max_bytes]))
     return proc.returncode, bytes(out), bytes(err)
+
+
+class _ProcessGroup:
+    """Kills a command's process group until its leader is reaped (after that its id may be another's)."""
+
+    def __init__(self, pgid):
+        self.pgid, self.lock, self.live = pgid, threading.Lock(), True
+
+    def kill(self, last=False):
+        with self.lock:
+            if self.live:
+                try:
+                    os.killpg(self.pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if last:
+                self.live = False
 
 
 _KUBECTL_ERROR_RE = re.compile(r'^Error from server \((\w+)\): (?:([a-z0-9]+)(?:\.[\w.-]+)? is forbidden: )?(.*)$')
@@ -7069,8 +7101,11 @@ def tool_run_command(sb, args):
     try:
         code, out, _ = run_capped(["/bin/sh", "-c", "exec 2>&1; " + command], timeout, sb.output_bytes,
                                   env=command_environment(), cwd=sb.root)
+    except CommandCut as e:
+        raise ToolError("%s; the command and its children were killed. What it printed until then:\n%s"
+                        % (e.message, e.out.decode("utf-8", "replace")))
     except ChatServeError as e:
-        raise ToolError("%s; the command and its children were killed" % e.message)
+        raise ToolError(e.message)
     return "exit code %d\n%s" % (code, out.decode("utf-8", "replace"))
 
 
@@ -7172,13 +7207,17 @@ def json_object_end(text):
     return None
 
 
-def text_tool_call(text):
-    """A {name, arguments|parameters} object as (name, arguments JSON), else None."""
+def text_tool_call(text, names=None):
+    """A {name, arguments|parameters} object as (name, arguments JSON), else None.  With `names` (a bare
+    object in an answer, which may just be JSON the model shows) only a call of one of those tools that
+    says its arguments counts; inside <tool_call> tags the arguments may be left out."""
     try:
         obj = json_loads_upstream(text)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if names is not None and (obj["name"] not in names or not ("arguments" in obj or "parameters" in obj)):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
@@ -7193,11 +7232,12 @@ def text_tool_call(text):
 
 class ToolCallFilter:
     """For models that write tool calls as text: finds `<tool_call>{json}</tool_call>`
-    and bare `{"name": ..., "arguments": {...}}` objects in streamed text, holding
-    back anything that may be the start of one so it is never shown as a delta."""
+    and bare `{"name": TOOL, "arguments": {...}}` objects (TOOL one of `names`) in
+    streamed text, holding back anything that may be the start of one so it is
+    never shown as a delta; other JSON is shown as it was written."""
 
-    def __init__(self):
-        self.pending, self.calls = "", []
+    def __init__(self, names=()):
+        self.pending, self.calls, self.names = "", [], frozenset(names)
 
     def feed(self, text):
         self.pending += text
@@ -7248,7 +7288,7 @@ class ToolCallFilter:
                 out.append(self.pending)
                 self.pending = ""
                 break
-            call = text_tool_call(body.strip())
+            call = text_tool_call(body.strip(), None if kind == "tag" else self.names)
             if call:
                 self.calls.append(call)
             else:
@@ -7467,7 +7507,7 @@ class Agent:
             params["max_tokens"] = job.max_tokens
         answer = self.app.engine.open(ChatRequest([system] + self.messages, stream=True,
                                                   params=params, surface="agent", context="prompt"))
-        completion, marker, shown = Completion(), ToolCallFilter(), []
+        completion, marker, shown = Completion(), ToolCallFilter(self.tools), []
         try:
             for ev in answer:
                 if type(ev) is TextDelta:

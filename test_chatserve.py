@@ -5653,7 +5653,7 @@ class ToolCallFilterTest(unittest.TestCase):
             '{"name": "get_time", "parameters": {}} done {"not": "a call"} <b>bold</b>')
 
     def run_filter(self, pieces):
-        f = cs.ToolCallFilter()
+        f = cs.ToolCallFilter(["read_file", "get_time"])
         shown = [f.feed(p) for p in pieces] + [f.finish()]
         return shown, f.calls
 
@@ -5672,6 +5672,20 @@ class ToolCallFilterTest(unittest.TestCase):
         self.assertEqual(("".join(shown), calls), ('a <tool_call>{"name": "x"', []))
         shown, calls = self.run_filter(["1 < 2 and {x}"])
         self.assertEqual("".join(shown), "1 < 2 and {x}")
+
+    def test_json_in_an_answer_is_shown_not_called(self):
+        """Only a bare object naming an offered tool and saying its arguments is a
+        call: a pod's JSON (a nested "name"), a name that is no tool, or no
+        arguments, is the answer's text, shown whole (it was cut out and called)."""
+        for text in ('{"metadata": {"name": "api-gateway", "namespace": "prod"}, "status": "CrashLoopBackOff"}',
+                     '{"name": "api-gateway", "replicas": 3}', '{"name": "read_file"}',
+                     '[\n  {\n    "name": "get_time",\n    "kind": "Pod"\n  }\n]',
+                     '{"name": "run_command", "arguments": {"command": "rm -rf /"}}'):
+            for cut in range(1, len(text), 7):
+                shown, calls = self.run_filter([text[:cut], text[cut:]])
+                self.assertEqual(("".join(shown), calls), (text, []), (text, cut))
+        shown, calls = self.run_filter(['<tool_call>{"name": "nope"}</tool_call>'])      # tagged: meant as a call
+        self.assertEqual(("".join(shown), calls), ("", [("nope", "{}")]))
 
 
 class AgentSurfaceTest(ServerTestCase):
@@ -5966,8 +5980,46 @@ class AgentHardeningTest(AgentSurfaceTest):
         ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", json.dumps({"command": "yes", "timeout": 20}))
         self.assertFalse(ok)
         self.assertIn("printed more than 1000 bytes", text)
+        ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", json.dumps({"command": "seq 1 20000"}))
+        self.assertFalse(ok)                    # what it printed until then is shown (it was thrown away)
+        self.assertIn("printed more than 1000 bytes", text)
+        self.assertIn("until then:\n1\n2\n3\n", text)
+        self.assertLess(len(text), 2000)
         ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", '{"command": "true", "timeout": NaN}')
         self.assertFalse(ok)
+
+    def test_a_command_ends_with_its_shell_and_with_its_request(self):
+        """What a command leaves running is killed a second after it exits (it held
+        the output pipe, so the call waited for its whole timeout and lost the
+        output); a cancelled request kills the command at once (it ran on for
+        nobody, holding the agent)."""
+        sb = cs.Sandbox(self.ws)
+        marker = os.path.join(self.tmp, "bg.pid")
+        started = time.monotonic()
+        ok, text = cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command",
+                               json.dumps({"command": "sleep 30 & echo $! > %s; echo started" % marker, "timeout": 20}))
+        self.assertEqual((ok, text), (True, "exit code 0\nstarted\n"))
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(wait_until(lambda: not os.path.exists("/proc/%s" % open(marker).read().strip())
+                                   or open("/proc/%s/stat" % open(marker).read().strip()).read().split()[2] == "Z"))
+        os.unlink(marker)
+        scope, result = cs.CancelScope(), []
+
+        def run():
+            with scope.bound():
+                try:
+                    result.append(cs.run_tool(sb, list(cs.AGENT_TOOLS), "run_command", json.dumps(
+                        {"command": "echo $$ > %s; sleep 30" % marker, "timeout": 60})))
+                except cs.ClientGone as e:
+                    result.append(e)
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.assertTrue(wait_until(lambda: os.path.exists(marker) and open(marker).read().strip()))
+        pid = int(open(marker).read())
+        scope.cancel()
+        thread.join(WAIT)
+        self.assertIsInstance(result[0], cs.ClientGone)
+        self.assertFalse(os.path.exists("/proc/%d" % pid))
 
     def test_workspace_at_the_root(self):
         ok, text = cs.run_tool(cs.Sandbox("/"), ["read_file"], "read_file", json.dumps({"path": "etc/hostname"}))
