@@ -7358,7 +7358,7 @@ def message_chars(msg):
         len(json_dumps(msg.get("tool_calls") or ""))
 
 
-AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener scope")
+AgentJob = collections.namedtuple("AgentJob", "prompt max_tokens listener scope request_id")
 AGENT_SYSTEM_PROMPT = ("You are an agent working in the workspace %s on the server. Use the tools to look at and "
                        "change files%s; paths are relative to the workspace. When you are done, answer plainly. "
                        "If you cannot call tools natively, write one call as <tool_call>{\"name\": \"TOOL\", "
@@ -7378,6 +7378,7 @@ class Agent:
         self.jobs = queue.Queue(c.agent_queue)
         self.lock = threading.Lock()
         self.processing, self.current, self.running, self.stopping = False, "", None, False
+        self.completed = False              # the running job has said response_complete
         try:
             self.messages = list(app.sessions.load(c.agent_session)["chat_history"])
         except NotFound:
@@ -7387,11 +7388,12 @@ class Agent:
 
     # -- requests ------------------------------------------------------------
 
-    def submit(self, prompt, max_tokens=0, listener=None, scope=None):
+    def submit(self, prompt, max_tokens=0, listener=None, scope=None, request_id=""):
         """Queue a prompt; its position (1 = next), or RateLimited when the queue is full.
-        A job with the `scope` of a client that waits for it stops when that client leaves."""
+        A job with the `scope` of a client that waits for it stops when that client leaves.
+        Its events carry `request_id`, so a client can tell its own from others'."""
         try:
-            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener, scope or CancelScope()))
+            self.jobs.put_nowait(AgentJob(prompt, max_tokens, listener, scope or CancelScope(), request_id))
         except queue.Full:
             raise RateLimited("the agent queue is full (%d waiting, --agent-queue); retry later"
                               % self.config.agent_queue, headers={"Retry-After": "5"})
@@ -7422,7 +7424,7 @@ class Agent:
             if job is None or self.stopping:
                 return
             with self.lock:
-                self.processing, self.current, self.running = True, job.prompt, job
+                self.processing, self.current, self.running, self.completed = True, job.prompt, job, False
             try:
                 with job.scope.bound():
                     self.run(job)
@@ -7434,6 +7436,8 @@ class Agent:
                 log.exception("agent: request failed")
                 self.emit(job, "error", message="internal error: %s; see the server log" % e.__class__.__name__)
             finally:
+                if not self.completed:      # every request ends with one response_complete, also a failed one
+                    self.emit(job, "response_complete", response="", finish_reason="error")
                 with self.lock:
                     self.processing, self.current, self.running = False, "", None
                 if job.listener is not None:
@@ -7442,6 +7446,9 @@ class Agent:
     def emit(self, job, kind, **fields):
         """One event, flat as Shepherd's "SSE Events" list them: {"type", ...fields}."""
         event = dict(fields, type=kind)
+        if job.request_id:
+            event["request_id"] = job.request_id
+        self.completed = self.completed or kind == "response_complete"
         self.updates.publish(event)
         if job.listener is not None:
             job.listener.put(event)
@@ -9624,11 +9631,11 @@ def route_agent_request(h):
     if is_async:
         scope = CancelScope()
         scope.client_key = h.client_key         # limits and usage follow the job onto the agent's thread
-        position = app.agent.submit(prompt, max_tokens, None, scope)
-        h.send_json(200, {"success": True, "queued": True, "queue_position": position})
+        position = app.agent.submit(prompt, max_tokens, None, scope, h.request_id)
+        h.send_json(200, {"success": True, "queued": True, "queue_position": position, "request_id": h.request_id})
         return
     listener = queue.Queue()
-    app.agent.submit(prompt, max_tokens, listener, h.scope)
+    app.agent.submit(prompt, max_tokens, listener, h.scope, h.request_id)
     h.scope.on_cancel(lambda: listener.put(None))     # stop waiting for a job nobody reads
     if stream:
         with h.open_sse() as sse:
@@ -12738,7 +12745,7 @@ class AgentClient:
     def __init__(self, client, out=None):
         self.client, self.out = client, out or sys.stdout
         self.connected = threading.Event()
-        self.pending = 0
+        self.waiting, self.ended = set(), collections.deque(maxlen=256)    # this client's requests
         self.done = threading.Condition()
         self.stopping = False
 
@@ -12761,11 +12768,11 @@ class AgentClient:
                                   else (data.get("error") or "")[:300]))
         elif kind == "error":
             self.say("\nerror: %s" % data.get("message"))
-        if kind in ("response_complete", "error"):
-            if kind == "response_complete":
-                self.say("")
+        if kind == "response_complete":     # every request ends with one, failed or not
+            self.say("")
             with self.done:
-                self.pending = max(0, self.pending - (1 if kind == "response_complete" else 0))
+                self.waiting.discard(data.get("request_id"))
+                self.ended.append(data.get("request_id"))
                 self.done.notify_all()
 
     def follow(self):
@@ -12799,21 +12806,17 @@ class AgentClient:
                 self.say("[%s] %s" % (msg["role"], msg["content"][:300]))
 
     def send(self, prompt):
-        with self.done:
-            self.pending += 1           # before sending: its events may arrive before the answer does
+        conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
+                                      "application/json")
         try:
-            conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
-                                          "application/json")
-            try:
-                answer = json.loads(resp.read().decode("utf-8"))
-            finally:
-                conn.close()
-            if not answer.get("success"):
-                raise RemoteError(answer.get("error") or "the agent refused the prompt")
-        except BaseException:
-            with self.done:
-                self.pending -= 1
-            raise
+            answer = json.loads(resp.read().decode("utf-8"))
+        finally:
+            conn.close()
+        if not answer.get("success"):
+            raise RemoteError(answer.get("error") or "the agent refused the prompt")
+        with self.done:                 # its end may have been shown before this answer came
+            if answer.get("request_id") not in self.ended:
+                self.waiting.add(answer.get("request_id"))
         if answer.get("queue_position", 1) > 1:
             self.say("(queued at position %d)" % answer["queue_position"])
 
@@ -12827,6 +12830,7 @@ class AgentClient:
             except EOFError:
                 break
             except KeyboardInterrupt:
+                self.say("\n(the agent goes on with what it was asked; /quit or Ctrl-D leaves)")
                 continue
             if line.strip() in ("/quit", "/exit"):
                 break
@@ -12836,7 +12840,7 @@ class AgentClient:
                 except RemoteError as e:
                     self.say("error: %s" % e.message)
         with self.done:                       # piped input: let the last answers arrive
-            self.done.wait_for(lambda: self.pending == 0, timeout=120)
+            self.done.wait_for(lambda: not self.waiting, timeout=120)
         self.stopping = True
         return 0
 

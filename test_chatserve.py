@@ -663,6 +663,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def text_of(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def process_alive(pid):
+    """Whether a process runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def recv_head(sock, size=65536):
     """Bytes from `sock` until a blank line ends a head (or the peer closes);
     size 1 takes nothing after the head."""
@@ -5727,11 +5741,13 @@ class AgentSurfaceTest(ServerTestCase):
     def test_tool_loop_native_calls(self):
         self.start_agent()
         events = self.listen()
-        status, _, body = self.request("POST", "/request", {"prompt": "read hello"})
+        status, resp, body = self.request("POST", "/request", {"prompt": "read hello"})
         self.assertEqual((status, body), (200, {"success": True, "response": "The file says: hi from the workspace\n"}))
         self.assertTrue(wait_until(lambda: events[-1]["type"] == "response_complete"))
         self.assertEqual([e["type"] for e in events], ["connected", "user_echo", "delta", "tool_call", "tool_result",
                                                        "delta", "response_complete"])
+        # each of the request's events names it, so a client tells its own from others'
+        self.assertEqual({e.pop("request_id") for e in events[1:]}, {resp.getheader("X-Request-Id")})
         # The seed's flat shapes (shepherd-server-module.md, "SSE Events"); extra fields are fine
         self.assertEqual(events[3], {"type": "tool_call", "id": "call_r", "name": "read_file", "args": {"path": "hello.txt"}})
         self.assertEqual((events[4]["name"], events[4]["success"], events[4]["content"]),
@@ -5864,6 +5880,22 @@ class AgentSurfaceTest(ServerTestCase):
         self.assertIn("Connected to the chatserve agent (model: agent", out.stdout)
         self.assertIn("* read_file({\"path\":\"hello.txt\"})", out.stdout)
         self.assertIn("The file says: hi from the workspace", out.stdout)
+
+    def test_connect_agent_ends_after_a_failed_request_and_waits_for_its_own(self):
+        """A request that fails ends with response_complete too, so the client
+        leaves at once (it waited 120 s); another client's answers are not its own."""
+        app = self.start_agent("stream-error")
+        out = subprocess.run([sys.executable, SCRIPT, "connect", "--agent", "127.0.0.1:%d" % app.port],
+                             input="hi\n", capture_output=True, text=True, timeout=WAIT * 3)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("error: ", out.stdout)
+        client = cs.AgentClient(None, io.StringIO())
+        client.waiting.add("mine")
+        client.show({"type": "response_complete", "request_id": "someone-else", "response": ""})
+        self.assertEqual(client.waiting, {"mine"})
+        client.show({"type": "error", "request_id": "mine", "message": "boom"})
+        client.show({"type": "response_complete", "request_id": "mine", "response": "", "finish_reason": "error"})
+        self.assertEqual(client.waiting, set())
 
 
 # ---------------------------------------------------------------------------
@@ -6000,8 +6032,7 @@ class AgentHardeningTest(AgentSurfaceTest):
                                json.dumps({"command": "sleep 30 & echo $! > %s; echo started" % marker, "timeout": 20}))
         self.assertEqual((ok, text), (True, "exit code 0\nstarted\n"))
         self.assertLess(time.monotonic() - started, 10)
-        self.assertTrue(wait_until(lambda: not os.path.exists("/proc/%s" % open(marker).read().strip())
-                                   or open("/proc/%s/stat" % open(marker).read().strip()).read().split()[2] == "Z"))
+        self.assertTrue(wait_until(lambda: not process_alive(text_of(marker))))
         os.unlink(marker)
         scope, result = cs.CancelScope(), []
 
@@ -6014,12 +6045,12 @@ class AgentHardeningTest(AgentSurfaceTest):
                     result.append(e)
         thread = threading.Thread(target=run)
         thread.start()
-        self.assertTrue(wait_until(lambda: os.path.exists(marker) and open(marker).read().strip()))
-        pid = int(open(marker).read())
+        self.assertTrue(wait_until(lambda: os.path.exists(marker) and text_of(marker)))
+        pid = text_of(marker)
         scope.cancel()
         thread.join(WAIT)
         self.assertIsInstance(result[0], cs.ClientGone)
-        self.assertFalse(os.path.exists("/proc/%d" % pid))
+        self.assertFalse(process_alive(pid))
 
     def test_workspace_at_the_root(self):
         ok, text = cs.run_tool(cs.Sandbox("/"), ["read_file"], "read_file", json.dumps({"path": "etc/hostname"}))
