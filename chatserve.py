@@ -1201,8 +1201,9 @@ def url_problem(url):
     return None
 
 
-def read_secret_file(path, limit=65536):
-    """A secret file's text: a regular file (never a FIFO or a device), at most `limit` bytes."""
+def read_regular_file(path, limit):
+    """A regular file's bytes (never a FIFO or a device, which could block or never end), at most `limit`
+    (ValueError beyond, or for another kind of file)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1211,8 +1212,13 @@ def read_secret_file(path, limit=65536):
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise ValueError("larger than %d bytes: not a secret" % limit)
-    return data.decode("utf-8", "replace").strip()
+        raise ValueError("larger than %d bytes" % limit)
+    return data
+
+
+def read_secret_file(path, limit=65536):
+    """A secret file's text, at most `limit` bytes."""
+    return read_regular_file(path, limit).decode("utf-8", "replace").strip()
 
 
 class ConfigFile:
@@ -4996,6 +5002,9 @@ class KeyUsage:
             self.db.close()
 
 
+MAX_IMPORT_BYTES = 64 * 1024 * 1024
+
+
 def import_chatcli_sessions(store, directory):
     """Import ChatCLI's ~/.chatcli/sessions/*.json; returns (imported, [(file, reason)])."""
     imported, skipped = [], []
@@ -5005,8 +5014,7 @@ def import_chatcli_sessions(store, directory):
         name = entry[:-5]
         try:
             check_session_name(name)
-            with open(os.path.join(directory, entry), encoding="utf-8") as f:
-                store.save(name, json.load(f))
+            store.save(name, json_loads_strict(read_regular_file(os.path.join(directory, entry), MAX_IMPORT_BYTES)))
             imported.append(name)
         except (ValueError, OSError, ChatServeError) as e:
             skipped.append((entry, getattr(e, "message", None) or str(e)))
@@ -6925,13 +6933,25 @@ def _entry_kind(entry):
     return entry.name + " (special file, not read)"
 
 
+def count_arg(args, name, default):
+    """A tool's whole-number argument of at least 1 (a digit string too; 0 or none: `default`)."""
+    value = args.get(name)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value is None or value == 0:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ToolError("%s must be a whole number of at least 1, not %s" % (name, json_dumps(value)[:40]))
+    return value
+
+
 def tool_read_file(sb, args):
+    offset, limit = count_arg(args, "offset", 1), count_arg(args, "limit", 2000)
     data = sb.read_bytes(args.get("path"))
     if b"\0" in data[:8192]:
         return "%s is a binary file (%d bytes); not shown" % (args.get("path"), len(data))
-    offset, limit = int(args.get("offset") or 1), int(args.get("limit") or 2000)
     lines = data.decode("utf-8", "replace").splitlines(True)
-    chosen = lines[max(0, offset - 1):max(0, offset - 1) + limit]
+    chosen = lines[offset - 1:offset - 1 + limit]
     text = "".join(chosen)
     if len(chosen) != len(lines):
         text += ("" if text.endswith("\n") or not text else "\n") + \
@@ -7025,7 +7045,7 @@ def tool_grep(sb, args):
         raise ToolError("the pattern repeats a group that itself repeats or alternates (like (a+)+ or (a|b)*), "
                         "which can take exponential time; write it without the nesting")
     deadline = time.monotonic() + GREP_SECONDS
-    limit, parts = int(args.get("max_results") or 100), sb.parts(args.get("path") or ".")
+    limit, parts = count_arg(args, "max_results", 100), sb.parts(args.get("path") or ".")
     try:
         entries, skipped = sb.walk(parts)
         files = [rel for rel, kind in entries if kind == "file"]
@@ -7311,17 +7331,25 @@ def _end_queue(q):
 
 class Broadcaster:
     """Agent events to every /updates listener; each has a bounded queue and a
-    listener that stops reading is dropped, never stalling the others."""
+    listener that stops reading is dropped (its `on_drop` runs: its connection
+    is shut), never stalling the others.  A listener that comes with the id of
+    one already listening takes over: the older one's stream ends (as an MQTT
+    broker does with a client id; the older may be a connection not yet known
+    to be dead)."""
 
     def __init__(self, per_client=1000):
         self.per_client = per_client
         self.clients = {}
         self.lock = threading.Lock()
 
-    def subscribe(self, client_id):
+    def subscribe(self, client_id, on_drop=None):
         q = queue.Queue(self.per_client)
+        q.on_drop = on_drop
         with self.lock:
-            self.clients[client_id] = q
+            older, self.clients[client_id] = self.clients.get(client_id), q
+        if older is not None:
+            log.info("agent: a new /updates listener %s takes over from the older one with that id", client_id)
+            _end_queue(older)
         return q
 
     def unsubscribe(self, client_id, q=None, close=False):
@@ -7349,6 +7377,8 @@ class Broadcaster:
             except queue.Full:
                 log.warning("agent: /updates listener %s stopped reading; dropped", client_id)
                 self.unsubscribe(client_id, q, close=True)
+                if q.on_drop is not None:
+                    q.on_drop()
 
 
 def message_chars(msg):
@@ -9671,7 +9701,7 @@ def route_agent_updates(h):
     client_id = h.headers.get("X-Client-ID") or ""
     if not _CLIENT_ID_RE.match(client_id):
         client_id = new_id("client-")
-    events = agent.updates.subscribe(client_id)
+    events = agent.updates.subscribe(client_id, on_drop=lambda: shutdown_socket(h.connection))
     h.scope.on_cancel(lambda: agent.updates.unsubscribe(client_id, events, close=True))
     try:
         with h.open_sse() as sse:
@@ -11446,6 +11476,9 @@ class ChatHTTPServer(http.server.HTTPServer):
         log.debug("connection error from %s", client_address, exc_info=True)
 
 
+UNIX_PATH_MAX = 107         # bytes of a Unix socket's path (sun_path, less its NUL)
+
+
 class ControlServer(ChatHTTPServer):
     """The Unix control socket: created 0600 from the start, never stolen from a live server."""
 
@@ -11468,12 +11501,19 @@ class ControlServer(ChatHTTPServer):
         # Bind inside a private 0700 directory, tighten, then rename into place:
         # the socket is never reachable with wider permissions.
         private = tempfile.mkdtemp(prefix=".chatserve-", dir=os.path.dirname(os.path.abspath(path)))
+        private_fd = None
         try:
             temp_path = os.path.join(private, "s")
-            self.socket.bind(temp_path)
+            bind_path = temp_path
+            if len(os.fsencode(temp_path)) > UNIX_PATH_MAX and os.path.isdir("/proc/self/fd"):
+                private_fd = os.open(private, os.O_RDONLY | _O_CLOEXEC)      # a path that fits names it too
+                bind_path = "/proc/self/fd/%d/s" % private_fd
+            self.socket.bind(bind_path)
             os.chmod(temp_path, 0o600)
             os.rename(temp_path, path)
         finally:
+            if private_fd is not None:
+                os.close(private_fd)
             os.rmdir(private)
         self.inode = os.stat(path).st_ino
         self.server_address = path

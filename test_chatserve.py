@@ -2926,13 +2926,17 @@ class SessionStoreTest(unittest.TestCase):
         os.makedirs(src)
         files = {"v2.json": {"version": 2, "chat_history": [{"role": "user", "content": "hi"}], "coder_history": []},
                  "legacy.json": [{"role": "user", "content": "old"}, {"role": "assistant", "content": "reply"}],
-                 "bad name.json": [], "broken.json": None}
+                 "bad name.json": [], "broken.json": None, "a-deep.json": "[" * 100000 + "]" * 100000}
         for name, data in files.items():
             with open(os.path.join(src, name), "w") as f:
-                f.write("{broken" if data is None else json.dumps(data))
+                f.write("{broken" if data is None else data if isinstance(data, str) else json.dumps(data))
+        os.mkfifo(os.path.join(src, "b-fifo.json"))     # would block the import for ever
         imported, skipped = cs.import_chatcli_sessions(self.store, src)
-        self.assertEqual(sorted(imported), ["legacy", "v2"])
-        self.assertEqual(sorted(s[0] for s in skipped), ["bad name.json", "broken.json"])
+        self.assertEqual(sorted(imported), ["legacy", "v2"])      # the files after the bad ones too
+        self.assertEqual(sorted(s[0] for s in skipped), ["a-deep.json", "b-fifo.json", "bad name.json", "broken.json"])
+        reasons = dict(skipped)
+        self.assertIn("nested deeper than", reasons["a-deep.json"])
+        self.assertIn("not a regular file", reasons["b-fifo.json"])
         self.assertEqual(self.store.load("legacy")["chat_history"][1], {"role": "assistant", "content": "reply"})
 
     def test_sessions_command_line(self):
@@ -5523,6 +5527,13 @@ class SandboxToolsTest(unittest.TestCase):
         ok, text = self.run_tool("read_file", path="src/app.py", offset=2, limit=1)
         self.assertTrue(text.startswith("print('Hello')\n[lines 2-2 of 3]"))
         self.assertIn("binary file (300 bytes)", self.run_tool("read_file", path="blob.bin")[1])
+        self.assertEqual(self.run_tool("read_file", path="src/app.py", offset="2", limit=0)[1], "print('Hello')\n# TODO: fix\n"
+                         "[lines 2-3 of 3]")
+        for name, bad in (("read_file", {"offset": -5}), ("read_file", {"limit": -2}), ("read_file", {"offset": 1.5}),
+                          ("read_file", {"limit": True}), ("grep", {"pattern": "o", "max_results": -1})):
+            ok, text = self.run_tool(name, path="src/app.py", **bad)
+            self.assertFalse(ok, (name, bad, text))
+            self.assertIn("must be a whole number of at least 1", text)
         self.assertIn("src/", self.run_tool("list_directory", path=".")[1])
         self.assertEqual(self.run_tool("glob", pattern="**/*.py"), (True, "src/app.py"))
         self.assertEqual(self.run_tool("grep", pattern="todo", case_insensitive=True), (True, "src/app.py:3: # TODO: fix"))
@@ -5872,6 +5883,23 @@ class AgentSurfaceTest(ServerTestCase):
         self.assertNotIn("read hello 0", json.dumps(sent))
         self.assertGreater(app.metrics.agent_trims.value(), 0)
 
+    def test_a_listener_that_stops_reading_is_disconnected(self):
+        """Dropped from the broadcast, its connection is shut at once (its thread
+        sat blocked writing for minutes, and held the shutdown's drain)."""
+        app = self.start_agent()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", app.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\nX-Client-ID: staller\r\n\r\n")
+        self.assertTrue(wait_until(lambda: "staller" in app.agent.updates.clients))
+        with self.assertLogs("chatserve", "WARNING"):
+            for _ in range(20000):                  # until the kernel's buffers and then its queue are full
+                app.agent.updates.publish({"type": "delta", "content": "x" * 4000})
+                if "staller" not in app.agent.updates.clients:
+                    break
+        self.assertTrue(wait_until(lambda: app.http.tracker.count() == 0))
+
     def test_connect_agent_client(self):
         app = self.start_agent()
         out = subprocess.run([sys.executable, SCRIPT, "connect", "--agent", "127.0.0.1:%d" % app.port],
@@ -6004,6 +6032,7 @@ class AgentHardeningTest(AgentSurfaceTest):
         updates = cs.Broadcaster()
         first = updates.subscribe("same")
         second = updates.subscribe("same")
+        self.assertIsNone(first.get_nowait())       # the older listener's stream ends (it was left silent)
         updates.unsubscribe("same", first)
         self.assertIs(updates.clients["same"], second)
 
@@ -7964,6 +7993,17 @@ class ControlSocketTest(ServerTestCase):
                     "port", "control_socket", "provider", "model", "version"):
             self.assertIn(key, body)
         self.assertEqual((body["pid"], body["port"], body["control_socket"]), (os.getpid(), app.port, path))
+
+    def test_a_socket_path_near_the_limit_is_taken(self):
+        """A path that fits a Unix socket (107 bytes) is taken, though the private
+        directory it is bound in first has a longer name (it was refused)."""
+        deep = os.path.join(self.tmp, "d" * (cs.UNIX_PATH_MAX - len(self.tmp) - len("/a.sock") - 1))
+        os.makedirs(deep)
+        path = os.path.join(deep, "a.sock")
+        self.assertEqual(len(path), cs.UNIX_PATH_MAX)
+        self.start(socket=path)
+        self.assertEqual((os.stat(path).st_mode & 0o777, os.listdir(deep)), (0o600, ["a.sock"]))
+        self.assertEqual(cs.control_request(path, "GET", "/status")[0], 200)
 
     def test_live_socket_is_never_taken_and_stale_one_is_replaced(self):
         app = self.start()
