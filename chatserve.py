@@ -7571,7 +7571,10 @@ class Agent:
     def call_tool(self, job, call):
         name, arguments = call["function"]["name"], call["function"].get("arguments") or "{}"
         self.emit(job, "tool_call", id=call["id"], name=name, args=json.loads(object_arguments(arguments)))
-        success, content = run_tool(self.sandbox, self.tools, name, arguments)
+        try:
+            success, content = run_tool(self.sandbox, self.tools, name, arguments)
+        except ClientGone:              # killed mid-run: the call still gets a result, so the history stays valid
+            success, content = False, "Error: stopped while it ran; the request was stopped"
         self.emit(job, "tool_result", id=call["id"], name=name, success=success,
                   content=content[:2000], error=None if success else content)
         self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
