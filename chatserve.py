@@ -8997,8 +8997,9 @@ class WebSocket:
                 shutdown_socket(self.h.connection, socket.SHUT_RDWR)     # silent or not reading: gone
                 continue                        # the reader sees the end and says so
             try:
-                self.ping_outstanding = True
-                self.h.write_raw(ws_frame(WS_PING, b"chatserve"))
+                if not self.closed:
+                    self.ping_outstanding = True
+                    self.h.write_raw(ws_frame(WS_PING, b"chatserve"))
             except ClientGone:
                 pass
             finally:
@@ -9042,9 +9043,9 @@ class WebSocket:
             elif opcode == WS_PONG:
                 self.ping_outstanding = False
             elif opcode == WS_CLOSE:
+                self.close(*ws_close_reply(payload))       # first: the answer's thread may close the socket next
                 if self.on_close is not None:
                     self.on_close()
-                self.close(*ws_close_reply(payload))
                 return None
             elif opcode in (WS_TEXT, WS_BINARY):
                 if kind is not None:
@@ -9097,14 +9098,16 @@ class WebSocket:
             return True
 
     def close(self, code=1000, reason=""):
-        with self.state_lock:
+        """Send the close frame, once; data frames after it are refused (ClientGone), and not before it is out
+        (both under write_lock), so a thread that sees the session closed cannot close the socket first."""
+        with self.write_lock:
             if self.closed:
                 return
             self.closed = True
-        try:
-            self.send_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120])
-        except (ClientGone, OSError):
-            pass
+            try:
+                self.h.write_raw(ws_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120]))
+            except (ClientGone, OSError):
+                pass
 
     def fail(self, code, reason):
         self.close(code, reason)
