@@ -58,8 +58,9 @@ client; they are never logged, never echoed by /status, never stored.  URLs a
 client supplies pass an SSRF check (link-local and metadata addresses always
 refused, private ones unless --allow-upstream).  A web page's request (it
 says Origin) is answered only for the server's own site and the
---cors-origins; with no token, only for pages at an IP or localhost (DNS
-rebinding could give another site this server's name).  The agent's tools are
+--cors-origins; with no token on loopback, only requests naming an IP,
+localhost or this host are (DNS rebinding could give another site this
+server's address).  The agent's tools are
 confined to --workspace; writing and shell commands are off unless enabled.
 The metrics port has no auth and shows no secrets; bind it where only your
 Prometheus can reach it.  The control socket is created mode 0600 and a
@@ -10261,6 +10262,15 @@ CORS_EXPOSED_HEADERS = "X-Request-Id, X-Chatserve-Token-Count, X-Chatserve-Conte
 _HEADER_LIST_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$|^$")
 
 
+def split_host(value):
+    """(host, port) of a Host header, lowercase; port "" when it names none."""
+    value = value.strip().lower()
+    host, colon, port = value.rpartition(":")
+    if not colon or "]" in port or (host and not host.endswith("]") and ":" in host):
+        return value, ""                    # no port: "example.com", "[::1]" (a bare IPv6 literal is no Host)
+    return host, port
+
+
 def literal_host(host):
     """Whether a Host names this machine in a way no DNS answer can change: an IP literal or localhost."""
     if host == "localhost" or host.endswith(".localhost"):
@@ -10880,9 +10890,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         busy = False
         try:
             origin = self.headers.get("Origin")
-            if origin is not None:              # from a web page: whose?
+            if origin is not None or self.server.guards_names:     # from a web page, or by a name: whose?
                 self.render_error = self.router.errors_for(path)
-                self.cors_origin = self.check_origin(origin)
+                self.cors_origin = self.check_site(origin)
                 if self.cors_origin and self.command == "OPTIONS" and "Access-Control-Request-Method" in self.headers:
                     route_name = "preflight"
                     return self.answer_preflight(path)
@@ -10934,25 +10944,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 app.key_request_done(self.client_key, self.status_sent)
             self.log_access(path, duration)
 
-    def check_origin(self, origin):
-        """A request from a web page (it says Origin): allowed from this server's own pages (the console)
-        and from the --cors-origins sites, else 403, so that no other site's page can use the server
-        from a user's browser.  Without a token, a page under a DNS name counts as another site's even
-        when the names match (DNS rebinding points a site's name at this server).  The origin to
-        answer with CORS headers, or None for the server's own pages."""
-        listed, page = self.app.config.cors_origins, web_origin(origin)
+    def check_site(self, origin):
+        """Which pages and names may use the server (403 otherwise).  A server
+        with no token on a loopback address answers only requests that name it
+        as no DNS answer can change (an IP address, localhost, this host's name)
+        or as a --cors-origins site: a page elsewhere cannot reach it by DNS
+        rebinding (Ollama does the same).  A request from a web page (it says
+        Origin) is answered for the server's own site (the Host's name and
+        port) and the --cors-origins sites, whose answers get CORS headers
+        (the origin returned), so no other site's page can use the server
+        from a user's browser."""
+        app, host_header = self.app, self.headers.get("Host") or ""
+        host, port = split_host(host_header)
+        listed = app.config.cors_origins
+        if self.server.guards_names and app.names_guarded() and host and not app.known_name(host):
+            raise PermissionDenied(
+                "Host %s is not a name this server answers to: with no --token on a loopback address it answers "
+                "only IP addresses, localhost and %s (and the --cors-origins sites), so that no web page can reach "
+                "it by DNS rebinding; use one of those, set --token, or list the site in --cors-origins"
+                % (host_header[:100], app.host_name), code="host_refused")
+        if origin is None:
+            return None
+        page = web_origin(origin)
         if page is not None and ("*" in listed or page in listed):
             return origin
-        host, _, port = (self.headers.get("Host") or "").lower().rpartition(":")
-        if not host or "]" in port:                 # no port given ("[::1]" alone, "example.com")
-            host, port = (self.headers.get("Host") or "").lower(), ""
-        own = page is not None and page.split("://", 1)[1].rsplit(":", 1)[0] == host and \
-            (not port or page.rsplit(":", 1)[1] == port)
-        if own and (self.app.requires_auth() or literal_host(host)):
-            return None
-        why = ("without --token, a page under a DNS name may be another site's (DNS rebinding); set --token, or "
-               "list the site in --cors-origins" if own else "list the site in --cors-origins to allow it")
-        raise PermissionDenied("a page of %s may not use this server: %s" % (origin[:100], why), code="origin_refused")
+        if page is not None:
+            scheme, rest = page.split("://", 1)
+            page_host, page_port = rest.rsplit(":", 1)
+            default = "443" if scheme == "https" else "80"     # a Host without a port names the default one
+            if page_host == host and page_port == (port or default):
+                return None
+        raise PermissionDenied("a page of %s may not use this server: list the site in --cors-origins to allow it"
+                               % origin[:100], code="origin_refused")
 
     def answer_preflight(self, path):
         """A listed site's CORS preflight (OPTIONS): the methods of the path, the headers it asked for."""
@@ -11391,6 +11414,7 @@ class ChatHTTPServer(http.server.HTTPServer):
     request_queue_size = 128
     access_log = True
     record_metrics = True
+    guards_names = False        # the API: checks the Host a request names (see Handler.check_site)
     relay_streams = True        # long streams from plain-HTTP upstreams go to one StreamPump thread
     poll_interval = 0.1         # how soon serve_forever notices shutdown()
 
@@ -11758,6 +11782,9 @@ class App:
         self.leader_lock, self.leader_retry = threading.Lock(), 2.0     # one read of the leader at a time; backoff
         self.leader_pool = UpstreamPool()
         self.leader_pool.closed = True          # a connection to the leader is closed after its one read
+        self.host_name = socket.gethostname().lower()
+        self.loopback_only = literal_host(config.host) and (config.host == "localhost" or ipaddress.ip_address(
+            config.host.strip("[]")).is_loopback)
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
@@ -11781,6 +11808,7 @@ class App:
         try:
             self.http = ChatHTTPServer(self, (c.host, c.port), api_router(), c.max_connections, context, family,
                                        max(c.max_open_connections, c.max_connections))
+            self.http.guards_names = True
             if c.metrics_port:
                 where = "%s:%d (--metrics-port)" % (c.host, c.metrics_port)
                 self.metrics_http = ChatHTTPServer(self, (c.host, c.metrics_port), metrics_router(), 16,
@@ -11918,6 +11946,15 @@ class App:
 
     def requires_auth(self):
         return bool(self.config.token or self.keys.keys)
+
+    def names_guarded(self):
+        """Whether requests must name the server as no DNS answer can change (see Handler.check_site)."""
+        return self.loopback_only and not self.requires_auth()
+
+    def known_name(self, host):
+        listed = self.config.cors_origins
+        return literal_host(host) or host == self.host_name or "*" in listed or \
+            any(origin.split("://", 1)[1].rsplit(":", 1)[0] == host for origin in listed)
 
     def authorize(self, h):
         """The server's token, or a named client key (then its rate limit)."""

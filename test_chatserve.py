@@ -6158,11 +6158,23 @@ class BrowserOriginTest(ServerTestCase):
         self.assertTrue(self.ws_handshake(own).startswith("HTTP/1.1 101"))
 
     def test_a_page_under_a_dns_name_needs_a_token(self):
-        app = self.start()
+        """A same-origin GET says no Origin: the Host a request names is what is
+        checked (a rebound page read /session, /status and /updates)."""
+        app = self.start(metrics_port=free_port())
         rebound = {"Origin": "http://evil.example:%d" % app.port, "Host": "evil.example:%d" % app.port}
         status, _, body = self.request("GET", "/v1/models", headers=rebound)
         self.assertEqual(status, 403)
         self.assertIn("DNS rebinding", body["error"]["message"])
+        for path in ("/session", "/status", "/updates", "/health"):
+            status, _, body = self.request("GET", path, headers={"Host": "evil.example:%d" % app.port})
+            self.assertEqual(status, 403, path)
+            self.assertIn("DNS rebinding", json.dumps(body), path)
+        self.assertEqual(self.request("GET", "/status", headers={"Host": "%s:%d" % (socket.gethostname(), app.port)})[0],
+                         200)                   # the machine's own name cannot be another site's
+        conn = http.client.HTTPConnection("127.0.0.1", app.config.metrics_port, timeout=WAIT)
+        conn.request("GET", "/metrics", headers={"Host": "evil.example"})
+        self.assertEqual(conn.getresponse().status, 200)       # Prometheus scrapes by any name: no secrets there
+        conn.close()
         self.assertTrue(self.ws_handshake("http://evil.example:%d" % app.port, "evil.example").startswith("HTTP/1.1 403"))
         for host in ("localhost", "[::1]", "127.0.0.1"):
             status, _, _ = self.request("GET", "/v1/models", headers={"Origin": "http://%s:%d" % (host, app.port),
@@ -6174,6 +6186,11 @@ class BrowserOriginTest(ServerTestCase):
         status, _, _ = self.request("GET", "/v1/models", headers={"Origin": "https://chat.example.com",
                                                                    "Host": "chat.example.com", "Authorization": "Bearer t"})
         self.assertEqual(status, 200)           # behind a TLS proxy that passes the Host on
+        status, _, _ = self.request("GET", "/v1/models", headers={"Origin": "http://chat.example.com:8080",
+                                                                   "Host": "chat.example.com", "Authorization": "Bearer t"})
+        self.assertEqual(status, 403)           # a Host without a port names the default one, not any
+        self.start(cors_origins=cs._check_origins(["https://chat.example.com"]))
+        self.assertEqual(self.request("GET", "/status", headers={"Host": "chat.example.com"})[0], 200)     # listed
 
     def test_listed_sites_get_cors_answers_and_preflights(self):
         self.start(token="t", cors_origins=cs._check_origins(["https://app.example.com", "http://localhost:3000"]))
