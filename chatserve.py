@@ -8970,6 +8970,8 @@ class WebSocket:
     def start(self):
         """Read frames in a thread of their own from now on, waiting for the peer as long as it takes."""
         self.h.reader.phase(None, None)
+        if self.h.reader.tls:
+            self.h.reader.share_tls(self.write_lock)       # every write below holds write_lock
         threading.Thread(target=self._read_messages, name="ws-read", daemon=True).start()
 
     def _read_messages(self):
@@ -10399,11 +10401,35 @@ class ClientReader(io.RawIOBase):
         self.sock, self.tls = sock, is_tls(sock)
         self.deadline, self.rate, self.received, self.per_read, self.applied = None, 0, 0, None, None
         self.ack = False
+        self.io_lock = None         # TLS written by another thread meanwhile: one SSL call at a time (see share_tls)
 
     def readable(self):
         return True
 
+    def share_tls(self, lock):
+        """From now on another thread writes this TLS connection while reads wait here, with no timeout:
+        an SSL object must not read and write at once, so each read and write holds `lock`, and a read
+        waits for data without it (reads are non-blocking under the lock)."""
+        self.io_lock = lock
+
+    def _shared_tls_read(self, buffer):
+        while True:
+            if not self.sock.pending():
+                select.select([self.sock], [], [])         # (shutting the socket wakes it)
+            with self.io_lock:
+                self.sock.setblocking(False)
+                try:
+                    return self.sock.recv_into(buffer)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue                                # a record with no data for us (a ticket)
+                finally:
+                    self.sock.setblocking(True)
+
     def readinto(self, buffer):
+        if self.io_lock is not None:
+            n = self._shared_tls_read(buffer)
+            self.received += n
+            return n
         wanted = self.per_read
         if self.deadline is not None and wanted is not None:
             # with a rate, the deadline moves out as bytes come: `rate` bytes/s on average

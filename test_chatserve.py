@@ -3884,6 +3884,43 @@ class WebSocketSessionTest(ServerTestCase):
             self.assertTrue(wait_until(lambda: server.disconnects == 1))      # the generation was stopped
             self.assertEqual(sock.recv(10), b"")                               # and the connection closed
 
+    def test_pings_mid_answer_over_tls(self):
+        """Over TLS one thread reads frames while another writes the answer: each
+        SSL call holds the session's lock and reads wait for data without it
+        (OpenSSL does not allow one connection to be read and written at once;
+        a cut was seen only with a client that did that itself, so this checks
+        the locked read path under load rather than reproducing a failure)."""
+        cert, key = os.path.join(self.tmp, "c.pem"), os.path.join(self.tmp, "k.pem")
+        for path, text in ((cert, TEST_CERT), (key, TEST_KEY)):
+            with open(path, "w") as f:
+                f.write(text)
+        app = self.start(token="t", tls_cert=cert, tls_key=key)
+        server = self.upstream.server
+        server.endless_chunks, server.endless_delay, server.endless_text = 400, 0.002, "x" * 200
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
+            with context.wrap_socket(raw) as sock:
+                sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                              "Authorization: Bearer t\r\n\r\n").encode())
+                self.assertTrue(recv_head(sock, 1).startswith(b"HTTP/1.1 101"))
+                ws_send(sock, cs.WS_TEXT, json.dumps({"type": "USER_INPUT", "content": "hi",
+                                                      "metadata": {"model": "endless"}}).encode())
+                pongs, done = 0, False
+                while not done:
+                    sock.sendall(cs.ws_frame(cs.WS_PING, b"p", mask=b"\x01\x02\x03\x04") * 40)     # a burst
+                    for _ in range(40):
+                        msg = ws_json(sock)
+                        while msg != (cs.WS_PONG, b"p"):
+                            done = done or msg["metadata"]["partial"] == "false"
+                            msg = ws_json(sock)
+                        pongs += 1
+                self.assertGreater(pongs, 40)
+                ws_send(sock, cs.WS_CLOSE, b"\x03\xe8")
+                self.assertEqual(ws_recv(sock), (cs.WS_CLOSE, b"\x03\xe8"))
+
     def test_close_frames_and_lengths_are_checked(self):
         for payload, code in ((b"\x03", 1002), (b"\x03\xe8\xff\xfe", 1007), (struct.pack("!H", 1016), 1002),
                               (struct.pack("!H", 2000), 1002), (struct.pack("!H", 1005), 1002),
