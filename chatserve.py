@@ -10274,8 +10274,9 @@ def split_host(value):
 
 
 def literal_host(host):
-    """Whether a Host names this machine in a way no DNS answer can change: an IP literal or localhost."""
-    if host == "localhost" or host.endswith(".localhost"):
+    """Whether a Host names this machine in a way no public DNS answer can change: an IP literal,
+    localhost, or a name under .localhost, .local (mDNS) or .internal (as Ollama allows)."""
+    if host in ("", "localhost") or host.endswith((".localhost", ".local", ".internal")):
         return True
     try:
         ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
@@ -11809,8 +11810,10 @@ class App:
         self.leader_pool = UpstreamPool()
         self.leader_pool.closed = True          # a connection to the leader is closed after its one read
         self.host_name = socket.gethostname().lower()
-        self.loopback_only = literal_host(config.host) and (config.host == "localhost" or ipaddress.ip_address(
-            config.host.strip("[]")).is_loopback)
+        try:
+            self.loopback_only = config.host == "localhost" or ipaddress.ip_address(config.host.strip("[]")).is_loopback
+        except ValueError:              # a name, or every address
+            self.loopback_only = False
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,

@@ -3492,7 +3492,7 @@ def ws_command(sock, content):
 def ws_open(port, token=None, key="dGhlIHNhbXBsZSBub25jZQ=="):
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     auth = "Authorization: Bearer %s\r\n" % token if token else ""
-    sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    sock.sendall(("GET /rpc/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (key, auth)).encode())
     return sock, recv_head(sock, 1).decode()
 
@@ -3945,7 +3945,7 @@ class WebSocketSessionTest(ServerTestCase):
                                              ("HTTP/1.1", "websocket", "noupgrade"),
                                              ("HTTP/1.1", "websocket", "keep-alive, Upgrade")):
             with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
-                sock.sendall(("GET /rpc/ws %s\r\nHost: x\r\nAuthorization: Bearer t\r\nUpgrade: %s\r\n"
+                sock.sendall(("GET /rpc/ws %s\r\nHost: localhost\r\nAuthorization: Bearer t\r\nUpgrade: %s\r\n"
                               "Connection: %s\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                               "Sec-WebSocket-Version: 13\r\n\r\n" % (version, upgrade, connection)).encode())
                 head = recv_head(sock, 1).decode()
@@ -4083,7 +4083,7 @@ class ConnectTest(ServerTestCase):
             client.addresses, client.resolved = list(addresses[0]), time.monotonic()
         cs.RpcClient.resolve = resolve
         self.addCleanup(setattr, cs.RpcClient, "resolve", original)
-        client = cs.RpcClient("chatserve.chatserve.svc:50051")
+        client = cs.RpcClient("chatserve.chatserve.svc.cluster.local:50051")
         self.addCleanup(client.close)
         made = []
         real = cs._AddressedConnection.__init__
@@ -5835,7 +5835,7 @@ class AgentSurfaceTest(ServerTestCase):
         self.start_agent()
         stuck = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
         self.addCleanup(stuck.close)
-        stuck.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\nX-Client-ID: stuck\r\n\r\n")   # and never reads
+        stuck.sendall(b"GET /updates HTTP/1.1\r\nHost: localhost\r\nX-Client-ID: stuck\r\n\r\n")   # and never reads
         self.assertTrue(wait_until(lambda: "stuck" in self.app.agent.updates.clients))
         a, b = self.listen("a"), self.listen("b")
         for i in range(4):
@@ -5850,7 +5850,7 @@ class AgentSurfaceTest(ServerTestCase):
         cs.AGENT_KEEPALIVE = 0.05
         self.addCleanup(setattr, cs, "AGENT_KEEPALIVE", original)
         with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
-            sock.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /updates HTTP/1.1\r\nHost: localhost\r\n\r\n")
             seen = b""
             deadline = time.monotonic() + WAIT
             while b": keepalive" not in seen and time.monotonic() < deadline:
@@ -5928,7 +5928,7 @@ class AgentSurfaceTest(ServerTestCase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", app.port))
         self.addCleanup(sock.close)
-        sock.sendall(b"GET /updates HTTP/1.1\r\nHost: x\r\nX-Client-ID: staller\r\n\r\n")
+        sock.sendall(b"GET /updates HTTP/1.1\r\nHost: localhost\r\nX-Client-ID: staller\r\n\r\n")
         self.assertTrue(wait_until(lambda: "staller" in app.agent.updates.clients))
         with self.assertLogs("chatserve", "WARNING"):
             for _ in range(20000):                  # until the kernel's buffers and then its queue are full
@@ -6003,7 +6003,7 @@ class HostileInputTest(KubectlCase):
                                        headers={"X-LLM-Provider": "OLLAMA", "X-LLM-Provider-Config": '{"base_url": "http://h:99999/"}'})
         self.assertEqual(status, 400)
         with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n" + b"x" * 5000)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n" + b"x" * 5000)
             self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 400"))
 
     def test_stackspot_tokens_are_not_shared_across_secrets(self):
@@ -6396,7 +6396,7 @@ class StreamPumpTest(ServerTestCase):
         sock = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
         self.addCleanup(sock.close)
         body = json.dumps(self.chat(model, stream=True, **extra)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         return sock
 
@@ -6479,7 +6479,7 @@ class StreamPumpTest(ServerTestCase):
         sock.settimeout(WAIT)
         sock.connect(("127.0.0.1", self.app.port))
         body = json.dumps(self.chat("endless", stream=True)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         self.assertTrue(wait_until(lambda: self.app.http.pump.returned == 1))
         texts, other = stream_texts(read_stream(sock))
@@ -6664,7 +6664,7 @@ class HTTPServerTest(ServerTestCase):
         self.assertEqual(resp.getheader("Connection"), "close")
         # Expect: 100-continue with a too large body is refused before the body is sent.
         with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n"
                       b"Expect: 100-continue\r\n\r\n")
             self.assertTrue(s.recv(4096).startswith(b"HTTP/1.1 413"))
         self.assertEqual(self.upstream.requests, [])
@@ -6673,7 +6673,7 @@ class HTTPServerTest(ServerTestCase):
         self.start()
         data = json.dumps(self.chat()).encode()
         with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                       + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
             reply = s.recv(65536)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
@@ -6710,7 +6710,7 @@ class HTTPServerTest(ServerTestCase):
         self.start(keepalive_timeout=0.2, request_timeout=0.2)
         idle = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
         half = socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT)
-        half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+        half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"mess")
         try:
             self.assertEqual(idle.recv(100), b"")     # closed by the server
             self.assertEqual(half.recv(100)[:0], b"")
@@ -6846,7 +6846,7 @@ class RawHTTP:
 
 
 def raw_request(method, path, body=b"", headers=(), host=True):
-    lines = ["%s %s HTTP/1.1" % (method, path)] + (["Host: x"] if host else [])
+    lines = ["%s %s HTTP/1.1" % (method, path)] + (["Host: localhost"] if host else [])
     lines += ["%s: %s" % h for h in headers]
     if body:
         lines.append("Content-Length: %d" % len(body))
@@ -6896,7 +6896,7 @@ class FramingTest(ServerTestCase):
 
     def test_chunked_body_left_unread_is_discarded(self):
         data = json.dumps(self.chat()).encode()
-        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         self.assertEqual(self.raw.response()[0], 401)
         self.models_on_same_connection()
@@ -6908,7 +6908,7 @@ class FramingTest(ServerTestCase):
         self.assertTrue(self.raw.is_closed())
 
     def test_expect_100_continue_refused_early_closes(self):
-        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n"
                       b"Content-Length: 50\r\nExpect: 100-continue\r\n\r\n")
         status, headers, _ = self.raw.response()
         self.assertEqual((status, headers.get("connection")), (401, "close"))   # the body may never come
@@ -6916,7 +6916,7 @@ class FramingTest(ServerTestCase):
 
     def test_expect_100_continue_is_answered_when_the_body_is_wanted(self):
         data = json.dumps(self.chat()).encode()
-        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
+        self.raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer tok\r\n"
                       b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(data))
         self.assertEqual(self.raw._line(), b"HTTP/1.1 100 Continue")
         self.raw._line()
@@ -7071,7 +7071,7 @@ class SlowClientTest(ServerTestCase):
         app = self.start(request_timeout=0.3, min_body_rate=1000)
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
-        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:                 # a byte every 0.1 s: under each read timeout
             try:
@@ -7101,7 +7101,7 @@ class ReviewHardeningTest(ServerTestCase):
         app = self.start(request_timeout=0.3, min_body_rate=1000)
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
-        raw.send(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
+        raw.send(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n{")
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline and not select.select([raw.sock], [], [], 0.1)[0]:
             try:
@@ -7116,7 +7116,7 @@ class ReviewHardeningTest(ServerTestCase):
         app = self.start()
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
-        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + b"1\r\n \r\n" * (cs.MAX_CHUNKS + 1) + b"0\r\n\r\n")
         status, _, body = raw.response()
         self.assertEqual(status, 400)
@@ -7304,20 +7304,20 @@ class StrictParsingTest(ServerTestCase):
 
     def test_content_length_is_digits_only(self):
         for value in ("+89", "8_9", "0x59", "-1", "89 89", "1e2", "", "99999999999999999999"):
-            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n" % value.encode()
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %s\r\n\r\n" % value.encode()
                          + b"x" * 89, 400)
 
     def test_differing_content_lengths(self):
-        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
                      b"123456", 400)
-        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n123456", 400)
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5, 6\r\n\r\n123456", 400)
 
     def test_head_over_the_limit_in_two_reads_is_431(self):
         self.start()
         fields = b"".join(b"X-F%d: %s\r\n" % (n, b"v" * 1300) for n in range(95))     # about 124 KB
         raw = RawHTTP(self.app.port)
         self.addCleanup(raw.close)
-        head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"
+        head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + fields + b"\r\n"
         raw.send(head[:65536])
         time.sleep(0.05)
         try:
@@ -7334,71 +7334,71 @@ class StrictParsingTest(ServerTestCase):
             raw.send(b"\r\n")
             time.sleep(0.02)
         try:
-            raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         except OSError:
             pass
         self.assertEqual(raw.response()[0], 400)
-        self.refused(b"\r\r\r\rGET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"\r\r\r\rGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400)
         raw = RawHTTP(self.app.port)
         self.addCleanup(raw.close)
         raw.send(b"\r")                                 # a CRLF split across reads, then a request: fine
         time.sleep(0.05)
-        raw.send(b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.send(b"\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertEqual(raw.response()[0], 200)
 
     def test_transfer_encoding_must_end_in_chunked(self):
-        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501)
-        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400)
-        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
-        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n", 501)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n", 501)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: xchunked\r\n\r\n", 501)
         self.refused(b"POST /rpc HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400)
 
     def test_both_content_length_and_transfer_encoding(self):
-        self.refused(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"POST /rpc HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400)
 
     def test_bad_header_lines(self):
         for line in (b" folded: continuation", b"\tX-Fold: yes", b"Bad Name: x", b"Name : x", b"NoColon",
                      b"X-Ctl: a\x00b", b"X-Cr: a\rb", b"X-Bell: \x07", b"X-\xff: y"):
-            self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nX-First: 1\r\n" + line + b"\r\n\r\n", 400)
+            self.refused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-First: 1\r\n" + line + b"\r\n\r\n", 400)
 
     def test_folded_api_key_never_reaches_a_route(self):
-        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-LLM-API-Key: sk-1\r\n"
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-LLM-API-Key: sk-1\r\n"
                      b" Authorization: Bearer evil\r\nContent-Length: 2\r\n\r\n{}", 400)
 
     def test_too_many_or_too_large_headers(self):
         many = b"".join(b"X-H%d: v\r\n" % i for i in range(cs.MAX_HEADERS + 1))
-        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n", 431)
-        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (cs.MAX_HEADER_LINE + 10) + b"\r\n\r\n", 431)
-        self.refused(b"GET /" + b"a" * (cs.MAX_HEADER_LINE + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n", 431)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"v" * (cs.MAX_HEADER_LINE + 10) + b"\r\n\r\n", 431)
+        self.refused(b"GET /" + b"a" * (cs.MAX_HEADER_LINE + 10) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414)
 
     def test_request_line_and_host(self):
         self.refused(b"GET /health HTTP/1.1\r\n\r\n", 400)                                # no Host
         self.refused(b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
-        self.refused(b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505)
-        self.refused(b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400)
-        self.refused(b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/2.0\r\nHost: localhost\r\n\r\n", 505)
+        self.refused(b"GET /health HTTP/1.1 extra\r\nHost: localhost\r\n\r\n", 400)
+        self.refused(b"GET  /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400)
         self.refused(b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n", 400)
         self.refused(b"GET /health HTTP/1.1\r\nHost: evil.com/x@y\r\n\r\n", 400)
-        self.refused(b"G(T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400)
-        self.refused(b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417)
+        self.refused(b"G(T /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400)
+        self.refused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nExpect: teapot\r\n\r\n", 417)
 
     def test_malformed_chunks(self):
         for size in (b"+5", b"0x5", b"5_0", b" 5", b"-1", b"zz", b"123456789"):
-            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                          + size + b"\r\nhello\r\n0\r\n\r\n", 400)
-        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"2\r\nhello\r\n0\r\n\r\n", 400)                                  # chunk longer than its size
         for framing in (b"2\nab\r\n0\r\n\r\n", b"2;a\nab\r\n0\r\n\r\n", b"2\r\nab\n0\r\n\r\n",   # CRLF only
                         b"2\r\nab\r\n0\r\nX-T: a\x00b\r\n\r\n", b"2\r\nab\r\n0\r\n folded\r\n\r\n",
                         b"2\r\nab\r\n0\r\nGET /admin HTTP/1.1\r\n\r\n"):
-            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            self.refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                          + framing, 400)
 
     def test_client_gone_mid_head_gets_no_answer(self):
         app = self.start()
         with socket.create_connection(("127.0.0.1", app.port), timeout=WAIT) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half: ")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Half: ")
             sock.shutdown(socket.SHUT_WR)
             self.assertEqual(sock.recv(4096), b"")
         self.assertEqual(self.request("GET", "/health")[0], 200)
@@ -7408,10 +7408,10 @@ class StrictParsingTest(ServerTestCase):
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
         data = json.dumps(self.chat()).encode()
-        raw.send(b"\r\nPOST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length:  %d \r\n"
+        raw.send(b"\r\nPOST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-length:  %d \r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), len(data), data))       # same value twice, OWS
         self.assertEqual(raw.response()[0], 200)
-        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
+        raw.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: Chunked\r\n\r\n"
                  b"%x;ext=1\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (len(data), data))
         self.assertEqual(raw.response()[0], 200)
         raw.send(b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")     # absolute-form
@@ -7454,7 +7454,7 @@ class CourtesyTest(ServerTestCase):
         self.assertEqual((status, resp.getheader("Allow")), (405, "POST"))
         raw = RawHTTP(app.port)
         self.addCleanup(raw.close)
-        raw.send(b"HEAD /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")     # refused: still no body
+        raw.send(b"HEAD /health HTTP/1.1\r\nHost: localhost\r\nBad Header: 1\r\n\r\n")     # refused: still no body
         status, got, _ = raw.response(head=True)
         self.assertEqual((status, got["connection"]), (400, "close"))
         self.assertEqual(raw.buf, b"")
@@ -7774,7 +7774,7 @@ class GracefulShutdownTest(ServerTestCase):
         sock.settimeout(WAIT)
         sock.connect(("127.0.0.1", app.port))
         self.addCleanup(sock.close)
-        sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 101"))
         sock.setblocking(False)
@@ -7800,7 +7800,7 @@ class GracefulShutdownTest(ServerTestCase):
         for _ in range(2):
             raw = socket.create_connection(("127.0.0.1", app.port), timeout=WAIT)
             sock = ctx.wrap_socket(raw, server_hostname="localhost")
-            sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
             self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 101"))
             self.assertTrue(wait_until(lambda: len(app.http.tracker.hooks) == 1))
@@ -7941,7 +7941,7 @@ class FuzzTest(ServerTestCase):
 
     def raw_mutation(self, body):
         rng = self.rng
-        head = [b"POST /v1/chat/completions HTTP/1.1", b"Host: x", b"Content-Type: application/json"]
+        head = [b"POST /v1/chat/completions HTTP/1.1", b"Host: localhost", b"Content-Type: application/json"]
         choice = rng.randrange(8)
         if choice == 0:
             head.append(b"Content-Length: " + rng.choice([b"+5", b"-1", b"5_0", b"0x10", b"1e3", b"", b"5, 6"]))
