@@ -5664,7 +5664,7 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
                 if left <= 0:
                     problem = None if exited else "timed out after %gs" % timeout
                     break
-                for key, _ in sel.select(min(left, 1.0)):
+                for key, _ in sel.select(min(left, 0.25)):
                     data = os.read(key.fd, 65536)
                     if not data:
                         sel.unregister(key.fd)
@@ -5674,6 +5674,11 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
                     break
                 if not exited and proc.poll() is not None:      # what it left running may hold the pipes
                     exited, deadline = True, min(deadline, time.monotonic() + 1.0)
+        if not problem and not exited:      # it closed its output but may still be at work
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                problem = "timed out after %gs" % timeout
     finally:
         group.kill(last=True)               # and whatever it started: nothing outlives the command
         proc.stdout.close()
@@ -5688,7 +5693,9 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
 
 
 class _ProcessGroup:
-    """Kills a command's process group until its leader is reaped (after that its id may be another's)."""
+    """Kills a command's process group until the command is done with.  The id stays the group's while
+    its leader is not reaped or others are in it (Linux reuses no id a group still has); an empty group's
+    id could be reused only by a wraparound of process ids within the second the command is waited for."""
 
     def __init__(self, pgid):
         self.pgid, self.lock, self.live = pgid, threading.Lock(), True
@@ -7251,14 +7258,33 @@ def text_tool_call(text, names=None):
     return obj["name"], json_dumps(args)
 
 
+def _text_state(state, text):
+    """(inside a code fence, backticks in a row, the line blank so far) after `text`."""
+    fenced, run, blank = state
+    if run == 0 and "`" not in text:            # the usual case: no fences to count
+        line = text.rsplit("\n", 1)
+        return fenced, 0, (not line[-1].strip()) if len(line) > 1 else blank and not text.strip()
+    for ch in text:
+        if ch == "`":
+            run, blank = run + 1, False
+            continue
+        fenced, run = fenced != (run >= 3), 0
+        blank = True if ch == "\n" else blank and ch.isspace()
+    return fenced, run, blank
+
+
 class ToolCallFilter:
     """For models that write tool calls as text: finds `<tool_call>{json}</tool_call>`
-    and bare `{"name": TOOL, "arguments": {...}}` objects (TOOL one of `names`) in
-    streamed text, holding back anything that may be the start of one so it is
-    never shown as a delta; other JSON is shown as it was written."""
+    anywhere, and bare `{"name": TOOL, "arguments": {...}}` objects (TOOL one of
+    `names`) that start a line outside code fences and end the answer (only
+    whitespace or more such calls after them), in streamed text.  Anything that
+    may yet be one is held back, so a call is never shown as a delta; other JSON,
+    an example in a fence or followed by more text, is shown as written."""
 
     def __init__(self, names=()):
         self.pending, self.calls, self.names = "", [], frozenset(names)
+        self.held = []                      # (text, call or None): bare calls that may end the answer
+        self.state = (False, 0, True)       # _text_state of what was shown
 
     def feed(self, text):
         self.pending += text
@@ -7267,12 +7293,20 @@ class ToolCallFilter:
     def finish(self):
         return self._drain(final=True)
 
+    def _show(self, out, text):
+        if text:
+            out.append(text)
+            self.state = _text_state(self.state, text)
+
     def _marker(self):
+        """(start, kind) of the first marker in `pending`, or (None, None)."""
         tag = self.pending.find(TOOL_TAG_OPEN)
-        bare = _BARE_CALL_RE.search(self.pending)
         starts = [(tag, "tag")] if tag >= 0 else []
-        if bare:
-            starts.append((bare.start(), "bare"))
+        for m in _BARE_CALL_RE.finditer(self.pending, 0, tag if tag >= 0 else len(self.pending)):
+            fenced, run, blank = _text_state(self.state, self.pending[:m.start()])
+            if self.held or (blank and fenced == (run >= 3)):       # a line's start, outside a fence
+                starts.append((m.start(), "bare"))
+                break
         return min(starts) if starts else (None, None)
 
     def _held_suffix(self):
@@ -7285,16 +7319,38 @@ class ToolCallFilter:
             return len(self.pending) - brace
         return 0
 
+    def _after_held(self, out, final):
+        """With bare calls held: True to wait for more, False to go on scanning `pending`."""
+        rest = self.pending.lstrip()
+        compact = re.sub(r"\s", "", rest[:16])
+        if not rest or (not final and len(compact) < 8 and '{"name":'.startswith(compact)):
+            if final:                       # they end the answer: calls
+                self.calls.extend(call for _text, call in self.held if call)
+                self.held, self.pending = [], ""
+            return True
+        if _BARE_CALL_RE.match(rest):       # another may follow
+            self.held.append((self.pending[:len(self.pending) - len(rest)], None))
+            self.pending = rest
+            return False
+        held, self.held = self.held, []     # more text follows: they were shown, not meant
+        for text, _call in held:
+            self._show(out, text)
+        return False
+
     def _drain(self, final):
         out = []
-        while self.pending:
+        while True:
+            if self.held and self._after_held(out, final):
+                break
+            if not self.pending:
+                break
             start, kind = self._marker()
             if start is None:
                 keep = 0 if final else self._held_suffix()
-                out.append(self.pending[:len(self.pending) - keep])
+                self._show(out, self.pending[:len(self.pending) - keep])
                 self.pending = self.pending[len(self.pending) - keep:]
                 break
-            out.append(self.pending[:start])
+            self._show(out, self.pending[:start])
             self.pending = self.pending[start:]
             if kind == "tag":
                 close = self.pending.find(TOOL_TAG_CLOSE)
@@ -7306,14 +7362,16 @@ class ToolCallFilter:
             if end is None:
                 if not final:
                     break
-                out.append(self.pending)
+                self._show(out, self.pending)
                 self.pending = ""
-                break
+                continue
             call = text_tool_call(body.strip(), None if kind == "tag" else self.names)
-            if call:
+            if call and kind == "tag":
                 self.calls.append(call)
+            elif call:
+                self.held.append((self.pending[:end], call))
             else:
-                out.append(self.pending[:end])
+                self._show(out, self.pending[:end])
             self.pending = self.pending[end:]
         return "".join(out)
 
@@ -7351,6 +7409,8 @@ class Broadcaster:
         if older is not None:
             log.info("agent: a new /updates listener %s takes over from the older one with that id", client_id)
             _end_queue(older)
+            if older.on_drop is not None:
+                older.on_drop()             # it may be blocked writing to a peer that is gone
         return q
 
     def unsubscribe(self, client_id, q=None, close=False):
@@ -7363,11 +7423,15 @@ class Broadcaster:
             _end_queue(q)
 
     def close_all(self):
-        """Shutdown: every listener's stream ends."""
+        """Shutdown: every listener's stream ends; one that is behind (events still queued: slow, or
+        blocked writing to a peer that stopped reading) is disconnected, so it cannot hold the drain."""
         with self.lock:
             clients, self.clients = list(self.clients.values()), {}
         for q in clients:
+            behind = not q.empty()
             _end_queue(q)
+            if behind and q.on_drop is not None:
+                q.on_drop()
 
     def publish(self, event):
         with self.lock:
@@ -9093,12 +9157,18 @@ class WebSocket:
             shutdown_socket(self.h.connection, socket.SHUT_RD)     # the reader sees the end
 
     def start_answer(self):
-        """Mark the session busy; False when the server is going away (no answer then)."""
+        """Mark the session busy; False when the server is going away or the peer has closed (no answer then)."""
         with self.state_lock:
-            if self.leaving:
+            if self.leaving or self.closed:
                 return False
             self.busy = True
             return True
+
+    def end_answer(self):
+        """Mark the session idle; whether the server is going away (then the session ends now, with 1001)."""
+        with self.state_lock:
+            self.busy = False
+            return self.leaving
 
     def close(self, code=1000, reason=""):
         """Send the close frame, once; data frames after it are refused (ClientGone), and not before it is out
@@ -9554,7 +9624,9 @@ def route_rpc_ws(h):
             try:
                 session_reply(h, ws, history, text)
             finally:
-                ws.busy = False
+                leaving = ws.end_answer()
+            if leaving:
+                break
         ws.close(1001 if ws.leaving else 1000, "server shutting down" if ws.leaving else "")
     except WebSocketClosed:
         pass
@@ -11182,7 +11254,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.cors_origin is not None:
             lines.extend(("Access-Control-Allow-Origin: " + self.cors_origin, "Vary: Origin",
                           "Access-Control-Expose-Headers: " + CORS_EXPOSED_HEADERS))
-        if self.close_connection or self.server.tracker.draining:
+        if status == 101:
+            pass                            # the connection goes on in another protocol: its Connection says Upgrade
+        elif self.close_connection or self.server.tracker.draining:
             self.close_connection = True
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
@@ -11549,6 +11623,9 @@ class ControlServer(ChatHTTPServer):
 
     def server_bind(self):
         path = self.socket_path
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:      # bound by another path, no client could reach it
+            raise ConfigError("--socket %s is %d bytes long; a Unix socket's path has at most %d: choose a shorter one"
+                              % (path, len(os.fsencode(path)), UNIX_PATH_MAX))
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ConfigError("%s exists and is not a socket; remove it or choose --socket" % path)

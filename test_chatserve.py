@@ -245,7 +245,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if last["role"] == "tool":
             return self.stream([openai_chunk({"content": "Done: " + last["content"]}), openai_chunk(finish="stop")])
         pieces = ["Checking. <tool", "_call>{\"name\": \"read_", "file\", \"arguments\": {\"path\": \"hello.txt\"}}</tool_",
-                  "call> then {\"na", "me\": \"get_time\", \"parameters\": {}} ok"]
+                  "call> then ok\n{\"na", "me\": \"get_time\", \"parameters\": {}}\n"]
         self.stream([openai_chunk({"content": p}) for p in pieces] + [openai_chunk(finish="stop")])
 
     def scenario_agent_loop(self, body):
@@ -3936,10 +3936,48 @@ class WebSocketSessionTest(ServerTestCase):
             opcode, answer = ws_recv(sock)
             self.assertEqual((opcode, answer[:2]), (cs.WS_CLOSE, b"\x03\xea"))      # 1002, not 1009
 
+    def test_a_busy_session_gets_1001_after_its_answer_and_a_closed_one_no_answer(self):
+        """At shutdown a session answering finishes, then gets 1001 at once (it
+        waited for its next message until the drain timeout cut it); a USER_INPUT
+        right before a close frame starts no answer for nobody."""
+        server = self.upstream.server
+        server.endless_chunks, server.endless_delay, server.endless_text = 40, 0.02, "x" * 200
+        sock, _ = ws_open(self.app.port, "t")
+        with sock:
+            user_input = json.dumps({"type": "USER_INPUT", "content": "hi", "metadata": {"model": "endless"}}).encode()
+            ws_send(sock, cs.WS_TEXT, user_input)
+            self.assertEqual(ws_json(sock)["metadata"]["partial"], "true")
+            stopper = threading.Thread(target=self.app.stop)
+            stopper.start()
+            msg = ws_json(sock)
+            while isinstance(msg, dict):
+                final = msg
+                msg = ws_json(sock)
+            self.assertEqual(final["metadata"]["partial"], "false")          # the answer was whole
+            self.assertEqual(msg[0], cs.WS_CLOSE)
+            self.assertEqual(msg[1][:2], struct.pack("!H", 1001))
+            stopper.join(WAIT)
+        app = self.start(token="t")
+        before = len(self.upstream.requests)
+        sock, _ = ws_open(app.port, "t")
+        with sock:
+            sock.sendall(cs.ws_frame(cs.WS_TEXT, user_input, mask=b"\x01\x02\x03\x04")
+                         + cs.ws_frame(cs.WS_CLOSE, b"\x03\xe8", mask=b"\x01\x02\x03\x04"))
+            self.assertEqual(ws_recv(sock), (cs.WS_CLOSE, b"\x03\xe8"))
+        self.assertTrue(wait_until(lambda: app.http.tracker.count() == 0))
+        self.assertEqual(len(self.upstream.requests), before)
+
     def test_the_handshake_takes_http_1_1_and_whole_tokens(self):
         sock, head = ws_open(self.app.port, "t")
         sock.close()
         self.assertNotIn("Connection: close", head)         # a 101 says Connection: Upgrade, nothing else
+        with socket.create_connection(("127.0.0.1", self.app.port), timeout=WAIT) as sock:
+            sock.sendall(b"GET /rpc/ws HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\n\r\n")
+            head = recv_head(sock, 1).decode()
+        self.assertTrue(head.startswith("HTTP/1.1 101"), head)
+        self.assertNotIn("Connection: close", head)
         for version, upgrade, connection in (("HTTP/1.0", "websocket", "Upgrade"),
                                              ("HTTP/1.1", "notwebsocket", "Upgrade"),
                                              ("HTTP/1.1", "websocket", "noupgrade"),
@@ -5712,7 +5750,7 @@ class SandboxToolsTest(unittest.TestCase):
 
 class ToolCallFilterTest(unittest.TestCase):
     TEXT = ('Let me check. <tool_call>{"name": "read_file", "arguments": {"path": "a.txt"}}</tool_call> and '
-            '{"name": "get_time", "parameters": {}} done {"not": "a call"} <b>bold</b>')
+            'done {"not": "a call"} <b>bold</b>\n{"name": "get_time", "parameters": {}}\n')
 
     def run_filter(self, pieces):
         f = cs.ToolCallFilter(["read_file", "get_time"])
@@ -5723,7 +5761,7 @@ class ToolCallFilterTest(unittest.TestCase):
         for cut in range(1, len(self.TEXT)):
             shown, calls = self.run_filter([self.TEXT[:cut], self.TEXT[cut:]])
             text = "".join(shown)
-            self.assertEqual(text, 'Let me check.  and  done {"not": "a call"} <b>bold</b>', cut)
+            self.assertEqual(text, 'Let me check.  and done {"not": "a call"} <b>bold</b>\n', cut)
             self.assertEqual(calls, [("read_file", '{"path":"a.txt"}'), ("get_time", "{}")], cut)
             self.assertFalse(any("tool_call" in s or '"name"' in s for s in shown), cut)
 
@@ -5742,12 +5780,22 @@ class ToolCallFilterTest(unittest.TestCase):
         for text in ('{"metadata": {"name": "api-gateway", "namespace": "prod"}, "status": "CrashLoopBackOff"}',
                      '{"name": "api-gateway", "replicas": 3}', '{"name": "read_file"}',
                      '[\n  {\n    "name": "get_time",\n    "kind": "Pod"\n  }\n]',
-                     '{"name": "run_command", "arguments": {"command": "rm -rf /"}}'):
+                     '{"name": "run_command", "arguments": {"command": "rm -rf /"}}',
+                     # a call's shape shown as an example: in a fence, nested, in a list, or with text after it
+                     'To call it, write:\n```json\n{"name": "get_time", "arguments": {}}\n```\nlike that',
+                     'Config: {"step": {"name": "get_time", "arguments": {}}} end',
+                     'Examples: [{"name": "get_time", "arguments": {}}] end',
+                     '[\n  {"name": "get_time", "arguments": {}}\n]',
+                     '{"name": "get_time", "arguments": {}}\nwould tell the time.'):
             for cut in range(1, len(text), 7):
                 shown, calls = self.run_filter([text[:cut], text[cut:]])
                 self.assertEqual(("".join(shown), calls), (text, []), (text, cut))
         shown, calls = self.run_filter(['<tool_call>{"name": "nope"}</tool_call>'])      # tagged: meant as a call
         self.assertEqual(("".join(shown), calls), ("", [("nope", "{}")]))
+        answer = 'Checking.\n{"name": "get_time", "arguments": {}}\n  {"name": "read_file", "parameters": {"path": "a"}}  \n'
+        for cut in range(1, len(answer)):       # bare calls that end the answer, after text: calls
+            shown, calls = self.run_filter([answer[:cut], answer[cut:]])
+            self.assertEqual(("".join(shown), [c[0] for c in calls]), ("Checking.\n", ["get_time", "read_file"]), cut)
 
 
 class AgentSurfaceTest(ServerTestCase):
@@ -5814,7 +5862,7 @@ class AgentSurfaceTest(ServerTestCase):
         _, resp, text = self.request("POST", "/request", {"prompt": "go", "stream": True})
         events = sse_data(text)
         deltas = "".join(e["content"] for e in events if e["type"] == "delta")
-        self.assertTrue(deltas.startswith("Checking.  then  okDone: 20"), deltas)    # Done: <get_time's answer>
+        self.assertTrue(deltas.startswith("Checking.  then ok\nDone: 20"), deltas)    # Done: <get_time's answer>
         self.assertEqual([e["name"] for e in events if e["type"] == "tool_call"], ["read_file", "get_time"])
         self.assertEqual(events[-1]["type"], "response_complete")
 
@@ -6066,12 +6114,19 @@ class AgentHardeningTest(AgentSurfaceTest):
         self.assertEqual(cs.object_arguments("[1]"), "{}")
 
     def test_a_reused_client_id_does_not_unsubscribe_the_newer_listener(self):
-        updates = cs.Broadcaster()
-        first = updates.subscribe("same")
-        second = updates.subscribe("same")
+        updates, dropped = cs.Broadcaster(), []
+        first = updates.subscribe("same", on_drop=lambda: dropped.append("first"))
+        second = updates.subscribe("same", on_drop=lambda: dropped.append("second"))
         self.assertIsNone(first.get_nowait())       # the older listener's stream ends (it was left silent)
+        self.assertEqual(dropped, ["first"])        # and its connection is shut (it may be blocked writing)
         updates.unsubscribe("same", first)
         self.assertIs(updates.clients["same"], second)
+        behind = updates.subscribe("behind", on_drop=lambda: dropped.append("behind"))
+        updates.publish({"type": "delta", "content": "x"})
+        second.get_nowait()                         # one that keeps up ends cleanly at shutdown
+        updates.close_all()
+        self.assertEqual(dropped, ["first", "behind"])
+        self.assertEqual(behind.get_nowait()["type"], "delta")
 
     def test_run_command_output_is_capped_while_it_runs(self):
         sb = cs.Sandbox(self.ws, output_bytes=1000)
@@ -8058,6 +8113,9 @@ class ControlSocketTest(ServerTestCase):
         self.start(socket=path)
         self.assertEqual((os.stat(path).st_mode & 0o777, os.listdir(deep)), (0o600, ["a.sock"]))
         self.assertEqual(cs.control_request(path, "GET", "/status")[0], 200)
+        with self.assertRaises(cs.ConfigError) as ctx:          # one byte more: no client could reach it
+            self.start(socket=path + "x")
+        self.assertIn("a Unix socket's path has at most 107", ctx.exception.message)
 
     def test_live_socket_is_never_taken_and_stale_one_is_replaced(self):
         app = self.start()
