@@ -10989,7 +10989,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         busy = False
         try:
             origin = self.headers.get("Origin")
-            if origin is not None or self.server.guards_names:     # from a web page, or by a name: whose?
+            if origin is not None or (self.server.guards_names and app.names_guarded()):    # a page, or a name
                 self.render_error = self.router.errors_for(path)
                 self.cors_origin = self.check_site(origin)
                 if self.cors_origin and self.command == "OPTIONS" and "Access-Control-Request-Method" in self.headers:
@@ -11886,7 +11886,7 @@ class App:
         self.leader_lock, self.leader_retry = threading.Lock(), 2.0     # one read of the leader at a time; backoff
         self.leader_pool = UpstreamPool()
         self.leader_pool.closed = True          # a connection to the leader is closed after its one read
-        self.host_name = socket.gethostname().lower()
+        self.host_name, self.known_names = socket.gethostname().lower(), {}
         try:
             self.loopback_only = config.host == "localhost" or ipaddress.ip_address(config.host.strip("[]")).is_loopback
         except ValueError:              # a name, or every address
@@ -12058,9 +12058,15 @@ class App:
         return self.loopback_only and not self.requires_auth()
 
     def known_name(self, host):
-        listed = self.config.cors_origins
-        return literal_host(host) or host == self.host_name or "*" in listed or \
-            any(origin.split("://", 1)[1].rsplit(":", 1)[0] == host for origin in listed)
+        known = self.known_names.get(host)
+        if known is None:
+            listed = self.config.cors_origins
+            known = literal_host(host) or host == self.host_name or "*" in listed or \
+                any(origin.split("://", 1)[1].rsplit(":", 1)[0] == host for origin in listed)
+            if len(self.known_names) >= 256:
+                self.known_names.clear()
+            self.known_names[host] = known      # (emptied by reload: --cors-origins may change)
+        return known
 
     def authorize(self, h):
         """The server's token, or a named client key (then its rate limit)."""
@@ -12159,7 +12165,7 @@ class App:
                 setattr(new, dest, getattr(old, dest))
             engine.context_source, engine.key_usage = self.engine.context_source, self.key_usage
             engine.carry_over(self.engine)
-            self.engine, self.config, self.keys = engine, new, KeyRing(new.keys)
+            self.engine, self.config, self.keys, self.known_names = engine, new, KeyRing(new.keys), {}
             if (new.rate_limit_rps, new.rate_limit_burst) != (old.rate_limit_rps, old.rate_limit_burst):
                 self.rate_limiter = RateLimiter(new.rate_limit_rps, new.rate_limit_burst) \
                     if new.rate_limit_rps > 0 else None
