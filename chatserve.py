@@ -5644,8 +5644,10 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
     after it exited are killed (not waited for); the current request's
     cancellation kills the group at once (ClientGone)."""
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        with _COMMANDS_LOCK:            # registered before the orphan reaper can see it
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=cwd, start_new_session=True)
+            _COMMANDS.add(proc.pid)
     except OSError as e:
         raise Unavailable("cannot run %s: %s (set --kubectl)" % (argv[0], _os_reason(e)))
     out, err = bytearray(), bytearray()
@@ -5669,7 +5671,7 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
                     if not data:
                         sel.unregister(key.fd)
                     streams[key.fd] += data
-                if len(out) > max_bytes:
+                if len(out) > max_bytes or len(err) > max_bytes:
                     problem = "printed more than %d bytes" % max_bytes
                     break
                 if not exited and proc.poll() is not None:      # what it left running may hold the pipes
@@ -5684,12 +5686,44 @@ def run_capped(argv, timeout, max_bytes, env=None, cwd=None):
         proc.stdout.close()
         proc.stderr.close()
         proc.wait()
+        with _COMMANDS_LOCK:
+            _COMMANDS.discard(proc.pid)
+        reap_orphans()
     if scope is not None:
         scope.check()
     if problem:
         raise CommandCut("%s %s" % (argv[0] if argv[:2] == ["/bin/sh", "-c"] else " ".join(argv[:3]), problem),
                          bytes(out[:max_bytes]), bytes(err[:max_bytes]))
     return proc.returncode, bytes(out), bytes(err)
+
+
+_COMMANDS, _COMMANDS_LOCK = set(), threading.Lock()     # pids run_capped waits for itself
+ORPHANS_ARE_OURS = os.getpid() == 1     # process 1 (or a subreaper): what commands leave is re-parented here
+
+
+def reap_orphans():
+    """As process 1 (a container with no init), what a command left running is re-parented to chatserve
+    when it ends or is killed: wait for those, or they stay zombies for ever.  Never for a command
+    run_capped still waits for (subprocess would lose its exit code)."""
+    if not ORPHANS_ARE_OURS:
+        return
+    with _COMMANDS_LOCK:
+        for pid in _child_pids() - _COMMANDS:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _child_pids():
+    pids = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open("/proc/self/task/%s/children" % task) as f:
+                pids.update(int(p) for p in f.read().split())
+    except OSError:
+        pass
+    return pids
 
 
 class _ProcessGroup:
@@ -7243,7 +7277,7 @@ def text_tool_call(text, names=None):
         obj = json_loads_upstream(text)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
         return None
     if names is not None and (obj["name"] not in names or not ("arguments" in obj or "parameters" in obj)):
         return None
@@ -7285,6 +7319,7 @@ class ToolCallFilter:
         self.pending, self.calls, self.names = "", [], frozenset(names)
         self.held = []                      # (text, call or None): bare calls that may end the answer
         self.state = (False, 0, True)       # _text_state of what was shown
+        self.scan = (0, 0, False, False)    # how far the object at pending[0] was scanned: pos, depth, in string, escape
 
     def feed(self, text):
         self.pending += text
@@ -7302,8 +7337,10 @@ class ToolCallFilter:
         """(start, kind) of the first marker in `pending`, or (None, None)."""
         tag = self.pending.find(TOOL_TAG_OPEN)
         starts = [(tag, "tag")] if tag >= 0 else []
+        state, last = self.state, 0
         for m in _BARE_CALL_RE.finditer(self.pending, 0, tag if tag >= 0 else len(self.pending)):
-            fenced, run, blank = _text_state(self.state, self.pending[:m.start()])
+            state, last = _text_state(state, self.pending[last:m.start()]), m.start()
+            fenced, run, blank = state
             if self.held or (blank and fenced == (run >= 3)):       # a line's start, outside a fence
                 starts.append((m.start(), "bare"))
                 break
@@ -7319,6 +7356,38 @@ class ToolCallFilter:
             return len(self.pending) - brace
         return 0
 
+    def _release(self, out):
+        """The held bare calls were not calls after all: shown, in their place."""
+        held, self.held = self.held, []
+        for text, _call in held:
+            self._show(out, text)
+
+    def _object_end(self):
+        """json_object_end of `pending`, resumed where the last look stopped (a call's long
+        arguments arrive in many pieces: each piece is scanned once)."""
+        pos, depth, in_string, escape = self.scan
+        text = self.pending
+        for i in range(pos, len(text)):
+            ch = text[i]
+            if in_string:
+                if escape:
+                    escape = False
+                elif ch == "\\":
+                    escape = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    self.scan = (0, 0, False, False)
+                    return i + 1
+        self.scan = (len(text), depth, in_string, escape)
+        return None
+
     def _after_held(self, out, final):
         """With bare calls held: True to wait for more, False to go on scanning `pending`."""
         rest = self.pending.lstrip()
@@ -7330,11 +7399,9 @@ class ToolCallFilter:
             return True
         if _BARE_CALL_RE.match(rest):       # another may follow
             self.held.append((self.pending[:len(self.pending) - len(rest)], None))
-            self.pending = rest
+            self.pending, self.scan = rest, (0, 0, False, False)
             return False
-        held, self.held = self.held, []     # more text follows: they were shown, not meant
-        for text, _call in held:
-            self._show(out, text)
+        self._release(out)                  # more text follows: they were shown, not meant
         return False
 
     def _drain(self, final):
@@ -7348,31 +7415,42 @@ class ToolCallFilter:
             if start is None:
                 keep = 0 if final else self._held_suffix()
                 self._show(out, self.pending[:len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep:]
+                self.pending, self.scan = self.pending[len(self.pending) - keep:], (0, 0, False, False)
                 break
-            self._show(out, self.pending[:start])
-            self.pending = self.pending[start:]
+            if start:
+                self._show(out, self.pending[:start])
+                self.pending, self.scan = self.pending[start:], (0, 0, False, False)
             if kind == "tag":
-                close = self.pending.find(TOOL_TAG_CLOSE)
+                close = self.pending.find(TOOL_TAG_CLOSE, max(len(TOOL_TAG_OPEN), self.scan[0] - len(TOOL_TAG_CLOSE)))
                 end = close + len(TOOL_TAG_CLOSE) if close >= 0 else None
                 body = self.pending[len(TOOL_TAG_OPEN):close] if close >= 0 else ""
+                if end is None:
+                    self.scan = (len(self.pending), 0, False, False)
+                    if final:           # cut before its closing tag (max_tokens, a stop string): a call if whole
+                        end, body = len(self.pending), self.pending[len(TOOL_TAG_OPEN):]
             else:
-                end = json_object_end(self.pending)
+                end = self._object_end()
                 body = self.pending[:end] if end else ""
             if end is None:
                 if not final:
                     break
-                self._show(out, self.pending)
-                self.pending = ""
+                self._release(out)
+                self._show(out, self.pending[:1])       # no object closes here: go on after its first character
+                self.pending, self.scan = self.pending[1:], (0, 0, False, False)
                 continue
             call = text_tool_call(body.strip(), None if kind == "tag" else self.names)
             if call and kind == "tag":
                 self.calls.append(call)
             elif call:
                 self.held.append((self.pending[:end], call))
+            elif kind == "tag" and close < 0:
+                self._release(out)                          # an unclosed tag that holds no call: its text
+                self._show(out, TOOL_TAG_OPEN)
+                end = len(TOOL_TAG_OPEN)
             else:
+                self._release(out)
                 self._show(out, self.pending[:end])
-            self.pending = self.pending[end:]
+            self.pending, self.scan = self.pending[end:], (0, 0, False, False)
         return "".join(out)
 
 
@@ -10336,6 +10414,15 @@ CORS_EXPOSED_HEADERS = "X-Request-Id, X-Chatserve-Token-Count, X-Chatserve-Conte
 _HEADER_LIST_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$|^$")
 
 
+def is_loopback_address(address):
+    """Whether a bound address is a loopback one (IPv4-mapped IPv6 included)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback) or ip.is_loopback
+
+
 def split_host(value):
     """(host, port) of a Host header, lowercase; port "" when it names none."""
     value = value.strip().lower()
@@ -11887,10 +11974,7 @@ class App:
         self.leader_pool = UpstreamPool()
         self.leader_pool.closed = True          # a connection to the leader is closed after its one read
         self.host_name, self.known_names = socket.gethostname().lower(), {}
-        try:
-            self.loopback_only = config.host == "localhost" or ipaddress.ip_address(config.host.strip("[]")).is_loopback
-        except ValueError:              # a name, or every address
-            self.loopback_only = False
+        self.loopback_only = False          # set from the address bound (start)
         if self.watcher and config.leader_elect:
             self.election = LeaderElection(
                 KubeClient.from_environment(config.kubeconfig, config.env, self.metrics), None,
@@ -11915,6 +11999,7 @@ class App:
             self.http = ChatHTTPServer(self, (c.host, c.port), api_router(), c.max_connections, context, family,
                                        max(c.max_open_connections, c.max_connections))
             self.http.guards_names = True
+            self.loopback_only = is_loopback_address(self.http.socket.getsockname()[0])
             if c.metrics_port:
                 where = "%s:%d (--metrics-port)" % (c.host, c.metrics_port)
                 self.metrics_http = ChatHTTPServer(self, (c.host, c.metrics_port), metrics_router(), 16,
@@ -11978,7 +12063,7 @@ class App:
         if os.path.realpath(c.workspace) == "/":
             log.warning("the agent's workspace is / : its read tools can read any file this user can; "
                         "choose a directory with --workspace")
-        if not c.token and c.host not in ("127.0.0.1", "localhost", "::1"):
+        if not c.token and not self.loopback_only:
             log.warning("listening on %s without --token: anyone who can reach this port can use "
                         "the configured LLM credentials", c.host)
 

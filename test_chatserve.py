@@ -5792,6 +5792,18 @@ class ToolCallFilterTest(unittest.TestCase):
                 self.assertEqual(("".join(shown), calls), (text, []), (text, cut))
         shown, calls = self.run_filter(['<tool_call>{"name": "nope"}</tool_call>'])      # tagged: meant as a call
         self.assertEqual(("".join(shown), calls), ("", [("nope", "{}")]))
+        call = '{"name": "get_time", "arguments": {}}'
+        for text, shown_, names in (
+                (call + '\n{"name": "zz", "arguments": {}}', None, []),       # a call, then JSON that is none: text
+                (call + '\n{"name": "zz", "arguments": {}}\nbye', None, []),  # in its order
+                (call + '\n{"name": "get_time", "arguments": {', None, []),    # a call, then a cut one
+                ('<tool_call>\n' + call + '\n', "", ["get_time"]),            # cut before </tool_call>: a call
+                ('{"name": "get_time", "arguments": {\n' + call, '{"name": "get_time", "arguments": {\n', ["get_time"]),
+                ('<tool_call>{"name": ""}</tool_call>', None, [])):             # no name: no call
+            for cut in range(1, len(text), 3):
+                shown, calls = self.run_filter([text[:cut], text[cut:]])
+                self.assertEqual(("".join(shown), [c[0] for c in calls]), (text if shown_ is None else shown_, names),
+                                 (text, cut))
         answer = 'Checking.\n{"name": "get_time", "arguments": {}}\n  {"name": "read_file", "parameters": {"path": "a"}}  \n'
         for cut in range(1, len(answer)):       # bare calls that end the answer, after text: calls
             shown, calls = self.run_filter([answer[:cut], answer[cut:]])
@@ -6172,6 +6184,23 @@ class AgentHardeningTest(AgentSurfaceTest):
         thread.join(WAIT)
         self.assertIsInstance(result[0], cs.ClientGone)
         self.assertFalse(process_alive(pid))
+
+    def test_as_process_1_what_commands_leave_is_reaped(self):
+        """In a container with no init chatserve is process 1: the background
+        processes a command leaves are re-parented to it when killed, and stayed
+        zombies for ever.  Emulated with PR_SET_CHILD_SUBREAPER in a child process."""
+        code = ("import ctypes, glob, os, sys, time\nsys.path.insert(0, %r)\nimport chatserve as cs\n"
+                "try:\n    ok = ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) == 0\nexcept (OSError, AttributeError):\n"
+                "    ok = False\nif not ok:\n    print('no prctl')\n    sys.exit(0)\ncs.ORPHANS_ARE_OURS = True\n"
+                "for i in range(5):\n    cs.run_capped(['/bin/sh', '-c', 'sleep 30 & echo $!'], 10, 1000)\n"
+                "time.sleep(0.3)\ncs.run_capped(['true'], 10, 1000)\n"
+                "children = [p for t in glob.glob('/proc/self/task/*/children') for p in open(t).read().split()]\n"
+                "print(sum(open('/proc/%%s/stat' %% p).read().rsplit(')', 1)[1].split()[0] == 'Z' for p in children))\n"
+                % os.path.dirname(os.path.abspath(cs.__file__)))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT * 3)
+        if out.stdout.strip() == "no prctl":
+            self.skipTest("no prctl(PR_SET_CHILD_SUBREAPER) here")
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "0"), out.stderr)
 
     def test_workspace_at_the_root(self):
         ok, text = cs.run_tool(cs.Sandbox("/"), ["read_file"], "read_file", json.dumps({"path": "etc/hostname"}))
