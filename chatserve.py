@@ -7247,10 +7247,15 @@ TOOL_TAG_OPEN, TOOL_TAG_CLOSE = "<tool_call>", "</tool_call>"
 _BARE_CALL_RE = re.compile(r'\{\s*"name"\s*:')
 
 
-def json_object_end(text):
-    """Index just past the JSON object that starts text[0] == '{', or None if incomplete."""
-    depth, in_string, escape = 0, False, False
-    for i, ch in enumerate(text):
+JSON_SCAN_START = (0, 0, False, False)      # position, depth, in a string, after a backslash
+
+
+def json_object_end(text, scan=JSON_SCAN_START):
+    """(index just past the JSON object that starts text[0] == '{', or None while it is incomplete;
+    the scan to resume from when more text comes, so each character is looked at once)."""
+    pos, depth, in_string, escape = scan
+    for i in range(pos, len(text)):
+        ch = text[i]
         if in_string:
             if escape:
                 escape = False
@@ -7265,8 +7270,8 @@ def json_object_end(text):
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return i + 1
-    return None
+                return i + 1, JSON_SCAN_START
+    return None, (len(text), depth, in_string, escape)
 
 
 def text_tool_call(text, names=None):
@@ -7319,7 +7324,7 @@ class ToolCallFilter:
         self.pending, self.calls, self.names = "", [], frozenset(names)
         self.held = []                      # (text, call or None): bare calls that may end the answer
         self.state = (False, 0, True)       # _text_state of what was shown
-        self.scan = (0, 0, False, False)    # how far the object at pending[0] was scanned: pos, depth, in string, escape
+        self.scan = JSON_SCAN_START    # how far the object at pending[0] was scanned: pos, depth, in string, escape
 
     def feed(self, text):
         self.pending += text
@@ -7362,32 +7367,6 @@ class ToolCallFilter:
         for text, _call in held:
             self._show(out, text)
 
-    def _object_end(self):
-        """json_object_end of `pending`, resumed where the last look stopped (a call's long
-        arguments arrive in many pieces: each piece is scanned once)."""
-        pos, depth, in_string, escape = self.scan
-        text = self.pending
-        for i in range(pos, len(text)):
-            ch = text[i]
-            if in_string:
-                if escape:
-                    escape = False
-                elif ch == "\\":
-                    escape = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    self.scan = (0, 0, False, False)
-                    return i + 1
-        self.scan = (len(text), depth, in_string, escape)
-        return None
-
     def _after_held(self, out, final):
         """With bare calls held: True to wait for more, False to go on scanning `pending`."""
         rest = self.pending.lstrip()
@@ -7399,7 +7378,7 @@ class ToolCallFilter:
             return True
         if _BARE_CALL_RE.match(rest):       # another may follow
             self.held.append((self.pending[:len(self.pending) - len(rest)], None))
-            self.pending, self.scan = rest, (0, 0, False, False)
+            self.pending, self.scan = rest, JSON_SCAN_START
             return False
         self._release(out)                  # more text follows: they were shown, not meant
         return False
@@ -7415,11 +7394,11 @@ class ToolCallFilter:
             if start is None:
                 keep = 0 if final else self._held_suffix()
                 self._show(out, self.pending[:len(self.pending) - keep])
-                self.pending, self.scan = self.pending[len(self.pending) - keep:], (0, 0, False, False)
+                self.pending, self.scan = self.pending[len(self.pending) - keep:], JSON_SCAN_START
                 break
             if start:
                 self._show(out, self.pending[:start])
-                self.pending, self.scan = self.pending[start:], (0, 0, False, False)
+                self.pending, self.scan = self.pending[start:], JSON_SCAN_START
             if kind == "tag":
                 close = self.pending.find(TOOL_TAG_CLOSE, max(len(TOOL_TAG_OPEN), self.scan[0] - len(TOOL_TAG_CLOSE)))
                 end = close + len(TOOL_TAG_CLOSE) if close >= 0 else None
@@ -7429,14 +7408,14 @@ class ToolCallFilter:
                     if final:           # cut before its closing tag (max_tokens, a stop string): a call if whole
                         end, body = len(self.pending), self.pending[len(TOOL_TAG_OPEN):]
             else:
-                end = self._object_end()
+                end, self.scan = json_object_end(self.pending, self.scan)
                 body = self.pending[:end] if end else ""
             if end is None:
                 if not final:
                     break
                 self._release(out)
                 self._show(out, self.pending[:1])       # no object closes here: go on after its first character
-                self.pending, self.scan = self.pending[1:], (0, 0, False, False)
+                self.pending, self.scan = self.pending[1:], JSON_SCAN_START
                 continue
             call = text_tool_call(body.strip(), None if kind == "tag" else self.names)
             if call and kind == "tag":
@@ -7450,7 +7429,7 @@ class ToolCallFilter:
             else:
                 self._release(out)
                 self._show(out, self.pending[:end])
-            self.pending, self.scan = self.pending[end:], (0, 0, False, False)
+            self.pending, self.scan = self.pending[end:], JSON_SCAN_START
         return "".join(out)
 
 
