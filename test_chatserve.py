@@ -5080,10 +5080,7 @@ class ScaleOutReviewTest(unittest.TestCase):
                 self.send_response(500)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
+        server = self.leader_server(Leader)
         config = cs.Config(env={}, token="the-server-token", port=0, metrics_port=0, probe_local=False,
                            socket=os.path.join(self.tmp, "s.sock"), data_dir=self.tmp, watch_deployment="api")
         app = cs.App(config)
@@ -5136,6 +5133,16 @@ class ScaleOutReviewTest(unittest.TestCase):
         app.leader_view = (0.0, app.leader_view[1])             # due again: still hung, the wait doubles
         app.leader_state()
         self.assertEqual(app.leader_retry, 4.0)
+
+    def leader_server(self, handler, tls=None):
+        """A stand-in leader (or a replica at the Lease's address) on loopback, stopped at the end."""
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server
 
     def follower(self, address, **options):
         config = cs.Config(env={}, port=0, metrics_port=0, probe_local=False, socket=os.path.join(self.tmp, "s.sock"),
@@ -5196,10 +5203,7 @@ class ScaleOutReviewTest(unittest.TestCase):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
+        server = self.leader_server(Leader)
         for address in ("http://127.0.0.1:%d" % server.server_address[1], "http://:80", "leader:8080", "ftp://h:1",
                         "http://[::1"):
             app = self.follower(address)
@@ -5229,13 +5233,9 @@ class ScaleOutReviewTest(unittest.TestCase):
                 self.send_header("Transfer-Encoding", "chunked")        # any framing a proxy may choose
                 self.end_headers()
                 self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
+        server = self.leader_server(Leader, context)
         app = self.follower("https://127.0.0.1:%d" % server.server_address[1], tls_cert=cert, tls_key=key)
         state = app.leader_state()
         self.assertFalse(state.get("unreadable"), state)
@@ -5265,10 +5265,7 @@ class ScaleOutReviewTest(unittest.TestCase):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leader)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
+        server = self.leader_server(Leader)
         config = cs.Config(env={}, port=0, metrics_port=0, probe_local=False, socket=os.path.join(self.tmp, "s.sock"),
                            data_dir=self.tmp, watch_deployment="api", watch_namespace="prod", watch_interval=0.01)
         app = cs.App(config)
