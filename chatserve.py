@@ -1157,7 +1157,8 @@ OPTION_KINDS = {
     "level": _check_choice(LOG_LEVELS), "logformat": _check_choice(LOG_FORMATS),
     "provider": lambda v: _check_provider(v), "providers": _check_providers, "count": _check_count,
     "sessionstore": _check_choice(("sqlite", "kubernetes")),
-    "list": _check_list, "origins": _check_origins, "aliases": _check_aliases, "bool": _check_bool, "rate": _check_rate, "dir": _check_dir, "session": _check_session,
+    "list": _check_list, "origins": _check_origins, "aliases": _check_aliases, "bool": _check_bool,
+    "rate": _check_rate, "dir": _check_dir, "session": _check_session,
 }
 
 
@@ -3148,8 +3149,8 @@ def estimated_prompt_tokens(messages):
             if isinstance(function, dict):
                 chars += sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
         if isinstance(content, list):
-            images += sum(image_tokens((p.get("image_url") or {}).get("url")) for p in content
-                          if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict))
+            images += sum(image_tokens(p["image_url"].get("url")) for p in content if isinstance(p, dict)
+                          and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict))
     return estimated_tokens(chars) + images
 
 
@@ -8965,8 +8966,8 @@ def route_anthropic_count_tokens(h):
         return
     tools = estimated_tokens(len(json_dumps(req.params["tools"]))) if req.params.get("tools") else 0
     h.send_json(200, {"input_tokens": max(1, estimated_prompt_tokens(req.messages) + tools)},
-                {"X-Chatserve-Token-Count": "estimate (about 4 characters a token, an image by its size; %s has no count)"
-                                            % provider.name})
+                {"X-Chatserve-Token-Count": "estimate (about 4 characters a token, an image by its size; "
+                                            "%s has no count)" % provider.name})
 
 
 # ---------------------------------------------------------------------------
