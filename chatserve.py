@@ -1073,6 +1073,13 @@ def web_origin(text):
     return "%s://%s:%d" % (parts.scheme, host, port or (443 if parts.scheme == "https" else 80))
 
 
+def origin_parts(origin):
+    """(scheme, host, port) of an origin as web_origin gives it."""
+    scheme, rest = origin.split("://", 1)
+    host, port = rest.rsplit(":", 1)
+    return scheme, host, port
+
+
 def _check_origins(value):
     origins = []
     for item in _check_list(value):
@@ -11056,9 +11063,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         busy = False
         try:
             origin = self.headers.get("Origin")
-            if origin is not None or (self.server.guards_names and app.names_guarded()):    # a page, or a name
+            guarded = self.server.guards_names and app.names_guarded()
+            if origin is not None or guarded:   # from a web page, or by a name: whose?
                 self.render_error = self.router.errors_for(path)
-                self.cors_origin = self.check_site(origin)
+                self.cors_origin = self.check_site(origin, guarded)
                 if self.cors_origin and self.command == "OPTIONS" and "Access-Control-Request-Method" in self.headers:
                     route_name = "preflight"
                     return self.answer_preflight(path)
@@ -11110,7 +11118,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 app.key_request_done(self.client_key, self.status_sent)
             self.log_access(path, duration)
 
-    def check_site(self, origin):
+    def check_site(self, origin, guarded):
         """Which pages and names may use the server (403 otherwise).  A server
         with no token on a loopback address answers only requests that name it
         as no DNS answer can change (an IP address, localhost, this host's name)
@@ -11123,7 +11131,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         app, host_header = self.app, self.headers.get("Host") or ""
         host, port = split_host(host_header)
         listed = app.config.cors_origins
-        if self.server.guards_names and app.names_guarded() and host and not app.known_name(host):
+        if guarded and host and not app.known_name(host):
             raise PermissionDenied(
                 "Host %s is not a name this server answers to: with no --token on a loopback address it answers "
                 "only IP addresses, localhost and %s (and the --cors-origins sites), so that no web page can reach "
@@ -11135,8 +11143,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if page is not None and ("*" in listed or page in listed):
             return origin
         if page is not None:
-            scheme, rest = page.split("://", 1)
-            page_host, page_port = rest.rsplit(":", 1)
+            scheme, page_host, page_port = origin_parts(page)
             default = "443" if scheme == "https" else "80"     # a Host without a port names the default one
             if page_host == host and page_port == (port or default):
                 return None
@@ -12127,7 +12134,7 @@ class App:
         if known is None:
             listed = self.config.cors_origins
             known = literal_host(host) or host == self.host_name or "*" in listed or \
-                any(origin.split("://", 1)[1].rsplit(":", 1)[0] == host for origin in listed)
+                any(origin_parts(origin)[1] == host for origin in listed if origin != "*")
             if len(self.known_names) >= 256:
                 self.known_names.clear()
             self.known_names[host] = known      # (emptied by reload: --cors-origins may change)
@@ -12136,7 +12143,7 @@ class App:
     def authorize(self, h):
         """The server's token, or a named client key (then its rate limit)."""
         token, keys = self.config.token, self.keys
-        if not token and not keys.keys:
+        if not self.requires_auth():
             return
         given = presented_token(h)
         if token and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8")):
