@@ -122,6 +122,7 @@ import http.client
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import glob
@@ -2041,7 +2042,7 @@ def recv_some(sock, size=65536):
 # protocol, a registry
 # ---------------------------------------------------------------------------
 
-TextDelta = collections.namedtuple("TextDelta", "text")
+TextDelta = collections.namedtuple("TextDelta", "text refusal", defaults=(False,))   # refusal: the model declined
 ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
 Usage = collections.namedtuple("Usage", "prompt_tokens completion_tokens")
 Finish = collections.namedtuple("Finish", "reason stop_sequence", defaults=(None,))
@@ -2317,7 +2318,7 @@ class UpstreamResponse:
         h = self.headers
         self.will_close = not keeps_alive(version, h)
         self.chunked, self.remaining, self.chunk_left, self.crlf_due, self.done = False, None, 0, False, False
-        self.last_chunk, self.trailer_lines = False, 0
+        self.last_chunk, self.trailer_lines, self.cut = False, 0, False
         coding, length = h.get("Transfer-Encoding"), h.get("Content-Length")
         if (h.get("Content-Encoding") or "identity").lower() != "identity":
             raise http_client_error("a %s-encoded answer, though chatserve asked for identity"
@@ -2381,7 +2382,7 @@ class UpstreamResponse:
                 continue
             if not (conn.buf or self.chunk_left or self.crlf_due):
                 if not conn.fill(self.before_wait):
-                    self.done = self.will_close = True      # cut between chunks: the protocol layer tells
+                    self.done = self.will_close = self.cut = True   # cut between chunks: the protocol layer tells
                     return b""
                 continue
             if not self.chunk_left and len(conn.buf) > 1024:
@@ -2876,13 +2877,28 @@ class EventStream:
     events can be read without blocking (they pass WOULD_BLOCK on), so a
     StreamPump may relay them."""
 
-    __slots__ = ("events", "resp", "relayable")
+    __slots__ = ("events", "resp", "relayable", "head")
+    MAX_HEAD = 64               # events read ahead at most (usage reports before any content)
 
     def __init__(self, events, resp, relayable=False):
-        self.events, self.resp, self.relayable = events, resp, relayable
+        self.events, self.resp, self.relayable, self.head = events, resp, relayable, ()
 
-    def __iter__(self):
-        return self.events          # the generator itself: no Python call per event
+    def __iter__(self):             # the generator itself: no Python call per event
+        return itertools.chain(self.head, self.events) if self.head else self.events
+
+    def read_ahead(self):
+        """Read to the first event that is content, an end or an error.  An
+        error there is raised (the stream closed): nothing was sent yet, so it
+        is retried or failed over, and answered with its own HTTP status."""
+        head = []
+        for ev in self.events:
+            if type(ev) is Error:
+                self.close()
+                raise ev.error
+            head.append(ev)
+            if type(ev) is not Usage or len(head) >= self.MAX_HEAD:
+                break
+        self.head = head
 
     def close(self):
         self.events.close()
@@ -3038,7 +3054,8 @@ class Provider:
         try:
             yield from events
         except ChatServeError as e:
-            e.message = "%s: %s" % (self.name, e.message)
+            if not e.message.startswith((self.name + ":", "upstream " + self.name + " ")):
+                e.message = "%s: %s" % (self.name, e.message)
             yield Error(e)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             yield Error(UpstreamError("%s sent a stream this server cannot read (%s)" % (self.name, e)))
@@ -3409,6 +3426,8 @@ def openai_message_events(message, finish_reason, usage):
     events = []
     if message.get("content"):
         events.append(TextDelta(_upstream_str(message["content"], "content")))
+    if message.get("refusal"):
+        events.append(TextDelta(_upstream_str(message["refusal"], "refusal"), True))
     for i, call in enumerate(message.get("tool_calls") or []):
         events.append(openai_call_delta(call, i))
     if usage:
@@ -3463,6 +3482,8 @@ def openai_chunk_events(chunk):
         content = delta.get("content")
         if content:
             events.append(TextDelta(content if type(content) is str else _upstream_str(content, "content")))
+        if delta.get("refusal"):
+            events.append(TextDelta(_upstream_str(delta["refusal"], "refusal"), True))
         for call in delta.get("tool_calls") or ():
             events.append(openai_call_delta(call))
         if choice.get("finish_reason"):
@@ -3489,6 +3510,9 @@ def openai_compatible(name, base, model, key_env=None, owned_by=None):
 ANTHROPIC_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                     "refusal": "content_filter", "model_context_window_exceeded": "length", "pause_turn": "stop"}
 ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
+ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                          "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+                          "api_error": 500, "overloaded_error": 529}
 
 
 def anthropic_image(part):
@@ -3504,7 +3528,8 @@ def anthropic_blocks(msg, index):
     blocks = []
     for part in content_parts(msg.get("content")):
         if part.get("type") == "text":
-            blocks.append({"type": "text", "text": part.get("text") or ""})
+            if part.get("text"):            # Anthropic refuses empty text blocks
+                blocks.append({"type": "text", "text": part["text"]})
         elif part.get("type") == "image_url":
             blocks.append(anthropic_image(part))
     for call in msg.get("tool_calls") or ():
@@ -3516,7 +3541,8 @@ def anthropic_blocks(msg, index):
 
 def anthropic_messages(messages):
     """(system text, messages) in Anthropic's shape: system lifted out, tool
-    results as tool_result blocks, consecutive same-role turns merged."""
+    results as tool_result blocks, consecutive same-role turns merged, empty
+    turns left out (Anthropic refuses them)."""
     system, out = [], []
     for i, msg in enumerate(messages):
         role = msg.get("role")
@@ -3528,6 +3554,8 @@ def anthropic_messages(messages):
                                      "content": message_text(msg.get("content"))}]
         else:
             role, blocks = ("assistant" if role == "assistant" else "user"), anthropic_blocks(msg, i)
+        if not blocks:
+            continue
         if out and out[-1]["role"] == role:
             out[-1]["content"].extend(blocks)
         else:
@@ -3547,7 +3575,7 @@ def anthropic_tool_choice(choice, parallel):
         mapped = {"type": "none"}
     elif isinstance(choice, dict):
         mapped = {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
-    if parallel is False:
+    if parallel is False and (mapped or {}).get("type") != "none":     # "none" takes no other field
         mapped = dict(mapped or {"type": "auto"}, disable_parallel_tool_use=True)
     return mapped
 
@@ -3657,10 +3685,9 @@ class AnthropicProvider(Provider):
                 yield Usage(prompt_tokens, completion_tokens)
                 yield anthropic_finish(finish)
                 return
-            elif kind == "error":
-                err = msg.get("error") or {}
-                raise UpstreamError("%s: %s" % (err.get("type", "error"), err.get("message", "stream error")),
-                                    code=err.get("type"))
+            elif kind == "error":       # as the HTTP error its type stands for (overloaded_error: 529)
+                kind = (msg.get("error") or {}).get("type")
+                raise upstream_failure(self.name, ANTHROPIC_ERROR_STATUS.get(kind, 500), data.encode("utf-8"))
         raise UpstreamError("stream ended before message_stop")
 
     def models(self):
@@ -3681,26 +3708,66 @@ def anthropic_input_tokens(usage):
 
 # -- Google Gemini -----------------------------------------------------------
 
-GEMINI_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
-                 "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
-                 "IMAGE_SAFETY": "content_filter"}
+GEMINI_FILTERED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "LANGUAGE", "IMAGE_SAFETY",
+                   "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR")
+GEMINI_FINISH = dict({"STOP": "stop", "MAX_TOKENS": "length"}, **{reason: "content_filter" for reason in GEMINI_FILTERED})
+# Any other reason (MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL, TOO_MANY_TOOL_CALLS, OTHER, ...) ends an
+# answer that failed: an error when nothing came before it, else "stop".
 
 
-def gemini_parts(msg, index):
+GEMINI_IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp",
+                      "heic": "image/heic", "heif": "image/heif", "gif": "image/gif"}
+
+
+def gemini_image(url, index):
+    """An image part: inline data, or a link whose type its name says (Gemini needs the type)."""
+    data = parse_data_url(url)
+    if data:
+        return {"inlineData": {"mimeType": data[0], "data": data[1]}}
+    name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    kind = GEMINI_IMAGE_TYPES.get(name.rsplit(".", 1)[-1].lower()) if "." in name else None
+    if kind is None:
+        raise BadRequest("Gemini needs an image's type: send the image of messages[%d] as a data: URL, or a link "
+                         "whose name ends in .png, .jpg, .webp, .heic or .gif" % index,
+                         param="messages[%d].content" % index)
+    return {"fileData": {"mimeType": kind, "fileUri": url}}
+
+
+# A call's thoughtSignature travels in the id the client gets (and sends back):
+# Gemini 3 refuses a later turn whose function calls lack theirs.  The
+# signature is base64 bytes, made URL-safe so the id stays one token.
+GEMINI_SIGNATURE_MARK = "__ts_"
+GEMINI_NO_SIGNATURE = "skip_thought_signature_validator"    # Google's value for calls made elsewhere
+_GEMINI_MAJOR_RE = re.compile(r"gemini-([0-9]+)")
+
+
+def gemini_call_id(call, part):
+    ident = call.get("id") or new_call_id()
+    signature = part.get("thoughtSignature")
+    if isinstance(signature, str) and signature:
+        ident += GEMINI_SIGNATURE_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
+    return ident
+
+
+def gemini_parts(msg, index, signed):
+    """The parts of one turn; `signed`: a model turn's calls need a thoughtSignature."""
     parts = []
     for part in content_parts(msg.get("content")):
         if part.get("type") == "text" and part.get("text"):
             parts.append({"text": part["text"]})
         elif part.get("type") == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
-            data = parse_data_url(url)
-            parts.append({"inlineData": {"mimeType": data[0], "data": data[1]}} if data
-                         else {"fileData": {"fileUri": url}})
+            parts.append(gemini_image((part.get("image_url") or {}).get("url", ""), index))
+    calls = []
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") or {}
-        parts.append({"functionCall": {"name": fn.get("name", ""),
+        calls.append({"functionCall": {"name": fn.get("name", ""),
                                        "args": tool_arguments(fn.get("arguments"), "messages[%d].tool_calls" % index)}})
-    return parts
+        signature = (call.get("id") or "").partition(GEMINI_SIGNATURE_MARK)[2]
+        if signature:
+            calls[-1]["thoughtSignature"] = signature
+    if signed and calls and not any("thoughtSignature" in c for c in calls):
+        calls[0]["thoughtSignature"] = GEMINI_NO_SIGNATURE
+    return parts + calls
 
 
 def gemini_function_response(msg, names):
@@ -3714,10 +3781,12 @@ def gemini_function_response(msg, names):
     return {"functionResponse": {"name": names.get(msg.get("tool_call_id"), msg.get("name") or ""), "response": value}}
 
 
-def gemini_contents(messages):
+def gemini_contents(messages, model=""):
     """(systemInstruction, contents): roles user/model, tool results as
     functionResponse parts in a user turn, same-role turns merged."""
     names = tool_names_by_id(messages)
+    major = _GEMINI_MAJOR_RE.search(model)
+    signed = major is not None and int(major.group(1)) >= 3
     system, contents = [], []
     for i, msg in enumerate(messages):
         role = msg.get("role")
@@ -3727,7 +3796,7 @@ def gemini_contents(messages):
         if role in ("tool", "function"):
             role, parts = "user", [gemini_function_response(msg, names)]
         else:
-            role, parts = ("model" if role == "assistant" else "user"), gemini_parts(msg, i)
+            role, parts = ("model" if role == "assistant" else "user"), gemini_parts(msg, i, signed)
         if not parts:
             continue
         if contents and contents[-1]["role"] == role:
@@ -3737,9 +3806,9 @@ def gemini_contents(messages):
     return ({"parts": system} if system else None), contents
 
 
-def gemini_request(req):
+def gemini_request(req, model=""):
     p = req.params
-    system, contents = gemini_contents(req.messages)
+    system, contents = gemini_contents(req.messages, model)
     body = {"contents": contents}
     if system:
         body["systemInstruction"] = system
@@ -3753,8 +3822,12 @@ def gemini_request(req):
         config["maxOutputTokens"] = max_tokens
     if p.get("stop") is not None:
         config["stopSequences"] = stop_list(p["stop"])
-    if (p.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+    response_format = p.get("response_format") or {}
+    if response_format.get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if response_format.get("type") == "json_schema" and schema is not None:
+            config["responseJsonSchema"] = schema
     if config:
         body["generationConfig"] = config
     if p.get("tools"):
@@ -3782,10 +3855,11 @@ def gemini_response_events(data, state):
     for candidate in (data.get("candidates") or ())[:1]:
         for part in (candidate.get("content") or {}).get("parts") or ():
             if part.get("text") and not part.get("thought"):
+                state["texts"] += 1
                 yield TextDelta(part["text"])
             elif part.get("functionCall"):
                 call = part["functionCall"]
-                yield ToolCallDelta(state["calls"], call.get("id") or new_call_id(), call.get("name"),
+                yield ToolCallDelta(state["calls"], gemini_call_id(call, part), call.get("name"),
                                     json_dumps(call.get("args") or {}))
                 state["calls"] += 1
         if candidate.get("finishReason"):
@@ -3796,12 +3870,21 @@ def gemini_response_events(data, state):
                                (usage.get("candidatesTokenCount") or 0) + (usage.get("thoughtsTokenCount") or 0))
 
 
+def gemini_state():
+    """What gemini_response_events carries across a stream's chunks."""
+    return {"calls": 0, "texts": 0, "finish": None, "usage": None}
+
+
 def gemini_finish(state):
+    """The closing events: usage and Finish.  An answer with no text and no
+    call that ended for a filter is refused (400 content_filter); for any
+    reason but STOP and MAX_TOKENS it is an upstream failure (502)."""
     reason = state.get("finish")
-    if reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY") and not state["calls"]:
-        mapped = "content_filter"
-    else:
-        mapped = "tool_calls" if state["calls"] else GEMINI_FINISH.get(reason, "stop")
+    if not state["calls"] and not state["texts"] and reason not in ("STOP", "MAX_TOKENS"):
+        if GEMINI_FINISH.get(reason) == "content_filter":
+            raise BadRequest("Gemini stopped the answer for %s; rephrase the prompt" % reason, code="content_filter")
+        raise UpstreamError("Gemini ended the answer with %s and no content" % str(reason or "no finishReason")[:60])
+    mapped = "tool_calls" if state["calls"] else GEMINI_FINISH.get(reason, "stop")
     return ([state["usage"]] if state.get("usage") else []) + [Finish(mapped)]
 
 
@@ -3829,7 +3912,7 @@ class GeminiProvider(Provider):
         model = model[len("models/"):] if model.startswith("models/") else model
         action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
         url = "%s/v1beta/models/%s%s" % (self.base_url, urllib.parse.quote(model, safe=""), action)
-        return self.post(url, gemini_request(req), self.headers(), req.stream)
+        return self.post(url, gemini_request(req, model), self.headers(), req.stream)
 
     def embed(self, inputs, model, dimensions=None):
         """batchEmbedContents; Gemini counts no tokens here, so about 4 characters a token is reported."""
@@ -3847,15 +3930,12 @@ class GeminiProvider(Provider):
         return checked_vectors(self.name, vectors, len(inputs)), sum(estimated_tokens(len(t)) for t in inputs)
 
     def completion_events(self, data, req):
-        state = {"calls": 0, "finish": None, "usage": None}
+        state = gemini_state()
         events = list(gemini_response_events(data, state))
-        if state["finish"] in GEMINI_FINISH and GEMINI_FINISH[state["finish"]] == "content_filter" and not events:
-            raise BadRequest("Gemini stopped the answer for %s; rephrase the prompt" % state["finish"],
-                             code="content_filter")
         return events + gemini_finish(state)
 
     def stream_events(self, resp, req):
-        state = {"calls": 0, "finish": None, "usage": None}
+        state = gemini_state()
         for _event, data in iter_sse(resp.pieces()):
             chunk = json_loads_upstream(data)
             if chunk.get("error"):
@@ -3879,8 +3959,11 @@ def ollama_messages(messages):
                  "content": message_text(msg.get("content"))}
         images = [parse_data_url((p.get("image_url") or {}).get("url", ""))
                   for p in content_parts(msg.get("content")) if p.get("type") == "image_url"]
-        if any(images):
-            entry["images"] = [img[1] for img in images if img]
+        if not all(images):
+            raise BadRequest("Ollama takes images inline only: send the image of messages[%d] as a data: URL "
+                             "(data:image/png;base64,...), not a link" % i, param="messages[%d].content" % i)
+        if images:
+            entry["images"] = [img[1] for img in images]
         if msg.get("tool_calls"):
             entry["tool_calls"] = [{"function": {"name": (c.get("function") or {}).get("name", ""),
                                                  "arguments": tool_arguments((c.get("function") or {}).get("arguments"),
@@ -4062,29 +4145,49 @@ class StackSpotProvider(Provider):
     def completion_events(self, data, req):
         text = data.get("message") or ""
         if not text:
-            raise UpstreamError("StackSpot answered with an empty message")
-        return [TextDelta(text), stackspot_usage(data.get("tokens")), Finish("stop")]
+            raise UpstreamError("StackSpot answered with an empty message (stop_reason %s)"
+                                % str(data.get("stop_reason"))[:40])
+        usage = [stackspot_usage(data["tokens"])] if data.get("tokens") else []
+        return [TextDelta(text)] + usage + [Finish(stackspot_finish(data.get("stop_reason")))]
 
     def stream_events(self, resp, req):
-        usage = None
+        """The agent's SSE: its end is [DONE], a `done` event or type, or a
+        stop_reason; a stream cut before it is an error.  A stream that just
+        ends, framed whole, is taken as finished (StackSpot documents no end
+        marker).  Without token counts the Engine estimates them."""
+        usage, reason = None, None
         for event, data in iter_sse(resp.pieces()):
             if data.strip() == "[DONE]" or event == "done":
+                reason = reason or "stop"
                 break
             chunk = json_loads_upstream(data)
             if event == "error" or chunk.get("type") == "error" or chunk.get("error"):
                 raise UpstreamError(upstream_error_message(data.encode()))
             if chunk.get("choices"):               # OpenAI-style chunks, as some StackSpot gateways send
                 for ev in openai_chunk_events(chunk):
-                    if type(ev) is not Finish:
+                    if type(ev) is Finish:
+                        reason = ev.reason
+                    else:
                         yield ev
             elif chunk.get("message"):
                 yield TextDelta(chunk["message"])
             if chunk.get("tokens"):
                 usage = stackspot_usage(chunk["tokens"])
+            if chunk.get("stop_reason"):
+                reason = stackspot_finish(chunk["stop_reason"])
             if chunk.get("type") == "done":
+                reason = reason or "stop"
                 break
-        yield usage or Usage(0, 0)
-        yield Finish("stop")
+        if reason is None and resp.cut:
+            raise UpstreamError("StackSpot's stream was cut before its end (the connection closed mid-answer)")
+        if usage is not None:
+            yield usage
+        yield Finish(reason or "stop")
+
+
+def stackspot_finish(stop_reason):
+    """The finish reason of a StackSpot stop_reason (max_tokens: cut at the limit)."""
+    return "length" if str(stop_reason).lower() in ("max_tokens", "length") else "stop"
 
 
 def stackspot_usage(tokens):
@@ -4161,17 +4264,18 @@ class Completion:
     """A whole answer, collected from the events."""
 
     def __init__(self):
-        self.text_parts, self.tool_calls = [], []
+        self.text_parts, self.refusal_parts, self.tool_calls = [], [], []
         self.finish_reason, self.stop_sequence, self.usage = None, None, None
 
     @property
     def text(self):
-        return "".join(self.text_parts)
+        """All the text, a refusal's too (what a surface without a refusal field shows)."""
+        return "".join(self.text_parts) + "".join(self.refusal_parts)
 
     def add(self, ev):
         kind = type(ev)
         if kind is TextDelta:
-            self.text_parts.append(ev.text)
+            (self.refusal_parts if ev.refusal else self.text_parts).append(ev.text)
         elif kind is ToolCallDelta:
             while len(self.tool_calls) <= ev.index:
                 self.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
@@ -4586,6 +4690,8 @@ class Engine:
             started = time.monotonic()
             try:
                 events = provider.open(req, model)
+                if type(events) is EventStream:
+                    events.read_ahead()
                 instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
                                                 req.messages)
                 return Answer(provider.name, model, instrumented, events)
@@ -7819,10 +7925,26 @@ def validate_sampling(body):
     for field in ("parallel_tool_calls", "logprobs"):
         if body.get(field) is not None and not isinstance(body[field], bool):
             raise BadRequest("%s: must be true or false" % field, param=field)
+    validate_response_format(body.get("response_format"))
     for field in ("logprobs", "top_logprobs"):
         if body.get(field) not in (None, False):      # answers are events: they carry no log probabilities
             raise BadRequest("%s: log probabilities are not available through this server; remove it" % field,
                              param=field)
+
+
+def validate_response_format(fmt):
+    """response_format: {type: text | json_object} or {type: json_schema, json_schema: {name, schema}}."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("response_format: must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                         "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                         param="response_format")
+    spec = fmt.get("json_schema")
+    if fmt["type"] == "json_schema" and (not isinstance(spec, dict) or not isinstance(spec.get("name"), str)
+                                         or not isinstance(spec.get("schema", {}), dict)):
+        raise BadRequest("response_format.json_schema: must be an object with a name and a schema (an object)",
+                         param="response_format.json_schema")
 
 
 def parse_openai_chat(body, request_id=""):
@@ -7854,7 +7976,9 @@ def openai_usage(usage):
 
 
 def openai_completion_body(completion, model, completion_id, created):
-    message = {"role": "assistant", "content": completion.text or (None if completion.tool_calls else "")}
+    content, refusal = "".join(completion.text_parts), "".join(completion.refusal_parts) or None
+    message = {"role": "assistant", "content": content or (None if completion.tool_calls or refusal else ""),
+               "refusal": refusal}
     if completion.tool_calls:
         message["tool_calls"] = completion.tool_calls
     body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
@@ -7886,6 +8010,9 @@ def openai_stream_chunks(answer, completion_id, created, include_usage):
     for ev in answer:
         kind = type(ev)
         if kind is TextDelta:
+            if ev.refusal:
+                yield chunk({"refusal": ev.text})
+                continue
             yield text_head + encode_json_string(ev.text) + text_tail
         elif kind is ToolCallDelta:
             call = {"index": ev.index}
@@ -8682,8 +8809,10 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
 
 
 def anthropic_error_body(err):
-    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(err.status, "api_error"),
-                                       "message": err.message}}
+    """Its type by status; an upstream's overload (503, 529) stays overloaded_error through our 502."""
+    kind = ANTHROPIC_ERROR_TYPES.get(err.status) or (
+        "overloaded_error" if getattr(err, "upstream_status", None) in (503, 529) else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
 
 
 def _anthropic_field(block, name, kind, where, what):

@@ -311,6 +311,21 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_body(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "late"},
                                           "finish_reason": "stop"}]})
 
+    def scenario_refusal(self, body):
+        """As OpenAI refuses: content null, the words in `refusal`, finish_reason stop."""
+        words = "I'm sorry, I can't help with that."
+        if body.get("stream"):
+            return self.stream([openai_chunk({"role": "assistant", "content": None, "refusal": None}),
+                                openai_chunk({"refusal": words[:9]}), openai_chunk({"refusal": words[9:]}),
+                                openai_chunk(finish="stop")])
+        self.send_body(200, {"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "refusal",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": words},
+                                          "finish_reason": "stop"}], "usage": USAGE})
+
+    def scenario_early_error(self, body):
+        """A 200 whose stream fails before any content (an overloaded upstream that already answered)."""
+        self.stream([{"error": {"message": "model overloaded", "type": "server_error"}}])
+
     def scenario_endless(self, body):
         self.stream([openai_chunk({"content": self.server.endless_text})] * self.server.endless_chunks
                     + [openai_chunk(finish="length")], delay=self.server.endless_delay)
@@ -453,6 +468,12 @@ class AnthropicFake:
         model = body["model"]
         if model == "overloaded":
             return h.send_body(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        problem = AnthropicFake.refusal(body)
+        if problem:
+            return h.send_body(400, {"type": "error", "error": {"type": "invalid_request_error", "message": problem}})
+        if model == "early-overload" and body.get("stream"):      # overloaded after the 200, before any content
+            return h.send_raw_stream([sse_bytes({"type": "error", "error": {
+                "type": "overloaded_error", "message": "Overloaded"}}, "error")])
         tool = model == "tools"
         stop = {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None}
         if model == "stopseq" and body.get("stop_sequences"):        # as the API: the one that matched
@@ -486,6 +507,26 @@ class AnthropicFake:
             events += [("message_delta", {"type": "message_delta", "delta": stop, "usage": {"output_tokens": 9}}),
                        ("message_stop", {"type": "message_stop"})]
         h.send_raw_stream([sse_bytes(data, name) for name, data in events], cut=model == "cut")
+
+
+def _anthropic_refusal(body):
+    """The API's 400 for empty turns, empty text blocks and fields "none" does not take, or None."""
+    messages = body.get("messages") or []
+    for i, msg in enumerate(messages):
+        content = msg.get("content")
+        if not content and not (i == len(messages) - 1 and msg.get("role") == "assistant"):
+            return "messages.%d: all messages must have non-empty content except for the optional final " \
+                   "assistant message" % i
+        for block in content if isinstance(content, list) else ():
+            if block.get("type") == "text" and not block.get("text"):
+                return "messages: text content blocks must be non-empty"
+    choice = body.get("tool_choice") or {}
+    if choice.get("type") == "none" and set(choice) != {"type"}:
+        return "tool_choice.none.disable_parallel_tool_use: Extra inputs are not permitted"
+    return None
+
+
+AnthropicFake.refusal = staticmethod(_anthropic_refusal)
 
 
 def fake_vector(text):
@@ -542,6 +583,15 @@ class GeminiFake:
     def handle(h, body):
         model = h.path.split("/models/", 1)[1].split(":", 1)[0]
         stream = "streamGenerateContent" in h.path
+        problem = GeminiFake.refusal(model, body)
+        if problem:
+            return h.send_body(400, {"error": {"code": 400, "message": problem, "status": "INVALID_ARGUMENT"}})
+        if model in ("malformed", "gemini-3-flash-sig"):
+            parts = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "Ab+/cd=="}]
+            candidate = {"content": {"role": "model", "parts": parts}, "finishReason": "STOP"} if model != "malformed" \
+                else {"finishReason": "MALFORMED_FUNCTION_CALL", "index": 0}
+            response = {"candidates": [candidate], "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8}}
+            return h.send_raw_stream([sse_bytes(response)]) if stream else h.send_body(200, response)
         if model == "blocked":
             return h.send_body(200, {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}})
         if model == "bad-key":
@@ -568,6 +618,22 @@ class GeminiFake:
         if model == "cut":
             chunks = chunks[:1]
         h.send_raw_stream([sse_bytes(c) for c in chunks])
+
+
+def _gemini_refusal(model, body):
+    """The API's 400s this server could cause, in its words, or None."""
+    for content in body.get("contents") or []:
+        calls = [p for p in content.get("parts") or [] if "functionCall" in p]
+        if model.startswith("gemini-3") and calls and not any(p.get("thoughtSignature") for p in calls):
+            return "Function call is missing a thought_signature in functionCall parts. This is required for " \
+                   "tools to work correctly, and missing thought_signature may lead to degraded model performance."
+        for part in content.get("parts") or []:
+            if "fileData" in part and not part["fileData"].get("mimeType"):
+                return "* GenerateContentRequest.contents.parts.file_data.mime_type: field is required"
+    return None
+
+
+GeminiFake.refusal = staticmethod(_gemini_refusal)
 
 
 class OllamaFake:
@@ -613,11 +679,19 @@ class StackSpotFake:
             return h.send_body(200, {"access_token": "tok-%d" % h.server.tokens_issued, "expires_in": 1199})
         if h.headers.get("Authorization") != "Bearer tok-%d" % h.server.tokens_issued:
             return h.send_body(401, {"message": "token expired"})
+        prompt = body.get("user_prompt", "")
         if not body.get("streaming"):
-            return h.send_body(200, {"message": "StackSpot says hi", "stop_reason": "stop",
-                                     "tokens": {"user": 10, "enrichment": 2, "output": 4}})
-        h.send_raw_stream([sse_bytes({"message": "Stack"}), sse_bytes({"message": "Spot"}),
-                           sse_bytes({"message": "", "stop_reason": "stop", "tokens": {"input": 12, "output": 2}})])
+            reply = {"message": "StackSpot says hi", "stop_reason": "max_tokens" if "maxed" in prompt else "stop"}
+            if "no-tokens" not in prompt:
+                reply["tokens"] = {"user": 10, "enrichment": 2, "output": 4}
+            return h.send_body(200, reply)
+        frames = [sse_bytes({"message": "Stack"}), sse_bytes({"message": "Spot"})]
+        if "cut" in prompt:
+            return h.send_raw_stream(frames, cut=True)
+        last = {"message": "", "stop_reason": "max_tokens" if "maxed" in prompt else "stop"}
+        if "no-tokens" not in prompt:
+            last["tokens"] = {"input": 12, "output": 2}
+        h.send_raw_stream(frames + [sse_bytes(last)])
 
 
 class FakeUpstream:
@@ -1362,6 +1436,36 @@ class OpenFilesLimitTest(unittest.TestCase):
 
 
 class OpenAIProviderTest(ServerTestCase):
+    def test_a_refusal_reaches_the_client_as_a_refusal(self):
+        self.start()
+        words = "I'm sorry, I can't help with that."
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("refusal"))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["message"], {"role": "assistant", "content": None, "refusal": words})
+        _, _, text = self.request("POST", "/v1/chat/completions", self.chat("refusal", stream=True))
+        deltas = [c["choices"][0]["delta"] for c in sse_data(text)[:-1]]
+        self.assertEqual("".join(d.get("refusal") or "" for d in deltas), words)
+        self.assertEqual("".join(d.get("content") or "" for d in deltas), "")
+        # a surface without a refusal field shows the words as the answer
+        _, _, body = self.request("POST", "/v1/messages", {"model": "refusal", "max_tokens": 9,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(body["content"], [{"type": "text", "text": words}])
+
+    def test_a_stream_that_fails_before_its_first_token_is_retried_then_an_http_error(self):
+        self.start()
+        status, resp, body = self.request("POST", "/v1/chat/completions", self.chat("early-error", stream=True))
+        self.assert_openai_error(status, body, 502, ["model overloaded"])
+        self.assertEqual(resp.getheader("Content-Type"), "application/json")
+        self.assertEqual(len(self.upstream.requests), 3)         # 1 + --fallback-max-retries 2, as before a 200
+
+    def test_response_format_is_checked(self):
+        self.start()
+        for fmt in ("json", {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": []}}):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(response_format=fmt))
+            self.assert_openai_error(status, body, 400, ["response_format"])
+        self.assertEqual(self.upstream.requests, [])
+
     def test_upstream_connections_are_pooled(self):
         app = self.start()
         provider = app.engine.default_provider
@@ -1685,6 +1789,28 @@ class AnthropicProviderTest(ProviderCase):
             self.assertIn(words, chunks[-2]["error"]["message"])
             self.assertEqual(chunks[-1], "[DONE]")
 
+    def test_an_overload_before_any_content_is_retried_and_stays_overloaded(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("early-overload", stream=True))
+        self.assert_openai_error(status, body, 502, ["Overloaded", "529"])
+        self.assertEqual(len(self.upstream.requests), 3)     # retried like the HTTP 529 it stands for
+        status, _, body = self.request("POST", "/v1/messages", {"model": "early-overload", "max_tokens": 9, "stream": True,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual((status, body["error"]["type"]), (502, "overloaded_error"), body)
+
+    def test_empty_turns_and_tool_choice_none_are_sent_as_the_api_takes_them(self):
+        self.start_provider()
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                    {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "again"}]}]
+        status, _, body = self.request("POST", "/v1/chat/completions", {
+            "model": "claude-x", "messages": messages, "tools": TOOLS, "tool_choice": "none",
+            "parallel_tool_calls": False})
+        self.assertEqual(status, 200, body)
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["messages"], [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                                        {"type": "text", "text": "again"}]}])
+        self.assertEqual(sent["tool_choice"], {"type": "none"})
+
     def test_overloaded_is_retried_then_502(self):
         self.start_provider()
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("overloaded"))
@@ -1734,6 +1860,51 @@ class GeminiProviderTest(ProviderCase):
         _, _, text = self.request("POST", "/v1/chat/completions", self.chat("cut", stream=True))
         self.assertIn("finishReason", sse_data(text)[-2]["error"]["message"])
 
+    def test_gemini_3_thought_signatures_travel_in_the_call_id(self):
+        self.start_provider()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("gemini-3-flash-sig"))
+        self.assertEqual(status, 200, body)
+        call = body["choices"][0]["message"]["tool_calls"][0]
+        self.assertTrue(call["id"].endswith("__ts_Ab-_cd"), call["id"])      # URL-safe: the id stays one token
+        history = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": call["id"], "content": "{\"temp\": 14}"}]
+        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "gemini-3-flash-sig", "messages": history})
+        self.assertEqual(status, 200, body)         # Gemini 3 refuses a call sent back without its signature
+        sent = self.upstream.requests[-1]["body"]["contents"]
+        self.assertEqual(sent[1]["parts"][0]["thoughtSignature"], "Ab-_cd")
+        self.assertEqual(sent[2]["parts"][0]["functionResponse"]["name"], "get_weather")
+        # a call made elsewhere (no signature) gets Google's stand-in on Gemini 3, nothing on older models
+        history[1]["tool_calls"] = [dict(call, id="call_1")]
+        history[2]["tool_call_id"] = "call_1"
+        for model, signature in (("gemini-3-pro", "skip_thought_signature_validator"), ("gemini-2.5-flash", None)):
+            status, _, body = self.request("POST", "/v1/chat/completions", {"model": model, "messages": history})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(self.upstream.requests[-1]["body"]["contents"][1]["parts"][0].get("thoughtSignature"),
+                             signature)
+
+    def test_an_answer_that_failed_upstream_is_an_error_not_an_empty_stop(self):
+        self.start_provider()
+        for stream in (False, True):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat("malformed", stream=stream))
+            self.assert_openai_error(status, body, 502, ["MALFORMED_FUNCTION_CALL"])
+
+    def test_image_links_need_a_type_and_json_schemas_are_sent(self):
+        self.start_provider()
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        image = {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                             {"type": "image_url", "image_url": {"url": "https://x.test/cat.PNG"}}]}
+        status, _, body = self.request("POST", "/v1/chat/completions", {
+            "model": "gemini-x", "messages": [image], "response_format": {
+                "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}})
+        self.assertEqual(status, 200, body)
+        sent = self.upstream.requests[-1]["body"]
+        self.assertEqual(sent["contents"][0]["parts"][1],
+                         {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/cat.PNG"}})
+        self.assertEqual(sent["generationConfig"]["responseJsonSchema"], schema)
+        image["content"][1]["image_url"]["url"] = "https://x.test/image?id=7"
+        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "gemini-x", "messages": [image]})
+        self.assert_openai_error(status, body, 400, ["data: URL", "messages[0]"])
+
 
 class OllamaProviderTest(ProviderCase):
     provider, env = "OLLAMA", {"OLLAMA_BASE_URL": "URL", "OLLAMA_MODEL": "llama3.2:latest"}
@@ -1752,6 +1923,15 @@ class OllamaProviderTest(ProviderCase):
         _, _, body = self.request("POST", "/v1/chat/completions", self.chat("llama3.2"))
         self.assertEqual(body["choices"][0]["message"]["content"], "The sky")
         self.assertIs(self.upstream.requests[-1]["body"]["stream"], False)
+
+    def test_an_image_link_is_refused_not_dropped(self):
+        self.start_provider()
+        sent_before = len(self.upstream.requests)
+        image = {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                             {"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}}]}
+        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "llama3.2", "messages": [image]})
+        self.assert_openai_error(status, body, 400, ["inline", "data: URL"])
+        self.assertEqual(len(self.upstream.requests), sent_before)
 
     def test_errors_and_model_list(self):
         self.start_provider()
@@ -1785,6 +1965,28 @@ class StackSpotProviderTest(ProviderCase):
         _, _, text = self.request("POST", "/v1/chat/completions", self.chat("x", stream=True))
         self.assertEqual(self.text_of(text), "StackSpot")
         self.assertEqual(self.upstream.server.tokens_issued, 1)        # the token is cached
+
+    def ask(self, prompt, stream):
+        return self.request("POST", "/v1/chat/completions", {"model": "x", "stream": stream,
+                                                             "messages": [{"role": "user", "content": prompt}]})
+
+    def test_a_cut_stream_is_an_error_and_stop_reasons_and_usage_are_kept(self):
+        self.start_provider()
+        _, _, text = self.ask("cut", True)
+        chunks = sse_data(text)
+        self.assertEqual(self.text_of(text), "StackSpot")
+        self.assertIn("cut before its end", chunks[-2]["error"]["message"])
+        self.assertNotIn("stop", [c["choices"][0]["finish_reason"] for c in chunks[:-2] if c.get("choices")])
+        _, _, body = self.ask("maxed", False)
+        self.assertEqual(body["choices"][0]["finish_reason"], "length")
+        _, _, text = self.ask("maxed", True)
+        self.assertEqual(sse_data(text)[-2]["choices"][0]["finish_reason"], "length")
+        for stream in (False, True):            # no token counts: estimated, not zeros
+            _, _, body = self.request("POST", "/v1/chat/completions", {
+                "model": "x", "stream": stream, "stream_options": {"include_usage": True} if stream else None,
+                "messages": [{"role": "user", "content": "no-tokens " * 20}]})
+            usage = sse_data(body)[-2]["usage"] if stream else body["usage"]
+            self.assertGreater(usage["prompt_tokens"], 10, usage)
 
     def test_expired_token_is_refreshed_and_tools_refused(self):
         self.start_provider()
@@ -2559,8 +2761,9 @@ class ResponsesTest(ServerTestCase):
         self.start()
         status, _, body = self.respond({"model": "int-content", "input": "hi"})
         self.assert_openai_error(status, body, 502, ["not a string"])
-        events = self.stream({"model": "int-content", "input": "hi"})
-        self.assertEqual(events[-1]["type"], "response.failed")
+        # streamed, a failure before any content is an HTTP error too (nothing was sent yet)
+        status, _, body = self.request("POST", "/v1/responses", {"model": "int-content", "input": "hi", "stream": True})
+        self.assert_openai_error(status, body, 502, ["not a string"])
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("int-content"))
         self.assert_openai_error(status, body, 502, ["not a string"])
 
@@ -2665,7 +2868,7 @@ class OpenAISurfaceTest(ServerTestCase):
         self.assertEqual(body["object"], "chat.completion")
         self.assertTrue(body["id"].startswith("chatcmpl-"))
         self.assertEqual(body["model"], "up-model")
-        self.assertEqual(body["choices"][0]["message"], {"role": "assistant", "content": "Hello world"})
+        self.assertEqual(body["choices"][0]["message"], {"role": "assistant", "content": "Hello world", "refusal": None})
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
         self.assertEqual(body["usage"], USAGE)
 
