@@ -1518,12 +1518,31 @@ class JSONLogFormatter(logging.Formatter):
         return json_dumps(out)
 
 
+class TextLogFormatter(logging.Formatter):
+    """One line per record: a message's line breaks and other control characters
+    (an upstream's error text may carry them) are escaped, so no one can
+    forge a log line; very long messages are cut.  A traceback follows as is."""
+
+    MAX_CHARS = 4000
+
+    def formatMessage(self, record):
+        message = record.message
+        if len(message) > self.MAX_CHARS:
+            message = message[:self.MAX_CHARS] + "... (%d characters)" % len(message)
+        if _LOG_CONTROL_RE.search(message):
+            message = _LOG_CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], message)
+        return "%s %s %s" % (record.asctime, record.levelname, message)
+
+
+_LOG_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def setup_logging(level="info", fmt="text", stream=None):
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextLogFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
@@ -1534,6 +1553,9 @@ def setup_logging(level="info", fmt="text", stream=None):
 # ---------------------------------------------------------------------------
 
 MAX_SERIES = 500          # label sets per family; beyond, one "other" series
+MAX_LABEL_CHARS = 200     # a label value is cut there (a client may choose a model name)
+MAX_MODEL_CHARS = 200     # a longer model name is refused (Hugging Face ids are at most 96)
+_LABEL_CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")    # (a line feed is escaped)
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -1567,8 +1589,12 @@ class MetricFamily:
 
     def _key(self, values):
         key = tuple(str(v) for v in values)
+        if key in self.series:
+            return key
+        # client-chosen label values cannot grow memory or break a scraper's parser
+        key = tuple(_LABEL_CONTROL_RE.sub("?", v[:MAX_LABEL_CHARS]) for v in key)
         if key not in self.series and len(self.series) >= MAX_SERIES:
-            return ("other",) * len(self.labels)   # client-chosen label values cannot grow memory
+            return ("other",) * len(self.labels)
         return key
 
     def _record(self, labels, value):
@@ -2445,8 +2471,10 @@ class UpstreamResponse:
             return UpstreamTimeout("the upstream sent nothing for longer than its timeout, mid-answer")
         return self._broken(UpstreamError("the upstream connection broke mid-answer: %s" % _os_reason(e)))
 
-    def read(self, limit=16 * 1024 * 1024):
-        """The whole body (at most `limit` bytes); the connection goes back to the pool."""
+    def read(self, limit=16 * 1024 * 1024, cut=False):
+        """The whole body (at most `limit` bytes); the connection goes back to
+        the pool.  `cut`: a longer body gives its first `limit` bytes (the
+        connection closed) instead of an error."""
         parts, total = [], 0
         try:
             while total <= limit:
@@ -2462,6 +2490,8 @@ class UpstreamResponse:
             self.scope.check()
         if total > limit:
             self.close()
+            if cut:
+                return b"".join(parts)[:limit]
             raise UpstreamError("the upstream answer is larger than %d bytes" % limit)
         self.release()
         return b"".join(parts)
@@ -2769,7 +2799,13 @@ _ERROR_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
 def upstream_error_parts(data):
     """(message, code, param) of an upstream error body; the code and param
     only where an OpenAI-style error names them plainly (context_length_exceeded
-    on messages is something a client acts on)."""
+    on messages is something a client acts on).  The message is cut at 2,000
+    characters."""
+    message, code, param = _upstream_error_parts(data)
+    return (message if len(message) <= 2000 else message[:2000] + "..."), code, param
+
+
+def _upstream_error_parts(data):
     try:
         body = json_loads_upstream(data.decode("utf-8", "replace"))
     except ValueError:
@@ -3095,7 +3131,7 @@ class Provider:
     def failure(self, resp):
         """The error for a non-2xx response (its body read)."""
         try:
-            data = resp.read(64 * 1024)
+            data = resp.read(64 * 1024, cut=True)       # a longer error page still says what went wrong
         except ChatServeError:
             data = b""
         return upstream_failure(self.name, self.failure_status(resp.status, data), data, resp.header("Retry-After"),
@@ -3348,8 +3384,12 @@ class OpenAIProvider(Provider):
     def send(self, req, model):
         body = dict(req.params)
         body.update(model=model, messages=[_with_text_content(m) for m in req.messages], stream=bool(req.stream))
-        if not self.aggregates and "max_tokens" in body and "max_completion_tokens" not in body:
-            body["max_completion_tokens"] = body.pop("max_tokens")     # api.openai.com: reasoning models refuse max_tokens
+        if not self.aggregates:             # api.openai.com, which refuses what it does not know
+            if "max_tokens" in body and "max_completion_tokens" not in body:
+                body["max_completion_tokens"] = body.pop("max_tokens")     # reasoning models refuse max_tokens
+            body.pop("top_k", None)         # an Anthropic or Gemini client's: local servers take it, OpenAI not
+            if isinstance(body.get("stop"), list) and len(body["stop"]) > 4:
+                raise BadRequest("OpenAI takes at most 4 stop sequences; this request has %d" % len(body["stop"]))
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         headers = self.headers()
@@ -4543,6 +4583,9 @@ class Engine:
     def resolve(self, req):
         """The provider and model for a request: the one place that decides.
         An X-LLM-Provider header wins; else the model name may route (routed())."""
+        if req.model and (len(req.model) > MAX_MODEL_CHARS or _LOG_CONTROL_RE.search(req.model)):
+            raise BadRequest("model: a model name is at most %d characters, without control characters"
+                             % MAX_MODEL_CHARS, param="model")
         routed, model = ("", req.model) if req.provider else self.routed(req.model)
         name = (req.provider or routed or self.default or "").upper()
         credentials = req.credentials
@@ -8119,7 +8162,8 @@ def parse_embeddings(body, request_id=""):
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("model: required, the embedding model's name", param="model")
-    fmt = body.get("encoding_format") or "float"
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
     if fmt not in ("float", "base64"):
         raise BadRequest("encoding_format: float or base64", param="encoding_format")
     dimensions = body.get("dimensions")
@@ -8168,8 +8212,13 @@ def parse_openai_completion(body, request_id=""):
             raise BadRequest("%s: not supported here (completions are answered by chat models); remove it" % name,
                              param=name)
     for name in ("n", "best_of"):
-        if body.get(name) not in (None, 1):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or value != 1):
             raise BadRequest("%s: only 1 is supported" % name, param=name)
+    if body.get("logit_bias") is not None and not isinstance(body["logit_bias"], dict):
+        raise BadRequest("logit_bias: must be an object of token ids and biases", param="logit_bias")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest("user: must be a string", param="user")
     echo = body.get("echo", False)
     if echo is not None and not isinstance(echo, bool):
         raise BadRequest("echo: must be true or false", param="echo")
@@ -8466,7 +8515,9 @@ def response_tools(tools):
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
         if tool.get("strict") is not None:
-            fn["strict"] = bool(tool["strict"])
+            if not isinstance(tool["strict"], bool):
+                raise BadRequest("%s.strict: must be true or false" % where, param=where + ".strict")
+            fn["strict"] = tool["strict"]
         out.append({"type": "function", "function": fn})
     return out
 
@@ -8536,8 +8587,12 @@ class ResponsesCall:
         limit = body.get("max_output_tokens")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise BadRequest("max_output_tokens: must be a whole number of at least 1", param="max_output_tokens")
-        if body.get("reasoning") is not None and not isinstance(body["reasoning"], dict):
+        reasoning = body.get("reasoning")
+        if reasoning is not None and (not isinstance(reasoning, dict) or not all(
+                isinstance(reasoning.get(k), (str, type(None))) for k in ("effort", "summary"))):
             raise BadRequest("reasoning: must be an object such as {\"effort\": \"low\"}", param="reasoning")
+        if body.get("service_tier") is not None and not isinstance(body["service_tier"], str):
+            raise BadRequest("service_tier: must be a string such as \"auto\"", param="service_tier")
         if body.get("truncation") not in (None, "auto", "disabled"):
             raise BadRequest("truncation: auto or disabled", param="truncation")
         check_metadata(body.get("metadata"))
@@ -8886,11 +8941,17 @@ def anthropic_to_openai_messages(body):
             continue
         if not isinstance(content, list):
             raise BadRequest("%s.content: must be a string or an array of blocks" % where, param=where + ".content")
+        if not content and not (i == len(messages) - 1 and msg["role"] == "assistant"):
+            raise BadRequest("%s.content: must not be empty (only a final assistant turn may be)" % where,
+                             param=where + ".content")
         parts, calls = [], []
         for j, block in enumerate(content):
             at = "%s.content[%d]" % (where, j)
             if not isinstance(block, dict):
                 raise BadRequest("%s: must be an object" % at, param=at)
+            turn = {"tool_result": "user", "tool_use": "assistant"}.get(block.get("type"), msg["role"])
+            if turn != msg["role"]:
+                raise BadRequest("%s: a %s block belongs in a %s turn" % (at, block["type"], turn), param=at)
             if block.get("type") == "tool_result":
                 tool_use_id = _anthropic_field(block, "tool_use_id", str, at, "the id of the tool_use it answers")
                 text, images = _anthropic_blocks(block.get("content"), at + ".content", ("text", "image"))
@@ -8924,11 +8985,19 @@ def parse_anthropic_request(body, request_id=""):
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise BadRequest("max_tokens: required whole number of at least 1", param="max_tokens")
     params = {"max_tokens": max_tokens}
-    for field in ("temperature", "top_p", "top_k"):
+    for field in ("temperature", "top_p"):
         if body.get(field) is not None:
-            if not _is_number(body[field]):
-                raise BadRequest("%s: must be a number" % field, param=field)
+            if not _is_number(body[field]) or not 0 <= body[field] <= 1:
+                raise BadRequest("%s: must be a number from 0 to 1" % field, param=field)
             params[field] = body[field]
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise BadRequest("top_k: must be a whole number of at least 0", param="top_k")
+        params["top_k"] = top_k
+    if body.get("thinking") is not None and not isinstance(body["thinking"], dict):
+        raise BadRequest("thinking: must be an object ({\"type\": \"enabled\", \"budget_tokens\": N})",
+                         param="thinking")
     stops = body.get("stop_sequences")
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
@@ -8946,7 +9015,11 @@ def parse_anthropic_request(body, request_id=""):
         choices = _anthropic_tool_choice(choice)
         if params.get("tools"):             # without tools OpenAI refuses tool_choice and parallel_tool_calls
             params.update(choices)
-    metadata = body.get("metadata") or {}
+        elif choice.get("type") in ("any", "tool"):
+            raise BadRequest("tool_choice: %s needs tools; send the tools it may call" % choice["type"],
+                             param="tool_choice")
+    metadata = body.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise BadRequest("metadata: must be an object", param="metadata")
     user = metadata.get("user_id")
@@ -10461,15 +10534,21 @@ class Router:
         return None, ""
 
     def errors_for(self, path):
-        """How errors on `path` are rendered: its surface's shape (OpenAI's where no route is)."""
+        """How errors on `path` are rendered: its surface's shape, or that of the
+        route it is under (/v1/messages/batches: Anthropic's); else OpenAI's."""
         methods = self.routes_at(path)[0]
+        while methods is None and path.count("/") > 1:
+            path = path[:-1] if path.endswith("/") else path.rsplit("/", 1)[0]
+            methods = self.routes_at(path)[0]
         return next(iter(methods.values())).errors if methods else openai_error_body
 
     def match(self, method, path):
         """(route, rest) or raise NotFound / MethodNotAllowed (in the path's surface's shape)."""
         methods, rest = self.routes_at(path)
         if methods is None:
-            raise NotFound("no route %s %s" % (method, path), code="unknown_route")
+            err = NotFound("no route %s %s" % (method, path), code="unknown_route")
+            err.render = self.errors_for(path)
+            raise err
         route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if route is None:
             allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
@@ -12295,7 +12374,8 @@ class App:
             self.metrics.rate_limited.inc(("auth_failures",))
             raise rate_limited("too many failed authentications from %s" % address, wait)
         self.auth_failures.take(address)
-        raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+        raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'%s"
+                           % (" or 'x-api-key: <token>'" if h.render_error is anthropic_error_body else ""),
                            headers={"WWW-Authenticate": 'Bearer realm="chatserve"'})
 
     def admit_key_again(self, h):

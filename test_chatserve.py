@@ -322,6 +322,14 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": words},
                                           "finish_reason": "stop"}], "usage": USAGE})
 
+    def scenario_huge_error(self, body):
+        """An error page longer than chatserve reads of one (64 KiB)."""
+        self.send_body(400, {"error": {"message": "this model is not served here " + "x" * 100000}})
+
+    def scenario_forged_log_line(self, body):
+        """An upstream (a client may name one) whose error text tries to forge a log line."""
+        self.send_body(503, {"error": {"message": "busy\n2026-01-01 00:00:00,000 CRITICAL forged line"}})
+
     def scenario_early_error(self, body):
         """A 200 whose stream fails before any content (an overloaded upstream that already answered)."""
         self.stream([{"error": {"message": "model overloaded", "type": "server_error"}}])
@@ -1130,6 +1138,16 @@ class MetricsTest(unittest.TestCase):
         self.assertIn('d_seconds_count{m="r"} 3', lines)
         self.assertIn('d_seconds_sum{m="r"} 5.55', lines)
 
+    def test_label_values_are_cut_and_cleaned(self):
+        """A client chooses model names: a label never grows past MAX_LABEL_CHARS
+        nor carries a CR a scraper's parser stops at."""
+        c = cs.Counter("z_total", "Z.", ("model",))
+        c.inc(("m" * 100000,))
+        c.inc(("a\rb",))
+        lines = c.render()
+        self.assertIn('z_total{model="%s"} 1' % ("m" * cs.MAX_LABEL_CHARS), lines)
+        self.assertIn('z_total{model="a?b"} 1', lines)
+
     def test_label_sets_are_capped(self):
         c = cs.Counter("y_total", "Y.", ("model",))
         for i in range(cs.MAX_SERIES + 50):
@@ -1743,6 +1761,15 @@ class OpenAIMaxTokensTest(ServerTestCase):
         self.request("POST", "/v1/responses", {"model": "up-model", "input": "hi", "max_output_tokens": 9})
         sent = self.upstream.requests[-1]["body"]
         self.assertEqual((sent["max_completion_tokens"], "max_tokens" in sent), (9, False))
+        # an Anthropic client's top_k and stop sequences past OpenAI's 4: refused by OpenAI, so not sent
+        message = {"model": "up-model", "max_tokens": 9, "top_k": 5, "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(self.request("POST", "/v1/messages", message)[0], 200)
+        self.assertNotIn("top_k", self.upstream.requests[-1]["body"])
+        sent_before = len(self.upstream.requests)
+        status, _, body = self.request("POST", "/v1/messages", dict(message, stop_sequences=list("abcde")))
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"), body)
+        self.assertIn("at most 4 stop sequences", body["error"]["message"])
+        self.assertEqual(len(self.upstream.requests), sent_before)
 
 
 class AnthropicProviderTest(ProviderCase):
@@ -2190,7 +2217,16 @@ class AnthropicSurfaceTest(ServerTestCase):
                  ({"messages": [user, {"role": "assistant", "content": [dict(call, input=5)]}]},
                   "messages[1].content[0].input"),
                  ({"messages": [user, {"role": "assistant", "content": [dict(call, id=None)]}]},
-                  "messages[1].content[0].id"))
+                  "messages[1].content[0].id"),
+                 # what the API refuses and this server used to drop or pass on
+                 ({"messages": [{"role": "user", "content": [call]}]}, "messages[0].content[0]"),
+                 ({"messages": [user, {"role": "assistant", "content": [
+                     {"type": "tool_result", "tool_use_id": "t1", "content": "x"}]}, user]}, "messages[1].content[0]"),
+                 ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+                 ({"messages": [user, {"role": "assistant", "content": []}, user]}, "messages[1].content"),
+                 ({"tool_choice": {"type": "any"}}, "tool_choice"), ({"temperature": 5}, "temperature"),
+                 ({"top_p": -0.1}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+                 ({"metadata": ""}, "metadata"), ({"metadata": 0}, "metadata"), ({"thinking": "x"}, "thinking"))
         for extra, field in cases:
             for path in ("/v1/messages", "/v1/messages/count_tokens"):
                 status, _, answer = self.request("POST", path, self.message(**extra))
@@ -2201,6 +2237,15 @@ class AnthropicSurfaceTest(ServerTestCase):
         ok = self.message(system=[{"type": "text", "text": "Be brief."}], tool_choice={"type": "auto"}, stream=False,
                           tools=[{"name": "f", "input_schema": {"type": "object"}}])
         self.assertEqual(self.request("POST", "/v1/messages", ok)[0], 200)
+
+    def test_paths_under_messages_and_the_401_answer_as_anthropic(self):
+        self.start(token="tok")
+        for path in ("/v1/messages/", "/v1/messages/batches"):
+            status, _, body = self.request("POST", path, self.message(), {"x-api-key": "tok"})
+            self.assertEqual((status, body["type"], body["error"]["type"]), (404, "error", "not_found_error"), body)
+        status, _, body = self.request("POST", "/v1/messages", self.message())
+        self.assertEqual((status, body["error"]["type"]), (401, "authentication_error"), body)
+        self.assertIn("x-api-key", body["error"]["message"])
 
     def test_tool_results_with_images_and_empty_tools(self):
         """A tool_result may hold images (Claude Code's Read returns them): its
@@ -2313,6 +2358,13 @@ class AnthropicSurfaceTest(ServerTestCase):
 
 class EmbeddingsTest(ServerTestCase):
     """POST /v1/embeddings through the Engine: OpenAI-compatible, Ollama and Gemini upstreams."""
+
+    def test_an_encoding_format_that_is_no_name_is_refused(self):
+        self.start()
+        for fmt in ("", 0, False):
+            status, _, body = self.request("POST", "/v1/embeddings", {"model": "e", "input": "hi",
+                                                                      "encoding_format": fmt})
+            self.assert_openai_error(status, body, 400, ["encoding_format"])
 
     def embed(self, body, headers=None):
         return self.request("POST", "/v1/embeddings", body, headers)
@@ -2448,6 +2500,15 @@ class ModelRoutingTest(ServerTestCase):
 
 class LegacyCompletionsTest(ServerTestCase):
     """POST /v1/completions: one prompt, answered through chat, in the text_completion shape."""
+
+    def test_fields_of_the_wrong_type_are_refused(self):
+        self.start()
+        for extra, param in (({"n": True}, "n"), ({"best_of": 1.0}, "best_of"), ({"logit_bias": "x"}, "logit_bias"),
+                             ({"user": 5}, "user")):
+            status, _, body = self.request("POST", "/v1/completions", dict({"model": "up-model", "prompt": "hi"}, **extra))
+            self.assert_openai_error(status, body, 400)
+            self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.upstream.requests, [])
 
     def test_non_streamed(self):
         self.start()
@@ -2757,6 +2818,16 @@ class ResponsesTest(ServerTestCase):
             self.assertEqual(body["error"]["param"], param)
         self.assertTrue(wait_until(lambda: self.request("GET", "/v1/responses/" + first["id"])[0] == 404))
 
+    def test_tool_strict_reasoning_and_service_tier_must_have_their_types(self):
+        self.start()
+        tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+        for extra, param in (({"tools": [dict(tool, strict="no")]}, "tools[0].strict"),
+                             ({"reasoning": {"effort": 5}}, "reasoning"), ({"service_tier": 5}, "service_tier")):
+            status, _, body = self.respond(dict({"model": "up-model", "input": "hi"}, **extra))
+            self.assert_openai_error(status, body, 400)
+            self.assertEqual(body["error"]["param"], param)
+        self.assertEqual(self.upstream.requests, [])
+
     def test_upstream_values_of_the_wrong_type(self):
         self.start()
         status, _, body = self.respond({"model": "int-content", "input": "hi"})
@@ -2861,6 +2932,27 @@ class CountTokensTest(ServerTestCase):
 
 
 class OpenAISurfaceTest(ServerTestCase):
+    def test_model_names_that_could_flood_metrics_are_refused(self):
+        self.start()
+        for model in ("m" * (cs.MAX_MODEL_CHARS + 1), "a\rb", "a\nb"):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(model))
+            self.assert_openai_error(status, body, 400, ["model"])
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat("m" * cs.MAX_MODEL_CHARS))[0], 200)
+
+    def test_an_upstream_error_text_is_cut_and_cannot_forge_log_lines(self):
+        self.start()
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("huge-error"))
+        self.assert_openai_error(status, body, 400, ["this model is not served here"])
+        self.assertLess(len(body["error"]["message"]), 2100)
+        stream = io.StringIO()
+        cs.setup_logging("info", stream=stream)
+        self.addCleanup(cs.setup_logging, "error")
+        self.request("POST", "/v1/chat/completions", self.chat("forged-log-line"))
+        lines = stream.getvalue().splitlines()
+        self.assertTrue(any("busy\\n2026-01-01" in line for line in lines), lines)
+        self.assertFalse(any(line.startswith("2026-01-01") for line in lines), lines)
+
     def test_non_streamed_completion(self):
         self.start()
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat())
