@@ -9145,6 +9145,20 @@ class InteropTest(SDKTestCase):
         answer = self.client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "hi"}])
         self.assertEqual(answer.choices[0].message.tool_calls[0].function.name, "get_weather")
 
+    def test_a_refusal_is_the_sdks_refusal(self):
+        words = "I'm sorry, I can't help with that."
+        answer = self.client.chat.completions.create(model="refusal", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((answer.choices[0].message.content, answer.choices[0].message.refusal), (None, words))
+        stream = self.client.chat.completions.create(model="refusal", messages=[{"role": "user", "content": "hi"}],
+                                                     stream=True)
+        self.assertEqual("".join(c.choices[0].delta.refusal or "" for c in stream if c.choices), words)
+
+    def test_a_stream_failing_before_its_first_token_raises_the_sdks_status_error(self):
+        with self.assertRaises(openai.InternalServerError) as caught:
+            self.client.chat.completions.create(model="early-error", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        self.assertEqual(caught.exception.status_code, 502)
+
     def test_embeddings(self):
         answer = self.client.embeddings.create(model="emb", input=["abcdefghij", "ab"])     # the SDK asks for base64
         self.assertEqual([round(x, 3) for x in answer.data[0].embedding], [1.0, 0.5, -0.25])
