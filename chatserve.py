@@ -2094,6 +2094,42 @@ class ChatRequest:
         self.request_id = request_id
         self.surface = surface
 
+    def with_messages(self, messages):
+        """A copy of the request with other messages."""
+        clone = ChatRequest(messages)
+        for slot in ChatRequest.__slots__:
+            if slot != "messages":
+                setattr(clone, slot, getattr(self, slot))
+        return clone
+
+
+# A tool call's id may end with this mark and a Gemini thoughtSignature (see
+# gemini_call_id): Gemini 3 wants it back; every other upstream gets the id without it.
+CALL_SIGNATURE_MARK = "__ts_"
+
+
+def without_call_signatures(messages):
+    """The messages with each call id's signature tail cut (OpenAI refuses ids
+    over 40 characters); the same list when no id has one."""
+    def cut(ident):
+        return ident.partition(CALL_SIGNATURE_MARK)[0] if isinstance(ident, str) else ident
+    marked = False
+    for msg in messages:
+        if CALL_SIGNATURE_MARK in str(msg.get("tool_call_id") or "") or any(
+                CALL_SIGNATURE_MARK in str(call.get("id") or "") for call in msg.get("tool_calls") or ()):
+            marked = True
+            break
+    if not marked:
+        return messages
+    out = []
+    for msg in messages:
+        if msg.get("tool_call_id"):
+            msg = dict(msg, tool_call_id=cut(msg["tool_call_id"]))
+        if msg.get("tool_calls"):
+            msg = dict(msg, tool_calls=[dict(call, id=cut(call.get("id"))) for call in msg["tool_calls"]])
+        out.append(msg)
+    return out
+
 
 class CancelScope:
     """One request's cancellation.  When its client hangs up, `cancel()` shuts
@@ -2466,10 +2502,17 @@ class UpstreamResponse:
         raise http_client_error("too many trailer lines")
 
     def _failed(self, e):
+        """The error for a read that failed after the upstream answered: it has
+        the prompt and may still be at it, so a fallback may answer, but the
+        same upstream is not sent it again."""
         self.close()
         if isinstance(e, socket.timeout):
-            return UpstreamTimeout("the upstream sent nothing for longer than its timeout, mid-answer")
-        return self._broken(UpstreamError("the upstream connection broke mid-answer: %s" % _os_reason(e)))
+            error = UpstreamTimeout("the upstream sent nothing for longer than --upstream-timeout after its "
+                                    "answer began")
+        else:
+            error = self._broken(UpstreamError("the upstream connection broke mid-answer: %s" % _os_reason(e)))
+        error.retry_same = False
+        return error
 
     def read(self, limit=16 * 1024 * 1024, cut=False):
         """The whole body (at most `limit` bytes); the connection goes back to
@@ -2845,6 +2888,13 @@ def retry_after_seconds(value):
         return None
 
 
+def named(provider, message):
+    """`message` said to come from `provider`, which it names once."""
+    if message.startswith((provider + ":", "upstream " + provider + " ")):
+        return message
+    return "%s: %s" % (provider, message)
+
+
 def upstream_failure(provider, status, data, retry_after=None, client_credentials=False):
     """The error for an upstream's non-2xx answer: 4xx pass through, 5xx become
     502.  A 401 or 403 to the server's own key is the operator's to fix: a 502,
@@ -2958,6 +3008,7 @@ class Provider:
     listing_error = None        # why the last listing of the upstream's models failed, if it did
     aggregates = False          # its own model names may look like "openai/gpt-4o": not routes
     relayable = False           # stream_events passes WOULD_BLOCK on (a StreamPump may relay it)
+    keeps_call_signatures = False   # call ids keep their CALL_SIGNATURE_MARK tail (Gemini's own)
 
     def __init__(self, config, pool, credentials=None, base_url=None, endpoint=None):
         """`endpoint`: the config file's entry.  For a built-in provider the
@@ -3054,6 +3105,9 @@ class Provider:
         return True
 
     def open(self, req, model):
+        if not self.keeps_call_signatures:
+            messages = without_call_signatures(req.messages)
+            req = req if messages is req.messages else req.with_messages(messages)
         if req.params.get("tools") and not self.supports_tools:
             raise BadRequest("provider %s cannot call tools; remove tools or choose another provider" % self.name,
                              param="tools")
@@ -3090,8 +3144,7 @@ class Provider:
         try:
             yield from events
         except ChatServeError as e:
-            if not e.message.startswith((self.name + ":", "upstream " + self.name + " ")):
-                e.message = "%s: %s" % (self.name, e.message)
+            e.message = named(self.name, e.message)
             yield Error(e)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             yield Error(UpstreamError("%s sent a stream this server cannot read (%s)" % (self.name, e)))
@@ -3773,10 +3826,10 @@ def gemini_image(url, index):
     return {"fileData": {"mimeType": kind, "fileUri": url}}
 
 
-# A call's thoughtSignature travels in the id the client gets (and sends back):
-# Gemini 3 refuses a later turn whose function calls lack theirs.  The
-# signature is base64 bytes, made URL-safe so the id stays one token.
-GEMINI_SIGNATURE_MARK = "__ts_"
+# A call's thoughtSignature travels in the id the client gets (and sends back),
+# after CALL_SIGNATURE_MARK: Gemini 3 refuses a later turn whose function calls
+# lack theirs.  The signature is base64 bytes, made URL-safe so the id stays one token.
+_GEMINI_SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{1,65536}\Z")
 GEMINI_NO_SIGNATURE = "skip_thought_signature_validator"    # Google's value for calls made elsewhere
 _GEMINI_MAJOR_RE = re.compile(r"gemini-([0-9]+)")
 
@@ -3785,7 +3838,7 @@ def gemini_call_id(call, part):
     ident = call.get("id") or new_call_id()
     signature = part.get("thoughtSignature")
     if isinstance(signature, str) and signature:
-        ident += GEMINI_SIGNATURE_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
+        ident += CALL_SIGNATURE_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
     return ident
 
 
@@ -3802,8 +3855,8 @@ def gemini_parts(msg, index, signed):
         fn = call.get("function") or {}
         calls.append({"functionCall": {"name": fn.get("name", ""),
                                        "args": tool_arguments(fn.get("arguments"), "messages[%d].tool_calls" % index)}})
-        signature = (call.get("id") or "").partition(GEMINI_SIGNATURE_MARK)[2]
-        if signature:
+        signature = (call.get("id") or "").partition(CALL_SIGNATURE_MARK)[2]
+        if _GEMINI_SIGNATURE_RE.match(signature):      # base64url, as this server made it (no second mark)
             calls[-1]["thoughtSignature"] = signature
     if signed and calls and not any("thoughtSignature" in c for c in calls):
         calls[0]["thoughtSignature"] = GEMINI_NO_SIGNATURE
@@ -3934,6 +3987,7 @@ class GeminiProvider(Provider):
     name = "GOOGLEAI"
     owned_by = "google"
     prefixes = ("gemini", "google")
+    keeps_call_signatures = True
     key_env, base_env, model_env = "GOOGLEAI_API_KEY", "GOOGLEAI_BASE_URL", "GOOGLEAI_MODEL"
     default_base = "https://generativelanguage.googleapis.com"
     default_model = "gemini-2.5-flash"
@@ -4700,11 +4754,7 @@ class Engine:
                     messages[i] = dict(messages[i], content=lead + content if isinstance(content, str)
                                        else [{"type": "text", "text": lead}] + list(content or []))
                     break
-        clone = ChatRequest(messages)
-        for slot in ChatRequest.__slots__:
-            if slot != "messages":
-                setattr(clone, slot, getattr(req, slot))
-        return clone
+        return req.with_messages(messages)
 
     def open(self, req):
         """An Answer whose upstream has answered; errors before the first byte raise."""
@@ -4734,7 +4784,7 @@ class Engine:
             try:
                 events = provider.open(req, model)
                 if type(events) is EventStream:
-                    events.read_ahead()
+                    self._read_ahead(events, provider.name, model, started, req.messages)
                 instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
                                                 req.messages)
                 return Answer(provider.name, model, instrumented, events)
@@ -4745,8 +4795,17 @@ class Engine:
                 if delay is None or attempt == retries:
                     raise
                 self.metrics.llm_retries.inc((provider.name,))
-                log.info("%s: %s; retry %d of %d in %.2fs", provider.name, e.message, attempt + 1, retries, delay)
+                log.info("%s; retry %d of %d in %.2fs", named(provider.name, e.message), attempt + 1, retries, delay)
                 cancellable_sleep(delay)
+
+    def _read_ahead(self, stream, provider, model, started, messages):
+        """The stream read to its first content; a client that left meanwhile
+        is counted as a cancelled answer, its prompt charged (the upstream has it)."""
+        try:
+            stream.read_ahead()
+        except ClientGone:
+            self._charge(provider, model, started, estimated_usage(messages, 0), current_client_key(), None, True)
+            raise
 
     def embed(self, req):
         """Embedding vectors for req.params["input"] (texts): (vectors, prompt tokens, model)."""
@@ -4797,10 +4856,14 @@ class Engine:
                 close()
             if usage is None:       # cut short: the prompt is measured only then, not on every answer
                 usage = estimated_usage(messages, text_chars)
-            self.metrics.llm_tokens.inc((provider, model, "prompt"), usage.prompt_tokens)
-            self.metrics.llm_tokens.inc((provider, model, "completion"), usage.completion_tokens)
-            self.count_key_tokens(key, usage.prompt_tokens, usage.completion_tokens)
-            self._record(provider, model, started, error, cancelled=not done and error is None)
+            self._charge(provider, model, started, usage, key, error, not done and error is None)
+
+    def _charge(self, provider, model, started, usage, key, error, cancelled):
+        """One answer's tokens (to the metrics and the client's key) and its outcome."""
+        self.metrics.llm_tokens.inc((provider, model, "prompt"), usage.prompt_tokens)
+        self.metrics.llm_tokens.inc((provider, model, "completion"), usage.completion_tokens)
+        self.count_key_tokens(key, usage.prompt_tokens, usage.completion_tokens)
+        self._record(provider, model, started, error, cancelled=cancelled)
 
     def _record(self, provider, model, started, error, cancelled=False):
         m = self.metrics
@@ -8937,6 +9000,9 @@ def anthropic_to_openai_messages(body):
             raise BadRequest("%s.role: must be user or assistant" % where, param=where + ".role")
         content = msg.get("content")
         if isinstance(content, str):
+            if not content and not (i == len(messages) - 1 and msg["role"] == "assistant"):
+                raise BadRequest("%s.content: must not be empty (only a final assistant turn may be)" % where,
+                                 param=where + ".content")
             out.append({"role": msg["role"], "content": content})
             continue
         if not isinstance(content, list):
@@ -8947,9 +9013,9 @@ def anthropic_to_openai_messages(body):
         parts, calls = [], []
         for j, block in enumerate(content):
             at = "%s.content[%d]" % (where, j)
-            if not isinstance(block, dict):
-                raise BadRequest("%s: must be an object" % at, param=at)
-            turn = {"tool_result": "user", "tool_use": "assistant"}.get(block.get("type"), msg["role"])
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise BadRequest("%s: must be an object with a type" % at, param=at)
+            turn = {"tool_result": "user", "tool_use": "assistant"}.get(block["type"], msg["role"])
             if turn != msg["role"]:
                 raise BadRequest("%s: a %s block belongs in a %s turn" % (at, block["type"], turn), param=at)
             if block.get("type") == "tool_result":
@@ -10537,9 +10603,9 @@ class Router:
         """How errors on `path` are rendered: its surface's shape, or that of the
         route it is under (/v1/messages/batches: Anthropic's); else OpenAI's."""
         methods = self.routes_at(path)[0]
-        while methods is None and path.count("/") > 1:
-            path = path[:-1] if path.endswith("/") else path.rsplit("/", 1)[0]
-            methods = self.routes_at(path)[0]
+        if methods is None:                 # the longest route this path is under (a few startswith)
+            under = [route for route in self.exact if route != "/" and path.startswith(route + "/")]
+            methods = self.exact[max(under, key=len)] if under else None
         return next(iter(methods.values())).errors if methods else openai_error_body
 
     def match(self, method, path):

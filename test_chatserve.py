@@ -421,6 +421,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_no_route(self, body):
         self.send_body(404, {"detail": "Not Found"})
 
+    def scenario_head_then_silence(self, body):
+        """200 and the stream's head, then nothing: the upstream has the prompt."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.wait_for_hangup()
+
     def scenario_silent_stream(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -2144,6 +2153,31 @@ class ModelDiscoveryTest(ServerTestCase):
 
 
 class RetryFailoverTest(ServerTestCase):
+    def test_an_upstream_silent_after_its_head_is_not_sent_the_prompt_again(self):
+        self.start(upstream_timeout=0.3)
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("head-then-silence", stream=True))
+        self.assert_openai_error(status, body, 504, ["after its answer began"])
+        self.assertEqual(len(self.upstream.requests), 1)       # it has the prompt: a resend would bill it twice
+
+    def test_a_gemini_signature_tail_goes_only_to_gemini(self):
+        """Call ids that carry a Gemini thoughtSignature reach any other upstream
+        without it (OpenAI refuses ids over 40 characters)."""
+        self.start()
+        call = {"id": "call_1__ts_Ab-_cd", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        history = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": call["id"], "content": "14"}]
+        self.assertEqual(self.request("POST", "/v1/chat/completions", {"model": "up-model", "messages": history})[0], 200)
+        sent = self.upstream.requests[-1]["body"]["messages"]
+        self.assertEqual((sent[1]["tool_calls"][0]["id"], sent[2]["tool_call_id"]), ("call_1", "call_1"))
+        unmarked = history[:1]
+        self.assertIs(cs.without_call_signatures(unmarked), unmarked)     # nothing to cut: no copy
+        # to Gemini, only a signature as this server writes them (base64url) is sent on
+        for ident, signature in (("call_1__ts_Ab-_cd", "Ab-_cd"), ("call_1__ts_<script>", cs.GEMINI_NO_SIGNATURE)):
+            req = cs.ChatRequest([history[0], {"role": "assistant", "content": None,
+                                               "tool_calls": [dict(call, id=ident)]}])
+            parts = cs.gemini_request(req, "gemini-3-pro")["contents"][1]["parts"]
+            self.assertEqual(parts[0]["thoughtSignature"], signature)
+
     def test_retry_before_first_byte_then_success(self):
         app = self.start()
         self.upstream.server.fail_next = 1
@@ -2223,6 +2257,9 @@ class AnthropicSurfaceTest(ServerTestCase):
                  ({"messages": [user, {"role": "assistant", "content": [
                      {"type": "tool_result", "tool_use_id": "t1", "content": "x"}]}, user]}, "messages[1].content[0]"),
                  ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+                 ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+                 ({"messages": [{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]},
+                  "messages[0].content[0]"),
                  ({"messages": [user, {"role": "assistant", "content": []}, user]}, "messages[1].content"),
                  ({"tool_choice": {"type": "any"}}, "tool_choice"), ({"temperature": 5}, "temperature"),
                  ({"top_p": -0.1}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
@@ -2237,6 +2274,15 @@ class AnthropicSurfaceTest(ServerTestCase):
         ok = self.message(system=[{"type": "text", "text": "Be brief."}], tool_choice={"type": "auto"}, stream=False,
                           tools=[{"name": "f", "input_schema": {"type": "object"}}])
         self.assertEqual(self.request("POST", "/v1/messages", ok)[0], 200)
+
+    def test_the_shape_of_an_unknown_path_is_found_in_a_bounded_number_of_lookups(self):
+        router, calls = cs.api_router(), []
+        real = router.routes_at
+        router.routes_at = lambda path: calls.append(path) or real(path)
+        self.assertIs(router.errors_for("/v1/messages" + "/a" * 8000), cs.anthropic_error_body)
+        self.assertIs(router.errors_for("/" * 16000), cs.openai_error_body)
+        self.assertIs(router.errors_for("/v1/messages//x"), cs.anthropic_error_body)
+        self.assertEqual(len(calls), 3)          # one lookup each, not one per path segment
 
     def test_paths_under_messages_and_the_401_answer_as_anthropic(self):
         self.start(token="tok")
@@ -6807,7 +6853,7 @@ class StreamPumpTest(ServerTestCase):
         started = time.monotonic()
         texts, other = stream_texts(read_stream(self.open_stream("burst-then-wait")))
         self.assertEqual(texts, ["w0 ", "w1 ", "w2 ", "w3 ", "w4 "])
-        self.assertIn("nothing for longer than its timeout", other[-2]["error"]["message"], other)
+        self.assertIn("nothing for longer than --upstream-timeout", other[-2]["error"]["message"], other)
         self.assertEqual(other[-1], "[DONE]")
         self.assertLess(time.monotonic() - started, WAIT)
         self.assertEqual(self.app.http.pump.relayed, 1)
@@ -6841,7 +6887,7 @@ class StreamPumpTest(ServerTestCase):
         self.addCleanup(vars(pump).pop, "_wake")     # before the server stops: close() wakes it as always
         texts, other = stream_texts(read_stream(self.open_stream("burst-then-wait")))
         self.assertEqual(texts, ["w0 ", "w1 ", "w2 ", "w3 ", "w4 "])
-        self.assertIn("nothing for longer than its timeout", other[-2].get("error", {}).get("message", ""), other)
+        self.assertIn("nothing for longer than --upstream-timeout", other[-2].get("error", {}).get("message", ""), other)
         self.assertEqual(pump.relayed, 1)
         self.assertIn(pump.sweep, timeouts)
 
@@ -7894,6 +7940,12 @@ class CancellationTest(ServerTestCase):
 
     def post(self, path, body, headers=()):
         return raw_request("POST", path, json.dumps(body).encode(), headers)
+
+    def test_a_client_gone_before_the_first_token_is_a_cancelled_answer_charged_its_prompt(self):
+        app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("head-then-silence", stream=True)))
+        self.assertTrue(wait_until(lambda: app.metrics.llm_requests.value(("OPENAI", "head-then-silence",
+                                                                           "cancelled")) == 1))
+        self.assertGreater(app.metrics.llm_tokens.value(("OPENAI", "head-then-silence", "prompt")), 0)
 
     def test_openai_both_modes(self):
         app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))
