@@ -3803,7 +3803,8 @@ def anthropic_input_tokens(usage):
 
 GEMINI_FILTERED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "LANGUAGE", "IMAGE_SAFETY",
                    "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR")
-GEMINI_FINISH = dict({"STOP": "stop", "MAX_TOKENS": "length"}, **{reason: "content_filter" for reason in GEMINI_FILTERED})
+GEMINI_FINISH = dict({"STOP": "stop", "MAX_TOKENS": "length"},
+                     **{reason: "content_filter" for reason in GEMINI_FILTERED})
 # Any other reason (MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL, TOO_MANY_TOOL_CALLS, OTHER, ...) ends an
 # answer that failed: an error when nothing came before it, else "stop".
 
