@@ -242,6 +242,7 @@ class UpstreamError(ChatServeError):
     """The upstream LLM refused, failed or could not be reached."""
     status, type, code, rpc_code, grpc_status = 502, "upstream_error", "upstream_error", -32010, "UNAVAILABLE"
     retryable = True
+    stated = False          # said by the upstream in its stream (an error event), not a cut or a silence
 
 
 class UpstreamTimeout(UpstreamError):
@@ -2110,23 +2111,31 @@ CALL_SIGNATURE_MARK = "__ts_"
 
 def without_call_signatures(messages):
     """The messages with each call id's signature tail cut (OpenAI refuses ids
-    over 40 characters); the same list when no id has one."""
-    def cut(ident):
-        return ident.partition(CALL_SIGNATURE_MARK)[0] if isinstance(ident, str) else ident
-    marked = False
-    for msg in messages:
-        if CALL_SIGNATURE_MARK in str(msg.get("tool_call_id") or "") or any(
-                CALL_SIGNATURE_MARK in str(call.get("id") or "") for call in msg.get("tool_calls") or ()):
-            marked = True
-            break
+    over 40 characters); the same list when no id has one.  An id whose cut
+    would be empty, or the same as another's, stays whole."""
+    def ids(msg):
+        if not isinstance(msg, dict):
+            return []
+        calls = msg.get("tool_calls")
+        found = [c.get("id") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+        return [i for i in found + [msg.get("tool_call_id")] if isinstance(i, str) and CALL_SIGNATURE_MARK in i]
+    marked = {ident for msg in messages for ident in ids(msg)}
     if not marked:
         return messages
+    cut = {ident: ident.partition(CALL_SIGNATURE_MARK)[0] for ident in marked}
+    taken = collections.Counter(cut.values())
+    cut = {ident: short for ident, short in cut.items() if short and taken[short] == 1}
     out = []
     for msg in messages:
-        if msg.get("tool_call_id"):
-            msg = dict(msg, tool_call_id=cut(msg["tool_call_id"]))
-        if msg.get("tool_calls"):
-            msg = dict(msg, tool_calls=[dict(call, id=cut(call.get("id"))) for call in msg["tool_calls"]])
+        if ids(msg):
+            msg = dict(msg)
+            ident = msg.get("tool_call_id")
+            if isinstance(ident, str) and ident in cut:
+                msg["tool_call_id"] = cut[ident]
+            if isinstance(msg.get("tool_calls"), list):
+                msg["tool_calls"] = [dict(call, id=cut[call["id"]]) if isinstance(call, dict)
+                                     and isinstance(call.get("id"), str) and call["id"] in cut else call
+                                     for call in msg["tool_calls"]]
         out.append(msg)
     return out
 
@@ -2836,6 +2845,16 @@ def upstream_error_message(data):
     return upstream_error_parts(data)[0]
 
 
+def stated_error(error):
+    """`error` (an UpstreamError, or the text of an error chunk) as one the
+    upstream stated in its stream: before the first token it is retried like
+    the HTTP error it stands for; a cut or a silence is not."""
+    if not isinstance(error, UpstreamError):
+        error = UpstreamError(upstream_error_message(error.encode("utf-8")))
+    error.stated = True
+    return error
+
+
 _ERROR_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
 
 
@@ -2980,6 +2999,8 @@ class EventStream:
         for ev in self.events:
             if type(ev) is Error:
                 self.close()
+                if not getattr(ev.error, "stated", False):
+                    ev.error.retry_same = False     # cut or silent after its head: it has the prompt
                 raise ev.error
             head.append(ev)
             if type(ev) is not Usage or len(head) >= self.MAX_HEAD:
@@ -3487,7 +3508,7 @@ class OpenAIProvider(Provider):
             except ValueError:
                 raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
             if type(chunk) is dict and chunk.get("error"):
-                raise UpstreamError(upstream_error_message(data.encode()))
+                raise stated_error(data)
             text = openai_chunk_text(chunk)
             if text:                            # nearly every chunk
                 yield TextDelta(text)
@@ -3780,7 +3801,8 @@ class AnthropicProvider(Provider):
                 return
             elif kind == "error":       # as the HTTP error its type stands for (overloaded_error: 529)
                 kind = (msg.get("error") or {}).get("type")
-                raise upstream_failure(self.name, ANTHROPIC_ERROR_STATUS.get(kind, 500), data.encode("utf-8"))
+                raise stated_error(upstream_failure(self.name, ANTHROPIC_ERROR_STATUS.get(kind, 500),
+                                                    data.encode("utf-8")))
         raise UpstreamError("stream ended before message_stop")
 
     def models(self):
@@ -3977,7 +3999,8 @@ def gemini_finish(state):
     if not state["calls"] and not state["texts"] and reason not in ("STOP", "MAX_TOKENS"):
         if GEMINI_FINISH.get(reason) == "content_filter":
             raise BadRequest("Gemini stopped the answer for %s; rephrase the prompt" % reason, code="content_filter")
-        raise UpstreamError("Gemini ended the answer with %s and no content" % str(reason or "no finishReason")[:60])
+        raise stated_error(UpstreamError("Gemini ended the answer with %s and no content"
+                                         % str(reason or "no finishReason")[:60]))
     mapped = "tool_calls" if state["calls"] else GEMINI_FINISH.get(reason, "stop")
     return ([state["usage"]] if state.get("usage") else []) + [Finish(mapped)]
 
@@ -4034,7 +4057,7 @@ class GeminiProvider(Provider):
         for _event, data in iter_sse(resp.pieces()):
             chunk = json_loads_upstream(data)
             if chunk.get("error"):
-                raise UpstreamError(upstream_error_message(data.encode()))
+                raise stated_error(data)
             for ev in gemini_response_events(chunk, state):
                 yield ev
         if state["finish"] is None:          # Gemini has no [DONE]: the finishReason is the end
@@ -4098,7 +4121,7 @@ def ollama_request(req, model):
 
 def ollama_line_events(line, state):
     if line.get("error"):
-        raise UpstreamError(str(line["error"]))
+        raise stated_error(json_dumps(line))
     message = line.get("message") or {}
     if message.get("content"):
         yield TextDelta(message["content"])
@@ -4257,7 +4280,7 @@ class StackSpotProvider(Provider):
                 break
             chunk = json_loads_upstream(data)
             if event == "error" or chunk.get("type") == "error" or chunk.get("error"):
-                raise UpstreamError(upstream_error_message(data.encode()))
+                raise stated_error(data)
             if chunk.get("choices"):               # OpenAI-style chunks, as some StackSpot gateways send
                 for ev in openai_chunk_events(chunk):
                     if type(ev) is Finish:
@@ -4785,10 +4808,14 @@ class Engine:
             try:
                 events = provider.open(req, model)
                 if type(events) is EventStream:
-                    self._read_ahead(events, provider.name, model, started, req.messages)
+                    events.read_ahead()
                 instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
                                                 req.messages)
                 return Answer(provider.name, model, instrumented, events)
+            except ClientGone:      # a cancelled answer, its prompt charged (the upstream has it, or nearly)
+                self._charge(provider.name, model, started, estimated_usage(req.messages, 0), current_client_key(),
+                             None, True)
+                raise
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)
                 delay = retry_delay(e, attempt, self.config.retry_backoff) \
@@ -4798,15 +4825,6 @@ class Engine:
                 self.metrics.llm_retries.inc((provider.name,))
                 log.info("%s; retry %d of %d in %.2fs", named(provider.name, e.message), attempt + 1, retries, delay)
                 cancellable_sleep(delay)
-
-    def _read_ahead(self, stream, provider, model, started, messages):
-        """The stream read to its first content; a client that left meanwhile
-        is counted as a cancelled answer, its prompt charged (the upstream has it)."""
-        try:
-            stream.read_ahead()
-        except ClientGone:
-            self._charge(provider, model, started, estimated_usage(messages, 0), current_client_key(), None, True)
-            raise
 
     def embed(self, req):
         """Embedding vectors for req.params["input"] (texts): (vectors, prompt tokens, model)."""

@@ -430,6 +430,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.wait_for_hangup()
 
+    def scenario_head_then_close(self, body):
+        """200, the role chunk, then a clean close with no token (FIN, no last chunk)."""
+        self.stream([openai_chunk({"role": "assistant", "content": ""})], cut=True)
+
     def scenario_silent_stream(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -2158,6 +2162,9 @@ class RetryFailoverTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("head-then-silence", stream=True))
         self.assert_openai_error(status, body, 504, ["after its answer began"])
         self.assertEqual(len(self.upstream.requests), 1)       # it has the prompt: a resend would bill it twice
+        status, _, body = self.request("POST", "/v1/chat/completions", self.chat("head-then-close", stream=True))
+        self.assert_openai_error(status, body, 502, ["before the answer was complete"])
+        self.assertEqual(len(self.upstream.requests), 2)       # cut cleanly after its head: not resent either
 
     def test_a_gemini_signature_tail_goes_only_to_gemini(self):
         """Call ids that carry a Gemini thoughtSignature reach any other upstream
@@ -2171,6 +2178,14 @@ class RetryFailoverTest(ServerTestCase):
         self.assertEqual((sent[1]["tool_calls"][0]["id"], sent[2]["tool_call_id"]), ("call_1", "call_1"))
         unmarked = history[:1]
         self.assertIs(cs.without_call_signatures(unmarked), unmarked)     # nothing to cut: no copy
+        # an id the cut would empty, or make the same as another, stays whole; odd stored shapes pass untouched
+        odd = [{"role": "assistant", "tool_calls": ["oops", {"id": ["x"]}, {"id": "__ts_QUJD"}, {"id": "a__ts_QUJD"},
+                                                    {"id": "a__ts_REVG"}, {"id": "b__ts_X"}]},
+               {"role": "tool", "tool_call_id": ["b__ts_X"]}, "weird", {"role": "tool", "tool_call_id": "b__ts_X"}]
+        self.assertEqual(cs.without_call_signatures(odd), [
+            {"role": "assistant", "tool_calls": ["oops", {"id": ["x"]}, {"id": "__ts_QUJD"}, {"id": "a__ts_QUJD"},
+                                                 {"id": "a__ts_REVG"}, {"id": "b"}]},
+            {"role": "tool", "tool_call_id": ["b__ts_X"]}, "weird", {"role": "tool", "tool_call_id": "b"}])
         # to Gemini, only a signature as this server writes them (base64url) is sent on
         for ident, signature in (("call_1__ts_Ab-_cd", "Ab-_cd"), ("call_1__ts_<script>", cs.GEMINI_NO_SIGNATURE)):
             req = cs.ChatRequest([history[0], {"role": "assistant", "content": None,
@@ -7943,9 +7958,11 @@ class CancellationTest(ServerTestCase):
 
     def test_a_client_gone_before_the_first_token_is_a_cancelled_answer_charged_its_prompt(self):
         app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("head-then-silence", stream=True)))
-        self.assertTrue(wait_until(lambda: app.metrics.llm_requests.value(("OPENAI", "head-then-silence",
-                                                                           "cancelled")) == 1))
-        self.assertGreater(app.metrics.llm_tokens.value(("OPENAI", "head-then-silence", "prompt")), 0)
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))      # before the head, too
+        for model in ("head-then-silence", "silent"):
+            self.assertTrue(wait_until(lambda: app.metrics.llm_requests.value(("OPENAI", model, "cancelled")) == 1),
+                            model)
+            self.assertGreater(app.metrics.llm_tokens.value(("OPENAI", model, "prompt")), 0)
 
     def test_openai_both_modes(self):
         app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))
