@@ -2113,17 +2113,21 @@ def without_call_signatures(messages):
     """The messages with each call id's signature tail cut (OpenAI refuses ids
     over 40 characters); the same list when no id has one.  An id whose cut
     would be empty, or the same as another's, stays whole."""
-    def ids(msg):
+    def all_ids(msg):
         if not isinstance(msg, dict):
             return []
         calls = msg.get("tool_calls")
         found = [c.get("id") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-        return [i for i in found + [msg.get("tool_call_id")] if isinstance(i, str) and CALL_SIGNATURE_MARK in i]
+        return [i for i in found + [msg.get("tool_call_id")] if isinstance(i, str)]
+
+    def ids(msg):
+        return [i for i in all_ids(msg) if CALL_SIGNATURE_MARK in i]
     marked = {ident for msg in messages for ident in ids(msg)}
     if not marked:
         return messages
     cut = {ident: ident.partition(CALL_SIGNATURE_MARK)[0] for ident in marked}
     taken = collections.Counter(cut.values())
+    taken.update({ident for msg in messages for ident in all_ids(msg) if ident not in marked})
     cut = {ident: short for ident, short in cut.items() if short and taken[short] == 1}
     out = []
     for msg in messages:
@@ -2156,6 +2160,7 @@ class CancelScope:
         self.event = None                   # made on first need (see sleeper)
         self.pending_output = None          # (thread, flush) of the request's coalesced output (SSEWriter)
         self.client_key = None              # the named key the request came with (its limits and usage)
+        self.prompts_sent = 0               # requests that carried the prompt upstream (what a cancel is charged)
 
     @classmethod
     def current(cls):
@@ -2753,9 +2758,11 @@ class UpstreamPool:
             lines.append("Content-Length: %d" % len(body))
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None):
+    def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None,
+                prompt=True):
         """Send a request and wait for the response head.  A pooled connection
-        the server has closed meanwhile is retried once on a new one."""
+        the server has closed meanwhile is retried once on a new one.
+        `prompt`: the body carries a prompt (counted in the scope once sent)."""
         scheme, host, port, target = self.split_url(url)
         key, scope = (scheme, host, port), CancelScope.current()
         try:
@@ -2779,6 +2786,8 @@ class UpstreamPool:
                     set_io_timeout(conn.sock, read_timeout)
                     conn.timeout = read_timeout
                 conn.sock.sendall(message)
+                if scope is not None and prompt:
+                    scope.prompts_sent += 1
                 return UpstreamResponse(self, key, conn, scope)
             except ChatServeError as e:
                 error = e
@@ -3141,14 +3150,23 @@ class Provider:
             raise self.failure(resp)
         if req.stream:
             return EventStream(self.guard(self.stream_events(resp, req)), resp, self.relayable)
+        body = resp.read()
+        if resp.cut:
+            raise self.failed_answer("closed the connection before its answer was whole")
         try:
-            data = json_loads_upstream(resp.read().decode("utf-8"))
+            data = json_loads_upstream(body.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
-            raise UpstreamError("%s sent an answer that is not JSON" % self.name)
+            raise self.failed_answer("sent an answer that is not JSON")
         try:
             return iter(self.completion_events(data, req))
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UpstreamError("%s sent an answer this server cannot read" % self.name)
+            raise self.failed_answer("sent an answer this server cannot read")
+
+    def failed_answer(self, why):
+        """A 200 that went wrong: it had the prompt, so a fallback may answer, but not it again."""
+        error = UpstreamError("%s %s" % (self.name, why))
+        error.retry_same = False
+        return error
 
     def send(self, req, model):
         """POST the translated request; returns the UpstreamResponse."""
@@ -3176,7 +3194,8 @@ class Provider:
                                    "User-Agent": "chatserve/" + __version__})
         data = urllib.parse.urlencode(body).encode() if form else json_bytes(body)
         return self.pool.request("POST", url, data, headers, self.config.upstream_connect_timeout,
-                                 self.config.upstream_timeout, self.pinned if url.startswith(self.base_url) else None)
+                                 self.config.upstream_timeout, self.pinned if url.startswith(self.base_url) else None,
+                                 prompt=not form)       # a form is an OAuth token request
 
     def call_json(self, url, body, headers):
         """POST a request answered at once; its JSON (ChatServeError for a non-2xx)."""
@@ -4803,8 +4822,9 @@ class Engine:
 
     def _open_with_retries(self, provider, model, req):
         retries = self.config.fallback_max_retries
+        scope = CancelScope.current()
         for attempt in range(retries + 1):
-            started = time.monotonic()
+            started, sent_before = time.monotonic(), scope.prompts_sent if scope is not None else 0
             try:
                 events = provider.open(req, model)
                 if type(events) is EventStream:
@@ -4812,9 +4832,10 @@ class Engine:
                 instrumented = self._instrument(provider.name, model, started, events, current_client_key(),
                                                 req.messages)
                 return Answer(provider.name, model, instrumented, events)
-            except ClientGone:      # a cancelled answer, its prompt charged (the upstream has it, or nearly)
-                self._charge(provider.name, model, started, estimated_usage(req.messages, 0), current_client_key(),
-                             None, True)
+            except ClientGone:      # once the prompt went out: a cancelled answer, its prompt charged
+                if scope is not None and scope.prompts_sent > sent_before:
+                    self._charge(provider.name, model, started, estimated_usage(req.messages, 0),
+                                 current_client_key(), None, True)
                 raise
             except ChatServeError as e:
                 self._record(provider.name, model, started, e)

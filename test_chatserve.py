@@ -430,6 +430,18 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.wait_for_hangup()
 
+    def scenario_cut_json(self, body):
+        """A non-streamed 200 whose chunked body stops mid-JSON with a clean close."""
+        data = b'{"id": "chatcmpl-up", "choices": [{"index": 0, "mess'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
     def scenario_head_then_close(self, body):
         """200, the role chunk, then a clean close with no token (FIN, no last chunk)."""
         self.stream([openai_chunk({"role": "assistant", "content": ""})], cut=True)
@@ -2165,6 +2177,30 @@ class RetryFailoverTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("head-then-close", stream=True))
         self.assert_openai_error(status, body, 502, ["before the answer was complete"])
         self.assertEqual(len(self.upstream.requests), 2)       # cut cleanly after its head: not resent either
+        for model, words in (("cut-json", "before its answer was whole"), ("garbage", "cannot read")):
+            status, _, body = self.request("POST", "/v1/chat/completions", self.chat(model))     # non-streamed too
+            self.assert_openai_error(status, body, 502, [words])
+        self.assertEqual(len(self.upstream.requests), 4)
+
+    def test_a_client_gone_is_charged_only_once_its_prompt_went_out(self):
+        app = self.start()
+
+        class Gone:
+            name = "GONE"
+
+            def __init__(self, sends):
+                self.sends = sends
+
+            def open(self, req, model):
+                cs.CancelScope.current().prompts_sent += self.sends     # what the pool counts once it sent one
+                raise cs.ClientGone("the client left")
+        req = cs.ChatRequest([{"role": "user", "content": "x" * 400}])
+        for sends, charged in ((0, 0), (1, 1)):
+            with cs.CancelScope().bound():
+                with self.assertRaises(cs.ClientGone):
+                    app.engine._open_with_retries(Gone(sends), "m%d" % sends, req)
+            self.assertEqual(app.metrics.llm_requests.value(("GONE", "m%d" % sends, "cancelled")), charged)
+            self.assertEqual(app.metrics.llm_tokens.value(("GONE", "m%d" % sends, "prompt")) > 0, bool(charged))
 
     def test_a_gemini_signature_tail_goes_only_to_gemini(self):
         """Call ids that carry a Gemini thoughtSignature reach any other upstream
@@ -2179,6 +2215,8 @@ class RetryFailoverTest(ServerTestCase):
         unmarked = history[:1]
         self.assertIs(cs.without_call_signatures(unmarked), unmarked)     # nothing to cut: no copy
         # an id the cut would empty, or make the same as another, stays whole; odd stored shapes pass untouched
+        clash = [{"role": "assistant", "tool_calls": [{"id": "a__ts_X"}, {"id": "a"}]}, {"role": "tool", "tool_call_id": "a"}]
+        self.assertEqual(cs.without_call_signatures(clash), clash)          # "a" is taken by an unmarked id
         odd = [{"role": "assistant", "tool_calls": ["oops", {"id": ["x"]}, {"id": "__ts_QUJD"}, {"id": "a__ts_QUJD"},
                                                     {"id": "a__ts_REVG"}, {"id": "b__ts_X"}]},
                {"role": "tool", "tool_call_id": ["b__ts_X"]}, "weird", {"role": "tool", "tool_call_id": "b__ts_X"}]
