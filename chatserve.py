@@ -2770,11 +2770,12 @@ class UpstreamPool:
         except ValueError as e:
             raise BadRequest("%s; check the key or setting you sent" % e)
         message = self.request_head(method, target, host, port, scheme, headers, body) + (body or b"")
+        counts = scope is not None and prompt
         for attempt in (0, 1):
             if scope is not None:
                 scope.check()
             conn = self.get(key) if attempt == 0 else None
-            reused, retry = conn is not None, False
+            reused, retry, counted = conn is not None, False, False
             try:
                 if conn is None:
                     conn = self.open(scheme, host, port, connect_timeout, pinned)
@@ -2786,9 +2787,12 @@ class UpstreamPool:
                     set_io_timeout(conn.sock, read_timeout)
                     conn.timeout = read_timeout
                 conn.sock.sendall(message)
-                if scope is not None and prompt:
-                    scope.prompts_sent += 1
-                return UpstreamResponse(self, key, conn, scope)
+                if counts:
+                    scope.prompts_sent, counted = scope.prompts_sent + 1, True
+                resp = UpstreamResponse(self, key, conn, scope)
+                if counted and resp.status >= 300:
+                    scope.prompts_sent -= 1         # refused: the upstream did not take the prompt
+                return resp
             except ChatServeError as e:
                 error = e
             except ClientGone:
@@ -2808,6 +2812,8 @@ class UpstreamPool:
                 conn.close()
                 if scope is not None:
                     scope.untrack(conn)
+            if counted and retry:
+                scope.prompts_sent -= 1     # a stale connection: never read, sent again
             if scope is not None:
                 scope.check()               # cancelled: ClientGone, never a retry
             if not retry:
@@ -3150,23 +3156,23 @@ class Provider:
             raise self.failure(resp)
         if req.stream:
             return EventStream(self.guard(self.stream_events(resp, req)), resp, self.relayable)
-        body = resp.read()
-        if resp.cut:
-            raise self.failed_answer("closed the connection before its answer was whole")
         try:
-            data = json_loads_upstream(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise self.failed_answer("sent an answer that is not JSON")
-        try:
-            return iter(self.completion_events(data, req))
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise self.failed_answer("sent an answer this server cannot read")
-
-    def failed_answer(self, why):
-        """A 200 that went wrong: it had the prompt, so a fallback may answer, but not it again."""
-        error = UpstreamError("%s %s" % (self.name, why))
-        error.retry_same = False
-        return error
+            body = resp.read()
+            if resp.cut:
+                raise UpstreamError("closed the connection before its answer was whole")
+            try:
+                data = json_loads_upstream(body.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise UpstreamError("sent an answer that is not JSON")
+            try:
+                return iter(self.completion_events(data, req))
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise UpstreamError("sent an answer this server cannot read")
+        except UpstreamError as e:      # a 200 that went wrong had the prompt: a fallback may answer, not it again
+            e.message = named(self.name, e.message)
+            if not e.stated:
+                e.retry_same = False
+            raise
 
     def send(self, req, model):
         """POST the translated request; returns the UpstreamResponse."""
@@ -3583,7 +3589,11 @@ def openai_call_delta(call, index=None):
     index = call.get("index", 0) if index is None else index
     if not isinstance(fn, dict) or not isinstance(index, int) or isinstance(index, bool):
         raise UpstreamError("the upstream sent a tool call this server cannot read")
-    ident, name, arguments = call.get("id"), fn.get("name"), fn.get("arguments")
+    return tool_call_delta(index, call.get("id"), fn.get("name"), fn.get("arguments"))
+
+
+def tool_call_delta(index, ident, name, arguments):
+    """A ToolCallDelta of what an upstream sent, its fields checked (strings or absent)."""
     for value, what in ((ident, "tool call id"), (name, "function name"), (arguments, "function arguments")):
         if value is not None:
             _upstream_str(value, what)
@@ -3773,9 +3783,10 @@ class AnthropicProvider(Provider):
         events, calls = [], 0
         for block in data.get("content") or ():
             if block.get("type") == "text" and block.get("text"):
-                events.append(TextDelta(block["text"]))
+                events.append(TextDelta(_upstream_str(block["text"], "text")))
             elif block.get("type") == "tool_use":
-                events.append(ToolCallDelta(calls, block.get("id"), block.get("name"), json_dumps(block.get("input") or {})))
+                events.append(tool_call_delta(calls, block.get("id"), block.get("name"),
+                                              json_dumps(block.get("input") or {})))
                 calls += 1
         usage = data.get("usage") or {}
         events.append(Usage(anthropic_input_tokens(usage), usage.get("output_tokens") or 0))
@@ -3797,15 +3808,15 @@ class AnthropicProvider(Provider):
                 block = msg.get("content_block") or {}
                 if block.get("type") == "tool_use":
                     calls[msg.get("index")] = len(calls)
-                    yield ToolCallDelta(calls[msg.get("index")], block.get("id"), block.get("name"), "")
+                    yield tool_call_delta(calls[msg.get("index")], block.get("id"), block.get("name"), "")
                 elif block.get("type") == "text" and block.get("text"):
-                    yield TextDelta(block["text"])
+                    yield TextDelta(_upstream_str(block["text"], "text"))
             elif kind == "content_block_delta":
                 delta = msg.get("delta") or {}
                 if delta.get("type") == "text_delta" and delta.get("text"):
-                    yield TextDelta(delta["text"])
+                    yield TextDelta(_upstream_str(delta["text"], "text"))
                 elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                    yield ToolCallDelta(calls.get(msg.get("index"), 0), None, None, delta["partial_json"])
+                    yield tool_call_delta(calls.get(msg.get("index"), 0), None, None, delta["partial_json"])
             elif kind == "message_delta":
                 delta = msg.get("delta") or {}
                 finish = delta if delta.get("stop_reason") else finish
@@ -3991,11 +4002,11 @@ def gemini_response_events(data, state):
         for part in (candidate.get("content") or {}).get("parts") or ():
             if part.get("text") and not part.get("thought"):
                 state["texts"] += 1
-                yield TextDelta(part["text"])
+                yield TextDelta(_upstream_str(part["text"], "text"))
             elif part.get("functionCall"):
                 call = part["functionCall"]
-                yield ToolCallDelta(state["calls"], gemini_call_id(call, part), call.get("name"),
-                                    json_dumps(call.get("args") or {}))
+                yield tool_call_delta(state["calls"], gemini_call_id(call, part), call.get("name"),
+                                      json_dumps(call.get("args") or {}))
                 state["calls"] += 1
         if candidate.get("finishReason"):
             state["finish"] = candidate["finishReason"]
@@ -4143,12 +4154,12 @@ def ollama_line_events(line, state):
         raise stated_error(json_dumps(line))
     message = line.get("message") or {}
     if message.get("content"):
-        yield TextDelta(message["content"])
+        yield TextDelta(_upstream_str(message["content"], "content"))
     for call in message.get("tool_calls") or ():
         fn = call.get("function") or {}
         args = fn.get("arguments")
-        yield ToolCallDelta(state["calls"], call.get("id") or new_call_id(), fn.get("name"),
-                            args if isinstance(args, str) else json_dumps(args or {}))
+        yield tool_call_delta(state["calls"], call.get("id") or new_call_id(), fn.get("name"),
+                              args if isinstance(args, str) else json_dumps(args or {}))
         state["calls"] += 1
     if line.get("done"):
         state["done"] = True
@@ -4285,7 +4296,7 @@ class StackSpotProvider(Provider):
             raise UpstreamError("StackSpot answered with an empty message (stop_reason %s)"
                                 % str(data.get("stop_reason"))[:40])
         usage = [stackspot_usage(data["tokens"])] if data.get("tokens") else []
-        return [TextDelta(text)] + usage + [Finish(stackspot_finish(data.get("stop_reason")))]
+        return [TextDelta(_upstream_str(text, "message"))] + usage + [Finish(stackspot_finish(data.get("stop_reason")))]
 
     def stream_events(self, resp, req):
         """The agent's SSE: its end is [DONE], a `done` event or type, or a
@@ -4307,7 +4318,7 @@ class StackSpotProvider(Provider):
                     else:
                         yield ev
             elif chunk.get("message"):
-                yield TextDelta(chunk["message"])
+                yield TextDelta(_upstream_str(chunk["message"], "message"))
             if chunk.get("tokens"):
                 usage = stackspot_usage(chunk["tokens"])
             if chunk.get("stop_reason"):

@@ -1314,6 +1314,46 @@ class UpstreamClientTest(unittest.TestCase):
         self.assertEqual(a.fileno(), -1)
         self.assertFalse(any(pool.idle.values()))
 
+    def test_a_prompt_counts_as_sent_only_if_the_upstream_took_it(self):
+        """What a cancel is charged: a prompt sent and not refused (a refusal, or a
+        stale connection the prompt is sent again on, takes the count back)."""
+        for answer, counted in ((b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", 1),
+                                (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}", 0)):
+            scope = cs.CancelScope()
+            with scope.bound():
+                self.fetch(answer)
+            self.assertEqual(scope.prompts_sent, counted, answer)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(WAIT)
+        self.addCleanup(listener.close)
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+        def serve():             # the first connection answers once, then reads the next request and hangs up
+            first, _ = listener.accept()
+            with first:
+                first.settimeout(WAIT)
+                recv_head(first)
+                first.sendall(ok)
+                recv_head(first)
+            second, _ = listener.accept()
+            with second:
+                second.settimeout(WAIT)
+                recv_head(second)
+                second.sendall(ok)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        url = "http://127.0.0.1:%d/v1/x" % listener.getsockname()[1]
+        pool.request("POST", url, b"{}", {}, 2.0, 2.0).read()       # kept for the next request
+        scope = cs.CancelScope()
+        with scope.bound():
+            pool.request("POST", url, b"{}", {}, 2.0, 2.0).read()   # stale, then sent again on a new one
+        self.assertEqual(scope.prompts_sent, 1)
+
     def test_request_head_is_one_message_with_host_length_and_identity(self):
         pool, server, resp = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(resp.read(), b"ok")
@@ -2177,10 +2217,27 @@ class RetryFailoverTest(ServerTestCase):
         status, _, body = self.request("POST", "/v1/chat/completions", self.chat("head-then-close", stream=True))
         self.assert_openai_error(status, body, 502, ["before the answer was complete"])
         self.assertEqual(len(self.upstream.requests), 2)       # cut cleanly after its head: not resent either
-        for model, words in (("cut-json", "before its answer was whole"), ("garbage", "cannot read")):
+        for model, words in (("cut-json", "before its answer was whole"), ("garbage", "cannot read"),
+                             ("int-content", "not a string")):
             status, _, body = self.request("POST", "/v1/chat/completions", self.chat(model))     # non-streamed too
             self.assert_openai_error(status, body, 502, [words])
-        self.assertEqual(len(self.upstream.requests), 4)
+        self.assertEqual(len(self.upstream.requests), 5)
+
+    def test_text_or_names_of_the_wrong_type_from_any_upstream_are_502s(self):
+        bad = cs.UpstreamError
+        with self.assertRaises(bad):
+            list(cs.ollama_line_events({"message": {"content": 5}}, {"calls": 0, "done": False}))
+        with self.assertRaises(bad):
+            list(cs.ollama_line_events({"message": {"tool_calls": [{"function": {"name": 5}}]}},
+                                       {"calls": 0, "done": False}))
+        for part in ({"text": 5}, {"functionCall": {"name": 7}}):
+            with self.assertRaises(bad):
+                list(cs.gemini_response_events({"candidates": [{"content": {"parts": [part]}}]}, cs.gemini_state()))
+        for block in ({"type": "text", "text": 5}, {"type": "tool_use", "id": "t", "name": 7}):
+            with self.assertRaises(bad):
+                cs.AnthropicProvider.completion_events(None, {"content": [block]}, None)
+        with self.assertRaises(bad):
+            cs.StackSpotProvider.completion_events(None, {"message": ["x"]}, None)
 
     def test_a_client_gone_is_charged_only_once_its_prompt_went_out(self):
         app = self.start()
