@@ -2812,10 +2812,10 @@ class UpstreamPool:
                 conn.close()
                 if scope is not None:
                     scope.untrack(conn)
+            if scope is not None:
+                scope.check()               # cancelled: ClientGone (the prompt counted), never a retry
             if counted and retry:
                 scope.prompts_sent -= 1     # a stale connection: never read, sent again
-            if scope is not None:
-                scope.check()               # cancelled: ClientGone, never a retry
             if not retry:
                 raise error
         raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
@@ -3571,7 +3571,7 @@ def openai_message_events(message, finish_reason, usage):
         events.append(openai_call_delta(call, i))
     if usage:
         events.append(Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))
-    events.append(Finish(finish_reason or "stop"))
+    events.append(Finish(_upstream_str(finish_reason or "stop", "finish_reason")))
     return events
 
 
@@ -3592,8 +3592,13 @@ def openai_call_delta(call, index=None):
     return tool_call_delta(index, call.get("id"), fn.get("name"), fn.get("arguments"))
 
 
+MAX_TOOL_CALLS = 256        # calls in one answer (an upstream's index beyond is refused)
+
+
 def tool_call_delta(index, ident, name, arguments):
     """A ToolCallDelta of what an upstream sent, its fields checked (strings or absent)."""
+    if not 0 <= index < MAX_TOOL_CALLS:
+        raise UpstreamError("the upstream sent a tool call index of %d (0 to %d)" % (index, MAX_TOOL_CALLS - 1))
     for value, what in ((ident, "tool call id"), (name, "function name"), (arguments, "function arguments")):
         if value is not None:
             _upstream_str(value, what)
@@ -3630,7 +3635,7 @@ def openai_chunk_events(chunk):
         for call in delta.get("tool_calls") or ():
             events.append(openai_call_delta(call))
         if choice.get("finish_reason"):
-            events.append(Finish(choice["finish_reason"]))
+            events.append(Finish(_upstream_str(choice["finish_reason"], "finish_reason")))
     usage = chunk.get("usage")
     if usage:
         events.append(Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0))

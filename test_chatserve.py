@@ -2238,6 +2238,13 @@ class RetryFailoverTest(ServerTestCase):
                 cs.AnthropicProvider.completion_events(None, {"content": [block]}, None)
         with self.assertRaises(bad):
             cs.StackSpotProvider.completion_events(None, {"message": ["x"]}, None)
+        with self.assertRaises(bad):
+            cs.openai_chunk_events({"choices": [{"delta": {}, "finish_reason": ["x"]}]})
+        with self.assertRaises(bad):
+            cs.openai_message_events({"content": "hi"}, {"a": 1}, None)
+        for index in (cs.MAX_TOOL_CALLS, 10 ** 6, -2):      # an index is a list position: bounded
+            with self.assertRaises(bad):
+                cs.openai_call_delta({"index": index, "function": {"name": "f"}})
 
     def test_a_client_gone_is_charged_only_once_its_prompt_went_out(self):
         app = self.start()
@@ -8052,8 +8059,10 @@ class CancellationTest(ServerTestCase):
         return raw_request("POST", path, json.dumps(body).encode(), headers)
 
     def test_a_client_gone_before_the_first_token_is_a_cancelled_answer_charged_its_prompt(self):
-        app = self.hang_up_during(self.post("/v1/chat/completions", self.chat("head-then-silence", stream=True)))
-        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))      # before the head, too
+        app = self.start()
+        self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)   # a kept connection
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("silent")))      # before the head, on it
+        self.hang_up_during(self.post("/v1/chat/completions", self.chat("head-then-silence", stream=True)))
         for model in ("head-then-silence", "silent"):
             self.assertTrue(wait_until(lambda: app.metrics.llm_requests.value(("OPENAI", model, "cancelled")) == 1),
                             model)
