@@ -2113,35 +2113,37 @@ def without_call_signatures(messages):
     """The messages with each call id's signature tail cut (OpenAI refuses ids
     over 40 characters); the same list when no id has one.  An id whose cut
     would be empty, or the same as another's, stays whole."""
-    def all_ids(msg):
-        if not isinstance(msg, dict):
-            return []
-        calls = msg.get("tool_calls")
-        found = [c.get("id") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
-        return [i for i in found + [msg.get("tool_call_id")] if isinstance(i, str)]
-
-    def ids(msg):
-        return [i for i in all_ids(msg) if CALL_SIGNATURE_MARK in i]
-    marked = {ident for msg in messages for ident in ids(msg)}
+    ids = [_call_ids(msg) for msg in messages]
+    marked = {ident for found in ids for ident in found if CALL_SIGNATURE_MARK in ident}
     if not marked:
         return messages
     cut = {ident: ident.partition(CALL_SIGNATURE_MARK)[0] for ident in marked}
     taken = collections.Counter(cut.values())
-    taken.update({ident for msg in messages for ident in all_ids(msg) if ident not in marked})
+    taken.update({ident for found in ids for ident in found if ident not in marked})
     cut = {ident: short for ident, short in cut.items() if short and taken[short] == 1}
-    out = []
-    for msg in messages:
-        if ids(msg):
-            msg = dict(msg)
-            ident = msg.get("tool_call_id")
-            if isinstance(ident, str) and ident in cut:
-                msg["tool_call_id"] = cut[ident]
-            if isinstance(msg.get("tool_calls"), list):
-                msg["tool_calls"] = [dict(call, id=cut[call["id"]]) if isinstance(call, dict)
-                                     and isinstance(call.get("id"), str) and call["id"] in cut else call
-                                     for call in msg["tool_calls"]]
-        out.append(msg)
-    return out
+    return [_with_cut_ids(msg, cut) if any(ident in cut for ident in found) else msg
+            for msg, found in zip(messages, ids)]
+
+
+def _call_ids(msg):
+    """The tool-call ids a message names (its calls' and the one it answers), strings only."""
+    if not isinstance(msg, dict):
+        return []
+    calls = msg.get("tool_calls")
+    found = [c.get("id") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    return [ident for ident in found + [msg.get("tool_call_id")] if isinstance(ident, str)]
+
+
+def _with_cut_ids(msg, cut):
+    def cut_id(ident):
+        return cut.get(ident, ident) if isinstance(ident, str) else ident
+    msg = dict(msg)
+    if "tool_call_id" in msg:
+        msg["tool_call_id"] = cut_id(msg["tool_call_id"])
+    if isinstance(msg.get("tool_calls"), list):
+        msg["tool_calls"] = [dict(call, id=cut_id(call.get("id"))) if isinstance(call, dict) and "id" in call
+                             else call for call in msg["tool_calls"]]
+    return msg
 
 
 class CancelScope:
@@ -9055,17 +9057,14 @@ def anthropic_to_openai_messages(body):
         if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
             raise BadRequest("%s.role: must be user or assistant" % where, param=where + ".role")
         content = msg.get("content")
-        if isinstance(content, str):
-            if not content and not (i == len(messages) - 1 and msg["role"] == "assistant"):
-                raise BadRequest("%s.content: must not be empty (only a final assistant turn may be)" % where,
-                                 param=where + ".content")
-            out.append({"role": msg["role"], "content": content})
-            continue
-        if not isinstance(content, list):
+        if not isinstance(content, (str, list)):
             raise BadRequest("%s.content: must be a string or an array of blocks" % where, param=where + ".content")
         if not content and not (i == len(messages) - 1 and msg["role"] == "assistant"):
             raise BadRequest("%s.content: must not be empty (only a final assistant turn may be)" % where,
                              param=where + ".content")
+        if isinstance(content, str):
+            out.append({"role": msg["role"], "content": content})
+            continue
         parts, calls = [], []
         for j, block in enumerate(content):
             at = "%s.content[%d]" % (where, j)
@@ -11395,10 +11394,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             origin = self.headers.get("Origin")
             guarded = self.server.guards_names and app.names_guarded()
             if origin is not None or guarded:   # from a web page, or by a name: whose?
-                self.render_error = self.router.errors_for(path)
-                self.cors_origin = self.check_site(origin, guarded)
+                try:
+                    self.cors_origin = self.check_site(origin, guarded)
+                except PermissionDenied:
+                    self.render_error = self.router.errors_for(path)       # (the route's lookup is not done yet)
+                    raise
                 if self.cors_origin and self.command == "OPTIONS" and "Access-Control-Request-Method" in self.headers:
-                    route_name = "preflight"
+                    route_name, self.render_error = "preflight", self.router.errors_for(path)
                     return self.answer_preflight(path)
             route, self.route_rest = self.router.match(self.command, path)
             route_name, self.render_error = route.name, route.errors
