@@ -6745,6 +6745,8 @@ class BrowserOriginTest(ServerTestCase):
             status, _, body = self.request("GET", path, headers={"Host": "evil.example:%d" % app.port})
             self.assertEqual(status, 403, path)
             self.assertIn("DNS rebinding", json.dumps(body), path)
+        status, _, body = self.request("POST", "/v1/messages", {}, headers={"Host": "evil.example:%d" % app.port})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (403, "error", "permission_error"), body)
         self.assertEqual(self.request("GET", "/status", headers={"Host": "%s:%d" % (socket.gethostname(), app.port)})[0],
                          200)                   # the machine's own name cannot be another site's
         conn = http.client.HTTPConnection("127.0.0.1", app.config.metrics_port, timeout=WAIT)
