@@ -9072,7 +9072,8 @@ def anthropic_to_openai_messages(body):
                 raise BadRequest("%s: must be an object with a type" % at, param=at)
             turn = {"tool_result": "user", "tool_use": "assistant"}.get(block["type"], msg["role"])
             if turn != msg["role"]:
-                raise BadRequest("%s: a %s block belongs in a %s turn" % (at, block["type"], turn), param=at)
+                raise BadRequest("%s: a %s block belongs in %s turn" % (
+                    at, block["type"], "an assistant" if turn == "assistant" else "a user"), param=at)
             if block.get("type") == "tool_result":
                 tool_use_id = _anthropic_field(block, "tool_use_id", str, at, "the id of the tool_use it answers")
                 text, images = _anthropic_blocks(block.get("content"), at + ".content", ("text", "image"))
