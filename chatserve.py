@@ -10778,10 +10778,13 @@ class SSEWriter:
     out in one send when the request's thread is about to wait (for the
     upstream, a queue, a sleep) or at the end: all the events decoded from one
     upstream read leave together, and none waits for a later one.  The head
-    goes out with the first frame, at once.  Chunked on HTTP/1.1 so the
-    connection survives."""
+    goes out with the frames made before that first wait (the Engine reads the
+    upstream's first events before the head), at most `head_frames` of them,
+    so the head never waits on the upstream and a stream's start costs one
+    send.  Chunked on HTTP/1.1 so the connection survives."""
 
     max_pending = 65536         # bytes gathered before a send regardless
+    head_frames = 8             # frames the head goes out with at the latest (a few surface frames, then events)
 
     def __init__(self, handler, extra_headers=None):
         self.h = handler
@@ -10796,13 +10799,14 @@ class SSEWriter:
         self.closed, self.scope, self.pending, self.size = False, handler.scope, [], 0
         self.head = handler.write_head(200, headers, send=self.scope is None) or b""
         if self.scope is not None:
-            self.scope.pending_output = (threading.get_ident(), self.flush)    # the head leaves with the first events
+            self.scope.pending_output = (threading.get_ident(), self.flush)    # the head leaves with the first frames
 
     def write(self, payload):
         self.pending.append(payload)
         self.size += len(payload)
-        if self.head or self.size >= self.max_pending or self.scope is None:
-            self.flush()        # the head leaves with the first frame: coalescing never delays it
+        if (self.size >= self.max_pending or self.scope is None
+                or (self.head and len(self.pending) >= self.head_frames)):
+            self.flush()
 
     def gather(self, data):
         """A frame for the next flush, never sent here (the StreamPump sends it)."""

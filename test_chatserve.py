@@ -358,19 +358,22 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_silent(self, body):
         self.wait_for_hangup()
 
-    def scenario_burst_then_wait(self, body):
+    def scenario_burst_then_wait(self, body, count=5):
         """Five events in one write, then nothing until the test releases the rest."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         burst = b"".join(("data: %s\n\n" % json.dumps(openai_chunk({"content": "w%d " % i}))).encode()
-                         for i in range(5))
+                         for i in range(count))
         self.wfile.write(b"%x\r\n%s\r\n" % (len(burst), burst))
         self.wfile.flush()
         self.server.release.wait(WAIT)
         rest = ("data: %s\n\ndata: [DONE]\n\n" % json.dumps(openai_chunk(finish="stop"))).encode()
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+
+    def scenario_long_burst_then_wait(self, body):
+        self.scenario_burst_then_wait(body, count=20)
 
     def scenario_bad_usage(self, body):
         self.send_body(200, {"id": "x", "object": "chat.completion", "created": 1, "model": "bad-usage",
@@ -3252,31 +3255,45 @@ class OpenAISurfaceTest(ServerTestCase):
             self.assertIn(words, chunks[-2]["error"]["message"], model)
             self.assertEqual(set(chunks[-2]["error"]), {"message", "type", "param", "code"})
 
-    def test_events_of_one_upstream_read_go_out_together_and_at_once(self):
-        self.start()
+    def first_read_chunks(self, model, words):
+        """The HTTP chunks of a stream whose upstream sent `words` events in one
+        write and then waits (until released): how they were sent."""
         raw = RawHTTP(self.app.port)
         self.addCleanup(raw.close)
-        body = json.dumps(self.chat("burst-then-wait", stream=True)).encode()
+        self.addCleanup(self.upstream.server.release.set)
+        body = json.dumps(self.chat(model, stream=True)).encode()
         raw.send(raw_request("POST", "/v1/chat/completions", body))
-        # the upstream is still paused: the first five words must already be here
+        # the upstream is still paused: the words of its first write must already be here
         status = int(raw._line().split(b" ", 2)[1])
         while raw._line():
             pass
         chunks = []
-        while sum(c.count(b'"content":"w') for c in chunks) < 5:
+        while sum(c.count(b'"content":"w') for c in chunks) < words:
             size = int(raw._line(), 16)
             chunks.append(raw._take(size))
             raw._line()
         self.assertEqual(status, 200)
-        # the role chunk at once, with the head; then the five events of one upstream read: one HTTP chunk
-        self.assertEqual(len(chunks), 2, chunks)
-        self.assertEqual([c.count(b"data: ") for c in chunks], [1, 5])
+        return raw, chunks
+
+    def test_events_of_one_upstream_read_go_out_together_and_at_once(self):
+        self.start()
+        raw, chunks = self.first_read_chunks("burst-then-wait", 5)
+        # the head, the role chunk and the five events of the upstream's first read: one send, one HTTP chunk
+        self.assertEqual([c.count(b"data: ") for c in chunks], [6], chunks)
         self.upstream.server.release.set()
         rest = b""
         while not rest.endswith(b"0\r\n\r\n"):
             raw._fill()
             rest, raw.buf = rest + raw.buf, b""
         self.assertIn(b"data: [DONE]", rest)
+
+    def test_the_head_waits_for_at_most_a_few_frames(self):
+        """A long first read does not hold the head back: it leaves with
+        head_frames frames, the rest of that read in the next send."""
+        self.start()
+        _, chunks = self.first_read_chunks("long-burst-then-wait", 20)
+        self.assertEqual(cs.SSEWriter.head_frames, 8)
+        self.assertEqual([c.count(b"data: ") for c in chunks], [8, 13], chunks)
 
     def test_client_disconnect_mid_stream_closes_upstream(self):
         self.start()
