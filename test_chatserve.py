@@ -8198,13 +8198,14 @@ class CancellationTest(ServerTestCase):
         the client leaves (or half-closes) while `second` is between its head and
         its CancelScope (held in check_rate), and the monitor sees it then.
         Returns what the client reads after that (b"" when nothing)."""
-        entered, release, calls = threading.Event(), threading.Event(), [0]
+        entered, release, calls, held = threading.Event(), threading.Event(), [0], []
         self.addCleanup(release.set)
         real_check_rate = app.check_rate
 
         def held_check_rate(handler):
             calls[0] += 1
             if calls[0] == 2:
+                held.append(handler)
                 entered.set()
                 release.wait(WAIT)
             return real_check_rate(handler)
@@ -8219,7 +8220,8 @@ class CancellationTest(ServerTestCase):
             client.sock.shutdown(socket.SHUT_WR)
         else:
             client.close()
-        self.assertTrue(wait_until(lambda: not app.http.monitor.handlers))     # seen, and the scope not made yet
+        # seen, and the scope not made yet (the monitor lets the connection go, then tells its handler)
+        self.assertTrue(wait_until(lambda: not app.http.monitor.handlers and held[0].hung_up))
         release.set()
         data = client.buf
         while half_close:
