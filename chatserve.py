@@ -8883,6 +8883,8 @@ def store_response(h, call, response):
     end, so a follow-up naming it finds it.  False when the store failed."""
     if not call.store:
         return True
+    if h.scope is not None:
+        h.scope.about_to_wait()     # the store may wait (its lock, SQLite's busy timeout): a stream's frames go first
     try:
         h.app.responses.save(response, call.items, response_owner(h))
         return True

@@ -194,11 +194,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             return
         self.wfile.write(b"0\r\n\r\n")
 
-    def stream(self, chunks, done=True, delay=0.0, cut=False):
+    def stream(self, chunks, done=True, delay=0.0, cut=False, one_write=False):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if one_write:       # the whole body, through its end, in one write
+            frames = [("data: %s\n\n" % json.dumps(chunk)).encode() for chunk in chunks] + [b"data: [DONE]\n\n"]
+            self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in frames) + b"0\r\n\r\n")
+            return
         try:
             for chunk in chunks:
                 data = ("data: %s\n\n" % json.dumps(chunk)).encode()
@@ -261,6 +265,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}}],
             "usage": USAGE})
+
+    def scenario_tools_one_write(self, body):
+        """A streamed tool call, all of it (through the end) in one write."""
+        self.stream([openai_chunk(d) for d in TOOL_CALL_CHUNKS] + [openai_chunk(finish="tool_calls")], one_write=True)
 
     def scenario_key_refused(self, body):
         """OpenAI's answer to a wrong or revoked API key."""
@@ -2744,6 +2752,26 @@ class ResponsesTest(ServerTestCase):
         self.assertEqual([e for e, _ in events], [d["type"] for _, d in events])       # event: names its data
         self.assertEqual([d["sequence_number"] for _, d in events], list(range(len(events))))
         return [d for _, d in events]
+
+    def test_a_stream_goes_out_before_its_response_waits_for_the_store(self):
+        """Storing may wait (the store's lock, SQLite's busy timeout): the frames
+        made so far, and the head, do not wait with it.  Here the whole answer
+        came in one read, so no upstream read flushes them first."""
+        app = self.start()
+        raw = RawHTTP(app.port)
+        self.addCleanup(raw.close)
+        body = json.dumps({"model": "tools-one-write", "input": "hi", "stream": True, "store": True}).encode()
+        with app.responses.lock:            # another request's store, or a prune, holds it
+            raw.send(raw_request("POST", "/v1/responses", body))
+            while b"response.function_call_arguments.done" not in raw.buf:
+                raw._fill()                 # (bounded by the socket's timeout)
+            self.assertTrue(raw.buf.startswith(b"HTTP/1.1 200 "), raw.buf[:100])
+            self.assertNotIn(b"response.completed", raw.buf)
+        while not raw.buf.endswith(b"0\r\n\r\n"):
+            raw._fill()
+        self.assertIn(b"event: response.completed", raw.buf)
+        response_id = re.search(rb'"id":"(resp_[0-9a-f]+)"', raw.buf).group(1).decode()
+        self.assertEqual(self.request("GET", "/v1/responses/" + response_id)[0], 200)     # stored before it ended
 
     def test_text_answer_non_streamed(self):
         self.start()
