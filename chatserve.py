@@ -2212,7 +2212,8 @@ class CancelScope:
 
     def about_to_wait(self):
         """The request's thread is about to block (on the upstream, a queue, a
-        sleep): what it has written so far goes out first, in one send.  Only
+        sleep, the response store): what it has written so far goes out first,
+        in one send.  Every wait a streaming route can meet calls this.  Only
         the thread that writes flushes (an agent job runs in the request's scope
         on the agent's thread)."""
         pending = self.pending_output
@@ -10778,12 +10779,13 @@ class _DateCache:
 class SSEWriter:
     """The one SSE writer: the head, then frames.  Frames are gathered and go
     out in one send when the request's thread is about to wait (for the
-    upstream, a queue, a sleep) or at the end: all the events decoded from one
-    upstream read leave together, and none waits for a later one.  The head
-    goes out with the frames made before that first wait (the Engine reads the
-    upstream's first events before the head), at most `head_frames` of them,
-    so the head never waits on the upstream and a stream's start costs one
-    send.  Chunked on HTTP/1.1 so the connection survives."""
+    upstream, a queue, a sleep, the response store) or at the end: all the
+    events decoded from one upstream read leave together, and none waits for a
+    later one.  The head goes out with the frames made before that first wait
+    (the Engine reads the upstream's first events before the head), at most
+    `head_frames` of them, so the head never waits on the upstream and a
+    stream's start costs one send.  Chunked on HTTP/1.1 so the connection
+    survives."""
 
     max_pending = 65536         # bytes gathered before a send regardless
     head_frames = 8             # frames the head goes out with at the latest (a few surface frames, then events)
