@@ -621,7 +621,7 @@ def header_value(value, what):
 def checked_headers(headers, what):
     """`headers` with str values, each as `header_value` checks it (ValueError
     naming the first bad one); one scan of all the values when all are clean."""
-    values = [str(v) for v in headers.values()]
+    values = list(map(str, headers.values()))
     if not _HEADER_UNSAFE_RE.search("".join(values)):
         return dict(zip(headers, values))
     return {name: header_value(value, what + name) for name, value in headers.items()}
@@ -1670,6 +1670,12 @@ class Counter(MetricFamily):
         self.fold()
         return self.series.get(tuple(str(v) for v in labels), 0)
 
+    def total(self):
+        """The sum over every label value."""
+        with self.lock:
+            self._fold()
+            return sum(self.series.values())
+
 
 class Gauge(Counter):
     kind = "gauge"
@@ -1908,7 +1914,10 @@ def parse_fields(lines):
     pairs = _FIELD_LINES_RE.findall(block.decode("latin-1")) if len(block) <= MAX_HEADER_LINE else ()
     if len(pairs) != len(lines):                # not all clean in one regex: line by line, to say which and why
         pairs = [_field_line_within_limit(line) for line in lines]
-    fields = {}
+    fields = {name.lower(): value.strip(" \t") for name, value in pairs}
+    if len(fields) == len(pairs):
+        return fields
+    fields = {}                                 # a name repeats: its values joined in order
     for name, value in pairs:
         name, value = name.lower(), value.strip(" \t")
         if name in fields:
@@ -2037,6 +2046,19 @@ def _leading_empty_lines(data):
         else:
             return lines, i
         lines += 1
+
+
+def content_length(value):
+    """The size a Content-Length field gives, or None when it is not one size
+    in digits (a list of the same size repeated is that size: RFC 9110 8.6)."""
+    if _DIGITS_RE.match(value):
+        return int(value)
+    sizes = set(v.strip() for v in value.split(","))
+    if len(sizes) == 1:
+        size = sizes.pop()
+        if _DIGITS_RE.match(size):
+            return int(size)
+    return None
 
 
 def keeps_alive(version, headers):
@@ -2382,7 +2404,7 @@ class UpstreamConnection:
         """The bytes of the next response head; interim 1xx heads are skipped."""
         start = 0
         while True:
-            end = find_head_end(self.buf, max(0, start - 2))
+            end = find_head_end(self.buf, max(0, start - 2)) if self.buf else -1
             if end >= 0:
                 return self.take(end)
             if len(self.buf) > MAX_HEAD_BYTES:
@@ -2446,10 +2468,9 @@ class UpstreamResponse:
             self.chunked = coding.split(",")[-1].strip(" \t").lower() == "chunked"
             self.will_close = self.will_close or not self.chunked or length is not None
         elif length is not None:
-            values = set(v.strip() for v in length.split(","))
-            if len(values) != 1 or not _DIGITS_RE.match(next(iter(values))):
+            self.remaining = content_length(length)
+            if self.remaining is None:
                 raise http_client_error("an unusable Content-Length %r" % length[:40])
-            self.remaining = int(values.pop())
         else:
             self.will_close = True          # the body ends when the connection does
         self.done = self.remaining == 0
@@ -2797,7 +2818,7 @@ class UpstreamPool:
         if port != (443 if scheme == "https" else 80):
             authority += ":%d" % port
         lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + authority, "Accept-Encoding: identity"]
-        lines.extend("%s: %s" % item for item in headers.items())
+        lines.extend(map("%s: %s".__mod__, headers.items()))
         if body is not None:
             lines.append("Content-Length: %d" % len(body))
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -11452,10 +11473,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length is None:
             self.body_length = 0
             return False
-        values = set(v.strip() for v in length.split(","))
-        if len(values) != 1 or not all(_DIGITS_RE.match(v) for v in values):
+        self.body_length = content_length(length)
+        if self.body_length is None:
             raise HeadError(400, "Content-Length %r is not one size in digits" % length)
-        self.body_length = int(values.pop())
         return self.body_length > 0
 
     def dispatch(self):
@@ -11725,7 +11745,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.request_id:
             lines.append("X-Request-Id: " + self.request_id)
         try:
-            lines.extend("%s: %s" % item for item in checked_headers(headers, "response header ").items())
+            lines.extend(map("%s: %s".__mod__, checked_headers(headers, "response header ").items()))
         except ValueError:
             for name, value in headers.items():
                 try:
@@ -12342,7 +12362,6 @@ class App:
         self.engine = Engine(config, self.metrics)
         self.started = time.monotonic()
         self.started_wall = time.time()
-        self.served = Counter("chatserve_requests_served", "Requests served (for /status).")
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.shutdown_reason = ""
@@ -12861,7 +12880,6 @@ class App:
         m.in_flight.dec()
         m.requests.inc((route, str(status)))
         m.request_seconds.observe((route,), duration)
-        self.served.inc()
 
     @property
     def in_flight(self):
@@ -12869,7 +12887,7 @@ class App:
 
     @property
     def requests_processed(self):
-        return self.served.value()
+        return self.metrics.requests.total()
 
     def status(self, key=None):
         """/status; as a named key (`key`) may see it: no other client's prompt,
