@@ -6988,7 +6988,7 @@ class StreamPumpTest(ServerTestCase):
 
     def test_a_relayed_stream_is_whole_in_order_and_its_upstream_reused(self):
         self.start()
-        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 30, 0.002
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 30, 0.01     # (over the grace)
         raw = read_stream(self.open_stream())
         texts, other = stream_texts(raw)
         self.assertEqual(texts, ["tick "] * 30)
@@ -6998,6 +6998,29 @@ class StreamPumpTest(ServerTestCase):
         opened = self.upstream.server.connections           # this one, and maybe the model listing's
         self.assertEqual(self.request("POST", "/v1/chat/completions", self.chat())[0], 200)
         self.assertEqual(self.upstream.server.connections, opened)     # given back to the pool, blocking again
+
+    def test_a_stream_whose_upstream_keeps_up_within_the_grace_stays_in_its_thread(self):
+        self.start()
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 20, 0.02
+        self.app.http.pump.grace = WAIT             # every pause is shorter: never handed over
+        texts, other = stream_texts(read_stream(self.open_stream()))
+        self.assertEqual((texts, other[-1]), (["tick "] * 20, "[DONE]"))
+        self.assertEqual(self.app.http.pump.relayed, 0)
+        self.app.http.pump.grace = 0                # handed over at its first wait
+        texts, other = stream_texts(read_stream(self.open_stream()))
+        self.assertEqual((texts, other[-1]), (["tick "] * 20, "[DONE]"))
+        self.assertEqual(self.app.http.pump.relayed, 1)
+
+    def test_a_client_that_leaves_while_its_thread_waits_out_the_grace_is_seen_at_once(self):
+        self.start()
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 5, 3.0
+        self.app.http.pump.grace = WAIT             # its thread waits for the next event itself
+        sock = self.open_stream()
+        self.recv_until(sock, b"tick")
+        sock.close()
+        self.assertTrue(wait_until(lambda: self.app.in_flight == 0, timeout=2.0))      # not at the next event
+        self.assertEqual(self.app.metrics.client_disconnects.value(("openai",)), 1)
+        self.assertEqual(self.app.http.pump.relayed, 0)
 
     def test_a_client_that_leaves_a_relayed_stream_closes_its_upstream(self):
         self.start()
@@ -7059,6 +7082,7 @@ class StreamPumpTest(ServerTestCase):
         self.start()
         server = self.upstream.server
         server.endless_chunks, server.endless_delay, server.endless_text = 600, 0.0, "x" * 16000
+        self.app.http.pump.grace = 0        # handed over at the first wait, though this upstream keeps up
         sock = socket.socket()
         self.addCleanup(sock.close)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a client that takes little at a time
@@ -7075,7 +7099,7 @@ class StreamPumpTest(ServerTestCase):
 
     def test_a_pump_that_cannot_start_leaves_the_stream_to_its_thread(self):
         self.start()
-        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 20, 0.002
+        self.upstream.server.endless_chunks, self.upstream.server.endless_delay = 20, 0.01
         with threads_cannot_start("stream-pump"):
             texts, other = stream_texts(read_stream(self.open_stream()))
         self.assertEqual((len(texts), other[-1]), (20, "[DONE]"))       # whole, in its own thread
