@@ -1912,13 +1912,15 @@ def parse_fields(lines):
         raise HeadError(431, "more than %d header fields" % MAX_HEADERS)
     block = b"\n".join(lines)
     pairs = _FIELD_LINES_RE.findall(block.decode("latin-1")) if len(block) <= MAX_HEADER_LINE else ()
-    if len(pairs) != len(lines):                # not all clean in one regex: line by line, to say which and why
-        pairs = [_field_line_within_limit(line) for line in lines]
-    fields = {name.lower(): value.strip(" \t") for name, value in pairs}
-    if len(fields) == len(pairs):
-        return fields
-    fields = {}                                 # a name repeats: its values joined in order
-    for name, value in pairs:
+    if len(pairs) == len(lines):                # all clean in one regex
+        fields = {name.lower(): value.strip(" \t") for name, value in pairs}
+        if len(fields) == len(pairs):
+            return fields
+        named = pairs                           # a name repeats: its values joined in order
+    else:                                       # line by line, to say which and why (the first in order)
+        named = (_field_line_within_limit(line) for line in lines)
+    fields = {}
+    for name, value in named:
         name, value = name.lower(), value.strip(" \t")
         if name in fields:
             if name == "host":
@@ -8180,9 +8182,7 @@ def _boolean(field, value):
 
 
 def _no_logprobs(field, value):
-    if field == "logprobs":
-        _boolean(field, value)
-    if value not in (None, False):  # answers are events: they carry no log probabilities
+    if value not in (None, False):  # (0 counts as false) answers are events: they carry no log probabilities
         raise BadRequest("%s: log probabilities are not available through this server; remove it" % field,
                          param=field)
 
@@ -8200,20 +8200,28 @@ def _response_format(field, fmt):
                          param="response_format.json_schema")
 
 
-_SAMPLING_CHECKS = {          # a chat request's field -> its check (field, value), for values not null
-    "temperature": _number_from(0, 2), "top_p": _number_from(0, 1), "presence_penalty": _number_from(-2, 2),
-    "frequency_penalty": _number_from(-2, 2), "max_tokens": _positive_int, "max_completion_tokens": _positive_int,
-    "n": _one_choice, "stop": _stop_strings, "seed": _whole_number, "tools": _function_tools,
-    "tool_choice": _tool_choice, "parallel_tool_calls": _boolean, "logprobs": _no_logprobs,
-    "top_logprobs": _no_logprobs, "response_format": _response_format}
+_SAMPLING_CHECKS = (          # (a chat request's field, its check), in the order they are checked
+    ("temperature", _number_from(0, 2)), ("top_p", _number_from(0, 1)), ("presence_penalty", _number_from(-2, 2)),
+    ("frequency_penalty", _number_from(-2, 2)), ("max_tokens", _positive_int),
+    ("max_completion_tokens", _positive_int), ("n", _one_choice), ("stop", _stop_strings), ("seed", _whole_number),
+    ("tools", _function_tools), ("tool_choice", _tool_choice), ("parallel_tool_calls", _boolean),
+    ("logprobs", _boolean), ("response_format", _response_format), ("logprobs", _no_logprobs),
+    ("top_logprobs", _no_logprobs))
+
+
+_SAMPLING_FIELDS = frozenset(field for field, _check in _SAMPLING_CHECKS)
 
 
 def validate_sampling(body):
-    """The sampling and tool fields of a chat request body, those it has (in its order)."""
-    for field, value in body.items():
-        check = _SAMPLING_CHECKS.get(field)
-        if check is not None and value is not None:
-            check(field, value)
+    """The sampling and tool fields a chat request body has (null is absent),
+    in one fixed order: with several wrong, the error is always the same one."""
+    if _SAMPLING_FIELDS.isdisjoint(body):
+        return
+    for field, check in _SAMPLING_CHECKS:
+        if field in body:
+            value = body[field]
+            if value is not None:
+                check(field, value)
 
 
 def parse_openai_chat(body, request_id=""):
@@ -12909,7 +12917,8 @@ class App:
 
     @property
     def requests_processed(self):
-        return self.metrics.requests.total()
+        requests = self.metrics.requests            # less the connections refused unread (_reject)
+        return requests.total() - requests.value(("overloaded", "503"))
 
     def status(self, key=None):
         """/status; as a named key (`key`) may see it: no other client's prompt,

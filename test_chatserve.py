@@ -3263,7 +3263,10 @@ class OpenAISurfaceTest(ServerTestCase):
                  (self.chat(stop=["a", "b", "c", "d", "e"]), "stop"), (self.chat(tools=[{"type": "function"}]), "tools"),
                  (self.chat(tool_choice="sometimes"), "tool_choice"), (self.chat(model=""), "model"),
                  (self.chat(logprobs=True), "logprobs"), (self.chat(top_logprobs=2), "top_logprobs"),
-                 (self.chat(logprobs="yes"), "logprobs")]
+                 (self.chat(logprobs="yes"), "logprobs"),
+                 # several wrong: always the first in one fixed order, whatever the body's order
+                 (self.chat(top_p=5, temperature=5), "temperature"), (self.chat(seed="x", max_tokens=0), "max_tokens"),
+                 (self.chat(logprobs=True, response_format="json"), "response_format")]
         for body, param in cases:
             status, _, answer = self.request("POST", "/v1/chat/completions", body)
             self.assert_openai_error(status, answer, 400)
@@ -7315,6 +7318,9 @@ class HTTPServerTest(ServerTestCase):
                 s.close()
         self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 0))
         self.assertEqual(self.request("GET", "/health")[0], 200)
+        counted = self.app.metrics.requests.value        # (each is recorded just after its answer is out)
+        self.assertTrue(wait_until(lambda: counted(("overloaded", "503")) == 1 and counted(("/health", "200")) == 1))
+        self.assertEqual(self.app.requests_processed, 1)      # the refused connection sent no request
 
     def test_idle_and_half_sent_requests_do_not_pin_threads(self):
         self.start(keepalive_timeout=0.2, request_timeout=0.2)
@@ -7898,7 +7904,7 @@ class DataFilesTest(ServerTestCase):
 class StrictParsingTest(ServerTestCase):
     """RFC 9112 framing: what proxies could disagree on is refused, and the connection closed."""
 
-    def refused(self, data, expected):
+    def refused(self, data, expected, words=""):
         app = getattr(self, "app", None) or self.start()
         raw = RawHTTP(app.port)
         try:
@@ -7906,7 +7912,7 @@ class StrictParsingTest(ServerTestCase):
             status, headers, body = raw.response()
             self.assertEqual(status, expected, data[:120])
             self.assertEqual(headers.get("connection"), "close", data[:120])
-            self.assertIn("message", json.loads(body)["error"])
+            self.assertIn(words, json.loads(body)["error"]["message"])
             self.assertTrue(raw.is_closed(), data[:120])
         finally:
             raw.close()
@@ -7992,6 +7998,16 @@ class StrictParsingTest(ServerTestCase):
         self.refused(b"GET /health HTTP/1.1\r\nHost: evil.com/x@y\r\n\r\n", 400)
         self.refused(b"G(T /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400)
         self.refused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nExpect: teapot\r\n\r\n", 417)
+
+    def test_the_first_problem_of_a_head_in_line_order_is_the_one_told(self):
+        long_line = b"X: " + b"v" * (cs.MAX_HEADER_LINE + 10) + b"\r\n"
+        for fields, status, words in ((b"Host: a\r\nHost: b\r\nX: \x01\r\n", 400, "more than one Host"),
+                                      (b"Host: a\r\nHost: b\r\n" + long_line, 400, "more than one Host"),
+                                      (b"Host: a\r\nX: \x01\r\nHost: b\r\n", 400, "control character")):
+            self.refused(b"GET /health HTTP/1.1\r\n" + fields + b"\r\n", status, words)
+            with self.assertRaises(cs.HeadError) as caught:       # an upstream's head: the same rules
+                cs.parse_response_head(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n")
+            self.assertIn(words, caught.exception.message)
 
     def test_malformed_chunks(self):
         for size in (b"+5", b"0x5", b"5_0", b" 5", b"-1", b"zz", b"123456789"):
