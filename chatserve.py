@@ -8182,7 +8182,8 @@ def _boolean(field, value):
 
 
 def _no_logprobs(field, value):
-    if value not in (None, False):  # (0 counts as false) answers are events: they carry no log probabilities
+    """Answers are events: they carry no log probabilities (false, or 0, asks for none)."""
+    if value not in (None, False):
         raise BadRequest("%s: log probabilities are not available through this server; remove it" % field,
                          param=field)
 
@@ -11272,21 +11273,21 @@ class StreamPump(PollingThread):
     """One thread that relays the streamed answers of many connections, so a
     thousand open streams do not wake a thousand threads for every event.
 
-    A request's thread hands its stream over when the first frames are out
-    and the upstream has sent nothing more for `grace` seconds, then waits (no
+    A request's thread hands its stream over when the first frames are out and
+    the upstream has sent nothing more for `grace` seconds, then waits (no
     lock, no turn at the interpreter).  An upstream that keeps up within the
-    grace (a cache, a fast model) is relayed by the request's thread: there
-    the hand-over would cost more than it saves (a quarter of a 200-event
-    stream's CPU, measured).  The pump reads the upstream without blocking when epoll
+    grace (a cache, a fast model) is relayed by the request's thread: there the
+    hand-over would cost more than it saves (a quarter of a 200-event stream's
+    CPU, measured).  The pump reads the upstream without blocking when epoll
     says it can, runs the stream's own pipeline (the same generators, in the
     request's CancelScope) and sends the frames of each read in one
-    non-blocking send.  The stream goes back to its thread, which finishes
-    it as before, when it ends or fails, when the client does not take the
-    frames at once (a slow client costs its own thread, not the pump), and
-    when the server closes.  When the upstream's read timeout passes the
-    pipeline raises it, as a blocking read would.  A client that leaves is
-    seen as always: the monitor cancels the scope, which shuts the upstream,
-    which wakes the pump.  Linux (epoll), plain TCP both ways."""
+    non-blocking send.  The stream goes back to its thread, which finishes it
+    as before, when it ends or fails, when the client does not take the frames
+    at once (a slow client costs its own thread, not the pump), and when the
+    server closes.  When the upstream's read timeout passes the pipeline raises
+    it, as a blocking read would.  A client that leaves is seen as always: the
+    monitor cancels the scope, which shuts the upstream, which wakes the pump.
+    Linux (epoll), plain TCP both ways."""
 
     available = hasattr(select, "epoll") and hasattr(select, "EPOLLRDHUP") and KERNEL_TIMEOUTS
     batch = 64              # frames of one stream per turn, so a fast one cannot hold up the others
