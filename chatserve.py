@@ -351,24 +351,24 @@ _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_f
 _scan_json_value = _JSON_DECODER.scan_once
 
 
-def _decode_json(text):
-    """The value of JSON text (ValueError, or RecursionError when nested too deep)."""
-    try:        # a value at 0 and nothing but whitespace after it, as decode() has it, without its two regexes
-        value, end = _scan_json_value(text, 0)
-        if end == len(text) or not text[end:].strip(" \t\n\r"):
-            return value
-    except StopIteration:
-        pass
-    return _JSON_DECODER.decode(text)           # says what is wrong (ValueError)
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than the decoder can go."""
 
 
-def json_loads_upstream(data):
-    """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are refused, and so is
-    nesting too deep for the decoder (ValueError)."""
+def json_loads_upstream(text):
+    """JSON from an upstream (and the decoding under json_loads_strict): like
+    json.loads, but NaN, Infinity and 1e999 are refused (ValueError), and so
+    is nesting too deep for the decoder (JSONTooDeep, a ValueError)."""
     try:
-        return _decode_json(data)
+        try:    # a value at 0 and nothing but whitespace after it, as decode() has it, without its two regexes
+            value, end = _scan_json_value(text, 0)
+            if end == len(text) or not text[end:].strip(" \t\n\r"):
+                return value
+        except StopIteration:
+            pass
+        return _JSON_DECODER.decode(text)       # says what is wrong (ValueError)
     except RecursionError:
-        raise ValueError("JSON nested too deeply")
+        raise JSONTooDeep("JSON nested too deeply")
 
 
 MAX_JSON_DEPTH = 64
@@ -411,8 +411,8 @@ def json_loads_strict(data):
         raise JSONError("a number with more than 100 digits")
     del skeleton
     try:
-        value = _decode_json(text)
-    except RecursionError:
+        value = json_loads_upstream(text)
+    except JSONTooDeep:
         raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
     except ValueError as e:
         raise JSONError(str(e))
