@@ -12040,6 +12040,9 @@ class Workers:
             self.jobs.put(None)
 
 
+REFUSED_UNREAD = ("overloaded", "503")     # the requests counter's labels for a connection refused unread
+
+
 class ChatHTTPServer(http.server.HTTPServer):
     """HTTP server with a thread per open connection (from `Workers`), a
     connection cap (fast 503 beyond it), TLS handshakes off the accept loop,
@@ -12135,7 +12138,7 @@ class ChatHTTPServer(http.server.HTTPServer):
             sock.close()
             self.reject_slots.give()
         if self.record_metrics:
-            self.app.metrics.requests.inc(("overloaded", "503"))
+            self.app.metrics.requests.inc(REFUSED_UNREAD)
 
     def handle_error(self, request, client_address):
         log.debug("connection error from %s", client_address, exc_info=True)
@@ -12918,8 +12921,8 @@ class App:
 
     @property
     def requests_processed(self):
-        requests = self.metrics.requests            # less the connections refused unread (_reject)
-        return requests.total() - requests.value(("overloaded", "503"))
+        requests = self.metrics.requests            # less the connections refused unread (they sent none)
+        return requests.total() - requests.value(REFUSED_UNREAD)
 
     def status(self, key=None):
         """/status; as a named key (`key`) may see it: no other client's prompt,

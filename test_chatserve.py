@@ -7319,7 +7319,7 @@ class HTTPServerTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: self.app.http.tracker.count() == 0))
         self.assertEqual(self.request("GET", "/health")[0], 200)
         counted = self.app.metrics.requests.value        # (each is recorded just after its answer is out)
-        self.assertTrue(wait_until(lambda: counted(("overloaded", "503")) == 1 and counted(("/health", "200")) == 1))
+        self.assertTrue(wait_until(lambda: counted(cs.REFUSED_UNREAD) == 1 and counted(("/health", "200")) == 1))
         self.assertEqual(self.app.requests_processed, 1)      # the refused connection sent no request
 
     def test_idle_and_half_sent_requests_do_not_pin_threads(self):
