@@ -10154,6 +10154,9 @@ os._exit(0)
 # read the JSON body, re-encode it upstream over a kept connection, parse the
 # answer's head, decode and re-encode its JSON), with none of chatserve's
 # checks, limits, metrics, cancellation or framing rules.  argv[2]: upstream port.
+# With argv[3] "relay", the floor of a thread per connection for the 1,000
+# streams: a new upstream connection per client, the answer's bytes passed on
+# as they come, unparsed.
 BENCH_FLOOR_PROXY_CODE = r"""
 import json, os, socket, sys, threading, time
 LIFETIME, UPSTREAM = float(sys.argv[1]), int(sys.argv[2])
@@ -10205,15 +10208,40 @@ def serve(client):
         client.close()
         upstream.close()
 
-def accept(listener):
+def relay(client):
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    upstream = None
+    try:
+        line, body, _rest = read_head(client, b"")
+        if line is None:
+            return
+        upstream = socket.create_connection(("127.0.0.1", UPSTREAM))
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        upstream.sendall(b"%s\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (line.encode("latin-1"), len(body), body))
+        while True:
+            data = upstream.recv(65536)
+            if not data:
+                return
+            client.sendall(data)
+            if data.endswith(b"0\r\n\r\n"):
+                return
+    except OSError:
+        pass
+    finally:
+        client.close()
+        if upstream is not None:
+            upstream.close()
+
+def accept(listener, work):
     while True:
-        threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+        threading.Thread(target=work, args=(listener.accept()[0],), daemon=True).start()
 
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
-listener.listen(256)
+listener.listen(4096)
 print(listener.getsockname()[1], flush=True)
-threading.Thread(target=accept, args=(listener,), daemon=True).start()
+threading.Thread(target=accept, args=(listener, relay if sys.argv[3:] == ["relay"] else serve), daemon=True).start()
 threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 time.sleep(LIFETIME)
 os._exit(0)
@@ -10981,11 +11009,26 @@ def _bench_targets(r, say, script, tmpdir, procs, fast_port, duration):
     r["streams_total_p99_ms"] = _bench_pct(res["total"], 0.99) * 1000.0
     r["streams_rss_peak_kb"] = _bench_proc_status(cs_proc.pid, "VmHWM")
     _bench_stop(cs_proc)
+    _bench_stream_floor(r, say, procs, fast_port)
     say("... %d idle keep-alive connections (a fresh chatserve: no worker threads kept from before)"
         % BENCH_IDLE_CONNECTIONS)
     cs_proc, cs_port, _ = _bench_start_chatserve(script, fast_port, tmpdir, procs, name="idle", defaults=True)
     r["idle_connections_kb"] = _bench_idle_connections(cs_proc.pid, cs_port, BENCH_IDLE_CONNECTIONS)
     _bench_stop(cs_proc)
+
+
+def _bench_stream_floor(r, say, procs, fast_port):
+    """For scale: the same 1,000 streams read from the upstream directly, and
+    through the floor of a thread per connection (BENCH_FLOOR_PROXY_CODE's relay)."""
+    relay_proc, relay_port = _bench_start_helper(BENCH_FLOOR_PROXY_CODE, procs, fast_port, "relay")
+    for name, port in (("direct", fast_port), ("relay", relay_port)):
+        say("... %d concurrent 2-second streams, %s" % (
+            BENCH_STREAMS, "directly" if name == "direct" else "through a minimal threaded relay"))
+        res = _bench_streams(port, BENCH_STREAMS, BENCH_STREAM_SOURCES)
+        r["streams_%s_errors" % name] = res["errors"]
+        r["streams_%s_ttfb_p50_ms" % name] = _bench_pct(res["ttfb"], 0.5) * 1000.0
+        r["streams_%s_ttfb_p99_ms" % name] = _bench_pct(res["ttfb"], 0.99) * 1000.0
+    _bench_stop(relay_proc)
 
 
 def _bench_references(r, say, script, tmpdir, procs, std_proc, std_port, duration):
@@ -11018,6 +11061,12 @@ def _bench_reference_lines(r):
                          "request (chatserve %.2fx, %s us)" % (
                              c, floor, floor / up, _bench_us(r.get("cpu_us_ref_floor_c%d" % c)), cs_rps / up,
                              _bench_us(r.get("cpu_us_ref_chatserve_c%d" % c))))
+    if r.get("streams_relay_ttfb_p99_ms") is not None:
+        lines.append("  %d streams, p99 (p50) first event: directly %.0f (%.0f) ms; minimal threaded relay "
+                     "%.0f (%.0f) ms, %d errors; chatserve %.0f (%.0f) ms" % (
+                         BENCH_STREAMS, r["streams_direct_ttfb_p99_ms"], r["streams_direct_ttfb_p50_ms"],
+                         r["streams_relay_ttfb_p99_ms"], r["streams_relay_ttfb_p50_ms"], r["streams_relay_errors"],
+                         r["streams_ttfb_p99_ms"], r["streams_ttfb_p50_ms"]))
     up, via = r.get("events_per_s_long_upstream"), r.get("events_per_s_long_chatserve")
     if up and via:
         lines.append("  streamed events/s over %d-event streams  %.0f / %.0f = %.2fx (%d-event streams: %.2fx)" % (
@@ -11133,7 +11182,7 @@ def _bench_report(r, say):
     for what, measured, target, met in _bench_target_rows(r):
         say("  %-44s %-26s %-12s %s" % (what, measured, target,
                                           "n/a" if met is None else ("met" if met else "MISSED")))
-    say("For scale (no targets): the floor of this design, and long streams:")
+    say("For scale (no targets): the floor of this design, 1,000 streams without chatserve, and long streams:")
     for line in _bench_reference_lines(r):
         say(line)
     say("(bench took %.0f s)" % r["bench_seconds"])
