@@ -2119,6 +2119,7 @@ def recv_some(sock, size=65536):
 # ---------------------------------------------------------------------------
 
 TextDelta = collections.namedtuple("TextDelta", "text refusal", defaults=(False,))   # refusal: the model declined
+_new_tuple = tuple.__new__      # a namedtuple made without its Python __new__: _new_tuple(TextDelta, (text, False))
 ToolCallDelta = collections.namedtuple("ToolCallDelta", "index id name arguments")
 Usage = collections.namedtuple("Usage", "prompt_tokens completion_tokens")
 Finish = collections.namedtuple("Finish", "reason stop_sequence", defaults=(None,))
@@ -2557,7 +2558,7 @@ class UpstreamResponse:
                     if line_end < 0:
                         break                       # the size line is not all here yet
                     raise http_client_error("a malformed chunk size %r" % bytes(buf[pos:line_end][:40]))
-                pos, size = m.end(), int(m.group(1), 16)
+                pos, size = m.end(), int(m[1], 16)
                 if not size:
                     self.last_chunk = True
                     break
@@ -3614,12 +3615,12 @@ class OpenAIProvider(Provider):
                 chunk = json_loads_upstream(data)
             except ValueError:
                 raise UpstreamError("sent a stream chunk that is not JSON: %.100s" % data)
-            if type(chunk) is dict and chunk.get("error"):
-                raise stated_error(data)
             text = openai_chunk_text(chunk)
             if text:                            # nearly every chunk
-                yield TextDelta(text)
+                yield _new_tuple(TextDelta, (text, False))
                 continue
+            if type(chunk) is dict and chunk.get("error"):
+                raise stated_error(data)
             events = openai_chunk_events(chunk)
             for ev in events:
                 if type(ev) is Finish:
@@ -3689,15 +3690,16 @@ def tool_call_delta(index, ident, name, arguments):
 
 def openai_chunk_text(chunk):
     """The text of a chunk that is one choice's text delta and nothing else
-    (no tool call, finish or usage), else None: what openai_chunk_events would
-    make a single TextDelta of, found without building its list."""
+    (no tool call, finish, usage or error), else None: what openai_chunk_events
+    would make a single TextDelta of, found without building its list."""
     try:
         (choice,) = chunk["choices"]
         delta = choice["delta"]
         text = delta["content"]
     except (KeyError, TypeError, ValueError):
         return None
-    if type(text) is not str or delta.get("tool_calls") or choice.get("finish_reason") or chunk.get("usage"):
+    if (type(text) is not str or delta.get("tool_calls") or choice.get("finish_reason") or chunk.get("usage")
+            or chunk.get("error")):
         return None
     return text
 
@@ -11863,7 +11865,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             resp.conn.nonblocking = True        # the pipeline yields WOULD_BLOCK instead of waiting
         for chunk in chunks:
             if chunk is not WOULD_BLOCK:
-                sse.send(chunk)
+                sse.write(sse_frame(chunk))
                 continue
             sse.flush()
             if resp.conn.readable_within(pump.grace):      # the upstream keeps up: this thread goes on

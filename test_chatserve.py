@@ -314,6 +314,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def scenario_stream_error(self, body):
         self.stream([openai_chunk({"content": "a"}), {"error": {"message": "model overloaded", "type": "server_error"}}])
 
+    def scenario_text_with_error(self, body):
+        """A chunk with text that also says an error: the error, not the text."""
+        self.stream([openai_chunk({"content": "a"}),
+                     dict(openai_chunk({"content": "b"}), error={"message": "model overloaded", "type": "server_error"})])
+
     def scenario_slow(self, body):
         time.sleep(self.server.slow_seconds)
         self.send_body(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "late"},
@@ -1662,7 +1667,8 @@ class OpenAIProviderTest(ServerTestCase):
                                         ("finish_reason", rng.choice([None, None, "", "stop"])))
                       if rng.random() < 0.9}
             choices = rng.choice([[choice], [choice], [choice, choice], [], choice, "c", None])
-            chunk = {k: v for k, v in (("choices", choices), ("usage", rng.choice([None, None, {}, {"x": 1}])))
+            chunk = {k: v for k, v in (("choices", choices), ("usage", rng.choice([None, None, {}, {"x": 1}])),
+                                       ("error", rng.choice([None, None, {}, {"message": "x"}])))
                      if rng.random() < 0.95}
             if rng.random() < 0.05:
                 chunk = rng.choice(values)
@@ -1674,6 +1680,7 @@ class OpenAIProviderTest(ServerTestCase):
             if text:
                 taken += 1
                 self.assertEqual(full, [cs.TextDelta(text)], chunk)
+                self.assertFalse(chunk.get("error"), chunk)     # an error chunk is the stream's error, never text
         self.assertGreater(taken, 50)
         for delta in ({"content": "tok"}, {"role": "assistant", "content": "tok"}, {"content": "tok", "tool_calls": []}):
             chunk = openai_chunk(delta, finish=None)            # as OpenAI, llama.cpp and vLLM send them
@@ -3278,13 +3285,14 @@ class OpenAISurfaceTest(ServerTestCase):
     def test_stream_cut_midway_ends_with_error_chunk_and_done(self):
         self.start()
         for model, words in (("cut", "ended before"), ("no-done", "ended before"), ("stream-error", "model overloaded"),
-                             ("interrupted", "no finish_reason")):
+                             ("interrupted", "no finish_reason"), ("text-with-error", "model overloaded")):
             status, _, text = self.request("POST", "/v1/chat/completions", self.chat(model, stream=True))
             chunks = sse_data(text)
             self.assertEqual(status, 200)
             self.assertEqual(chunks[-1], "[DONE]")
             self.assertIn(words, chunks[-2]["error"]["message"], model)
             self.assertEqual(set(chunks[-2]["error"]), {"message", "type", "param", "code"})
+            self.assertNotIn("b", [c["choices"][0]["delta"].get("content") for c in chunks[:-2]], model)
 
     def first_read_chunks(self, model, words):
         """The HTTP chunks of a stream whose upstream sent `words` events in one
