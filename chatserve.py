@@ -2076,6 +2076,11 @@ def keeps_alive(version, headers):
 
 KERNEL_TIMEOUTS = sys.platform.startswith("linux") and hasattr(socket, "SO_RCVTIMEO")
 _TIMEVAL = struct.Struct("ll")              # struct timeval: seconds, microseconds
+# Linux's struct tcp_info (linux/tcp.h): tcpi_state is its first byte, tcpi_bytes_received (Linux 4.1+) a u64 at 128
+TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+TCP_ESTABLISHED = 1
+_TCP_BYTES_RECEIVED, _TCP_BYTES_RECEIVED_AT, _TCP_INFO_SIZE = struct.Struct("=Q"), 128, 136
+INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def is_tls(sock):
@@ -2341,14 +2346,33 @@ def http_client_error(what):
 
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an upstream.  A request goes out
-    in one send; `buf` holds what was received and not yet consumed."""
+    in one send; `buf` holds what was received and not yet consumed, and
+    `received` counts every byte read from the socket."""
 
-    __slots__ = ("sock", "buf", "used", "timeout", "nonblocking", "expired", "drained")
+    __slots__ = ("sock", "buf", "used", "timeout", "nonblocking", "expired", "drained", "received", "tcp_info")
 
     def __init__(self, sock):
-        self.sock, self.buf, self.used, self.timeout = sock, bytearray(), 0.0, None
+        self.sock, self.buf, self.used, self.timeout, self.received = sock, bytearray(), 0.0, None, 0
         self.nonblocking = self.expired = False     # set by the StreamPump while it relays the answer
         self.drained = False        # non-blocking: the last read took all there was (until the pump sees more)
+        self.tcp_info = TCP_INFO is not None and type(sock) is socket.socket and sock.family in INET_FAMILIES
+
+    def quiet(self):
+        """Whether nothing came since the last read: no bytes nobody asked
+        for, no EOF, no reset.  On Linux, for plain TCP, the kernel's state
+        and count of bytes received (TCP_INFO) against `received`: a call that
+        keeps the interpreter lock, where a peek (`_readable`) lets it go and,
+        with many threads busy, waits for its turn to get it back."""
+        if self.tcp_info:
+            try:
+                info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCP_INFO_SIZE)
+            except OSError:                 # closed
+                return False
+            if len(info) >= _TCP_INFO_SIZE:
+                kernel_count = _TCP_BYTES_RECEIVED.unpack_from(info, _TCP_BYTES_RECEIVED_AT)[0]
+                if kernel_count >= self.received:       # (less: the kernel does not count; peek instead)
+                    return info[0] == TCP_ESTABLISHED and kernel_count == self.received
+        return not _readable(self.sock)
 
     def fill(self, before_wait=None):
         """Receive more into `buf`; False at the upstream's EOF.  `before_wait`
@@ -2367,6 +2391,7 @@ class UpstreamConnection:
                 raise WouldBlock()
             if not data:
                 return False
+            self.received += len(data)
             self.buf += data
             self.drained = len(data) < 65536
             return True
@@ -2375,6 +2400,7 @@ class UpstreamConnection:
         data = recv_some(self.sock)
         if not data:
             return False
+        self.received += len(data)
         self.buf += data
         return True
 
@@ -2783,8 +2809,8 @@ class UpstreamPool:
                 conn = stack.pop()
             except IndexError:
                 return None
-            if now - conn.used < self.idle_ttl and not _readable(conn.sock):
-                return conn         # nothing waiting on it: no EOF, no bytes nobody asked for
+            if now - conn.used < self.idle_ttl and conn.quiet():
+                return conn
             conn.close()
         return None
 

@@ -1472,6 +1472,62 @@ class UpstreamClientTest(unittest.TestCase):
             (socket.AF_INET, ("127.0.0.1", second.sock.getsockname()[1]))])
         self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"B2")
 
+    def test_an_idle_connection_is_quiet_only_while_nothing_came(self):
+        """quiet() (the pool's check before reuse): bytes nobody read, the
+        peer's FIN or reset each make a connection unfit; on Linux it asks
+        the kernel (TCP_INFO) and peeks only where the kernel cannot tell."""
+        def pair(family=socket.AF_INET):
+            if family == socket.AF_UNIX:
+                a, b = socket.socketpair()
+            else:
+                listener = socket.socket()
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                a = socket.create_connection(listener.getsockname())
+                b = listener.accept()[0]
+                listener.close()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            return cs.UpstreamConnection(a), b
+        peeked, real_readable = [], cs._readable
+        cs._readable = lambda sock: peeked.append(sock) or real_readable(sock)
+        self.addCleanup(setattr, cs, "_readable", real_readable)
+        kernel_tells = cs.TCP_INFO is not None
+
+        conn, peer = pair()
+        self.assertTrue(conn.quiet())
+        peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(wait_until(lambda: not conn.quiet()))          # an answer waits, unread
+        while len(conn.buf) < 40:
+            self.assertTrue(conn.fill())
+        self.assertTrue(conn.quiet())                                   # all of it read
+        peer.sendall(b"x")                                              # one byte nobody asked for
+        self.assertTrue(wait_until(lambda: not conn.quiet()))
+        conn.fill()
+        self.assertTrue(conn.quiet())
+        peer.close()                                                    # FIN
+        self.assertTrue(wait_until(lambda: not conn.quiet()))
+        conn, peer = pair()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()                                                    # RST
+        self.assertTrue(wait_until(lambda: not conn.quiet()))
+        self.assertEqual(conn.tcp_info, kernel_tells)
+        if kernel_tells:
+            self.assertEqual(peeked, [])                # the kernel told each time: no peek
+
+        conn, peer = pair()
+        conn.received = 10 ** 6                                         # a kernel that does not count: the peek
+        self.assertTrue(conn.quiet())
+        conn.sock.close()
+        self.assertFalse(conn.quiet())                                  # closed: never reused
+        conn, peer = pair(socket.AF_UNIX)                               # no TCP_INFO: the peek
+        self.assertFalse(conn.tcp_info)
+        self.assertTrue(conn.quiet())
+        peer.sendall(b"x")
+        self.assertTrue(wait_until(lambda: not conn.quiet()))
+        if kernel_tells:
+            self.assertGreaterEqual(len(peeked), 3)     # the uncounting kernel's and the Unix socket's
+
     def test_finish_does_not_wait_for_a_close_delimited_end(self):
         server = OneShotServer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: [DONE]\n\n",
                                keep=True)
