@@ -2488,6 +2488,8 @@ class UpstreamResponse:
     chunked, or to the end of the connection); give it back with `release()`
     or drop it with `close()`."""
 
+    finish_wait = 0.25      # seconds for what follows the protocol's end marker (the chunked terminator)
+
     def __init__(self, pool, key, conn, scope=None):
         self.pool, self.key, self.conn, self.scope = pool, key, conn, scope
         self.before_wait = scope.about_to_wait if scope is not None else None
@@ -2716,12 +2718,20 @@ class UpstreamResponse:
 
     def finishing(self):
         """finish() for a pipeline read without blocking (StreamPump): WOULD_BLOCK
-        while the rest is not here yet."""
-        if self.conn is None:
+        while the rest is not here yet.  The rest is waited for at most
+        `finish_wait` seconds (the pump's sweep ends its wait): an upstream
+        that holds it back costs its connection, not the client's wait for
+        the end of its answer."""
+        conn = self.conn
+        if conn is None:
             return
         if self.will_close and not self.chunked and self.remaining is None:
             self.close()            # the body ends only when the upstream closes: do not wait for it
             return
+        if conn.timeout is None or conn.timeout > self.finish_wait:
+            if not conn.nonblocking:
+                set_io_timeout(conn.sock, self.finish_wait, writes=False)
+            conn.timeout = self.finish_wait     # (a request that takes the connection next sets its own)
         pieces = 0
         try:
             while pieces < 64:
@@ -2870,8 +2880,9 @@ class UpstreamPool:
     def request(self, method, url, body=None, headers=None, connect_timeout=10.0, read_timeout=120.0, pinned=None,
                 prompt=True):
         """Send a request and wait for the response head.  A pooled connection
-        the server has closed meanwhile is retried once on a new one.
-        `prompt`: the body carries a prompt (counted in the scope once sent)."""
+        the server has closed meanwhile (it sent no byte of an answer) is
+        retried once on a new one.  `prompt`: the body carries a prompt
+        (counted in the scope once sent)."""
         scheme, host, port, target = self.split_url(url)
         key, scope = (scheme, host, port), CancelScope.current()
         try:
@@ -2884,7 +2895,7 @@ class UpstreamPool:
             if scope is not None:
                 scope.check()
             conn = self.get(key) if attempt == 0 else None
-            reused, retry, counted = conn is not None, False, False
+            reused, retry, counted, answered_before = conn is not None, False, False, 0
             try:
                 if conn is None:
                     conn = self.open(scheme, host, port, connect_timeout, pinned)
@@ -2895,7 +2906,14 @@ class UpstreamPool:
                 if conn.timeout != read_timeout:
                     set_io_timeout(conn.sock, read_timeout)
                     conn.timeout = read_timeout
-                conn.sock.sendall(message)
+                answered_before = conn.received
+                try:
+                    conn.sock.sendall(message)
+                except (ConnectionResetError, BrokenPipeError):
+                    early = self._early_answer(key, conn, scope)
+                    if early is None:
+                        raise
+                    return early
                 if counts:
                     scope.prompts_sent, counted = scope.prompts_sent + 1, True
                 resp = UpstreamResponse(self, key, conn, scope)
@@ -2914,7 +2932,7 @@ class UpstreamPool:
                 error.retry_same = False    # it has the prompt and may still be at it: a fallback, not a resend
             except (ConnectionResetError, BrokenPipeError) as e:
                 error = UpstreamError("upstream %s:%d closed the connection: %s" % (host, port, _os_reason(e)))
-                retry = reused
+                retry = reused and conn.received == answered_before     # once it answered, it has the prompt
             except OSError as e:
                 error = UpstreamError("upstream %s:%d failed: %s" % (host, port, _os_reason(e)))
             if conn is not None:
@@ -2928,6 +2946,17 @@ class UpstreamPool:
             if not retry:
                 raise error
         raise UpstreamError("upstream %s:%d closed the connection twice" % (host, port))
+
+    def _early_answer(self, key, conn, scope):
+        """The answer an upstream sent before it closed on a request still
+        going out (RFC 9112 9.5: a 413 for a body too large), or None.  Read
+        from what arrived before the close: no wait."""
+        try:
+            resp = UpstreamResponse(self, key, conn, scope)
+        except (OSError, UpstreamError):
+            return None
+        resp.will_close = True          # the request was cut short: the connection ends with this answer
+        return resp
 
     def close(self):
         """Close the idle connections, and from now on every one given back."""
@@ -11455,6 +11484,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reader = ClientReader(self.connection)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.watched, self.scope, self.hung_up = False, None, False
+        self.head_began = time.monotonic()      # when the first byte of the request being read came
         self.app = self.server.app
         self.router = self.server.router
         self.request_id = ""
@@ -11477,6 +11507,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.rfile.peek(1):          # idle until the first byte of the next request
                 self.close_connection = True
                 return
+            self.head_began = time.monotonic()
             self.request_id, self.status_sent, self.bytes_sent, self.head_sent = "", 0, 0, False
             self.render_error, self.route_label, self.scope, self.client_key = openai_error_body, None, None, None
             self.cors_origin = None             # a listed site's page is asking: CORS headers on the answer
@@ -11866,17 +11897,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
-        """A refused request head: the error, then the connection closes."""
+        """A refused request head: the error, then the connection closes;
+        counted and logged as a request of no route ("unknown")."""
         self.close_connection = True
         self.body_pending = False
         self.request_id = getattr(self, "request_id", "") or new_id()
-        self.render_error = self.router.errors_for(self.path.split("?", 1)[0])     # the surface the path names
+        path = self.path.split("?", 1)[0]
+        self.render_error = self.router.errors_for(path)     # the surface the path names
         self.head_sent = False
         self.status_sent, self.bytes_sent = 0, 0
         err = ChatServeError(message or _HTTP_REASONS.get(code, "error"), status=code,
                              type="invalid_request_error" if code < 500 else "server_error",
                              code="http_%d" % code)
         self.send_error_obj(err)
+        duration = time.monotonic() - self.head_began
+        if self.server.record_metrics:
+            self.app.request_started()
+            self.app.request_finished("unknown", self.status_sent or code, duration)
+        self.log_access(path or "-", duration)
 
     def open_sse(self, headers=None):
         return SSEWriter(self, headers)
@@ -11910,10 +11948,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_access(self, path, duration):
         if not log.isEnabledFor(logging.INFO) or not self.server.access_log:
             return
-        fields = {"event": "access", "client": self.address_string(), "method": self.command, "path": path,
+        method = self.command or "-"            # (a refused head may have none)
+        fields = {"event": "access", "client": self.address_string(), "method": method, "path": path,
                   "status": self.status_sent, "bytes": self.bytes_sent,
                   "duration_ms": round(duration * 1000, 2), "request_id": self.request_id}
-        log.info('%s "%s %s" %s %dB %.1fms rid=%s', fields["client"], self.command, path, self.status_sent,
+        log.info('%s "%s %s" %s %dB %.1fms rid=%s', fields["client"], method, path, self.status_sent,
                  self.bytes_sent, fields["duration_ms"], self.request_id, extra={"fields": fields})
 
     def log_message(self, format, *args):

@@ -385,6 +385,35 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         rest = ("data: %s\n\ndata: [DONE]\n\n" % json.dumps(openai_chunk(finish="stop"))).encode()
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
 
+    def scenario_held_terminator(self, body):
+        """Every event and [DONE], then the chunked terminator held back until
+        the test releases it; a close by chatserve meanwhile is counted.  The
+        prompt "pause" pauses after the first event (the stream goes to the
+        StreamPump before its end)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        frames = [("data: %s\n\n" % json.dumps(chunk)).encode() for chunk in
+                  (openai_chunk({"content": "a"}), openai_chunk({"content": "b"}), openai_chunk(finish="stop"))]
+        for i, frame in enumerate(frames + [b"data: [DONE]\n\n"]):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            self.wfile.flush()
+            if i == 0 and body["messages"][-1]["content"] == "pause":
+                time.sleep(0.05)
+        self.connection.settimeout(WAIT)
+        try:
+            closed = self.connection.recv(1) == b""
+        except OSError:
+            closed = True
+        if closed:
+            with self.server.lock:
+                self.server.terminator_hangups += 1
+            self.close_connection = True
+            return
+        self.server.release.wait(WAIT)
+        self.wfile.write(b"0\r\n\r\n")
+
     def scenario_long_burst_then_wait(self, body):
         self.scenario_burst_then_wait(body, count=20)
 
@@ -757,6 +786,7 @@ class FakeUpstream:
         self.server.model_listings = 0      # GET .../models: llama-cpp-python stops the stream it is sending
         self.server.disconnects = 0
         self.server.hangups = 0
+        self.server.terminator_hangups = 0
         self.server.slow_seconds = 1.0
         self.server.endless_chunks = 400
         self.server.endless_delay = 0.02
@@ -1288,6 +1318,77 @@ class OneShotServer:
         self.thread.join(WAIT)
 
 
+class ScriptedServer:
+    """A loopback upstream that answers every request it reads, on whatever
+    connection, with the next of `answers`: raw bytes to send, then
+    ("close",) to close without reading more, or ("reset",) to close with
+    the rest of the request unread; counts the requests (their heads)."""
+
+    def __init__(self, answers):
+        self.answers, self.requests, self.lock = list(answers), 0, threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(WAIT)
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1/x" % self.sock.getsockname()[1]
+
+    def _accept(self):
+        for _ in range(20):
+            try:
+                conn = self.sock.accept()[0]
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(WAIT)
+            buf = b""
+            for _ in range(20):
+                while b"\r\n\r\n" not in buf:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    buf += piece
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *([0-9]+)", head).group(1))
+                with self.lock:
+                    self.requests += 1
+                    answer = self.answers.pop(0) if self.answers else ("close",)
+                if isinstance(answer, bytes):
+                    while len(buf) < length:
+                        piece = conn.recv(65536)
+                        if not piece:
+                            return
+                        buf += piece
+                    buf = buf[length:]
+                    conn.sendall(answer)
+                    continue
+                if answer[0] == "reset":
+                    conn.sendall(answer[1])
+                    time.sleep(0.05)                    # the answer leaves before the reset
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                conn.sendall(answer[1] if len(answer) > 1 else b"")
+                return
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes the accept (Linux); close alone does not
+        except OSError:
+            pass
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(WAIT)
+
+
 class CoalescingOwnerTest(unittest.TestCase):
     def test_only_the_writing_thread_flushes(self):
         # an agent job runs in the request's scope on another thread: its upstream reads must not flush
@@ -1471,6 +1572,40 @@ class UpstreamClientTest(unittest.TestCase):
         pool.dns[("127.0.0.1", server.sock.getsockname()[1])] = (time.monotonic() + 60, [
             (socket.AF_INET, ("127.0.0.1", second.sock.getsockname()[1]))])
         self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"B2")
+
+    def test_a_prompt_is_sent_again_only_when_no_byte_of_an_answer_came(self):
+        """A pooled connection that breaks before any answer (the upstream
+        closed it idle) is retried once on a new one; one that broke after
+        part of an answer is not: the upstream took the prompt (RFC 9110
+        9.2.2, a POST is not retried once answered)."""
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        for broken, sent_times in ((("close",), 2), ((("close", b"HTTP/1.1 200 OK\r\nContent-Ty")), 1)):
+            server = ScriptedServer([ok, broken, ok])
+            self.addCleanup(server.close)
+            pool = cs.UpstreamPool()
+            self.addCleanup(pool.close)
+            self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"ok")
+            if sent_times == 2:
+                self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"ok")
+            else:
+                with self.assertRaises(cs.UpstreamError) as ctx:
+                    pool.request("POST", server.url, b"{}", {}, 2.0, 2.0)
+                self.assertIn("in the middle of a head", str(ctx.exception))
+            self.assertEqual(server.requests, 1 + sent_times, broken)
+
+    def test_an_answer_sent_before_a_close_on_a_body_still_going_out_is_read(self):
+        """An upstream that answers 413 to a large body and closes without
+        reading the rest (a reset): that answer, not a 502, and the body is
+        not sent again (RFC 9112 9.5)."""
+        refusal = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+        server = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", ("reset", refusal)])
+        self.addCleanup(server.close)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        self.assertEqual(pool.request("POST", server.url, b"{}", {}, 2.0, 2.0).read(), b"ok")
+        resp = pool.request("POST", server.url, b"x" * (8 << 20), {}, 2.0, 2.0)     # more than the socket buffers
+        self.assertEqual((resp.status, resp.read()), (413, b"too large"))
+        self.assertEqual((server.requests, sum(len(stack) for stack in pool.idle.values())), (2, 0))
 
     def test_an_idle_connection_is_quiet_only_while_nothing_came(self):
         """quiet() (the pool's check before reuse): bytes nobody read, the
@@ -3349,6 +3484,27 @@ class OpenAISurfaceTest(ServerTestCase):
             self.assertIn(words, chunks[-2]["error"]["message"], model)
             self.assertEqual(set(chunks[-2]["error"]), {"message", "type", "param", "code"})
             self.assertNotIn("b", [c["choices"][0]["delta"].get("content") for c in chunks[:-2]], model)
+
+    def test_the_end_of_a_stream_does_not_wait_for_an_upstream_that_holds_its_terminator(self):
+        """After [DONE] the upstream's chunked terminator is waited for only
+        briefly (UpstreamResponse.finish_wait): the client gets its [DONE] and
+        the end of its answer, and the upstream connection is closed, not
+        kept, in the request's thread and in the StreamPump alike."""
+        self.start()
+        self.addCleanup(self.upstream.server.release.set)
+        pump = self.app.http.pump
+        for n, prompt in enumerate(("go", "pause"), 1):
+            self.app.http.pump = None if prompt == "go" else pump      # "go": read blocking, in the request's thread
+            conn = self.conn(timeout=WAIT / 3)          # the upstream holds its terminator for WAIT
+            body = self.chat("held-terminator", stream=True, messages=[{"role": "user", "content": prompt}])
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            chunks = sse_data(conn.getresponse().read().decode())
+            conn.close()
+            self.assertEqual([c["choices"][0]["delta"].get("content") for c in chunks[:-1] if c["choices"]],
+                             ["", "a", "b", None], prompt)
+            self.assertEqual(chunks[-1], "[DONE]")
+            self.assertTrue(wait_until(lambda: self.upstream.server.terminator_hangups == n), prompt)
+        self.assertEqual(self.app.http.pump.relayed, 1)     # "pause" went through the pump
 
     def first_read_chunks(self, model, words):
         """The HTTP chunks of a stream whose upstream sent `words` events in one
@@ -7981,6 +8137,30 @@ class StrictParsingTest(ServerTestCase):
         finally:
             raw.close()
         self.assertEqual(self.upstream.requests, [])
+
+    def test_a_refused_head_is_counted_and_logged_as_a_request(self):
+        """A head refused before any route (400, 431, 505, 408) is counted
+        in the requests metric (route "unknown") and in requests_processed,
+        and gets an access-log line, as nginx logs its 400s."""
+        app = self.start(header_timeout=0.2)
+        before = app.requests_processed
+        heads = (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n",
+                 b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n",
+                 b"GET /health HTTP/2.0\r\nHost: localhost\r\n\r\n",
+                 b"GET /health HTTP/1.1\r\nHost: loc")                 # and then nothing: 408
+        with self.assertLogs("chatserve", "INFO") as logged:
+            for head, status in zip(heads, (400, 431, 505, 408)):
+                raw = RawHTTP(app.port)
+                try:
+                    raw.send(head)
+                    self.assertEqual(raw.response()[0], status, head[:40])
+                finally:
+                    raw.close()
+            self.assertTrue(wait_until(lambda: app.requests_processed == before + 4), app.requests_processed)
+        for status in (400, 431, 505, 408):
+            self.assertEqual(app.metrics.requests.value(("unknown", str(status))), 1, status)
+        access = [line for line in logged.output if " rid=" in line]
+        self.assertEqual([line.split('" ')[1].split()[0] for line in access], ["400", "431", "505", "408"], access)
 
     def test_content_length_is_digits_only(self):
         for value in ("+89", "8_9", "0x59", "-1", "89 89", "1e2", "", "99999999999999999999"):
