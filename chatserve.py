@@ -2729,8 +2729,7 @@ class UpstreamResponse:
             self.close()            # the body ends only when the upstream closes: do not wait for it
             return
         if conn.timeout is None or conn.timeout > self.finish_wait:
-            if not conn.nonblocking:
-                set_io_timeout(conn.sock, self.finish_wait, writes=False)
+            set_io_timeout(conn.sock, self.finish_wait, writes=False)   # (also if it goes back to blocking reads)
             conn.timeout = self.finish_wait     # (a request that takes the connection next sets its own)
         pieces = 0
         try:
