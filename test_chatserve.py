@@ -1607,6 +1607,25 @@ class UpstreamClientTest(unittest.TestCase):
         self.assertEqual((resp.status, resp.read()), (413, b"too large"))
         self.assertEqual((server.requests, sum(len(stack) for stack in pool.idle.values())), (2, 0))
 
+    def test_the_wait_after_an_end_marker_stays_short_when_a_relayed_read_turns_blocking(self):
+        """finishing() bounds the wait for what follows the end marker also
+        when it began non-blocking (the pump) and goes on blocking (the pump
+        gave the stream back: a slow client, a closing server)."""
+        server = ScriptedServer([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"])
+        self.addCleanup(server.close)           # (it holds the rest of the answer, then closes)
+        pool = cs.UpstreamPool()
+        self.addCleanup(pool.close)
+        resp = pool.request("POST", server.url, b"{}", {}, 2.0, WAIT)
+        self.assertEqual(resp._piece(), b"hello")
+        resp.conn.nonblocking = True
+        finishing = resp.finishing()
+        self.assertIs(next(finishing), cs.WOULD_BLOCK)
+        resp.conn.nonblocking = False           # as Handler.relay does with a stream given back
+        started = time.monotonic()
+        self.assertEqual(list(finishing), [])
+        self.assertLess(time.monotonic() - started, WAIT / 2)    # the finish_wait, not the read timeout
+        self.assertIsNone(resp.conn)            # closed, not kept
+
     def test_an_idle_connection_is_quiet_only_while_nothing_came(self):
         """quiet() (the pool's check before reuse): bytes nobody read, the
         peer's FIN or reset each make a connection unfit; on Linux it asks
