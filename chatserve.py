@@ -350,36 +350,55 @@ _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_f
 
 _scan_json_value = _JSON_DECODER.scan_once
 
-
-class JSONTooDeep(ValueError):
-    """JSON nested deeper than the decoder can go."""
-
-
-def json_loads_upstream(text):
-    """JSON from an upstream (and the decoding under json_loads_strict): like
-    json.loads, but NaN, Infinity and 1e999 are refused (ValueError), and so
-    is nesting too deep for the decoder (JSONTooDeep, a ValueError)."""
-    try:
-        try:    # a value at 0 and nothing but whitespace after it, as decode() has it, without its two regexes
-            value, end = _scan_json_value(text, 0)
-            if end == len(text) or not text[end:].strip(" \t\n\r"):
-                return value
-        except StopIteration:
-            pass
-        return _JSON_DECODER.decode(text)       # says what is wrong (ValueError)
-    except RecursionError:
-        raise JSONTooDeep("JSON nested too deeply")
-
-
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = 64                 # what a client may send
+JSON_DECODER_DEPTH = 500            # what an upstream may: far below the interpreter's recursion limit
 MAX_JSON_CONTAINERS = 200000        # objects and arrays in one document
 MAX_JSON_VALUES = 500000            # values in one document (counted by its commas and colons)
 
 # A string, or an unterminated one to the end: never fails once started, so linear (no retry per quote)
 _JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
+_JSON_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_JSON_BRACKET_STEP = [0] * 128
+_JSON_BRACKET_STEP[ord("[")] = _JSON_BRACKET_STEP[ord("{")] = 1
+_JSON_BRACKET_STEP[ord("]")] = _JSON_BRACKET_STEP[ord("}")] = -1
 _LONG_NUMBER_RE = re.compile(r"[0-9]{101}")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than chatserve decodes."""
+
+
+def json_nesting(skeleton):
+    """How deep the objects and arrays of `skeleton` (JSON text with its
+    strings emptied, see _JSON_STRING_RE) nest, counted without recursion."""
+    brackets = _JSON_NOT_BRACKET_RE.sub("", skeleton).encode("ascii")
+    return max(itertools.accumulate(map(_JSON_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _decode_json(text):
+    """A value at 0 and nothing but whitespace after it, as JSONDecoder.decode
+    has it, without its two regexes; ValueError says what is wrong."""
+    try:
+        value, end = _scan_json_value(text, 0)
+        if end == len(text) or not text[end:].strip(" \t\n\r"):
+            return value
+    except StopIteration:
+        pass
+    return _JSON_DECODER.decode(text)
+
+
+def json_loads_upstream(text):
+    """JSON from an upstream: like json.loads, but NaN, Infinity and 1e999 are
+    refused (ValueError), and so is nesting deeper than JSON_DECODER_DEPTH
+    (JSONTooDeep), before the C decoder recurses: one that reaches the
+    recursion limit can abort the interpreter (Python 3.8, when a garbage
+    collection runs a callback at that depth)."""
+    if (text.count("[") + text.count("{") > JSON_DECODER_DEPTH
+            and json_nesting(_JSON_STRING_RE.sub('""', text)) > JSON_DECODER_DEPTH):
+        raise JSONTooDeep("JSON nested deeper than %d levels" % JSON_DECODER_DEPTH)
+    return _decode_json(text)
 
 
 class JSONError(ValueError):
@@ -409,16 +428,15 @@ def json_loads_strict(data):
         raise JSONError("more than %d values" % MAX_JSON_VALUES)
     if _LONG_NUMBER_RE.search(skeleton):       # int() of a long digit run is quadratic before Python 3.11
         raise JSONError("a number with more than 100 digits")
+    if containers > MAX_JSON_DEPTH and json_nesting(skeleton) > MAX_JSON_DEPTH:    # fewer cannot nest deeper
+        raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
     del skeleton
     try:
-        value = json_loads_upstream(text)
-    except JSONTooDeep:
-        raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH)
+        value = _decode_json(text)
     except ValueError as e:
         raise JSONError(str(e))
-    surrogates = bool(_SURROGATE_ESCAPE_RE.search(text) or _LONE_SURROGATE_RE.search(text))
-    if surrogates or containers > MAX_JSON_DEPTH:       # fewer containers cannot nest deeper
-        check_json_value(value, surrogates)
+    if _SURROGATE_ESCAPE_RE.search(text) or _LONE_SURROGATE_RE.search(text):
+        check_json_value(value)
     return value
 
 
@@ -426,9 +444,9 @@ def _json_path(path, key):
     return "%s[%d]" % (path, key) if isinstance(key, int) else ("%s.%s" % (path, key) if path else str(key))
 
 
-def check_json_value(value, surrogates=True):
-    """Depth at most MAX_JSON_DEPTH and (when asked) no lone surrogate in any
-    string or key; iterative, so no recursion happens before the check."""
+def check_json_value(value):
+    """Depth at most MAX_JSON_DEPTH and no lone surrogate in any string or
+    key; iterative, so no recursion happens before the check."""
     stack = [(value, "", 1)]
     while stack:
         node, path, depth = stack.pop()
@@ -437,11 +455,11 @@ def check_json_value(value, surrogates=True):
                 raise JSONError("nested deeper than %d levels" % MAX_JSON_DEPTH, path)
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for key, child in items:
-                if surrogates and isinstance(key, str) and _LONE_SURROGATE_RE.search(key):
+                if isinstance(key, str) and _LONE_SURROGATE_RE.search(key):
                     raise JSONError("a key has a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode", path)
-                if isinstance(child, (dict, list)) or (surrogates and isinstance(child, str)):
+                if isinstance(child, (dict, list, str)):
                     stack.append((child, _json_path(path, key), depth + 1))
-        elif surrogates and isinstance(node, str) and _LONE_SURROGATE_RE.search(node):
+        elif isinstance(node, str) and _LONE_SURROGATE_RE.search(node):
             raise JSONError("has a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode", path or "the value")
 
 
@@ -7486,16 +7504,19 @@ def tool_glob(sb, args):
 
 GREP_LINE_CHARS = 10000        # of each line, what grep searches
 GREP_SECONDS = 10.0
+GREP_GROUPS = 100              # parentheses: re's parser recurses into each, and must not reach the recursion limit
 
 
 def tool_grep(sb, args):
     pattern = args.get("pattern")
     if not isinstance(pattern, str) or not pattern:
         raise ToolError("a pattern is required")
+    if pattern.count("(") > GREP_GROUPS:
+        raise ToolError("the pattern has more than %d parentheses; write it with fewer groups" % GREP_GROUPS)
     try:
         regex = re.compile(pattern, re.I if args.get("case_insensitive") else 0)
         risky = nested_repetition(_sre_parse.parse(pattern))
-    except (re.error, OverflowError, RecursionError) as e:
+    except (re.error, OverflowError) as e:
         raise ToolError("bad regular expression: %s" % e)
     if risky:
         raise ToolError("the pattern repeats a group that itself repeats or alternates (like (a+)+ or (a|b)*), "
@@ -10012,10 +10033,13 @@ def parse_analysis(text):
     return analysis_text(data.get("analysis")), confidence, recommendations, actions
 
 
-def analysis_text(value):
-    """A model's field as text: a string, lines of a list, an object's description."""
+def analysis_text(value, depth=0):
+    """A model's field as text: a string, lines of a list, an object's description
+    (lists in lists past a few levels as JSON: no recursion as deep as the model nests)."""
     if isinstance(value, (list, tuple)):
-        return "\n".join(filter(None, (analysis_text(v) for v in value)))
+        if depth >= 3:
+            return json_dumps(value)
+        return "\n".join(filter(None, (analysis_text(v, depth + 1) for v in value)))
     if isinstance(value, dict):
         for key in ("description", "text", "recommendation", "action", "title"):
             if isinstance(value.get(key), str):
