@@ -5613,7 +5613,7 @@ class KubeClient:
     @staticmethod
     def _answer(method, path, resp, raw):
         try:
-            answer = json.loads(raw) if raw else {}
+            answer = json_loads_upstream(raw.decode("utf-8")) if raw else {}
         except ValueError:
             answer = {}
         if 200 <= resp.status < 300:
@@ -5728,7 +5728,7 @@ class KubernetesSessionStore:
 
     @staticmethod
     def _decode(secret):
-        return json.loads(gzip.decompress(base64.b64decode(secret["data"][SESSION_SECRET_KEY])))
+        return json_loads_upstream(gzip.decompress(base64.b64decode(secret["data"][SESSION_SECRET_KEY])).decode("utf-8"))
 
     def load(self, name):
         secret = self._get(name)
@@ -6245,7 +6245,7 @@ class Kubectl:
         code, out, err = self.call("get", ",".join(resources), *(("-n", namespace) if namespace else ("-A",)),
                                    "-o", "json")
         try:
-            data = json.loads(out) if out.strip() else None
+            data = json_loads_upstream(out) if out.strip() else None
         except ValueError:
             data = None
         # A list with items is a partial result; an empty one is also what kubectl prints when nothing
@@ -6267,7 +6267,7 @@ class Kubectl:
 
     def json(self, *args):
         try:
-            return json.loads(self.run(*args))
+            return json_loads_upstream(self.run(*args))
         except ValueError:
             raise UpstreamError("kubectl %s printed something that is not JSON" % " ".join(args[:2]))
 
@@ -6836,7 +6836,7 @@ def hpa_status(h):
     conditions = status.get("conditions")
     if conditions is None:          # autoscaling/v1 keeps them in an annotation, as JSON
         try:
-            conditions = json.loads(((h["metadata"].get("annotations") or {}).get(
+            conditions = json_loads_upstream(((h["metadata"].get("annotations") or {}).get(
                 "autoscaling.alpha.kubernetes.io/conditions")) or "[]")
         except ValueError:
             conditions = []

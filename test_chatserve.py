@@ -5511,6 +5511,8 @@ class WatchRulesTest(unittest.TestCase):
             [{"type": "ScalingLimited", "status": "True", "reason": "TooManyReplicas"}])}},
               "spec": {"minReplicas": 1, "maxReplicas": 4}, "status": {"currentReplicas": 4, "desiredReplicas": 4}}
         self.assertEqual(self.types({"pods": [], "hpa": [cs.hpa_status(v1)]}), {"HPAMaxedOut"})
+        v1["metadata"]["annotations"]["autoscaling.alpha.kubernetes.io/conditions"] = "[" * 100000 + "]" * 100000
+        self.assertFalse(cs.hpa_status(v1)["limited"])       # whoever may annotate cannot reach the decoder's limit
         forbid = self.cron("0 3 * * *", "2026-11-28T03:00:00Z", concurrencyPolicy="Forbid")
         running = {"name": "nightly-1", "started": self.now - 90000, "succeeded": False, "failed": False, "active": True}
         self.assertEqual(self.types({"pods": [], "workload": forbid, "jobs": [running]}), set())
