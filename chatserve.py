@@ -3584,8 +3584,8 @@ def tool_arguments(arguments, where="tool_calls"):
         return {}
     try:
         value = json_loads_upstream(arguments)
-    except ValueError:
-        raise BadRequest("%s: function.arguments is not valid JSON" % where, param=where)
+    except ValueError as e:
+        raise BadRequest("%s: function.arguments is not valid JSON (%s)" % (where, e), param=where)
     return value if isinstance(value, dict) else {"value": value}
 
 
@@ -6268,8 +6268,8 @@ class Kubectl:
     def json(self, *args):
         try:
             return json_loads_upstream(self.run(*args))
-        except ValueError:
-            raise UpstreamError("kubectl %s printed something that is not JSON" % " ".join(args[:2]))
+        except ValueError as e:
+            raise UpstreamError("kubectl %s printed something that is not JSON (%s)" % (" ".join(args[:2]), e))
 
 
 def selector_matches(selector, labels):
@@ -12313,7 +12313,7 @@ def control_request(path, method, target, timeout=5.0):
         resp = conn.getresponse()
         data = resp.read()
         try:
-            return resp.status, json.loads(data.decode("utf-8"))
+            return resp.status, json_loads_upstream(data.decode("utf-8"))
         except ValueError:
             return resp.status, {"raw": data.decode("utf-8", "replace")}
     finally:
@@ -13293,6 +13293,14 @@ class RpcClient:
             old.close()
 
     @staticmethod
+    def decoded(data, what):
+        """The server's JSON (bytes or text), or RemoteError saying `what` was not JSON and why."""
+        try:
+            return json_loads_upstream(data.decode("utf-8") if isinstance(data, bytes) else data)
+        except ValueError as e:
+            raise RemoteError("%s is not JSON (%s)" % (what, e))
+
+    @staticmethod
     def _result(reply):
         if not isinstance(reply, dict):
             raise RemoteError("the server sent an answer that is not JSON-RPC")
@@ -13310,11 +13318,7 @@ class RpcClient:
             conn.close()
             raise
         self.release(conn, resp)
-        try:
-            reply = json.loads(data.decode("utf-8"))
-        except ValueError:
-            raise RemoteError("the server answered %d with something that is not JSON" % resp.status)
-        return self._result(reply)
+        return self._result(self.decoded(data, "the server's answer (HTTP %d)" % resp.status))
 
     def stream(self, method, params=None):
         """Results of a streaming RPC as they arrive; closing it closes the connection."""
@@ -13322,13 +13326,13 @@ class RpcClient:
                                 "text/event-stream")
         try:
             if "text/event-stream" not in (resp.getheader("Content-Type") or ""):
-                reply = json.loads(resp.read().decode("utf-8") or "null")
+                reply = self.decoded(resp.read() or b"null", "the server's answer (HTTP %d)" % resp.status)
                 for result in (self._result(reply) or []):
                     yield result
                 return
             try:
                 for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
-                    yield self._result(json.loads(data))
+                    yield self._result(self.decoded(data, "an event the server streamed"))
             except (OSError, http.client.HTTPException) as e:
                 raise RemoteError("the connection to chatserve broke mid-answer: %s" % _os_reason(e))
         finally:
@@ -13602,7 +13606,7 @@ class AgentClient:
                 conn, resp = self.client.http("GET", "/updates", None, "text/event-stream")
                 try:
                     for _event, data in iter_sse(iter(lambda: resp.readline(1 << 20), b"")):
-                        self.show(json.loads(data))
+                        self.show(self.client.decoded(data, "an update"))
                 finally:
                     conn.close()
             except (RemoteError, OSError, ValueError, http.client.HTTPException):
@@ -13610,12 +13614,19 @@ class AgentClient:
             if not self.stopping:
                 time.sleep(1.0)
 
-    def history(self):
-        conn, resp = self.client.http("GET", "/session", None, "application/json")
+    def _object(self, conn, resp, what):
+        """The answer's JSON object; the connection is closed either way."""
         try:
-            session = json.loads(resp.read().decode("utf-8"))
+            value = self.client.decoded(resp.read(), "%s (HTTP %d)" % (what, resp.status))
         finally:
             conn.close()
+        if not isinstance(value, dict):
+            raise RemoteError("%s (HTTP %d) is not a JSON object" % (what, resp.status))
+        return value
+
+    def history(self):
+        conn, resp = self.client.http("GET", "/session", None, "application/json")
+        session = self._object(conn, resp, "the server's session")
         if resp.status != 200:
             raise RemoteError(session.get("error", {}).get("message") if isinstance(session.get("error"), dict)
                               else str(session.get("error")))
@@ -13628,10 +13639,7 @@ class AgentClient:
     def send(self, prompt):
         conn, resp = self.client.http("POST", "/request", json_bytes({"prompt": prompt, "async": True}),
                                       "application/json")
-        try:
-            answer = json.loads(resp.read().decode("utf-8"))
-        finally:
-            conn.close()
+        answer = self._object(conn, resp, "the server's answer")
         if not answer.get("success"):
             raise RemoteError(answer.get("error") or "the agent refused the prompt")
         with self.done:                 # its end may have been shown before this answer came

@@ -4762,40 +4762,69 @@ class ConnectTest(ServerTestCase):
         out = run_cli("connect", addr, "--token", "t", "--raw", "-p", "hi")
         self.assertEqual(json.loads(out.stdout.splitlines()[-1])["done"], True)
 
+    def scripted_server(self, answers):
+        """The port of a server that reads one whole request per connection and
+        sends it the next of `answers` (raw bytes after the head's first line), then closes."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+
+        def serve():
+            for answer in answers:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    request = recv_head(conn)
+                    length = re.search(rb"(?i)content-length: *(\d+)", request)
+                    while length and len(request.split(b"\r\n\r\n", 1)[1]) < int(length.group(1)):
+                        request += conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + answer)
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1]
+
+    @staticmethod
+    def whole(body, kind=b"application/json"):
+        return b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (kind, len(body), body)
+
+    HEALTH = b'{"jsonrpc":"2.0","id":1,"result":{"status":"SERVING"}}'
+
     def test_an_answer_cut_short_is_an_error_not_an_answer(self):
         """A server that goes away mid-answer (a stop, a crash): `-p` exits 1
         with the error, whether the stream ended cleanly without its done piece
         or broke off inside a chunk."""
         piece = b'data: {"jsonrpc":"2.0","id":2,"result":{"chunk":"part","done":false}}\n\n'
         for ending in (b"0\r\n\r\n", b"40\r\ndata: {"):
-            listener = socket.socket()
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(4)
-            self.addCleanup(listener.close)
-
-            def serve(listener=listener, ending=ending):
-                for _ in range(2):          # Health, then StreamPrompt
-                    try:
-                        conn, _ = listener.accept()
-                    except OSError:
-                        return
-                    with conn:
-                        request = recv_head(conn)
-                        length = int(re.search(rb"(?i)content-length: *(\d+)", request).group(1))
-                        while len(request.split(b"\r\n\r\n", 1)[1]) < length:
-                            request += conn.recv(65536)
-                        if b'"Health"' in request:
-                            body = b'{"jsonrpc":"2.0","id":1,"result":{"status":"SERVING"}}'
-                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                        else:
-                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: "
-                                         b"chunked\r\n\r\n%x\r\n%s\r\n%s" % (len(piece), piece, ending))
-            threading.Thread(target=serve, daemon=True).start()
-            out = run_cli("connect", "127.0.0.1:%d" % listener.getsockname()[1], "-p", "hi")
+            cut = b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%s" % (
+                len(piece), piece, ending)
+            port = self.scripted_server([self.whole(self.HEALTH), cut])         # Health, then StreamPrompt
+            out = run_cli("connect", "127.0.0.1:%d" % port, "-p", "hi")
             self.assertEqual(out.returncode, 1, (ending, out.stdout, out.stderr))
             self.assertIn("part", out.stdout)
             self.assertRegex(out.stderr, "cut short|broke mid-answer")
+
+    def test_an_answer_that_is_not_json_is_an_error_not_a_traceback(self):
+        """Whatever a server sends (bad JSON, JSON nested past what the reader
+        decodes, something else than an object), connect exits 1 with a line
+        that says what was wrong."""
+        deep, events = b"[" * 1100 + b"]" * 1100, b"text/event-stream"
+        health = self.whole(self.HEALTH)
+        cases = (([self.whole(deep)], "-p", "the server's answer (HTTP 200) is not JSON (JSON nested deeper than 500"),
+                 ([health, self.whole(b"data: " + deep + b"\n\n", events)], "-p",
+                  "an event the server streamed is not JSON (JSON nested"),
+                 ([health, self.whole(b"data: {oops\n\n", events)], "-p",
+                  "an event the server streamed is not JSON (Expecting property"),
+                 ([self.whole(deep)], "--agent", "the server's session (HTTP 200) is not JSON (JSON nested deeper"),
+                 ([self.whole(b"[]")], "--agent", "the server's session (HTTP 200) is not a JSON object"))
+        for answers, mode, words in cases:
+            argv = [sys.executable, SCRIPT, "connect", "127.0.0.1:%d" % self.scripted_server(answers)]
+            out = subprocess.run(argv + (["-p", "hi"] if mode == "-p" else ["--agent"]), stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=WAIT)
+            self.assertEqual(out.returncode, 1, (words, out.stdout, out.stderr))
+            self.assertIn(words, out.stderr)
+            self.assertNotIn("Traceback", out.stderr)
 
     def test_interactive_session_through_a_pty(self):
         import pty
@@ -7861,6 +7890,9 @@ class HostileJSONTest(ServerTestCase):
             with self.assertRaises(cs.JSONTooDeep):
                 cs.json_loads_upstream(text)
         self.assertEqual(decoded, [])
+        with self.assertRaises(cs.BadRequest) as ctx:           # the reason is told, not only "not valid JSON"
+            cs.tool_arguments("[" * 600 + "]" * 600, "messages[1].tool_calls")
+        self.assertIn("function.arguments is not valid JSON (JSON nested deeper than 500 levels)", str(ctx.exception))
         self.assertEqual(cs.json_loads_strict(json.dumps(["[" * 200, {"{": "]" * 50}, "\\\"[[["])),
                          ["[" * 200, {"{": "]" * 50}, "\\\"[[["])
         value = cs.json_loads_upstream("[" * 500 + "]" * 500)
